@@ -1,0 +1,1 @@
+"""taxomoco Label Studio ML backend: HTTP, Label Studio JSON, queue, model store (all I/O)."""

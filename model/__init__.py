@@ -1,0 +1,1 @@
+"""taxomoco model core: taxonomy, encoder, MoCo pretraining, heads, bundles, evaluation (pure ML)."""
