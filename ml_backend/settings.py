@@ -1,0 +1,147 @@
+"""The one settings object of a taxomoco process, read once at start-up from env vars and CLI flags.
+
+Every setting has an environment variable (names shared with label-studio-ml where one exists) and a
+default documented here and in the README's table. Nothing else in the code base reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import ConfigError
+
+
+def _env_name(name: str) -> str:
+    return name.upper()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings; field metadata carries the env var name and the help text.
+
+    Build with :meth:`from_env` (env vars + overrides from CLI flags). Frozen: pass it down, never mutate.
+    """
+
+    # --- server -------------------------------------------------------------------------------------
+    host: str = field(default="0.0.0.0", metadata={"env": "TAXOMOCO_HOST", "help": "Address the HTTP server binds."})
+    port: int = field(default=9090, metadata={"env": "TAXOMOCO_PORT", "help": "HTTP port (Label Studio's ML backend URL)."})
+    http_workers: int = field(default=1, metadata={"env": "TAXOMOCO_HTTP_WORKERS", "help": "gunicorn worker processes (keep 1 without REDIS_URL: the embedded trainer lives in the server)."})
+    http_threads: int = field(default=8, metadata={"env": "TAXOMOCO_HTTP_THREADS", "help": "Threads per gunicorn worker."})
+    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "Python logging level."})
+    basic_auth_user: str | None = field(default=None, metadata={"env": "BASIC_AUTH_USER", "help": "HTTP Basic auth user required on every endpoint except /health (set the same in Label Studio's model connection)."})
+    basic_auth_pass: str | None = field(default=None, metadata={"env": "BASIC_AUTH_PASS", "help": "HTTP Basic auth password."})
+
+    # --- storage --------------------------------------------------------------------------------------
+    model_dir: Path = field(default=Path("./taxomoco-data"), metadata={"env": "MODEL_DIR", "help": "Where model versions, embedding caches and job records live (per project sub-directory); a shared volume when workers run on other machines."})
+
+    # --- Label Studio ---------------------------------------------------------------------------------
+    label_studio_url: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_URL", "help": "Base URL of Label Studio; else the hostname Label Studio sends in /setup."})
+    label_studio_api_key: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_API_KEY", "help": "Legacy token or personal access token (JWT refresh token); else the token Label Studio sends in /setup."})
+
+    # --- images ---------------------------------------------------------------------------------------
+    allowed_image_hosts: tuple[str, ...] = field(default=(), metadata={"env": "ALLOWED_IMAGE_HOSTS", "help": "Comma-separated extra hosts images may be fetched from (Label Studio's own host is always allowed)."})
+    local_files_root: Path | None = field(default=None, metadata={"env": "LOCAL_FILES_ROOT", "help": "Directory local image paths must lie under; unset forbids plain local paths."})
+    image_max_bytes: int = field(default=50_000_000, metadata={"env": "IMAGE_MAX_BYTES", "help": "Largest image download accepted."})
+    image_max_pixels: int = field(default=50_000_000, metadata={"env": "IMAGE_MAX_PIXELS", "help": "Largest decoded image (decompression-bomb guard)."})
+    image_timeout_s: float = field(default=10.0, metadata={"env": "IMAGE_TIMEOUT_S", "help": "Connect+read timeout per image download."})
+    image_fetch_threads: int = field(default=8, metadata={"env": "IMAGE_FETCH_THREADS", "help": "Parallel image downloads per /predict request."})
+
+    # --- model and training ---------------------------------------------------------------------------
+    device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N."})
+    arch: str = field(default="resnet18-half", metadata={"env": "ENCODER_ARCH", "help": "Backbone: resnet18 or resnet18-half."})
+    input_size: int = field(default=64, metadata={"env": "ENCODER_INPUT_SIZE", "help": "Encoder input size in pixels (96–128 on a GPU)."})
+    init_weights: Path | None = field(default=None, metadata={"env": "ENCODER_INIT_WEIGHTS", "help": "Optional local weights file (.safetensors/.pth) to start the encoder from; nothing is downloaded."})
+    pretrain_epochs: int = field(default=20, metadata={"env": "PRETRAIN_EPOCHS", "help": "MoCo v2 epochs per pretraining run."})
+    pretrain_max_minutes: float = field(default=30.0, metadata={"env": "PRETRAIN_MAX_MINUTES", "help": "Time budget of one pretraining run."})
+    pretrain_batch_size: int = field(default=128, metadata={"env": "PRETRAIN_BATCH_SIZE", "help": "MoCo batch size."})
+    repretrain_fraction: float = field(default=0.5, metadata={"env": "REPRETRAIN_NEW_FRACTION", "help": "Pretrain again when the project gained this fraction of new images since the last pretraining."})
+    min_labels_to_train: int = field(default=4, metadata={"env": "MIN_LABELS_TO_TRAIN", "help": "Labelled tasks needed before the first training."})
+    prefix_threshold: float = field(default=0.5, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this."})
+    keep_versions: int = field(default=5, metadata={"env": "KEEP_VERSIONS", "help": "Model versions kept per project (the live one always)."})
+
+    # --- consensus (disagreements) ----------------------------------------------------------------------
+    min_annotators: int = field(default=1, metadata={"env": "CONSENSUS_MIN_ANNOTATORS", "help": "Annotators a task needs before its consensus label is trained on."})
+    min_agreement: float = field(default=0.0, metadata={"env": "CONSENSUS_MIN_AGREEMENT", "help": "Fraction of annotators agreeing needed to train on a task."})
+    post_flags_to_label_studio: bool = field(default=True, metadata={"env": "POST_FLAGS_TO_LABEL_STUDIO", "help": "Write disagreement flags as task comments in Label Studio."})
+
+    # --- queue ----------------------------------------------------------------------------------------
+    redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL", "help": "Redis for the RQ training queue; unset = embedded trainer inside the server."})
+    pretrain_queue: str = field(default="taxomoco-pretrain", metadata={"env": "PRETRAIN_QUEUE", "help": "RQ queue of heavy jobs (MoCo pretraining)."})
+    heads_queue: str = field(default="taxomoco-heads", metadata={"env": "HEADS_QUEUE", "help": "RQ queue of light jobs (heads retraining)."})
+    job_timeout_s: int = field(default=6 * 3600, metadata={"env": "JOB_TIMEOUT_S", "help": "RQ job timeout."})
+    job_retries: int = field(default=2, metadata={"env": "JOB_RETRIES", "help": "Retries of a job whose worker died."})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read every field from ``env`` (default: the process environment), then apply CLI ``overrides``.
+
+        Raises:
+            ConfigError: a value that does not parse, naming the variable and the expected form.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata["env"]
+            if name in env and env[name] != "":
+                values[f.name] = _parse(f, env[name], name)
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key not in {f.name for f in dataclasses.fields(cls)}:
+                raise ConfigError(f"Unknown setting {key!r}.")
+            f = next(f for f in dataclasses.fields(cls) if f.name == key)
+            values[key] = _parse(f, value, f"--{key.replace('_', '-')}") if isinstance(value, str) else value
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ConfigError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
+        if self.arch not in ("resnet18", "resnet18-half"):
+            raise ConfigError(f"ENCODER_ARCH={self.arch!r} is not supported; use resnet18 or resnet18-half.")
+        if self.input_size < 16:
+            raise ConfigError(f"ENCODER_INPUT_SIZE={self.input_size} is too small; use at least 32.")
+        if not 0.0 <= self.prefix_threshold <= 1.0:
+            raise ConfigError("PREFIX_THRESHOLD must lie in [0, 1].")
+        if self.redis_url is None and self.http_workers != 1:
+            raise ConfigError(
+                "TAXOMOCO_HTTP_WORKERS > 1 needs REDIS_URL: the embedded trainer runs inside one server process. "
+                "Set REDIS_URL (and start `taxomoco worker`) or keep one worker with more threads."
+            )
+
+    def project_dir(self, project_id: int) -> Path:
+        """Directory of one Label Studio project's models, caches and job records."""
+        return self.model_dir / f"project-{int(project_id)}"
+
+    @staticmethod
+    def describe() -> list[tuple[str, str, str]]:
+        """(env var, default, help) for every setting: the README's settings table."""
+        return [(f.metadata["env"], repr(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)]
+
+
+def _parse(f: dataclasses.Field, raw: object, name: str) -> object:
+    text = str(raw).strip()
+    kind = str(f.type)
+    try:
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+        if kind.startswith("bool"):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind.startswith("Path"):
+            return Path(text).expanduser()
+        if kind.startswith("tuple"):
+            return tuple(h.strip() for h in text.split(",") if h.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a valid {kind}; {f.metadata['help']}") from None
+    return text
