@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+
+from ml_backend.settings import Settings
+from model.errors import ConfigError
+
+
+def test_defaults_need_no_environment() -> None:
+    s = Settings.from_env({})
+    assert s.redis_url is None and s.port == 9090 and s.model_dir == Path("./taxomoco-data")
+
+
+def test_env_and_overrides_are_parsed() -> None:
+    s = Settings.from_env(
+        {"TAXOMOCO_PORT": "1234", "ALLOWED_IMAGE_HOSTS": "a.com, b.com", "POST_FLAGS_TO_LABEL_STUDIO": "no"},
+        model_dir=Path("/tmp/m"),
+        port="4321",
+    )
+    assert s.port == 4321 and s.allowed_image_hosts == ("a.com", "b.com")
+    assert s.post_flags_to_label_studio is False and s.project_dir(7) == Path("/tmp/m/project-7")
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"TAXOMOCO_PORT": "x"}, "TAXOMOCO_PORT='x' is not a valid int"),
+        ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
+        ({"ENCODER_ARCH": "vit"}, "resnet18-half"),
+        ({"TAXOMOCO_HTTP_WORKERS": "4"}, "REDIS_URL"),
+    ],
+)
+def test_bad_values_name_the_variable_and_the_fix(env: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Settings.from_env(env)
+
+
+def test_every_setting_is_documented() -> None:
+    rows = Settings.describe()
+    assert len({name for name, _, _ in rows}) == len(rows)
+    assert all(help_text for _, _, help_text in rows)
