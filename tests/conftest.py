@@ -1,0 +1,35 @@
+"""Fixtures shared by the whole suite: real servers (redis-server, Label Studio, the taxomoco backend).
+
+- ``redis_server`` (session): a private redis-server; ``.url``, ``.stop()``, ``.start()``, ``.restart()``.
+- ``redis_url`` (function): the URL of that server, flushed (and started again if a test stopped it).
+- ``label_studio`` (session): a real Label Studio server with an admin user and a legacy token.
+- ``backend_server`` (function factory): starts ``taxomoco serve`` on a free port with small settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server (no persistence) for the whole session; stopped at the end."""
+    server = RedisServer(workdir=tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's redis-server, running and empty at the start of the test."""
+    redis_server.start()
+    redis_server.flush()
+    return redis_server.url
