@@ -121,7 +121,15 @@ class Settings:
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:
         """(env var, default, help) for every setting: the README's settings table."""
-        return [(f.metadata["env"], repr(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)]
+        return [(f.metadata["env"], _show(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)]
+
+
+def _show(default: object) -> str:
+    if default is None or default == ():
+        return "unset"
+    if isinstance(default, Path):
+        return str(default)
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def _parse(f: dataclasses.Field, raw: object, name: str) -> object:
