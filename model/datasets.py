@@ -1,0 +1,148 @@
+"""Animal-MNIST: 10,000 real 28×28 grayscale animal silhouettes with a two-level taxonomy.
+
+The images come from the ``animal-mnist`` package (MIT licence), installed with
+``pip install --no-deps animal-mnist==0.4``. Its own loader imports tensorflow, so this module reads the two
+gzip'ed pickles from the package directory directly and never imports the package.
+
+The package gives ten classes, 1,000 images each, labels ``0..9`` in the order of :data:`ANIMAL_CLASSES`
+(checked by eye on a grid of samples per label). The product needs a hierarchy, so this module defines a
+natural second level on top of them (:data:`ANIMAL_TAXONOMY_TREE`):
+
+    wild          Bear, Elephant, Giraffe, Zebra
+    farm          Cow, Horse, Sheep
+    pet-and-bird  Bird, Cat, Dog
+
+284 images appear twice (byte-identical, same label); :func:`content_groups` gives one id per distinct image so
+that splits can keep both copies on the same side.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import pickle
+from pathlib import Path as FsPath
+
+import numpy as np
+
+from model.errors import DataError
+from model.taxonomy import Path, Taxonomy
+
+ANIMAL_CLASSES: tuple[str, ...] = (
+    "Bear",
+    "Bird",
+    "Cat",
+    "Cow",
+    "Dog",
+    "Elephant",
+    "Giraffe",
+    "Horse",
+    "Sheep",
+    "Zebra",
+)
+"""Class names in the package's label order (label ``i`` is ``ANIMAL_CLASSES[i]``)."""
+
+ANIMAL_TAXONOMY_TREE: dict[str, list[str]] = {
+    "wild": ["Bear", "Elephant", "Giraffe", "Zebra"],
+    "farm": ["Cow", "Horse", "Sheep"],
+    "pet-and-bird": ["Bird", "Cat", "Dog"],
+}
+"""Level 1 groups the animals by where one meets them; level 2 is the package's class."""
+
+ANIMAL_TAXONOMY: Taxonomy = Taxonomy.from_nested(ANIMAL_TAXONOMY_TREE)
+"""The two-level taxonomy of animal-mnist: 3 groups at level 0, 10 animals at level 1."""
+
+_PACKAGE = "animal_mnist"
+_INSTALL = "pip install --no-deps animal-mnist==0.4"
+_DATA_FILE = "animal_data_version_3.gz"
+_LABEL_FILE = "animal_label_version_3.gz"
+_NUM_IMAGES = 10_000
+
+
+def _group_of(animal: str) -> str:
+    for group, animals in ANIMAL_TAXONOMY_TREE.items():
+        if animal in animals:
+            return group
+    raise AssertionError(f"{animal} is in no group of ANIMAL_TAXONOMY_TREE")
+
+
+def animal_path(label: int) -> Path:
+    """The taxonomy path ``(group, animal)`` of package label ``label`` (0..9)."""
+    if not 0 <= int(label) < len(ANIMAL_CLASSES):
+        raise DataError(f"Animal-MNIST label {label} is outside 0..9; the data files are not the expected ones.")
+    animal = ANIMAL_CLASSES[int(label)]
+    return (_group_of(animal), animal)
+
+
+def data_dir() -> FsPath:
+    """The directory holding the animal-mnist data files, found without importing the package.
+
+    Raises:
+        DataError: the package is not installed, or its data files are missing.
+    """
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"The animal-mnist dataset is not installed. Install it with `{_INSTALL}` (no tensorflow needed).")
+    root = FsPath(next(iter(spec.submodule_search_locations))) / "data" / "Animal_MNIST"
+    missing = [name for name in (_DATA_FILE, _LABEL_FILE) if not (root / name).is_file()]
+    if missing:
+        raise DataError(f"animal-mnist is installed but {missing} is missing under {root}. Reinstall it with `{_INSTALL}`.")
+    return root
+
+
+def load_animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The raw images and package labels.
+
+    Returns:
+        images: uint8 ``(N, 28, 28)``, white silhouettes on black, N = 10,000.
+        labels: int64 ``(N,)`` in ``0..9`` (index into :data:`ANIMAL_CLASSES`).
+
+    Raises:
+        DataError: the package is missing or its files do not hold the expected arrays.
+    """
+    root = data_dir()
+    # The files are pickles shipped inside the installed package (trusted like its code).
+    with gzip.open(root / _DATA_FILE, "rb") as f:
+        images = np.asarray(pickle.load(f))
+    with gzip.open(root / _LABEL_FILE, "rb") as f:
+        labels = np.asarray(pickle.load(f)).astype(np.int64)
+    if images.shape != (_NUM_IMAGES, 28, 28) or images.dtype != np.uint8 or labels.shape != (_NUM_IMAGES,):
+        raise DataError(
+            f"animal-mnist files under {root} hold images {images.shape} {images.dtype} and labels {labels.shape}, "
+            f"expected uint8 ({_NUM_IMAGES}, 28, 28) and ({_NUM_IMAGES},). Reinstall with `{_INSTALL}`."
+        )
+    if labels.min() < 0 or labels.max() >= len(ANIMAL_CLASSES):
+        raise DataError(f"animal-mnist labels span {labels.min()}..{labels.max()}, expected 0..9. Reinstall with `{_INSTALL}`.")
+    return images, labels
+
+
+def load_animal_mnist() -> tuple[np.ndarray, list[Path]]:
+    """Animal-MNIST images with their taxonomy paths.
+
+    Returns:
+        images: uint8 ``(N, 28, 28)``, N = 10,000.
+        paths: N paths ``(group, animal)``, valid in :data:`ANIMAL_TAXONOMY`.
+
+    Raises:
+        DataError: the package is missing (the message gives the pip command) or its files are damaged.
+    """
+    images, labels = load_animal_mnist_arrays()
+    return images, [animal_path(int(y)) for y in labels]
+
+
+def content_groups(images: np.ndarray) -> np.ndarray:
+    """One id per distinct image content, so that exact duplicates can be kept on one side of a split.
+
+    Args:
+        images: ``(N, ...)`` array of images.
+
+    Returns:
+        int64 ``(N,)``: equal ids for byte-identical images, ids numbered by first appearance.
+    """
+    ids: dict[str, int] = {}
+    out = np.empty(len(images), dtype=np.int64)
+    for i, image in enumerate(images):
+        key = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+        out[i] = ids.setdefault(key, len(ids))
+    return out
