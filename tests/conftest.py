@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import RedisServer
+from tests.servers import LabelStudioServer, RedisServer, label_studio_binary
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +33,14 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """A real Label Studio server for the whole session (admin token: ``.admin.token``); stopped at the end."""
+    server = LabelStudioServer(workdir=tmp_path_factory.mktemp("label-studio"), binary=label_studio_binary())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -165,3 +165,209 @@ class RedisServer:
                 return bool(conn.ping())
         except redis.RedisError:
             return False
+
+
+# --------------------------------------------------------------------------------------------------------
+# Label Studio
+# --------------------------------------------------------------------------------------------------------
+
+LABEL_STUDIO_VERSION = "1.23.2"
+LABEL_STUDIO_INSTALL_HINT = (
+    f"python3 -m venv .ls-venv && .ls-venv/bin/pip install label-studio=={LABEL_STUDIO_VERSION}   "
+    "(or run `make test`, which does it; or point TAXOMOCO_TEST_LABEL_STUDIO at a `label-studio` binary)"
+)
+# Variables Label Studio reads under its own prefixes or as plain names; inherited values would leak in.
+_LS_STRAY_ENV = ("HOST", "PORT", "USERNAME", "PASSWORD", "DEBUG", "DATABASE_URL", "DJANGO_SETTINGS_MODULE",
+                 "DJANGO_DB", "LOG_LEVEL", "SECRET_KEY", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def label_studio_binary(env: Mapping[str, str] | None = None) -> Path:
+    """The ``label-studio`` executable: ``$TAXOMOCO_TEST_LABEL_STUDIO`` or ``<repo>/.ls-venv/bin/label-studio``.
+
+    Raises:
+        ServerStartError: neither exists, with the command that installs it.
+    """
+    env = os.environ if env is None else env
+    candidate = Path(env.get("TAXOMOCO_TEST_LABEL_STUDIO") or REPO_ROOT / ".ls-venv" / "bin" / "label-studio")
+    if not candidate.is_file():
+        raise ServerStartError(f"Label Studio is not installed at {candidate}; install it with: {LABEL_STUDIO_INSTALL_HINT}")
+    return candidate
+
+
+@dataclass(frozen=True)
+class LSUser:
+    """A Label Studio user the suite created: its id, e-mail, password and legacy API token."""
+
+    id: int
+    email: str
+    password: str
+    token: str
+
+
+class LabelStudioServer:
+    """A real Label Studio server on a free port, data in ``workdir``, with an admin and a legacy token.
+
+    Also a small administration client for test set-up (users, projects, imports, annotations, ML
+    backends) that speaks plain REST with ``requests``; the product's own client is
+    :class:`ml_backend.ls_client.LabelStudioClient`, which the tests exercise separately.
+
+    Args:
+        workdir: directory for the SQLite database, uploads, local files and the server log.
+        binary: the ``label-studio`` executable.
+    """
+
+    ADMIN_EMAIL = "admin@taxomoco.test"
+    ADMIN_PASSWORD = "admin-pass-1234"
+    ADMIN_TOKEN = "taxomoco-test-admin-token-0001"
+
+    def __init__(self, workdir: Path, binary: Path) -> None:
+        self.workdir = workdir
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = workdir / "data"
+        self.files_root = workdir / "local-files"
+        self.log_path = workdir / "label-studio.log"
+        self.proc: subprocess.Popen | None = None
+        self.admin = LSUser(id=1, email=self.ADMIN_EMAIL, password=self.ADMIN_PASSWORD, token=self.ADMIN_TOKEN)
+        self._users: dict[str, LSUser] = {}
+        self._pats: dict[str, str] = {}
+
+    # ---- process ---------------------------------------------------------------------------------------
+    def environment(self) -> dict[str, str]:
+        """A clean environment for the server: inherited Label Studio / Django variables removed."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("LABEL_STUDIO_", "HEARTEX_", "TAXOMOCO_")) and k not in _LS_STRAY_ENV}
+        env.update({
+            "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
+            "LABEL_STUDIO_USERNAME": self.ADMIN_EMAIL,
+            "LABEL_STUDIO_PASSWORD": self.ADMIN_PASSWORD,
+            "LABEL_STUDIO_USER_TOKEN": self.ADMIN_TOKEN,
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            "ML_BLOCK_LOCAL_IP": "false",
+            "SSRF_PROTECTION_ENABLED": "false",
+            "LOCAL_FILES_SERVING_ENABLED": "true",
+            "LOCAL_FILES_DOCUMENT_ROOT": str(self.files_root),
+            "LABEL_STUDIO_HOST": self.url,
+            "LATEST_VERSION_CHECK": "false",
+            "COLLECT_ANALYTICS": "false",
+            "SECRET_KEY": "taxomoco-test-secret-key-not-for-production",
+            "HOME": str(self.workdir),
+        })
+        return env
+
+    def start(self, timeout_s: float = 240.0) -> None:
+        """Start the server and wait until ``/health/`` answers (first start migrates: ~30-40 s).
+
+        Raises:
+            ServerStartError: the server exited or did not answer in time, with the log's tail.
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.files_root.mkdir(parents=True, exist_ok=True)
+        cmd = [str(self.binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=self.environment(), cwd=self.workdir, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        up = wait_until(lambda: self._healthy() or self.proc.poll() is not None, timeout_s, interval_s=0.5)
+        if not up or not self._healthy():
+            self.stop()
+            raise ServerStartError(
+                f"Label Studio ({self.binary}) did not answer {self.url}/health/ within {timeout_s}s "
+                f"(exit code {self.proc.returncode if self.proc else None}); log {self.log_path}:\n{log_tail(self.log_path)}"
+            )
+
+    def stop(self) -> None:
+        """Stop the server (its whole process group)."""
+        stop_process(self.proc)
+
+    def _healthy(self) -> bool:
+        import requests
+
+        try:
+            return requests.get(f"{self.url}/health/", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    # ---- REST --------------------------------------------------------------------------------------------
+    def api(self, method: str, path: str, token: str | None = None, expect: tuple[int, ...] = (200, 201, 204),
+            **kwargs):
+        """Call ``<url><path>`` with ``Authorization: Token <token>`` (default the admin's).
+
+        Raises:
+            AssertionError: the status is not in ``expect``; the message holds the body.
+        """
+        import requests
+
+        headers = {"Authorization": f"Token {token or self.ADMIN_TOKEN}", **kwargs.pop("headers", {})}
+        response = requests.request(method, f"{self.url}{path}", headers=headers, timeout=60, **kwargs)
+        assert response.status_code in expect, f"{method} {path} -> {response.status_code}: {response.text[:2000]}"
+        return response
+
+    def create_user(self, email: str, password: str = "annotator-pass-1234") -> LSUser:
+        """A new member of the organisation with its own legacy token (invite link -> sign-up -> token).
+
+        Calling it twice with the same e-mail returns the same user.
+        """
+        import requests
+
+        if email in self._users:
+            return self._users[email]
+        invite = self.api("GET", "/api/invite").json()
+        with requests.Session() as browser:
+            signup = f"{self.url}/user/signup/?token={invite['token']}"
+            browser.get(signup, timeout=30).raise_for_status()
+            csrf = browser.cookies.get("csrftoken")
+            assert csrf, "Label Studio's sign-up page set no csrftoken cookie"
+            answer = browser.post(signup, data={"csrfmiddlewaretoken": csrf, "email": email, "password": password},
+                                  headers={"Referer": signup}, allow_redirects=False, timeout=30)
+            assert answer.status_code == 302, f"sign-up of {email} failed: {answer.status_code} {answer.text[:1000]}"
+            token = browser.get(f"{self.url}/api/current-user/token", timeout=30).json()["token"]
+        whoami = self.api("GET", "/api/current-user/whoami", token=token).json()
+        user = LSUser(id=int(whoami["id"]), email=email, password=password, token=token)
+        self._users[email] = user
+        return user
+
+    def personal_access_token(self, user: LSUser | None = None) -> str:
+        """A JWT personal access token (refresh token) of ``user`` (default the admin), made with ``POST /api/token/``.
+
+        Label Studio lets a user hold one valid token at a time (409 on a second one), so the token is
+        cached per user.
+        """
+        user = user or self.admin
+        if user.email not in self._pats:
+            self._pats[user.email] = self.api("POST", "/api/token/", token=user.token).json()["token"]
+        return self._pats[user.email]
+
+    def create_project(self, label_config: str, title: str = "taxomoco test project", **fields) -> int:
+        """A new project with ``label_config``; returns its id."""
+        body = {"title": title, "label_config": label_config, **fields}
+        return int(self.api("POST", "/api/projects", json=body).json()["id"])
+
+    def import_images(self, project_id: int, images: Mapping[str, bytes]) -> list[int]:
+        """Upload image files (name -> bytes); one task per file. Returns the new task ids in order."""
+        files = [(f"file{i}", (name, data, "application/octet-stream")) for i, (name, data) in enumerate(images.items())]
+        answer = self.api("POST", f"/api/projects/{project_id}/import", files=files,
+                          params={"return_task_ids": "true"}).json()
+        assert answer["task_count"] == len(images), answer
+        return [int(t) for t in answer["task_ids"]]
+
+    def import_tasks(self, project_id: int, tasks: list[dict]) -> list[int]:
+        """Import task dicts (``{"image": url}`` or ``{"data": {...}}``). Returns the new task ids."""
+        answer = self.api("POST", f"/api/projects/{project_id}/import", json=tasks,
+                          params={"return_task_ids": "true"}).json()
+        return [int(t) for t in answer["task_ids"]]
+
+    def annotate(self, task_id: int, result: list[dict], user: LSUser | None = None, **fields) -> int:
+        """Submit an annotation as ``user`` (default the admin); returns the annotation id."""
+        body = {"result": result, "was_cancelled": False, "ground_truth": False, **fields}
+        token = (user or self.admin).token
+        return int(self.api("POST", f"/api/tasks/{task_id}/annotations/", token=token, json=body).json()["id"])
+
+    def connect_backend(self, project_id: int, url: str, title: str = "taxomoco", **fields) -> dict:
+        """Connect an ML backend to the project (``POST /api/ml``); returns Label Studio's record of it."""
+        body = {"project": project_id, "url": url, "title": title, **fields}
+        return self.api("POST", "/api/ml", json=body).json()
+
+    def task(self, task_id: int, token: str | None = None) -> dict:
+        """One task as the labeling UI gets it."""
+        return self.api("GET", f"/api/tasks/{task_id}", token=token).json()
