@@ -1,0 +1,168 @@
+"""Estimating true classes and annotator reliability from several noisy annotators, one taxonomy level at a time.
+
+The method is Dawid–Skene expectation maximisation (Dawid & Skene, 1979) with three additions:
+
+* **soft labels**: an annotation may spread a total weight of at most 1 over several classes (an annotator
+  who gave two paths votes half for each);
+* **the model as one more annotator**: its out-of-sample probability vectors enter as a soft label with a
+  confusion matrix of its own, learned like a person's, so the model counts exactly as much as it is
+  reliable (the idea CROWDLAB weighs with its model weight);
+* **Dirichlet smoothing** of every confusion row towards "mostly right", so that annotators with few
+  labels get a sensible, shrunken estimate instead of a degenerate one.
+
+Everything is a sparse matrix product, so 10k items × 3 annotators fit in well under a second.
+
+Arrays:
+    ``G``: ``(N, A*K)`` sparse, ``G[i, a*K + j]`` = weight annotator ``a`` gave class ``j`` on item ``i``.
+    ``posterior``: ``(N, K)`` probability of each true class per item.
+    ``confusion``: ``(A, K, K)``, row = true class, column = given class, rows sum to 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+
+
+@dataclass(frozen=True)
+class CrowdConfig:
+    """Settings of the estimation.
+
+    Attributes:
+        max_iter: EM iterations at most.
+        tol: stop when no posterior entry moves by more than this.
+        diag_prior: Dirichlet pseudo-count on the diagonal of every confusion row ("mostly right").
+        off_prior: Dirichlet pseudo-count spread over the off-diagonal of every confusion row.
+        use_model: let the model's probabilities take part (when given).
+    """
+
+    max_iter: int = 100
+    tol: float = 1e-5
+    diag_prior: float = 2.0
+    off_prior: float = 1.0
+    use_model: bool = True
+
+
+@dataclass(frozen=True)
+class Observations:
+    """The labels of one level, one entry per (item, annotator, class).
+
+    Attributes:
+        item: ``(E,)`` int64 item rows in ``[0, N)``.
+        annotator: ``(E,)`` int64 annotator columns in ``[0, A)``.
+        label: ``(E,)`` int64 given class in ``[0, K)``.
+        weight: ``(E,)`` float64 in ``(0, 1]``; the weights of one annotator on one item sum to at most 1.
+    """
+
+    item: np.ndarray
+    annotator: np.ndarray
+    label: np.ndarray
+    weight: np.ndarray
+
+    def matrix(self, n_items: int, n_annotators: int, n_classes: int) -> sparse.csr_matrix:
+        """``G``: shape ``(N, A*K)``, duplicate entries summed."""
+        cols = self.annotator * n_classes + self.label
+        return sparse.csr_matrix(
+            (self.weight.astype(np.float64), (self.item, cols)), shape=(n_items, n_annotators * n_classes)
+        )
+
+
+@dataclass(frozen=True)
+class CrowdFit:
+    """Result of :func:`fit_crowd` for one level.
+
+    Attributes:
+        posterior: ``(N, K)`` probability of each true class per item.
+        confusion: ``(A, K, K)`` per annotator, row = true class, column = given class.
+        prior: ``(K,)`` class frequencies.
+        model_confusion: ``(K, K)`` the model's confusion, or None when no model took part.
+        accuracy: ``(A,)`` each annotator's expected accuracy on the items they labelled.
+        iterations: EM iterations run.
+    """
+
+    posterior: np.ndarray
+    confusion: np.ndarray
+    prior: np.ndarray
+    model_confusion: np.ndarray | None
+    accuracy: np.ndarray
+    iterations: int
+
+
+def _normalise_rows(counts: np.ndarray) -> np.ndarray:
+    return counts / counts.sum(axis=-1, keepdims=True)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_crowd(
+    obs: Observations,
+    n_items: int,
+    n_annotators: int,
+    n_classes: int,
+    model_probs: np.ndarray | None = None,
+    config: CrowdConfig = CrowdConfig(),
+) -> CrowdFit:
+    """Estimate each item's true class and each annotator's confusion matrix.
+
+    Args:
+        obs: the level's labels (see :class:`Observations`).
+        n_items: N, rows of the result (items without labels get the prior, or the model's view).
+        n_annotators: A.
+        n_classes: K, classes of the level.
+        model_probs: ``(N, K)`` out-of-sample class probabilities of the model, rows summing to 1, or None.
+            Rows of all zeros mean "no model opinion on this item".
+        config: estimation settings.
+
+    Returns:
+        The :class:`CrowdFit`.
+    """
+    N, A, K = n_items, n_annotators, n_classes
+    G = obs.matrix(N, A, K)  # (N, A*K)
+    sum_over_annotators = sparse.csr_matrix(np.tile(np.eye(K), (A, 1)))  # (A*K, K)
+    votes = np.asarray((G @ sum_over_annotators).todense())  # (N, K) weighted vote counts
+    use_model = config.use_model and model_probs is not None
+    P = None
+    if use_model:
+        P = np.asarray(model_probs, dtype=np.float64)  # (N, K)
+        assert P.shape == (N, K), (P.shape, (N, K))
+
+    # Start from the majority vote (the model breaks ties and covers unlabelled items).
+    T = votes + 1e-3 * (P if P is not None else 0.0) + 1e-9
+    T = _normalise_rows(T)
+
+    pseudo = np.full((K, K), config.off_prior / max(K - 1, 1))
+    np.fill_diagonal(pseudo, config.diag_prior)
+    confusion = np.zeros((A, K, K))
+    model_conf = None
+    prior = np.full(K, 1.0 / K)
+    iterations = 0
+    for iterations in range(1, config.max_iter + 1):
+        # M-step: class prior and confusion matrices from the soft assignments.
+        prior = (T.sum(axis=0) + 1.0) / (N + K)
+        counts = np.asarray((G.T @ T)).reshape(A, K, K)  # [a, given, true]
+        confusion = _normalise_rows(counts.transpose(0, 2, 1) + pseudo)  # [a, true, given]
+        if P is not None:
+            model_conf = _normalise_rows(T.T @ P + pseudo)  # [true, given]
+        # E-step: posterior over the true class.
+        log_conf = np.log(confusion).transpose(0, 2, 1).reshape(A * K, K)  # [a*K + given, true]
+        logits = np.asarray(G @ log_conf) + np.log(prior)  # (N, K)
+        if P is not None:
+            logits = logits + P @ np.log(model_conf).T
+        T_new = _softmax(logits)
+        delta = float(np.abs(T_new - T).max()) if N else 0.0
+        T = T_new
+        if delta < config.tol:
+            break
+
+    # Expected accuracy of each annotator over the items they labelled: sum_c T[i,c] * confusion[a,c,c].
+    diag = np.einsum("akk->ak", confusion)  # (A, K)
+    per_entry = (T[obs.item] * diag[obs.annotator]).sum(axis=1) * obs.weight
+    w_sum = np.bincount(obs.annotator, weights=obs.weight, minlength=A)
+    accuracy = np.bincount(obs.annotator, weights=per_entry, minlength=A) / np.maximum(w_sum, 1e-12)
+    return CrowdFit(T, confusion, prior, model_conf, accuracy, iterations)
