@@ -1,0 +1,149 @@
+"""ModelStore: background loads, version reporting, hot reload, failed loads."""
+
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from ml_backend.settings import Settings
+from ml_backend.store import UNTRAINED, ModelStore
+
+
+@dataclass
+class Served:
+    version: str
+
+
+class Files:
+    """A LIVE pointer file per project and a loader that takes its time, like a real bundle load."""
+
+    def __init__(self, root, delay=0.3):
+        self.root, self.delay = root, delay
+        self.threads: list[str] = []
+        self.fail: set[str] = set()
+
+    def set_live(self, pid, version):
+        d = self.root / f"project-{pid}" / "models"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "LIVE").write_text(version)
+
+    def probe(self, pid):
+        p = self.root / f"project-{pid}" / "models" / "LIVE"
+        return p.read_text() if p.exists() else None
+
+    def load(self, pid):
+        self.threads.append(threading.current_thread().name)
+        version = self.probe(pid)
+        time.sleep(self.delay)
+        if version in self.fail:
+            raise OSError(f"bundle {version} is damaged")
+        return Served(version)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return Files(tmp_path)
+
+
+@pytest.fixture
+def store(tmp_path, files):
+    s = ModelStore(Settings(model_dir=tmp_path), loader=files.load, probe=files.probe, check_interval_s=0.1, retry_after_s=0.5)
+    yield s
+    s.close()
+
+
+def wait_for(cond, timeout=5.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_untrained_before_any_model(store):
+    assert store.version(3) == UNTRAINED
+    assert store.get(3, wait_s=0.2) is None
+    assert store.status(3)["served_version"] is None
+
+
+def test_first_load_runs_in_background_and_get_can_wait(store, files):
+    files.set_live(1, "v1")
+    t0 = time.monotonic()
+    assert store.version(1) == "v1"  # reported while it loads
+    assert time.monotonic() - t0 < 0.1
+    assert store.get(1) is None  # not waited for
+    model = store.get(1, wait_s=5)
+    assert model is not None and model.version == "v1"
+    assert files.threads and all(name.startswith("model-load") for name in files.threads)
+    assert threading.current_thread().name not in files.threads
+
+
+def test_hot_reload_swaps_after_the_new_version_is_built(store, files):
+    files.set_live(1, "v1")
+    assert store.get(1, wait_s=5).version == "v1"
+    files.delay = 0.6
+    files.set_live(1, "v2")
+    time.sleep(0.3)
+    assert store.version(1) == "v1" and store.get(1).version == "v1"  # old one served while v2 loads
+    assert wait_for(lambda: store.get(1).version == "v2")
+    assert store.version(1) == "v2"
+    assert store.status(1)["loads"] == 2
+
+
+def test_watcher_reloads_without_requests(store, files):
+    files.set_live(2, "a")
+    store.get(2, wait_s=5)
+    files.set_live(2, "b")
+    assert wait_for(lambda: store.status(2)["served_version"] == "b")
+
+
+def test_failed_load_keeps_the_old_model_and_is_retried(store, files):
+    files.set_live(1, "v1")
+    store.get(1, wait_s=5)
+    files.fail.add("v2")
+    files.set_live(1, "v2")
+    assert wait_for(lambda: store.status(1)["load_error"] is not None)
+    assert "damaged" in store.status(1)["load_error"]
+    assert store.version(1) == "v1" and store.get(1).version == "v1"
+    files.fail.clear()
+    assert wait_for(lambda: store.version(1) == "v2")
+
+
+def test_failed_first_load_reports_untrained(store, files):
+    files.fail.add("v1")
+    files.set_live(4, "v1")
+    assert store.get(4, wait_s=5) is None
+    assert store.version(4) == UNTRAINED
+
+
+def test_projects_are_separate_and_versions_listed(store, files, tmp_path):
+    files.set_live(1, "x1")
+    files.set_live(2, "y1")
+    assert store.get(1, wait_s=5).version == "x1" and store.get(2, wait_s=5).version == "y1"
+    assert store.projects() == [1, 2]
+    vdir = tmp_path / "project-1" / "models" / "versions"
+    (vdir / "x0").mkdir(parents=True)
+    time.sleep(0.02)
+    (vdir / "x1").mkdir()
+    assert store.versions(1) == ["x1", "x0"] and store.versions(9) == []
+
+
+def test_broken_probe_keeps_serving(tmp_path, files):
+    calls = {"n": 0}
+
+    def probe(pid):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise ValueError("LIVE is garbage")
+        return "v1"
+
+    s = ModelStore(Settings(model_dir=tmp_path), loader=lambda pid: Served("v1"), probe=probe, check_interval_s=0.05)
+    try:
+        assert s.get(1, wait_s=5).version == "v1"
+        time.sleep(0.1)
+        assert s.version(1) == "v1"
+        assert "garbage" in s.status(1)["probe_error"]
+    finally:
+        s.close()
