@@ -1,0 +1,303 @@
+"""Safe image decoding, image folders, and a torch ``Dataset`` that survives unreadable images.
+
+Every image enters the product through :func:`load_image` (or :func:`to_rgb_image` for images that are
+already in memory): it always returns an RGB ``PIL.Image``, or raises :class:`~model.errors.DataError`
+naming the image and the reason.
+
+Unreadable images inside a :class:`ImageListDataset` never end a run. The dataset returns a
+:class:`Skipped` marker instead of a sample, and :func:`collate_skipping` drops the markers from the batch
+and reports them next to the batch (``(index, reason)`` pairs), so the consumer can count them and line
+results up with the input, also when the data loader runs in worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate
+
+from model.errors import DataError
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+"""File suffixes (lower case) that :func:`scan_images` and :func:`scan_labelled_folder` treat as images."""
+
+ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+"""Anything the product accepts as one image: a file path, encoded bytes, a PIL image, or a uint8 array
+``(H, W)`` / ``(H, W, 3)`` / ``(H, W, 4)``."""
+
+_DIRECT_RGB_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"})
+_ALPHA_MODES = frozenset({"LA", "PA", "RGBA", "RGBa", "La"})
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def content_hash(data: bytes) -> str:
+    """The content address of an encoded image.
+
+    Args:
+        data: The encoded file bytes.
+
+    Returns:
+        The sha256 hex digest (64 lower-case hex characters).
+    """
+    return hashlib.sha256(data).hexdigest()
+
+
+def _describe(src: ImageSource) -> str:
+    if isinstance(src, (str, Path)):
+        return f"image file {str(src)!r}"
+    if isinstance(src, bytes):
+        return f"image bytes (sha256 {content_hash(src)[:12]}…, {len(src)} bytes)"
+    return f"in-memory image {type(src).__name__}"
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    if arr.dtype.itemsize > 1 and arr.size and int(arr.max()) > 255:
+        arr = (arr.astype(np.float64) / 257.0).round()
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+
+
+def _flatten_to_rgb(img: Image.Image, name: str) -> Image.Image:
+    """Converts any supported PIL mode to RGB; alpha is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_l(img).convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _DIRECT_RGB_MODES:
+        return img.convert("RGB")
+    raise DataError(
+        f"{name} has the unsupported pixel mode {mode!r}; "
+        "save it as 8- or 16-bit grayscale, RGB or RGBA (for example as PNG or JPEG)."
+    )
+
+
+def load_image(src: str | Path | bytes, max_pixels: int = 50_000_000) -> Image.Image:
+    """Decodes one image file completely and returns it as RGB.
+
+    EXIF orientation is applied. Palette, grayscale, 16-bit, LA and RGBA images are converted to RGB
+    (transparent pixels become white).
+
+    Args:
+        src: A path to an image file, or the encoded bytes of one.
+        max_pixels: Largest accepted ``width * height``; a larger image is refused as a decompression
+            bomb. Checked per call from the header before decoding (PIL's own global hard limit, twice
+            ``PIL.Image.MAX_IMAGE_PIXELS``, still applies on top and is not changed).
+
+    Returns:
+        The decoded image in mode ``"RGB"``.
+
+    Raises:
+        DataError: The file is missing, empty, not an image, truncated, too large, or has an unsupported
+            pixel mode. The message names the image and the reason.
+    """
+    name = _describe(src)
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{name} does not exist; check the path or remove it from the list.") from None
+        except OSError as exc:
+            raise DataError(f"{name} cannot be read ({exc}); check its permissions.") from None
+    elif isinstance(src, (bytes, bytearray)):
+        data = bytes(src)
+    else:
+        raise DataError(f"load_image got a {type(src).__name__}; pass a path or encoded bytes.")
+    if not data:
+        raise DataError(f"{name} is empty (0 bytes); re-upload or re-export the image.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise DataError(f"{name} has zero size ({width}x{height}); re-export the image.")
+            if width * height > max_pixels:
+                raise DataError(
+                    f"{name} has {width}x{height} = {width * height} pixels, more than the limit of "
+                    f"{max_pixels} (decompression bomb guard); downscale it or raise max_pixels."
+                )
+            img = ImageOps.exif_transpose(img) or img
+            img.load()
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{name} is refused as a decompression bomb ({exc}); downscale it.") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{name} is not in a recognised image format; re-upload or re-export it.") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = "is truncated" if "truncated" in str(exc) else f"is not a readable image ({exc})"
+        raise DataError(f"{name} {reason}; re-upload or re-export it.") from None
+    return _flatten_to_rgb(img, name)
+
+
+def to_rgb_image(src: ImageSource, max_pixels: int = 50_000_000) -> Image.Image:
+    """Turns any :data:`ImageSource` into an RGB PIL image.
+
+    Args:
+        src: A path, encoded bytes, a PIL image, or a uint8 array ``(H, W)``, ``(H, W, 1|3|4)``.
+        max_pixels: See :func:`load_image`.
+
+    Returns:
+        The image in mode ``"RGB"``.
+
+    Raises:
+        DataError: The image cannot be decoded or the array has the wrong dtype or shape.
+    """
+    if isinstance(src, Image.Image):
+        return _flatten_to_rgb(src, _describe(src))
+    if isinstance(src, np.ndarray):
+        if src.dtype != np.uint8:
+            raise DataError(f"image array has dtype {src.dtype}; convert it to uint8 (0..255) first.")
+        arr = src[..., 0] if src.ndim == 3 and src.shape[2] == 1 else src
+        if arr.ndim == 2:
+            return Image.fromarray(np.ascontiguousarray(arr), mode="L").convert("RGB")
+        if arr.ndim == 3 and arr.shape[2] in (3, 4):
+            return _flatten_to_rgb(Image.fromarray(np.ascontiguousarray(arr)), "image array")
+        raise DataError(f"image array has shape {src.shape}; expected (H, W), (H, W, 3) or (H, W, 4).")
+    return load_image(src, max_pixels=max_pixels)
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def scan_images(root: Path) -> list[Path]:
+    """All image files under a folder, recursively, sorted; hidden files and folders are ignored.
+
+    Args:
+        root: The folder to scan.
+
+    Returns:
+        Paths of files whose suffix is in :data:`IMAGE_SUFFIXES`.
+
+    Raises:
+        DataError: ``root`` is not a folder, or it holds no image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist or is not a folder; check the path.")
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and _visible(p, root)
+    )
+    if not files:
+        raise DataError(
+            f"image folder {str(root)!r} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "add images or point to the right folder."
+        )
+    return files
+
+
+def scan_labelled_folder(root: Path) -> list[tuple[Path, tuple[str, ...]]]:
+    """Images of a folder tree whose folder names are taxonomy paths.
+
+    ``root/wild/Bear/img.png`` is labelled ``("wild", "Bear")``; an image directly in ``root/wild/``
+    (a folder that may also have sub-folders) is labelled with the prefix path ``("wild",)``.
+
+    Args:
+        root: The top folder; its own name is not part of any path.
+
+    Returns:
+        ``(file, path)`` pairs sorted by file.
+
+    Raises:
+        DataError: The folder is missing or empty, or images lie directly in ``root`` (they have no
+            label: move them into a class folder).
+    """
+    root = Path(root)
+    files = scan_images(root)
+    out: list[tuple[Path, tuple[str, ...]]] = []
+    unlabelled = [f for f in files if f.parent == root]
+    if unlabelled:
+        raise DataError(
+            f"{len(unlabelled)} image(s) lie directly in {str(root)!r} (e.g. {unlabelled[0].name!r}) and so "
+            "have no label; move them into a folder named after their class."
+        )
+    for f in files:
+        out.append((f, tuple(f.parent.relative_to(root).parts)))
+    return out
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Marker a dataset returns instead of a sample for an image it could not read.
+
+    Attributes:
+        index: Position of the image in the dataset.
+        reason: The :class:`DataError` message.
+    """
+
+    index: int
+    reason: str
+
+
+class ImageListDataset(Dataset):
+    """A dataset over a list of image sources that applies a transform to each RGB image.
+
+    ``dataset[i]`` returns ``(transform(image), i)``, or a :class:`Skipped` marker when image ``i``
+    cannot be read. Use :func:`collate_skipping` as the data loader's ``collate_fn``.
+
+    Args:
+        images: Paths, encoded bytes, PIL images or uint8 arrays (see :data:`ImageSource`).
+        transform: Maps an RGB PIL image to a tensor (or a list of tensors, e.g. two MoCo views).
+        max_pixels: See :func:`load_image`.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[ImageSource],
+        transform: Callable[[Image.Image], Any],
+        max_pixels: int = 50_000_000,
+    ) -> None:
+        self.images = images
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | Skipped:
+        try:
+            img = to_rgb_image(self.images[index], max_pixels=self.max_pixels)
+        except DataError as exc:
+            return Skipped(index, str(exc))
+        return self.transform(img), index
+
+
+def collate_skipping(
+    items: list[tuple[Any, int] | Skipped],
+) -> tuple[Any, torch.Tensor, list[tuple[int, str]]]:
+    """Collates dataset items, dropping :class:`Skipped` markers.
+
+    Args:
+        items: What :class:`ImageListDataset` returned for one batch.
+
+    Returns:
+        ``(samples, indices, skipped)``: the default-collated samples of the readable images (``None`` when
+        all were skipped), their dataset indices ``(B,)`` int64, and ``(index, reason)`` for each skipped one.
+    """
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = [(it.index, it.reason) for it in items if isinstance(it, Skipped)]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), skipped
+    samples = default_collate([s for s, _ in good])
+    indices = torch.tensor([i for _, i in good], dtype=torch.long)  # (B,)
+    return samples, indices, skipped
+
