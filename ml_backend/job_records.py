@@ -233,3 +233,29 @@ def run_recorded(records: JobRecords, job_id: str, run: Callable[[], dict[str, A
     )
     log.info("Training job %s %s in %.1f s.", job_id, outcome.value, duration)
     return result
+
+
+PRETRAIN_RECORD_FILE = "pretrain.json"
+
+
+def read_pretrain_record(project_dir: Path) -> dict[str, Any] | None:
+    """The last successful pretraining of a project (``{"n_images", "encoder_version", "finished_at"}``),
+    or None when the project's encoder was never pretrained (or the record is unreadable)."""
+    try:
+        return json.loads((Path(project_dir) / "jobs" / PRETRAIN_RECORD_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("Pretrain record of %s unreadable (%s); treating the project as never pretrained.", project_dir, exc)
+        return None
+
+
+def write_pretrain_record(project_dir: Path, n_images: int, encoder_version: str) -> None:
+    """Remember that an encoder was pretrained on ``n_images`` images (atomic replace)."""
+    jobs = Path(project_dir) / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    payload = {"n_images": int(n_images), "encoder_version": encoder_version, "finished_at": utc_now()}
+    fd, tmp = tempfile.mkstemp(dir=jobs, prefix=".pretrain-", suffix=".json")
+    with os.fdopen(fd, "w") as out:
+        json.dump(payload, out)
+    os.replace(tmp, jobs / PRETRAIN_RECORD_FILE)
