@@ -22,11 +22,13 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 import urllib3
+from PIL import Image
 
 from ml_backend.connections import LSConnection
 from ml_backend.settings import Settings
@@ -105,22 +107,76 @@ def fetch_many(
     Returns:
         one entry per value: the bytes, or the exception that stopped that image (never raised).
     """
-    if not values:
-        return []
-
     def one(v: str) -> bytes | Exception:
         try:
             return fetch_image_bytes(v, settings, conn, headers)
         except Exception as exc:  # per-image boundary: the caller reports each failure with its task
             return exc
 
+    return _map(one, values, settings, executor)
+
+
+@dataclass(frozen=True)
+class TaskImage:
+    """One task's decoded image, or why there is none.
+
+    Attributes:
+        image: the RGB image, or None.
+        content_hash: sha256 of the encoded bytes (the embedding cache key), or None.
+        error: the reason there is no image (None when there is one).
+        reason: a short machine-readable kind of failure for metrics: missing, fetch, decode.
+    """
+
+    image: Image.Image | None
+    content_hash: str | None
+    error: str | None = None
+    reason: str | None = None
+
+
+def load_task_images(
+    values: Sequence[str | None],
+    settings: Settings,
+    conn: LSConnection | None = None,
+    headers: Mapping[str, str] | None = None,
+    executor: Executor | None = None,
+) -> list[TaskImage]:
+    """Fetch and decode several task images in parallel (decoding in the fetch threads), keeping the order.
+
+    Args:
+        values: the task image values; None where a task has no image value.
+        settings, conn, headers: as for :func:`fetch_image_bytes`; decoding uses ``image_max_pixels``.
+        executor: a pool to run on; default a pool of ``image_fetch_threads`` for this call.
+
+    Returns:
+        one :class:`TaskImage` per value; failures are returned, never raised.
+    """
+    from model.images import content_hash, load_image
+
+    def one(v: str | None) -> TaskImage:
+        if v is None:
+            return TaskImage(None, None, "the task has no image value", "missing")
+        try:
+            data = fetch_image_bytes(v, settings, conn, headers)
+        except Exception as exc:  # per-image boundary: reported with its task by the caller
+            return TaskImage(None, None, str(exc), "fetch")
+        try:
+            return TaskImage(load_image(data, settings.image_max_pixels), content_hash(data))
+        except Exception as exc:  # corrupt, truncated, too many pixels
+            return TaskImage(None, None, str(exc), "decode")
+
+    return _map(one, values, settings, executor)
+
+
+def _map(fn, values, settings, executor):  # type: ignore[no-untyped-def]
+    if not values:
+        return []
     if executor is not None:
-        return list(executor.map(one, values))
+        return list(executor.map(fn, values))
     workers = max(1, min(int(settings.image_fetch_threads), len(values)))
     if workers == 1:
-        return [one(v) for v in values]
+        return [fn(v) for v in values]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-fetch") as pool:
-        return list(pool.map(one, values))
+        return list(pool.map(fn, values))
 
 
 # ----- http ------------------------------------------------------------------------------------------

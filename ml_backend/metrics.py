@@ -8,10 +8,15 @@ durations) is collected at scrape time from the store and the scheduler's job re
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 100.0)
 
@@ -132,7 +137,7 @@ class Registry:
         )
         self.failed_images = Counter("taxomoco_failed_images_total", "Task images that could not be used, by reason.", ("project", "reason"))
         self.webhooks = Counter("taxomoco_webhook_events_total", "Webhook events received, by action and what was done.", ("action", "outcome"))
-        self.families: dict[str, GaugeFamily] = {}
+        self.families: dict[str, GaugeFamily] = {f.name: f for f in PROJECT_FAMILIES}
         self._collectors: list[Collector] = []
 
     def describe(self, family: GaugeFamily) -> None:
@@ -161,3 +166,63 @@ class Registry:
                 keys = sorted(s.labels)
                 lines.append(f"{name}{_labels(keys, [s.labels[k] for k in keys])} {_num(s.value)}")
         return "\n".join(lines) + "\n"
+
+
+def _iso_seconds(value: Any) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None
+
+
+def project_collector(store: Any, scheduler: Any, projects: Callable[[], Iterable[int]]) -> Collector:
+    """Scrape-time samples per project: the served model version and the training job record.
+
+    Args:
+        store: the ``ModelStore`` (``status(pid)``).
+        scheduler: the ``Scheduler`` (``status(pid)``: the job record of ``ml_backend.job_records``).
+        projects: the project ids to report.
+    """
+
+    def collect() -> Iterator[Sample]:
+        for pid in projects():
+            p = str(pid)
+            served = store.status(pid)
+            if served.get("served_version"):
+                yield Sample("taxomoco_model_info", {"project": p, "version": served["served_version"]}, 1)
+            yield Sample("taxomoco_model_loads_total", {"project": p}, float(served.get("loads", 0)))
+            yield Sample("taxomoco_model_load_failing", {"project": p}, float(bool(served.get("load_error"))))
+            try:
+                record = scheduler.status(pid)
+            except Exception as exc:  # a scrape must not fail for one project's record
+                log.warning("project %s: no training status for /metrics: %s", pid, exc)
+                continue
+            for outcome, n in (record.get("counts") or {}).items():
+                yield Sample("taxomoco_training_jobs_total", {"project": p, "event": str(outcome)}, float(n))
+            yield Sample("taxomoco_training_queued", {"project": p}, float(bool(record.get("queued") or record.get("queued_since"))))
+            yield Sample("taxomoco_training_running", {"project": p}, float(bool(record.get("running") or record.get("running_since"))))
+            for kind in ("success", "failure"):
+                last = record.get(f"last_{kind}") or {}
+                ts = _iso_seconds(last.get("finished_at"))
+                if ts is not None:
+                    yield Sample(f"taxomoco_training_last_{kind}_timestamp_seconds", {"project": p}, ts)
+                if last.get("duration_s") is not None:
+                    yield Sample(f"taxomoco_training_last_{kind}_duration_seconds", {"project": p}, float(last["duration_s"]))
+
+    return collect
+
+
+PROJECT_FAMILIES = (
+    GaugeFamily("taxomoco_model_info", "The model version served for a project (value 1)."),
+    GaugeFamily("taxomoco_model_loads_total", "Model versions loaded by this process for a project.", "counter"),
+    GaugeFamily("taxomoco_model_load_failing", "1 when the project's newest version failed to load (the previous one is served)."),
+    GaugeFamily("taxomoco_training_jobs_total", "Training job events of a project (scheduled, coalesced, started, succeeded, skipped, failed).", "counter"),
+    GaugeFamily("taxomoco_training_queued", "1 while a training job of the project waits."),
+    GaugeFamily("taxomoco_training_running", "1 while a training job of the project runs."),
+    GaugeFamily("taxomoco_training_last_success_timestamp_seconds", "When the last successful training finished (Unix time)."),
+    GaugeFamily("taxomoco_training_last_success_duration_seconds", "Duration of the last successful training."),
+    GaugeFamily("taxomoco_training_last_failure_timestamp_seconds", "When the last failed training finished (Unix time)."),
+    GaugeFamily("taxomoco_training_last_failure_duration_seconds", "Duration of the last failed training."),
+)

@@ -1,0 +1,385 @@
+"""The Flask WSGI app Label Studio talks to: /health /setup /predict /webhook /train /job_status /versions /metrics.
+
+Timing contract (Label Studio's timeouts): /health answers in < 1 s and /setup in < 3 s whatever the store
+or the trainer are doing (models load in the store's threads; the scheduler's health is asked with a time
+limit); /webhook answers 2xx at once (it only schedules); /predict answers exactly one item per task, in
+task order, and never fails as a batch: a task whose image cannot be read gets an empty item and a log line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ml_backend import connections
+from ml_backend.auth import basic_auth_ok, needs_auth
+from ml_backend.images import LS_PREFIXES, TaskImage, load_task_images
+from ml_backend.label_config import LabelConfig, parse_label_config
+from ml_backend.ls_json import prediction_result, project_id_of
+from ml_backend.metrics import Registry, project_collector
+from ml_backend.settings import Settings
+from ml_backend.store import ModelStore
+from model.errors import ConfigError, DataError, TaxomocoError
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASS = "taxomoco"
+HEALTH_DETAIL_TIMEOUT_S = 0.4
+
+ROUTE_EXTENSIONS: tuple[str, ...] = ("ml_backend.disagreements",)
+"""Modules that add endpoints of their own: each may define ``register_routes(app: Flask, settings: Settings)``
+(e.g. ``GET /disagreements?project=ID``); Basic auth and request metrics apply to them as well."""
+
+
+class WebhookEvent(str, Enum):
+    """Label Studio webhook actions the backend knows; the first four schedule training."""
+
+    ANNOTATION_CREATED = "ANNOTATION_CREATED"
+    ANNOTATION_UPDATED = "ANNOTATION_UPDATED"
+    ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
+    START_TRAINING = "START_TRAINING"
+    ANNOTATIONS_CREATED = "ANNOTATIONS_CREATED"
+    TASKS_CREATED = "TASKS_CREATED"
+    TASKS_DELETED = "TASKS_DELETED"
+    PROJECT_CREATED = "PROJECT_CREATED"
+    PROJECT_UPDATED = "PROJECT_UPDATED"
+    PROJECT_DELETED = "PROJECT_DELETED"
+
+
+TRAINING_EVENTS = frozenset(
+    {WebhookEvent.ANNOTATION_CREATED, WebhookEvent.ANNOTATION_UPDATED, WebhookEvent.ANNOTATIONS_DELETED, WebhookEvent.START_TRAINING}
+)
+
+
+def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | None = None) -> Flask:
+    """Build the WSGI app.
+
+    Args:
+        settings: the process settings.
+        scheduler: a ``ml_backend.scheduler.Scheduler``; default ``make_scheduler(settings)``.
+        store: the model store; default ``ModelStore(settings)`` (bundles + Predictor, hot reload).
+    """
+    if scheduler is None:
+        from ml_backend.scheduler import make_scheduler
+
+        scheduler = make_scheduler(settings)
+    store = store or ModelStore(settings)
+    metrics = Registry()
+    service = PredictService(settings, store, metrics)
+    health_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")
+    health_state: dict[str, Any] = {"future": None}
+    webhook_auth = bool(getattr(settings, "webhook_requires_auth", False))
+
+    app = Flask("taxomoco")
+    app.config["MAX_CONTENT_LENGTH"] = int(getattr(settings, "max_request_bytes", 200_000_000))
+    app.extensions["taxomoco"] = {"settings": settings, "scheduler": scheduler, "store": store, "metrics": metrics}
+
+    # ----- cross-cutting ------------------------------------------------------------------------------
+    @app.before_request
+    def _start() -> Response | None:
+        g.t0 = time.perf_counter()
+        if needs_auth(request.path, settings.basic_auth_user, webhook_auth) and not basic_auth_ok(
+            request.headers.get("Authorization"), settings.basic_auth_user or "", settings.basic_auth_pass or ""
+        ):
+            resp = jsonify(error="Authentication required: use the BASIC_AUTH_USER / BASIC_AUTH_PASS of this backend.")
+            resp.status_code = 401
+            resp.headers["WWW-Authenticate"] = 'Basic realm="taxomoco"'
+            return resp
+        return None
+
+    @app.after_request
+    def _count(resp: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule is not None else "other"
+        metrics.requests.inc(endpoint, request.method, str(resp.status_code))
+        metrics.latency.observe(time.perf_counter() - g.get("t0", time.perf_counter()), endpoint)
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        return jsonify(error=exc.description or exc.name), exc.code or 500
+
+    @app.errorhandler(TaxomocoError)
+    def _our_error(exc: TaxomocoError) -> tuple[Response, int]:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return jsonify(error=str(exc)), 400 if isinstance(exc, (ConfigError, DataError)) else 500
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:  # request boundary: record and answer
+        log.exception("%s %s failed", request.method, request.path)
+        return jsonify(error=f"Internal error: {exc.__class__.__name__}: {exc}"), 500
+
+    # ----- Label Studio protocol ----------------------------------------------------------------------
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(status="UP", model_class=MODEL_CLASS, scheduler=_scheduler_health(), models=_models())
+
+    def _scheduler_health() -> dict[str, Any]:
+        future = health_state["future"]
+        if future is None or future.done():
+            future = health_state["future"] = health_pool.submit(scheduler.health)
+        try:
+            return dict(future.result(timeout=HEALTH_DETAIL_TIMEOUT_S))
+        except FutureTimeout:
+            return {"ok": False, "reason": f"the scheduler did not answer within {HEALTH_DETAIL_TIMEOUT_S} s"}
+        except Exception as exc:  # health must always answer
+            return {"ok": False, "reason": f"{exc.__class__.__name__}: {exc}"}
+
+    def _models() -> dict[str, Any]:
+        return {str(pid): store.status(pid)["served_version"] for pid in store.projects()}
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_object()
+        pid = project_id_of(body.get("project"))
+        schema = body.get("schema")
+        if schema:
+            parse_label_config(schema)  # ConfigError -> 400 with the tag and the fix (Label Studio shows it)
+            service.remember_schema(pid, schema)
+        try:
+            connections.remember(settings, pid, body.get("hostname"), body.get("access_token"))
+        except OSError as exc:
+            log.warning("project %s: cannot store the Label Studio connection: %s", pid, exc)
+        return jsonify(model_version=store.version(pid))
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_object()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise DataError('The /predict body needs "tasks": a list of task objects.')
+        project = body.get("project")
+        if project is None and tasks and isinstance(tasks[0], dict):
+            project = tasks[0].get("project")
+        pid = project_id_of(project)
+        results, version = service.predict(pid, tasks, body.get("label_config"))
+        return jsonify(results=results, model_version=version)
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+            metrics.webhooks.inc("malformed", "rejected")
+            raise DataError('A webhook body must be a JSON object with an "action" string (Label Studio sends one).')
+        action = body["action"]
+        try:
+            event = WebhookEvent(action)
+        except ValueError:
+            event = None
+        if event not in TRAINING_EVENTS:
+            metrics.webhooks.inc(action[:64], "ignored")
+            return jsonify(status="ignored", action=action)
+        pid = _webhook_project(body)
+        result = scheduler.schedule(pid, reason=action)
+        metrics.webhooks.inc(action, str(result.get("action", "scheduled")))
+        return jsonify(status="ok", **result)
+
+    @app.post("/train")
+    def train() -> Response:
+        body = _json_object()
+        pid = project_id_of(body.get("project"))
+        force = bool(body.get("force_pretrain", False))
+        return jsonify(status="ok", **scheduler.schedule(pid, reason="TRAIN", force_pretrain=force))
+
+    @app.post("/job_status")
+    def job_status() -> Response:
+        body = _json_object()
+        pid = project_id_of(body.get("project", request.args.get("project")))
+        return jsonify(scheduler.status(pid))
+
+    @app.get("/versions")
+    def versions() -> Response:
+        project = request.args.get("project")
+        if project is not None:
+            return jsonify(versions=store.versions(project_id_of(project)))
+        seen: list[str] = []
+        for pid in _all_projects():
+            seen.extend(v for v in store.versions(pid) if v not in seen)
+        return jsonify(versions=seen)
+
+    @app.get("/metrics")
+    def metrics_text() -> Response:
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    def _all_projects() -> list[int]:
+        found = set(store.projects())
+        try:
+            for p in settings.model_dir.iterdir():
+                if p.name.startswith("project-") and p.name[8:].isdigit():
+                    found.add(int(p.name[8:]))
+        except FileNotFoundError:
+            pass
+        return sorted(found)
+
+    metrics.add_collector(project_collector(store, scheduler, _all_projects))
+
+    for name in ROUTE_EXTENSIONS:
+        register = getattr(importlib.import_module(name), "register_routes", None)
+        if register is not None:
+            register(app, settings)
+    return app
+
+
+@dataclass(frozen=True)
+class _Named:
+    path: tuple[str, ...]
+    score: float
+
+
+class PredictService:
+    """The /predict pipeline of one app: config -> served model -> images -> one batch -> result items.
+
+    Args:
+        settings: the process settings (limits, ``prefix_threshold``).
+        store: where the served model of each project comes from.
+        metrics: counters of predictions and failed images.
+    """
+
+    def __init__(self, settings: Settings, store: ModelStore, metrics: Registry) -> None:
+        self.settings, self.store, self.metrics = settings, store, metrics
+        self.load_wait_s = float(getattr(settings, "predict_load_wait_s", 30.0))
+        self._schemas: dict[int, str] = {}
+        self._clients: dict[connections.LSConnection, Any] = {}
+        self._same_taxonomy: dict[tuple[str, str], bool] = {}
+        self._lock = threading.Lock()
+
+    def remember_schema(self, project_id: int, schema: str) -> None:
+        """Keep /setup's label config for /predict calls that do not carry one."""
+        self._schemas[int(project_id)] = schema
+
+    def predict(self, project_id: int, tasks: list[Any], label_config: str | None) -> tuple[list[dict], str]:
+        """One result item per task, in order, and the version they were computed with.
+
+        Returns an empty list (no predictions) while the project has no served model.
+
+        Raises:
+            ConfigError: no label config (neither in the body nor from /setup), or one that cannot be served.
+        """
+        xml = label_config or self._schemas.get(project_id)
+        if not xml:
+            raise ConfigError(
+                f'No label config for project {project_id}: send "label_config" in /predict (Label Studio does) '
+                "or call /setup first."
+            )
+        config = parse_label_config(xml)
+        model = self.store.get(project_id, wait_s=self.load_wait_s)
+        if model is None:
+            return [], self.store.version(project_id)
+        version = model.version
+        values = [_image_value(task, config.image_key) for task in tasks]
+        conn, headers = self._connection(project_id, values)
+        images = load_task_images(values, self.settings, conn, headers)
+        preds = self._run(model, images, config)
+        pid = str(project_id)
+        out: list[dict] = []
+        for task, image, pred in zip(tasks, images, preds):
+            task_id = task.get("id") if isinstance(task, dict) else None
+            if image.error is not None:
+                self.metrics.failed_images.inc(pid, image.reason or "other")
+                log.warning("project %s task %s: no prediction: %s", project_id, task_id, image.error)
+            if pred is None:
+                self.metrics.empty_predictions.inc(pid)
+            else:
+                self.metrics.predictions.inc(pid)
+            out.append(prediction_result(config, pred, version))
+        return out, version
+
+    def _run(self, model: Any, images: list[TaskImage], config: LabelConfig) -> list[Any]:
+        batch = [t.image for t in images]
+        hashes = [t.content_hash for t in images]
+        kwargs = {"leafs_only": config.leafs_only, "prefix_threshold": self.settings.prefix_threshold}
+        try:
+            preds = list(model.predict(batch, hashes, **kwargs))
+        except Exception:  # isolate the image that breaks the batch; the others still get predictions
+            log.exception("batch prediction of %d images failed; predicting one by one", len(batch))
+            preds = []
+            for image, h in zip(batch, hashes):
+                try:
+                    preds.append(model.predict([image], [h], **kwargs)[0] if image is not None else None)
+                except Exception as exc:
+                    log.warning("prediction of one image failed: %s: %s", exc.__class__.__name__, exc)
+                    preds.append(None)
+        assert len(preds) == len(images), (len(preds), len(images))
+        if self._taxonomy_matches(model, config):
+            return preds
+        return [self._to_config(p, config) for p in preds]
+
+    def _taxonomy_matches(self, model: Any, config: LabelConfig) -> bool:
+        key = (model.version, config.config_hash)
+        if key not in self._same_taxonomy:
+            same = model.taxonomy == config.taxonomy
+            if not same:
+                log.warning(
+                    "model %s was trained on other labels than the current label config; predictions outside the "
+                    "config are left empty until the next training",
+                    model.version,
+                )
+            self._same_taxonomy[key] = same
+        return self._same_taxonomy[key]
+
+    @staticmethod
+    def _to_config(pred: Any, config: LabelConfig) -> Any:
+        if pred is None:
+            return None
+        try:
+            return _Named(config.taxonomy.resolve(pred.path), float(pred.score))
+        except TaxomocoError:
+            return None
+
+    def _connection(self, project_id: int, values: list[str | None]) -> tuple[connections.LSConnection | None, dict]:
+        if not any(isinstance(v, str) and (v.startswith(LS_PREFIXES) or v.startswith("http")) for v in values):
+            return None, {}
+        try:
+            conn = connections.resolve(self.settings, project_id)
+        except ConfigError as exc:
+            log.warning("project %s: %s", project_id, exc)
+            return None, {}
+        with self._lock:
+            client = self._clients.get(conn)
+            if client is None:
+                from ml_backend.ls_client import LabelStudioClient
+
+                client = self._clients[conn] = LabelStudioClient(conn.url, conn.api_key)
+        try:
+            return conn, client.auth_headers()
+        except TaxomocoError as exc:
+            log.warning("project %s: no Label Studio credentials for images: %s", project_id, exc)
+            return conn, {}
+
+
+def _image_value(task: Any, key: str) -> str | None:
+    data = task.get("data") if isinstance(task, dict) else None
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _json_object() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if body is None and not request.get_data():
+        return {}
+    if not isinstance(body, dict):
+        raise DataError("The request body must be a JSON object (Content-Type: application/json).")
+    return body
+
+
+def _webhook_project(body: dict[str, Any]) -> int:
+    project = body.get("project")
+    if project is None:
+        for key in ("annotation", "task"):
+            inner = body.get(key)
+            if isinstance(inner, dict) and inner.get("project") is not None:
+                project = inner["project"]
+                break
+    if project is None:
+        raise DataError(f'The {body.get("action")} webhook names no project (expected "project": {{"id": ...}}).')
+    return project_id_of(project)
