@@ -357,3 +357,38 @@ def test_unknown_route_and_method(env):
     client = env[0]
     assert client.get("/nothing").status_code == 404
     assert client.get("/predict").status_code == 405
+
+
+def test_gunicorn_server_serves_the_app(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "from pathlib import Path; from ml_backend.settings import Settings; from ml_backend.server import serve; "
+        f"serve(Settings(host='127.0.0.1', port={port}, http_threads=4, model_dir=Path({str(tmp_path)!r})))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=1).read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        assert health["status"] == "UP"
+        req = urllib.request.Request(f"{base}/setup", data=json.dumps(setup_body()).encode(), headers={"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(req, timeout=3).read()) == {"model_version": "untrained"}
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert "gthread" in out and proc.returncode == 0, out
