@@ -1,0 +1,540 @@
+"""The training job of one Label Studio project: the same importable function for every scheduler.
+
+:func:`train_project` takes plain arguments (a project id and the model directory), so the embedded
+scheduler's child process and an RQ worker on another machine run exactly the same code. Steps:
+
+1. pull the project from Label Studio (label config + every task with every annotation: Label Studio is
+   the source of truth, a lost webhook only delays training);
+2. consensus labels (``model.consensus``); too few labels or classes → *skipped* (recorded, not a failure);
+3. images of all tasks, labelled or not, downloaded once into ``project_dir/images/<content hash>``;
+4. the pretraining policy (:func:`decide_pretrain`): MoCo v2 pretraining on all images → a new encoder, or
+   heads only on the live encoder;
+5. embeddings through the per-encoder embedding cache (only missing images are computed);
+6. heads fit with out-of-fold probabilities → a new model version published atomically (only when
+   everything succeeded), old versions pruned;
+7. disagreement analysis with the out-of-fold probabilities → report saved, flags posted to Label Studio
+   (a failure there is logged and never unpublishes the model).
+
+Start and outcome are written to the project's job record (``ml_backend.job_records``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from ml_backend.job_records import JobRecords, read_pretrain_record, run_recorded, write_pretrain_record
+from ml_backend.settings import Settings
+from model.errors import DataError, TaxomocoError
+
+log = logging.getLogger(__name__)
+
+_process_settings: Settings | None = None
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Make jobs run in this process use ``settings`` (with the job's ``model_dir``) instead of reading the
+    environment again; ``taxomoco worker`` calls this so its CLI overrides (e.g. ``--device``) apply."""
+    global _process_settings
+    _process_settings = settings
+
+
+def job_settings(model_dir: str) -> Settings:
+    """The settings a job runs with: the process's (see :func:`use_settings`) or the environment's."""
+    if _process_settings is not None:
+        return dataclasses.replace(_process_settings, model_dir=Path(model_dir))
+    return Settings.from_env(model_dir=model_dir)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Policy
+# --------------------------------------------------------------------------------------------------------
+
+
+class PretrainReason(str, Enum):
+    """Why a run pretrains the encoder (or why it does not)."""
+
+    FIRST = "first training: no encoder pretrained on this project yet"
+    FORCED = "pretraining was asked for"
+    GREW = "the project gained enough new images since the last pretraining"
+    NO_ENCODER = "the live model's encoder is missing"
+    HEADS_ONLY = "heads only on the live encoder"
+
+
+@dataclass(frozen=True)
+class PretrainDecision:
+    """Whether to pretrain, why, and the numbers behind it."""
+
+    pretrain: bool
+    reason: PretrainReason
+    n_images: int
+    n_images_at_last_pretrain: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pretrain": self.pretrain, "reason": self.reason.value, "n_images": self.n_images,
+                "n_images_at_last_pretrain": self.n_images_at_last_pretrain}
+
+
+def decide_pretrain(
+    n_images: int, record: dict[str, Any] | None, has_live_encoder: bool, force: bool, repretrain_fraction: float
+) -> PretrainDecision:
+    """The pretraining policy.
+
+    Args:
+        n_images: readable images of the project now.
+        record: the last pretraining's record (``{"n_images": ...}``), None when there was none.
+        has_live_encoder: whether a live model (with its encoder) exists to train heads on.
+        force: pretraining was asked for (``force_pretrain``).
+        repretrain_fraction: pretrain again when ``n_images >= (1 + fraction) * n_images_at_last_pretrain``.
+    """
+    last = int(record["n_images"]) if record and "n_images" in record else None
+    if force:
+        return PretrainDecision(True, PretrainReason.FORCED, n_images, last)
+    if last is None:
+        return PretrainDecision(True, PretrainReason.FIRST, n_images, last)
+    if not has_live_encoder:
+        return PretrainDecision(True, PretrainReason.NO_ENCODER, n_images, last)
+    if n_images - last >= repretrain_fraction * max(last, 1):
+        return PretrainDecision(True, PretrainReason.GREW, n_images, last)
+    return PretrainDecision(False, PretrainReason.HEADS_ONLY, n_images, last)
+
+
+def labels_shortfall(labels: dict[int, tuple[str, ...]], min_labels: int) -> str | None:
+    """Why a project cannot be trained yet (a *skip* reason), or None when it can.
+
+    Args:
+        labels: consensus label path per task id.
+        min_labels: ``settings.min_labels_to_train``.
+    """
+    missing = min_labels - len(labels)
+    if missing > 0:
+        return f"need {missing} more labels (have {len(labels)} labelled tasks, training starts at {min_labels})"
+    top = sorted({path[0] for path in labels.values() if path})
+    if len(top) < 2:
+        return (f"need labels of at least 2 top-level classes (all {len(labels)} labelled tasks are "
+                f"{top[0] if top else 'empty'!r}); label a task of another class")
+    return None
+
+
+def data_fingerprint(pairs: list[tuple[str, tuple[str, ...]]]) -> str:
+    """Hash of the sorted (image content hash, label path) training pairs."""
+    blob = json.dumps(sorted([h, list(p)] for h, p in pairs)).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------------
+
+
+def current_job_id(project_id: int) -> str:
+    """The RQ job id when run by an RQ worker, else a fresh local id."""
+    try:
+        from rq import get_current_job
+
+        job = get_current_job()
+    except Exception:  # no RQ context (embedded child, CLI): a local id
+        job = None
+    return job.id if job is not None else f"local-{int(project_id)}-{uuid.uuid4().hex[:8]}"
+
+
+def train_project(project_id: int, model_dir: str, force_pretrain: bool = False) -> dict[str, Any]:
+    """Train (or skip) one Label Studio project and publish a new model version.
+
+    Args:
+        project_id: Label Studio project id.
+        model_dir: root of all projects' data (``MODEL_DIR``; the same path on server and workers).
+        force_pretrain: pretrain the encoder whatever the policy says.
+
+    Returns:
+        ``{"status": "succeeded"|"skipped", "version", "reason", "counts", "durations_s", "pretrain"}``.
+
+    Raises:
+        TaxomocoError: subclasses naming the cause (no Label Studio connection, bad label config, no
+            readable image, …); the failure is recorded in the job record first.
+    """
+    settings = job_settings(model_dir)
+    pid = int(project_id)
+    records = JobRecords(settings.project_dir(pid), pid)
+    return run_recorded(records, current_job_id(pid), lambda: _train(settings, pid, force_pretrain))
+
+
+@contextlib.contextmanager
+def _timed(durations: dict[str, float], step: str) -> Iterator[None]:
+    start = time.monotonic()
+    log.info("step %s ...", step)
+    yield
+    durations[step] = round(time.monotonic() - start, 3)
+    log.info("step %s done in %.1f s", step, durations[step])
+
+
+def _train(settings: Settings, pid: int, force_pretrain: bool) -> dict[str, Any]:
+    durations: dict[str, float] = {}
+    project_dir = settings.project_dir(pid)
+    with _timed(durations, "pull"):
+        source = pull_project(settings, pid)
+    with _timed(durations, "labels"):
+        labels = consensus_labels(settings, source)
+    counts: dict[str, int] = {"tasks": len(source.tasks), "labelled": len(labels.result.labels),
+                              "excluded": len(labels.result.excluded), "annotation_problems": len(labels.problems)}
+    skip = labels_shortfall(labels.result.labels, settings.min_labels_to_train)
+    if skip is not None:
+        log.info("Project %s skipped: %s", pid, skip)
+        return {"status": "skipped", "reason": skip, "counts": counts, "durations_s": durations}
+    with _timed(durations, "images"):
+        images = sync_images(settings, pid, source)
+    counts.update(images=len(images.paths), unreadable_images=len(images.failed))
+    if not images.paths:
+        first = next(iter(images.failed.values()), "no image values")
+        raise DataError(f"none of the {len(source.tasks)} tasks' images could be fetched (first error: {first}); "
+                        "check LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, ALLOWED_IMAGE_HOSTS and LOCAL_FILES_ROOT.")
+    live = live_encoder(settings, pid)
+    decision = decide_pretrain(len(images.paths), read_pretrain_record(project_dir), live is not None,
+                               force_pretrain, settings.repretrain_fraction)
+    log.info("Project %s: pretrain=%s (%s)", pid, decision.pretrain, decision.reason.value)
+    if decision.pretrain:
+        with _timed(durations, "pretrain"):
+            encoder = pretrain_encoder(settings, pid, images, init=live)
+    else:
+        assert live is not None
+        encoder = live
+    with _timed(durations, "embed"):
+        emb, ok = embed_all(settings, pid, encoder, images)  # (N, D), (N,)
+    counts["embedded"] = int(ok.sum())
+    with _timed(durations, "fit"):
+        fit = fit_heads(source, labels, images, emb, ok)
+    counts["trained_on"] = len(fit.task_ids)
+    with _timed(durations, "publish"):
+        version = publish_version(settings, pid, source, labels, images, encoder, fit, decision, counts)
+    if decision.pretrain:  # only once the new encoder is live: a failed publish pretrains again
+        write_pretrain_record(project_dir, len(images.paths), encoder.version)
+        _pending_run(project_dir, clear=True)
+    try:
+        with _timed(durations, "disagreements"):
+            counts["flags"] = analyse_disagreements(settings, pid, source, labels, images, emb, ok, fit, version)
+    except Exception as exc:  # never unpublish a model for a report; say why in the log
+        log.error("Project %s: disagreement analysis failed (model %s stays live): %s", pid, version, exc,
+                  exc_info=not isinstance(exc, TaxomocoError))
+        counts["flags"] = -1
+    return {"status": "succeeded", "version": version, "counts": counts, "durations_s": durations,
+            "pretrain": decision.to_dict()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProjectSource:
+    """What Label Studio holds about a project: connection, client, parsed config, every task."""
+
+    conn: Any  # ml_backend.connections.LSConnection
+    client: Any  # ml_backend.ls_client.LabelStudioClient
+    config: Any  # ml_backend.label_config.LabelConfig
+    tasks: list[Any]  # ls_client.TaskRecord
+
+
+def pull_project(settings: Settings, pid: int) -> ProjectSource:
+    """Label config and all tasks with all annotations (Label Studio is the source of truth)."""
+    from ml_backend.connections import resolve
+    from ml_backend.label_config import parse_label_config
+    from ml_backend.ls_client import LabelStudioClient
+
+    conn = resolve(settings, pid)
+    client = LabelStudioClient(conn.url, conn.api_key)
+    project = client.get_project(pid)
+    config = parse_label_config(project.label_config)
+    tasks = list(client.iter_tasks(pid))
+    log.info("Project %s (%s): %d tasks pulled from %s.", pid, project.title, len(tasks), conn.url)
+    return ProjectSource(conn, client, config, tasks)
+
+
+@dataclass
+class Labels:
+    """Consensus labels of a project and the annotations they came from."""
+
+    annotations: list[Any]  # model.consensus.Annotation
+    problems: list[str]
+    policy: Any  # model.consensus.ConsensusPolicy
+    result: Any  # model.consensus.ConsensusResult (labels: task id -> path)
+
+
+def consensus_labels(settings: Settings, source: ProjectSource) -> Labels:
+    """Consensus paths to train on, under the policy the settings give."""
+    from ml_backend.disagreements import annotations_from_tasks
+    from model.consensus import ConsensusPolicy, consensus
+
+    annotations, problems = annotations_from_tasks(source.tasks, source.config)
+    policy = ConsensusPolicy(min_annotators=settings.min_annotators, min_agreement=settings.min_agreement)
+    policy.validate()
+    result = consensus(annotations, source.config.taxonomy, policy)
+    for problem in problems[:20]:
+        log.warning("annotation problem: %s", problem)
+    return Labels(annotations, problems, policy, result)
+
+
+@dataclass
+class ProjectImages:
+    """The project's readable task images, stored once by content hash under ``project_dir/images``."""
+
+    task_ids: list[int]  # tasks with a local image, in task order
+    hashes: list[str]  # content hash of each
+    paths: list[Path]  # local file of each
+    failed: dict[int, str]  # task id -> why its image is missing
+
+
+INDEX_FILE = "index.json"
+
+
+def sync_images(settings: Settings, pid: int, source: ProjectSource, chunk: int = 256) -> ProjectImages:
+    """Download the images of all tasks that are not stored yet (an image value is fetched once).
+
+    The index ``images/index.json`` maps an image value to its content hash; an image changed behind an
+    unchanged URL is therefore not seen again (re-import the task to change it).
+    """
+    from ml_backend.images import fetch_many
+    from model.images import content_hash
+
+    root = settings.project_dir(pid) / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        index: dict[str, str] = json.loads((root / INDEX_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        index = {}
+    key = source.config.image_key
+    values: dict[int, str] = {}
+    failed: dict[int, str] = {}
+    for task in source.tasks:
+        value = task.data.get(key) if isinstance(task.data, dict) else None
+        if not isinstance(value, str) or not value:
+            failed[task.id] = f"task data has no {key!r} image value"
+        else:
+            values[task.id] = value
+    todo = [(tid, v) for tid, v in values.items() if v not in index or not (root / index[v]).exists()]
+    headers = source.client.auth_headers()
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="images", unit="img", disable=len(todo) < chunk)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        bar = None
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        for (tid, value), got in zip(part, fetch_many([v for _, v in part], settings, source.conn, headers)):
+            if isinstance(got, Exception):
+                failed[tid] = str(got)
+                continue
+            digest = content_hash(got)
+            path = root / digest
+            if not path.exists():
+                tmp = root / f".{digest}.{os.getpid()}.tmp"
+                tmp.write_bytes(got)
+                os.replace(tmp, path)
+            index[value] = digest
+        if bar is not None:
+            bar.update(len(part))
+    _write_json(root / INDEX_FILE, index)
+    task_ids = [tid for tid, v in values.items() if tid not in failed and v in index]
+    hashes = [index[values[tid]] for tid in task_ids]
+    if failed:
+        log.warning("Project %s: %d task images unavailable, e.g. task %s: %s", pid, len(failed),
+                    *next(iter(failed.items())))
+    return ProjectImages(task_ids, hashes, [root / h for h in hashes], failed)
+
+
+@dataclass
+class Encoder:
+    """An encoder: config, weights and version."""
+
+    cfg: Any  # model.encoder.EncoderConfig
+    state: dict[str, Any]  # backbone state_dict
+    version: str
+
+
+def live_encoder(settings: Settings, pid: int) -> Encoder | None:
+    """The encoder of the live model version, or None before the first version."""
+    from model.bundle import live_version, load_live
+
+    root = settings.project_dir(pid) / "models"
+    if live_version(root) is None:
+        return None
+    bundle = load_live(root)
+    return Encoder(bundle.encoder_cfg, bundle.backbone_state, bundle.manifest.encoder_version)
+
+
+def encoder_config(settings: Settings) -> Any:
+    """The encoder config the settings ask for (``ENCODER_ARCH``, ``ENCODER_INPUT_SIZE``, ``ENCODER_INIT_WEIGHTS``)."""
+    from model.encoder import EncoderConfig
+
+    init = str(settings.init_weights) if settings.init_weights else None
+    return EncoderConfig(arch=settings.arch, input_size=settings.input_size, init_weights=init)
+
+
+def lightning_device(device: str) -> tuple[str, Any]:
+    """Lightning ``(accelerator, devices)`` for a ``DEVICE`` setting: one device per job.
+
+    ``auto`` → ("auto", 1); ``cpu`` → ("cpu", 1); ``cuda`` → ("gpu", 1); ``cuda:N`` → ("gpu", (N,)).
+    """
+    if device == "cpu":
+        return "cpu", 1
+    if device == "cuda":
+        return "gpu", 1
+    if device.startswith("cuda:"):
+        return "gpu", (int(device.split(":", 1)[1]),)
+    return "auto", 1
+
+
+def _pending_run(project_dir: Path, clear: bool = False) -> Path:
+    """The pretraining run directory of this project's unfinished pretraining (resumed after a crash)."""
+    marker = project_dir / "jobs" / "pretrain_pending.json"
+    if clear:
+        marker.unlink(missing_ok=True)
+        return project_dir / "pretrain"
+    try:
+        return Path(json.loads(marker.read_text())["out_dir"])
+    except (FileNotFoundError, ValueError, KeyError):
+        run = project_dir / "pretrain" / time.strftime("run-%Y%m%dT%H%M%S", time.gmtime())
+        _write_json(marker, {"out_dir": str(run)})
+        return run
+
+
+def pretrain_encoder(settings: Settings, pid: int, images: ProjectImages, init: Encoder | None) -> Encoder:
+    """MoCo v2 pretraining on all the project's images; resumes an interrupted run of this project."""
+    from model.pretrain import PretrainConfig, pretrain
+
+    cfg = encoder_config(settings)
+    if init is not None and init.cfg != cfg:
+        init = None  # the settings changed the architecture: start over
+    accelerator, devices = lightning_device(settings.device)
+    batch = max(2, min(settings.pretrain_batch_size, len(images.paths)))
+    pcfg = PretrainConfig(epochs=settings.pretrain_epochs, batch_size=batch, max_minutes=settings.pretrain_max_minutes,
+                          memory_bank_size=max(2048, batch), accelerator=accelerator, devices=devices)
+    out_dir = _pending_run(settings.project_dir(pid))
+    result = pretrain([str(p) for p in images.paths], cfg, pcfg, out_dir, resume=True,
+                      init_state=init.state if init is not None else None)
+    log.info("Project %s: pretrained %d epochs (%.0f img/s), encoder %s.", pid, result.epochs_done,
+             result.images_per_second, result.encoder_version)
+    return Encoder(cfg, result.backbone_state, result.encoder_version)
+
+
+def embed_all(settings: Settings, pid: int, encoder: Encoder, images: ProjectImages) -> tuple[Any, Any]:
+    """Embeddings of all images through the embedding cache; only missing ones are computed.
+
+    Returns:
+        ``(emb (N, D) float32, ok (N,) bool)`` in ``images`` order; ``ok`` is False for unreadable images.
+    """
+    from model.embed_cache import EmbeddingCache
+    from model.encoder import Embedder, build_backbone
+
+    backbone = build_backbone(encoder.cfg)
+    backbone.load_state_dict(encoder.state)
+    cache = EmbeddingCache(settings.project_dir(pid) / "cache", encoder.version, int(backbone.out_dim))
+    emb, ok = cache.get(images.hashes)  # (N, D), (N,)
+    missing = [i for i, hit in enumerate(ok) if not hit]
+    if missing:
+        embedder = Embedder(backbone, encoder.cfg, device=settings.device)
+        new, new_ok = embedder.embed_with_mask([str(images.paths[i]) for i in missing], progress=True)  # (M, D)
+        rows = [i for i, good in zip(missing, new_ok) if good]
+        emb[rows] = new[new_ok]
+        ok[rows] = True
+        cache.put([images.hashes[i] for i in rows], new[new_ok])
+    log.info("Project %s: %d embeddings (%d computed, %d unreadable).", pid, int(ok.sum()), len(missing),
+             int((~ok).sum()))
+    return emb, ok
+
+
+@dataclass
+class Fit:
+    """The heads fit and the tasks it was trained on (rows of ``oof_level_probs``)."""
+
+    result: Any  # model.training.FitResult
+    task_ids: list[int]
+    pairs: list[tuple[str, tuple[str, ...]]]  # (content hash, path) training pairs
+
+
+def fit_heads(source: ProjectSource, labels: Labels, images: ProjectImages, emb: Any, ok: Any) -> Fit:
+    """Fit the heads on the consensus labels of readable images (out-of-fold probabilities included)."""
+    from model.heads import HeadsConfig
+    from model.training import fit
+
+    rows, task_ids, paths = [], [], []
+    for i, tid in enumerate(images.task_ids):
+        path = labels.result.labels.get(tid)
+        if path is not None and ok[i]:
+            rows.append(i)
+            task_ids.append(tid)
+            paths.append(tuple(path))
+    skip = labels_shortfall(dict(zip(task_ids, paths)), 2)
+    if skip is not None:
+        raise DataError(f"after dropping tasks whose image is unavailable: {skip}.")
+    result = fit(emb[rows], paths, source.config.taxonomy, HeadsConfig())
+    pairs = [(images.hashes[i], p) for i, p in zip(rows, paths)]
+    return Fit(result, task_ids, pairs)
+
+
+def publish_version(settings: Settings, pid: int, source: ProjectSource, labels: Labels, images: ProjectImages,
+                    encoder: Encoder, fit: Fit, decision: PretrainDecision, counts: dict[str, int]) -> str:
+    """Publish the new model version atomically, prune old ones; returns the version."""
+    from model.bundle import prune, publish
+
+    root = settings.project_dir(pid) / "models"
+    extra = {"consensus": labels.result.policy_record(), "excluded": len(labels.result.excluded),
+             "pretrained": decision.pretrain, "pretrain_decision": decision.to_dict(), "counts": dict(counts),
+             "project_id": pid, "label_config_from_name": source.config.from_name}
+    manifest = publish(root, source.config.taxonomy, encoder.cfg, encoder.state, fit.result.heads,
+                       fit.result.temperature, fit.result.metrics, data_fingerprint(fit.pairs), extra)
+    prune(root, keep=settings.keep_versions)
+    log.info("Project %s: published model version %s.", pid, manifest.version)
+    return str(manifest.version)
+
+
+def analyse_disagreements(settings: Settings, pid: int, source: ProjectSource, labels: Labels,
+                          images: ProjectImages, emb: Any, ok: Any, fit: Fit, version: str) -> int:
+    """Consensus again with the model's out-of-sample opinion → report saved, flags posted; returns #flags.
+
+    The model's opinion is out-of-sample for every task: out-of-fold probabilities for the tasks trained
+    on, the final heads' probabilities for tasks that were not trained on (excluded or unlabelled).
+    """
+    import numpy as np
+    import torch
+
+    from ml_backend import disagreements
+    from model.consensus import consensus
+
+    level_probs: dict[int, list[Any]] = {}
+    for j, tid in enumerate(fit.task_ids):
+        level_probs[tid] = [np.asarray(level[j]) for level in fit.result.oof_level_probs]  # (K_k,) each
+    annotated = {a.item for a in labels.annotations}
+    others = [i for i, tid in enumerate(images.task_ids) if ok[i] and tid in annotated and tid not in level_probs]
+    if others:
+        heads = fit.result.heads.eval()
+        with torch.inference_mode():
+            logits = heads(torch.as_tensor(emb[others], dtype=torch.float32))  # L × (M, K_k)
+        probs = [torch.softmax(z / float(fit.result.temperature), dim=1).numpy() for z in logits]
+        for j, i in enumerate(others):
+            level_probs[images.task_ids[i]] = [p[j] for p in probs]
+    result = consensus(labels.annotations, source.config.taxonomy, labels.policy, level_probs=level_probs)
+    disagreements.save_report(settings, pid, result, model_version=version, problems=labels.problems)
+    post = getattr(disagreements, "post_flags", None)
+    if settings.post_flags_to_label_studio and post is not None:
+        post(settings, source.client, pid, result)
+    return len(result.flags)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
