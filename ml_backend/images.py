@@ -20,10 +20,11 @@ import base64
 import binascii
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
@@ -42,6 +43,8 @@ MAX_REDIRECTS = 3
 CHUNK = 64 * 1024
 
 _sessions = threading.local()
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ImageFetchError(DataError):
@@ -167,7 +170,7 @@ def load_task_images(
     return _map(one, values, settings, executor)
 
 
-def _map(fn, values, settings, executor):  # type: ignore[no-untyped-def]
+def _map(fn: Callable[[T], R], values: Sequence[T], settings: Settings, executor: Executor | None) -> list[R]:
     if not values:
         return []
     if executor is not None:

@@ -392,3 +392,25 @@ def test_gunicorn_server_serves_the_app(tmp_path):
         os.kill(proc.pid, signal.SIGTERM)
         out = proc.communicate(timeout=30)[0].decode()
     assert "gthread" in out and proc.returncode == 0, out
+
+
+def test_connection_resolution_prefers_settings_field_by_field(tmp_path):
+    from ml_backend import connections
+    from model.errors import ConfigError
+
+    plain = Settings(model_dir=tmp_path)
+    with pytest.raises(ConfigError, match="LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"):
+        connections.resolve(plain, 3)
+    assert connections.remember(plain, 3, "http://ls:8080/", "t1") is True
+    assert connections.remember(plain, 3, "http://ls:8080", "t1") is False  # unchanged: no write
+    assert connections.remember(plain, 3, None, "t1") is False
+    assert connections.resolve(plain, 3) == connections.LSConnection("http://ls:8080", "t1")
+    connections.forget_all()  # another process: reads the file
+    assert connections.resolve(plain, 3).api_key == "t1"
+    assert "t1" not in repr(connections.resolve(plain, 3))
+    both = Settings(model_dir=tmp_path, label_studio_url="http://other/", label_studio_api_key="k")
+    assert connections.resolve(both, 3) == connections.LSConnection("http://other", "k")
+    url_only = Settings(model_dir=tmp_path, label_studio_url="http://other")
+    assert connections.resolve(url_only, 3) == connections.LSConnection("http://other", "t1")
+    with pytest.raises(ConfigError, match="LABEL_STUDIO_API_KEY"):
+        connections.resolve(url_only, 4)
