@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.servers import LabelStudioServer, RedisServer, label_studio_binary
+from tests.servers import BackendServer, LabelStudioServer, RedisServer, label_studio_binary
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +44,25 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def backend_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., BackendServer]]:
+    """Factory: ``backend_server(REDIS_URL=..., ...)`` starts ``taxomoco serve`` with fast training settings.
+
+    Keyword arguments are extra environment variables (settings). Every server started is stopped at the
+    end of the test.
+    """
+    started: list[BackendServer] = []
+
+    def start(**env: str) -> BackendServer:
+        server = BackendServer(tmp_path_factory.mktemp("taxomoco"), env={k: str(v) for k, v in env.items()})
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

@@ -371,3 +371,88 @@ class LabelStudioServer:
     def task(self, task_id: int, token: str | None = None) -> dict:
         """One task as the labeling UI gets it."""
         return self.api("GET", f"/api/tasks/{task_id}", token=token).json()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The taxomoco backend
+# --------------------------------------------------------------------------------------------------------
+
+#: Settings that make training finish in seconds on two CPU cores (env var -> value).
+FAST_TRAINING_ENV: dict[str, str] = {
+    "ENCODER_ARCH": "resnet18-half",
+    "ENCODER_INPUT_SIZE": "32",
+    "PRETRAIN_EPOCHS": "1",
+    "PRETRAIN_MAX_MINUTES": "1",
+    "PRETRAIN_BATCH_SIZE": "16",
+    "MIN_LABELS_TO_TRAIN": "2",
+    "DEVICE": "cpu",
+    "TAXOMOCO_HTTP_THREADS": "8",
+    "LOG_LEVEL": "INFO",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+class BackendServer:
+    """``taxomoco serve`` (gunicorn, in a subprocess) on a free port with its own MODEL_DIR.
+
+    Args:
+        workdir: holds ``models/`` (MODEL_DIR) and the server log.
+        env: extra environment (settings env vars, e.g. ``REDIS_URL``); :data:`FAST_TRAINING_ENV` is applied
+            first.
+    """
+
+    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model_dir = workdir / "models"
+        self.log_path = workdir / "taxomoco.log"
+        self.extra_env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours without inherited taxomoco settings, plus fast training settings."""
+        import dataclasses
+
+        from ml_backend.settings import Settings
+
+        ours = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+        env = {k: v for k, v in os.environ.items() if k not in ours}
+        env.update(FAST_TRAINING_ENV)
+        env.update({"TAXOMOCO_HOST": "127.0.0.1", "TAXOMOCO_PORT": str(self.port), "MODEL_DIR": str(self.model_dir),
+                    "PYTHONUNBUFFERED": "1"})
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        """Start ``python -m ml_backend.cli serve`` and wait until ``/health`` answers.
+
+        Raises:
+            ServerStartError: the server exited or did not answer in time, with the log's tail.
+        """
+        import requests
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "ml_backend.cli", "serve"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=self.environment(), cwd=REPO_ROOT, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+        def healthy() -> bool:
+            try:
+                return requests.get(f"{self.url}/health", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        if not wait_until(lambda: healthy() or self.proc.poll() is not None, timeout_s, 0.3) or not healthy():
+            self.stop()
+            raise ServerStartError(f"taxomoco serve did not answer {self.url}/health within {timeout_s}s; "
+                                   f"log {self.log_path}:\n{log_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        """Stop the server (its whole process group, training children included)."""
+        stop_process(self.proc, timeout_s=40)
+
+    def log(self) -> str:
+        """The server's log so far."""
+        return log_tail(self.log_path, 200_000)
