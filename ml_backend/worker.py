@@ -118,3 +118,25 @@ def _redact(url: str | None) -> str | None:
         return url
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def healthcheck(settings: Settings | None = None) -> int:
+    """Exit status for a container healthcheck: 0 when Redis answers and a worker of this host is registered.
+
+    Run as ``python -c "import sys; from ml_backend.worker import healthcheck; sys.exit(healthcheck())"``.
+    """
+    settings = settings or Settings.from_env()
+    if not settings.redis_url:
+        print("REDIS_URL is not set")
+        return 1
+    try:
+        connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        prefix = f"taxomoco-{socket.gethostname()}-"
+        names = [w.name for w in Worker.all(connection=connection)]
+    except redis.RedisError as exc:
+        print(f"Redis unreachable: {exc}")
+        return 1
+    if not any(name.startswith(prefix) for name in names):
+        print(f"no RQ worker of this host ({prefix}*) is registered; registered: {names}")
+        return 1
+    return 0
