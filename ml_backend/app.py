@@ -125,11 +125,14 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         return jsonify(status="UP", model_class=MODEL_CLASS, scheduler=_scheduler_health(), models=_models())
 
     def _scheduler_health() -> dict[str, Any]:
-        future = health_state["future"]
+        future, since = health_state["future"], health_state.get("since", 0.0)
         if future is None or future.done():
+            since = health_state["since"] = time.monotonic()
             future = health_state["future"] = health_pool.submit(scheduler.health)
+        # a check still hanging from an earlier request gets no more of this request's time
+        wait = max(0.0, HEALTH_DETAIL_TIMEOUT_S - (time.monotonic() - since))
         try:
-            return dict(future.result(timeout=HEALTH_DETAIL_TIMEOUT_S))
+            return dict(future.result(timeout=wait))
         except FutureTimeout:
             return {"ok": False, "reason": f"the scheduler did not answer within {HEALTH_DETAIL_TIMEOUT_S} s"}
         except Exception as exc:  # health must always answer
@@ -181,8 +184,11 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
             return jsonify(status="ignored", action=action)
         pid = _webhook_project(body)
         result = scheduler.schedule(pid, reason=action)
-        metrics.webhooks.inc(action, str(result.get("action", "scheduled")))
-        return jsonify(status="ok", **result)
+        outcome = str(result.get("action", "scheduled"))
+        metrics.webhooks.inc(action, outcome)
+        if outcome == "error":  # still 2xx: Label Studio disables a webhook that keeps failing
+            log.error("project %s: %s not scheduled: %s", pid, action, result.get("reason"))
+        return jsonify(status="error" if outcome == "error" else "ok", **result)
 
     @app.post("/train")
     def train() -> Response:

@@ -414,3 +414,55 @@ def test_connection_resolution_prefers_settings_field_by_field(tmp_path):
     assert connections.resolve(url_only, 3) == connections.LSConnection("http://other", "t1")
     with pytest.raises(ConfigError, match="LABEL_STUDIO_API_KEY"):
         connections.resolve(url_only, 4)
+
+
+def test_metrics_exposition_format():
+    from ml_backend.metrics import Registry, Sample
+
+    reg = Registry()
+    for v in (0.003, 0.02, 0.02, 7.0):
+        reg.latency.observe(v, "/predict")
+    reg.requests.inc("/predict", "POST", "200", amount=3)
+    reg.add_collector(lambda: [Sample("taxomoco_model_info", {"project": "1", "version": 'v"1\n'}, 1)])
+    text = reg.render()
+    assert 'taxomoco_http_request_duration_seconds_bucket{endpoint="/predict",le="0.005"} 1' in text
+    assert 'taxomoco_http_request_duration_seconds_bucket{endpoint="/predict",le="0.025"} 3' in text
+    assert 'taxomoco_http_request_duration_seconds_bucket{endpoint="/predict",le="+Inf"} 4' in text
+    assert 'taxomoco_http_request_duration_seconds_count{endpoint="/predict"} 4' in text
+    assert 'taxomoco_http_requests_total{endpoint="/predict",method="POST",status="200"} 3' in text
+    assert '# TYPE taxomoco_model_info gauge' in text
+    assert 'taxomoco_model_info{project="1",version="v\\"1\\n"} 1' in text
+
+
+class _HangingScheduler:
+    kind = "hanging"
+
+    def health(self):
+        time.sleep(5)
+        return {"ok": True}
+
+    def schedule(self, project_id, reason, force_pretrain=False):
+        return {"project_id": project_id, "scheduler": self.kind, "action": "error", "reason": "redis down"}
+
+    def status(self, project_id):
+        return {}
+
+    def close(self):
+        pass
+
+
+def test_health_answers_fast_when_the_scheduler_hangs_and_webhook_stays_2xx(tmp_path):
+    settings = Settings(model_dir=tmp_path)
+    models = Models(tmp_path)
+    store = ModelStore(settings, loader=models.load, probe=models.probe)
+    client = create_app(settings, scheduler=_HangingScheduler(), store=store).test_client()
+    try:
+        for _ in range(3):
+            t0 = time.perf_counter()
+            body = client.get("/health").get_json()
+            assert time.perf_counter() - t0 < 0.6
+            assert body["status"] == "UP" and body["scheduler"]["ok"] is False
+        r = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 1}})
+        assert r.status_code == 200 and r.get_json()["status"] == "error"
+    finally:
+        store.close()
