@@ -92,8 +92,10 @@ class MoCoV2(pl.LightningModule):
 
     def ema_momentum(self) -> float:
         """The key-encoder momentum for the current global step (cosine from ema_start to ema_end)."""
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        step = min(int(self.global_step), total)
+        if self._trainer is None:
+            return float(self.hparams.ema_start)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        step = min(int(self.global_step), total - 1)
         return cosine_schedule(step, total, self.hparams.ema_start, self.hparams.ema_end)
 
     def momentum_update(self, m: float) -> None:
@@ -132,6 +134,14 @@ class MoCoV2(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=cosine_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_train_start(self) -> None:
+        # A resumed optimiser carries the learning rate of the old plan (0 at the end of a finished
+        # cosine); set it from the current plan for the epoch we resume at.
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
 
     # lightly keeps the memory bank out of the state dict; keep it in our checkpoints so resuming
     # continues with the same negatives instead of random ones.

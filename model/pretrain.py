@@ -242,6 +242,7 @@ def pretrain(
     resume: bool = True,
     init_state: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    callbacks: Sequence[Callback] = (),
 ) -> PretrainResult:
     """Pretrains an encoder with MoCo v2 on unlabelled images.
 
@@ -254,6 +255,7 @@ def pretrain(
         resume: Continue from ``out_dir/checkpoints/last.ckpt`` when it exists.
         init_state: Backbone weights to start from (e.g. the live encoder); ignored when resuming.
         progress: Show a progress bar.
+        callbacks: Extra Lightning callbacks (e.g. to report progress to a job queue or to cancel).
 
     Returns:
         The trained backbone weights, their version, losses, epochs done, throughput, skipped images.
@@ -303,7 +305,7 @@ def pretrain(
         strategy=cfg.strategy,
         precision=_precision(cfg),
         sync_batchnorm="ddp" in cfg.strategy,
-        callbacks=[recorder, checkpointing],
+        callbacks=[recorder, *callbacks, checkpointing],
         logger=False,
         enable_progress_bar=progress,
         enable_model_summary=False,

@@ -1,0 +1,177 @@
+"""MoCo v2 loss and momentum maths against hand computations; pretraining runs, resume, skipping."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.encoder import EncoderConfig, build_backbone, encoder_version
+from model.errors import ConfigError, DataError
+from model.moco import MoCoV2
+from model.pretrain import PretrainConfig, pretrain
+
+ENC = EncoderConfig(input_size=32)
+TINY = PretrainConfig(epochs=1, batch_size=8, memory_bank_size=32, proj_hidden_dim=32, proj_out_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Synthetic 24x28 colour images: a random blob on a random background."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = np.empty((24, 28, 3), np.uint8)
+        img[:] = rng.integers(0, 256, 3)
+        y, x = rng.integers(0, 16, 2)
+        img[y:y + 8, x:x + 10] = rng.integers(0, 256, 3)
+        out.append(img)
+    return out
+
+
+def _truncated_png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_images(1)[0]).save(buf, format="PNG")
+    return buf.getvalue()[:60]
+
+
+def test_loss_matches_hand_written_infonce_with_memory_bank() -> None:
+    torch.manual_seed(0)
+    module = MoCoV2(build_backbone(ENC), memory_bank_size=16, temperature=0.2, proj_hidden_dim=32,
+                    proj_out_dim=8, channels_last=False)
+    module.train()
+    bank = F.normalize(torch.randn(16, 8), dim=1)
+    module.criterion.memory_bank.bank = bank.clone()
+    module.criterion.memory_bank.bank_ptr.zero_()
+    xq, xk = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+
+    # Reference: MoCo's pseudo-code with the bank as negatives (computed on copies of the same state).
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    q = F.normalize(module.forward(xq), dim=1)  # (4, 8)
+    with torch.no_grad():
+        k = F.normalize(module.forward_momentum(xk), dim=1)  # (4, 8)
+    module.load_state_dict(state)  # forward in train mode moved BatchNorm statistics: undo
+    l_pos = (q * k).sum(1, keepdim=True)  # (4, 1)
+    l_neg = q @ bank.T  # (4, 16)
+    logits = torch.cat([l_pos, l_neg], 1) / 0.2
+    expected = -torch.log_softmax(logits, 1)[:, 0].mean()
+
+    got = module.contrastive_loss(xq, xk)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # The keys were enqueued into the bank after the loss was computed.
+    torch.testing.assert_close(module.criterion.memory_bank.bank[:4], k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.criterion.memory_bank.bank[4:], bank[4:])
+    assert int(module.criterion.memory_bank.bank_ptr) == 4
+    got.backward()
+    assert module.backbone.conv1.weight.grad is not None
+    assert module.backbone_momentum.conv1.weight.grad is None
+
+
+def test_momentum_update_is_an_exponential_moving_average() -> None:
+    torch.manual_seed(0)
+    module = MoCoV2(build_backbone(ENC), memory_bank_size=16, proj_hidden_dim=32, proj_out_dim=8)
+    assert all(not p.requires_grad for p in module.backbone_momentum.parameters())
+    with torch.no_grad():
+        for p in module.backbone.parameters():
+            p.add_(torch.randn_like(p))
+    query = [p.detach().clone() for p in module.backbone.parameters()]
+    key = [p.detach().clone() for p in module.backbone_momentum.parameters()]
+    module.momentum_update(0.9)
+    for q, k_old, k_new in zip(query, key, module.backbone_momentum.parameters()):
+        torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q)
+    assert module.ema_momentum() == pytest.approx(0.996)  # step 0 of the cosine schedule
+
+
+def test_tiny_run_writes_outputs_and_skips_truncated(tmp_path: Path) -> None:
+    images: list = _images(31) + [_truncated_png()]
+    result = pretrain(images, ENC, TINY, tmp_path, progress=False)
+    assert result.epochs_done == 1 and result.resumed_from_epoch is None
+    assert [i for i, _ in result.skipped] == [31] and "truncated" in result.skipped[0][1]
+    assert len(result.step_losses) == 4 and all(math.isfinite(v) for v in result.step_losses)
+    assert result.images_per_second > 0
+    assert result.encoder_version == encoder_version(result.backbone_state)
+    assert set(result.backbone_state) == set(build_backbone(ENC).state_dict())
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((tmp_path / "loss.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [float(r["loss"]) for r in rows] == pytest.approx(result.step_losses, abs=1e-5)
+    # The weights changed from their initialisation.
+    pl.seed_everything(TINY.seed, verbose=False)
+    assert encoder_version(build_backbone(ENC).state_dict()) != result.encoder_version
+
+
+class _OptimizerProbe(pl.Callback):
+    """Captures the SGD momentum buffers and the learning rate the resumed run starts with."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self.lr = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        if self.buffers:
+            return
+        opt = trainer.optimizers[0]
+        self.buffers = [opt.state[p]["momentum_buffer"].clone() for p in opt.param_groups[0]["params"]
+                        if p in opt.state]
+        self.lr = opt.param_groups[0]["lr"]
+
+
+def test_resume_continues_with_optimizer_state(tmp_path: Path) -> None:
+    images = _images(32)
+    first = pretrain(images, ENC, TINY, tmp_path, progress=False)
+    ckpt1 = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = [s["momentum_buffer"] for _, s in sorted(ckpt1["optimizer_states"][0]["state"].items())]
+
+    probe = _OptimizerProbe()
+    cfg3 = PretrainConfig(**{**TINY.__dict__, "epochs": 3})
+    second = pretrain(images, ENC, cfg3, tmp_path, progress=False, callbacks=[probe])
+    assert first.epochs_done == 1 and second.resumed_from_epoch == 1 and second.epochs_done == 3
+    assert len(probe.buffers) == len(saved) > 0
+    for a, b in zip(probe.buffers, saved):
+        torch.testing.assert_close(a, b)
+    assert probe.lr == pytest.approx(TINY.lr * 0.5 * (1 + math.cos(math.pi / 3)))  # epoch 1 of 3 planned
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3 * 4 and ckpt["epoch"] == 2
+    assert ckpt["memory_bank"]["bank"].shape == (32, 16)
+    epochs = [int(r["epoch"]) for r in csv.DictReader((tmp_path / "loss.csv").open())]
+    assert epochs == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(second.epoch_losses) == 2
+
+    # Finished already: nothing more is trained, the weights come from the checkpoint.
+    third = pretrain(images, ENC, cfg3, tmp_path, progress=False)
+    assert third.epochs_done == 3 and third.step_losses == []
+    assert third.encoder_version == second.encoder_version
+
+    with pytest.raises(ConfigError, match="another encoder config"):
+        pretrain(images, EncoderConfig(input_size=48), cfg3, tmp_path, progress=False)
+
+
+def test_memory_bank_is_restored_from_checkpoint(tmp_path: Path) -> None:
+    pretrain(_images(16), ENC, TINY, tmp_path, progress=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    module = MoCoV2(build_backbone(ENC), memory_bank_size=32, proj_hidden_dim=32, proj_out_dim=16)
+    module.on_load_checkpoint(ckpt)
+    torch.testing.assert_close(module.criterion.memory_bank.bank, ckpt["memory_bank"]["bank"])
+    assert int(module.criterion.memory_bank.bank_ptr) == 16
+
+
+def test_empty_input_and_bad_config(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no images"):
+        pretrain([], ENC, TINY, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="memory_bank_size"):
+        PretrainConfig(batch_size=64, memory_bank_size=32)
+    assert PretrainConfig.from_dict(TINY.to_dict()) == TINY
