@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,7 +83,6 @@ class _Entry:
     loads: int = 0
     loaded_at: float | None = None
     probe_error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelStore:
