@@ -466,3 +466,38 @@ def test_health_answers_fast_when_the_scheduler_hangs_and_webhook_stays_2xx(tmp_
         assert r.status_code == 200 and r.get_json()["status"] == "error"
     finally:
         store.close()
+
+
+@pytest.mark.e2e
+def test_predict_fetches_label_studio_uploads_with_the_setup_token(label_studio, tmp_path):
+    """A real Label Studio: uploaded images (/data/upload/...) are fetched with the token /setup sent."""
+    pid = label_studio.create_project(CONFIG, title="taxomoco app e2e")
+    task_ids = label_studio.import_images(pid, {"red.png": png((250, 10, 10)), "green.png": png((10, 250, 10))})
+    tasks = [label_studio.task(t) for t in task_ids]
+    assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks)
+    settings = Settings(model_dir=tmp_path)
+    models = Models(tmp_path)
+    store = ModelStore(settings, loader=models.load, probe=models.probe, check_interval_s=0.05)
+    scheduler = make_scheduler(settings, job_func="tests.test_app.sleeping_job")
+    client = create_app(settings, scheduler=scheduler, store=store).test_client()
+    try:
+        body = {"project": f"{pid}.1712345678", "schema": CONFIG, "hostname": label_studio.url,
+                "access_token": label_studio.admin.token}
+        assert post(client, "/setup", body).get_json() == {"model_version": "untrained"}
+        models.publish(pid, "e2e-1")
+        r = post(client, "/predict", predict_body(tasks, pid=pid))
+        results = r.get_json()["results"]
+        assert [item["result"][0]["value"]["taxonomy"] for item in results] == [[["Animal", "Cat"]], [["Plant"]]]
+        assert {item["model_version"] for item in results} == {"e2e-1"}
+        # a wrong token: the images are refused by Label Studio, every task still gets its (empty) item
+        connections_file = settings.project_dir(pid) / "connection.json"
+        connections_file.unlink()
+        from ml_backend import connections
+
+        connections.forget_all()
+        post(client, "/setup", {**body, "access_token": "wrong-token-123"})
+        results = post(client, "/predict", predict_body(tasks, pid=pid)).get_json()["results"]
+        assert len(results) == 2 and all(item["result"] == [] for item in results)
+    finally:
+        scheduler.close()
+        store.close()
