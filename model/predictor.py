@@ -1,0 +1,107 @@
+"""Images in, taxonomy path predictions out: one loaded model version plus its embedding cache.
+
+A :class:`Predictor` is built once per model version (the backend's store builds it in a background thread
+and swaps one reference), then serves any number of ``predict`` calls. Images whose content hash is in the
+embedding cache skip the encoder entirely, so re-predicting after a heads-only retrain is cheap.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.bundle import ModelBundle
+from model.decode import PathPrediction, decode
+from model.embed_cache import EmbeddingCache
+from model.encoder import Embedder, build_backbone
+
+
+class Predictor:
+    """Serves one model version.
+
+    Args:
+        bundle: a loaded, validated model version (``model.bundle.load_bundle``).
+        cache_dir: root of the embedding cache (per encoder version inside); None disables caching.
+        device: "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
+        batch_size: encoder batch size.
+    """
+
+    def __init__(self, bundle: ModelBundle, cache_dir: Path | None = None, device: str = "auto", batch_size: int = 64):
+        self.bundle = bundle
+        self.taxonomy = bundle.taxonomy
+        self.version: str = bundle.manifest.version
+        backbone = build_backbone(bundle.encoder_cfg)
+        backbone.load_state_dict(bundle.backbone_state)
+        self.embedder = Embedder(backbone, bundle.encoder_cfg, device=device, batch_size=batch_size)
+        self.heads = bundle.heads.eval()
+        self.temperature = float(bundle.temperature)
+        self.cache = (
+            EmbeddingCache(cache_dir, bundle.manifest.encoder_version, bundle.manifest.embedding_dim)
+            if cache_dir is not None
+            else None
+        )
+        self._heads_lock = threading.Lock()
+
+    def embed(self, images: Sequence[Image.Image], hashes: Sequence[str | None] | None = None) -> np.ndarray:
+        """Embeddings of ``images``, from the cache where their hash is known. Shape ``(N, D)`` float32."""
+        n = len(images)
+        out = np.zeros((n, self.bundle.manifest.embedding_dim), dtype=np.float32)  # (N, D)
+        todo = list(range(n))
+        if self.cache is not None and hashes is not None:
+            known = [i for i in range(n) if hashes[i]]
+            if known:
+                got, found = self.cache.get([hashes[i] for i in known])
+                for j, i in enumerate(known):
+                    if found[j]:
+                        out[i] = got[j]
+                done = {known[j] for j in range(len(known)) if found[j]}
+                todo = [i for i in range(n) if i not in done]
+        if todo:
+            fresh = self.embedder.embed([images[i] for i in todo])  # (len(todo), D)
+            out[todo] = fresh
+            if self.cache is not None and hashes is not None:
+                new = [(hashes[i], fresh[j]) for j, i in enumerate(todo) if hashes[i]]
+                if new:
+                    self.cache.put([h for h, _ in new], np.stack([e for _, e in new]))
+        return out
+
+    def level_logits(self, emb: np.ndarray) -> list[torch.Tensor]:
+        """Head logits per level for embeddings ``(N, D)``: a list of ``(N, K_k)`` tensors."""
+        with self._heads_lock, torch.inference_mode():
+            return [t.float() for t in self.heads(torch.from_numpy(np.ascontiguousarray(emb)))]
+
+    def predict(
+        self,
+        images: Sequence[Image.Image | None],
+        hashes: Sequence[str | None] | None = None,
+        leafs_only: bool = True,
+        prefix_threshold: float = 0.5,
+    ) -> list[PathPrediction | None]:
+        """One prediction per image, in order; None where the image is None (unreadable upstream).
+
+        Args:
+            images: decoded RGB images, or None for an image the caller could not read.
+            hashes: content hashes aligned with ``images`` (enables the embedding cache), or None.
+            leafs_only: only full paths may be predicted (the label config's ``leafsOnly``).
+            prefix_threshold: with ``leafs_only=False``, stop at the deepest prefix this probable.
+        """
+        index = [i for i, im in enumerate(images) if im is not None]
+        results: list[PathPrediction | None] = [None] * len(images)
+        if not index:
+            return results
+        emb = self.embed([images[i] for i in index], [hashes[i] for i in index] if hashes is not None else None)
+        preds = decode(
+            self.level_logits(emb),
+            self.taxonomy,
+            leafs_only=leafs_only,
+            prefix_threshold=prefix_threshold,
+            temperature=self.temperature,
+        )
+        for i, pred in zip(index, preds):
+            results[i] = pred
+        return results
