@@ -31,6 +31,8 @@ from model.crowd import CrowdConfig, CrowdFit, Observations, fit_crowd
 from model.errors import ConfigError, TaxonomyError
 from model.taxonomy import IGNORE, Path, Taxonomy
 
+_CHUNK = 1024  # items per block when scoring full paths: (chunk, P) floats
+
 @dataclass(frozen=True)
 class Annotation:
     """One annotator's labels for one item.
@@ -321,10 +323,16 @@ def consensus(
         evidence[obs.item, k] = True
         fits.append(fit_crowd(obs, N, A, taxonomy.num_classes(k), None if model is None else model[k], crowd_config))
 
-    decoder = _PathDecoder(taxonomy, fits, evidence, model)
+    decoder = _PathDecoder(taxonomy, fits, evidence, model, codes)
     details: dict[int, ItemConsensus] = {}
-    for item in items:
-        details[item] = decoder.item_consensus(item, row[item], list(votes[item].values()), policy)
+    for start in range(0, N, _CHUNK):
+        rows = np.arange(start, min(start + _CHUNK, N))
+        crowd_p, model_p = decoder.path_probs(rows)  # (R, P) each
+        for r, i in enumerate(rows):
+            item = items[i]
+            details[item] = decoder.item_consensus(
+                item, int(i), list(votes[item].values()), policy, crowd_p[r], None if model_p is None else model_p[r]
+            )
 
     result = ConsensusResult(
         labels={}, excluded={}, items=details, annotators={}, flags=[], policy=policy, problems=problems,
@@ -366,23 +374,37 @@ class _PathDecoder:
     """Joint decoding of level posteriors over the taxonomy's full paths, one item at a time."""
 
     def __init__(
-        self, taxonomy: Taxonomy, fits: list[CrowdFit], evidence: np.ndarray, model: list[np.ndarray] | None
+        self, taxonomy: Taxonomy, fits: list[CrowdFit], evidence: np.ndarray, model: list[np.ndarray] | None,
+        codes: Mapping[Path, np.ndarray],
     ) -> None:
         self.taxonomy = taxonomy
+        self.codes = codes  # path -> (L,) level indices of every path given
+        self.class_names = [taxonomy.class_names(k) for k in range(taxonomy.depth)]
         self.paths, self.index = taxonomy.candidate_paths(leafs_only=True)  # P paths, (P, L)
         self.evidence = evidence  # (N, L)
         self.log_post = [np.log(np.clip(f.posterior, 1e-300, None)) for f in fits]  # L x (N, K_k)
-        self.model = model
+        self.has_model = None if model is None else np.stack([m.sum(axis=1) > 0 for m in model], 1).any(1)  # (N,)
+        self.model_log = None if model is None else [np.log(np.clip(m, 1e-12, None)) for m in model]
         self._under: dict[Path, np.ndarray] = {}
 
-    def _path_probs(self, i: int, mask: np.ndarray, log_levels: list[np.ndarray]) -> np.ndarray:
-        """``(P,)`` probability of each full path for item row ``i`` from the levels in ``mask``."""
-        score = np.zeros(len(self.paths))
-        for k in np.flatnonzero(mask):
-            score += log_levels[k][i][self.index[:, k]]
-        score -= score.max()
-        p = np.exp(score)
-        return p / p.sum()
+    def path_probs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities of every full path for the item ``rows``.
+
+        Returns:
+            crowd: ``(R, P)`` from the level posteriors of the levels each item has labels at.
+            model: ``(R, P)`` from the model's level probabilities, or None without a model.
+        """
+        P = len(self.paths)
+        score = np.zeros((len(rows), P))
+        for k, log_post in enumerate(self.log_post):
+            score += self.evidence[rows, k][:, None] * log_post[rows][:, self.index[:, k]]
+        crowd = _softmax_rows(score)
+        if self.model_log is None:
+            return crowd, None
+        mscore = np.zeros((len(rows), P))
+        for k, log_m in enumerate(self.model_log):
+            mscore += log_m[rows][:, self.index[:, k]]
+        return crowd, _softmax_rows(mscore)
 
     def _mass(self, probs: np.ndarray, path: Path) -> float:
         """Probability mass of the full paths under ``path`` (the path itself when it is a leaf)."""
@@ -394,17 +416,18 @@ class _PathDecoder:
             self._under[path] = mask
         return float(probs[mask].sum())
 
-    def item_consensus(self, item: int, i: int, votes: list[_Vote], policy: ConsensusPolicy) -> ItemConsensus:
+    def item_consensus(
+        self, item: int, i: int, votes: list[_Vote], policy: ConsensusPolicy, probs: np.ndarray,
+        model_probs: np.ndarray | None,
+    ) -> ItemConsensus:
+        """The consensus of item row ``i`` from its votes and its path probabilities ``(P,)`` (crowd, model)."""
         L = self.taxonomy.depth
         depth = int(self.evidence[i].sum())  # evidence covers levels 0..depth-1
         if not votes:
             return ItemConsensus(item, None, 0.0, (), Source.NONE, (), tuple({} for _ in range(L)),
                                  (None,) * L, (None,) * L, None, None)
-        probs = self._path_probs(i, self.evidence[i], self.log_post)  # (P,)
-        model_probs = None
-        if self.model is not None and any(self.model[k][i].sum() > 0 for k in range(L)):
-            model_log = [np.log(np.clip(m, 1e-12, None)) for m in self.model]
-            model_probs = self._path_probs(i, np.ones(L, dtype=bool), model_log)
+        if self.has_model is not None and not self.has_model[i]:
+            model_probs = None
 
         source = Source.CROWD
         top = max(_tier(v) for v in votes)
@@ -418,7 +441,7 @@ class _PathDecoder:
         level_quality = tuple(self._mass(probs, path[: k + 1]) for k in range(len(path)))
 
         given = []
-        codes = {p: self.taxonomy.encode(p) for v in votes for p in v.paths}
+        codes = self.codes
         for v in votes:
             q = sum(self._mass(probs, p) for p in v.paths) / len(v.paths)
             mp = None if model_probs is None else sum(self._mass(model_probs, p) for p in v.paths) / len(v.paths)
@@ -426,11 +449,11 @@ class _PathDecoder:
 
         level_votes, pairwise, agreement = [], [], []
         first_div = None
-        target = self.taxonomy.encode(path) if path else np.full(L, IGNORE)
+        target = (self.taxonomy.encode(path) if path else np.full(L, IGNORE)).tolist()
         for k in range(L):
             weights = [_level_weights(v.paths, codes, k) for v in votes]
             weights = [w for w in weights if w]
-            names = self.taxonomy.class_names(k)
+            names = self.class_names[k]
             tally: dict[str, float] = {}
             for w in weights:
                 for c, x in w.items():
@@ -441,7 +464,7 @@ class _PathDecoder:
                     sum(wa.get(c, 0.0) * wb.get(c, 0.0) for c in wa) / (sum(wa.values()) * sum(wb.values()))
                     for x, wa in enumerate(weights) for wb in weights[x + 1:]
                 ]
-                pairwise.append(float(np.mean(pairs)))
+                pairwise.append(sum(pairs) / len(pairs))
                 if first_div is None and (len(tally) > 1 or any(len(w) > 1 for w in weights)):
                     first_div = k
             else:
@@ -450,7 +473,7 @@ class _PathDecoder:
                     first_div = k
             if weights and target[k] != IGNORE:
                 t = int(target[k])
-                agreement.append(float(np.mean([w.get(t, 0.0) / sum(w.values()) for w in weights])))
+                agreement.append(sum(w.get(t, 0.0) / sum(w.values()) for w in weights) / len(weights))
             else:
                 agreement.append(None)
         compatible = [g.first_wrong_level is None for g in given]
@@ -459,9 +482,15 @@ class _PathDecoder:
         return ItemConsensus(
             item=item, path=path, quality=quality, level_quality=level_quality, source=source, given=tuple(given),
             level_votes=tuple(level_votes), pairwise_agreement=tuple(pairwise), agreement=tuple(agreement),
-            agreement_overall=float(np.mean(compatible)), first_divergence=first_div,
+            agreement_overall=sum(compatible) / len(compatible), first_divergence=first_div,
             model_path=model_path, model_prob=model_prob,
         )
+
+
+def _softmax_rows(score: np.ndarray) -> np.ndarray:
+    score = score - score.max(axis=1, keepdims=True)
+    e = np.exp(score)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _first_wrong(paths: Sequence[Path], target: Path) -> int | None:

@@ -4,9 +4,11 @@ The method is Dawid–Skene expectation maximisation (Dawid & Skene, 1979) with 
 
 * **soft labels**: an annotation may spread a total weight of at most 1 over several classes (an annotator
   who gave two paths votes half for each);
-* **the model as one more annotator**: its out-of-sample probability vectors enter as a soft label with a
-  confusion matrix of its own, learned like a person's, so the model counts exactly as much as it is
-  reliable (the idea CROWDLAB weighs with its model weight);
+* **the model as one more, calibrated witness**: its out-of-sample probability vectors are temperature-scaled
+  (``q = softmax(beta * log p)``, ``beta`` fitted in every M-step to the annotators' own posterior, the model
+  left out) and enter as the likelihood ratio ``q(c) / prior(c)``, so the model counts exactly as much
+  as it is reliable (the idea CROWDLAB weighs with its model weight) without being trusted more as EM
+  converges on its own votes;
 * **Dirichlet smoothing** of every confusion row towards "mostly right", so that annotators with few
   labels get a sensible, shrunken estimate instead of a degenerate one.
 
@@ -77,7 +79,8 @@ class CrowdFit:
         posterior: ``(N, K)`` probability of each true class per item.
         confusion: ``(A, K, K)`` per annotator, row = true class, column = given class.
         prior: ``(K,)`` class frequencies.
-        model_confusion: ``(K, K)`` the model's confusion, or None when no model took part.
+        model_temperature: ``beta``, the inverse temperature applied to the model's log-probabilities
+            (0: the model is ignored, 1: taken as calibrated), or None when no model took part.
         accuracy: ``(A,)`` each annotator's expected accuracy on the items they labelled.
         iterations: EM iterations run.
     """
@@ -85,7 +88,7 @@ class CrowdFit:
     posterior: np.ndarray
     confusion: np.ndarray
     prior: np.ndarray
-    model_confusion: np.ndarray | None
+    model_temperature: float | None
     accuracy: np.ndarray
     iterations: int
 
@@ -139,21 +142,25 @@ def fit_crowd(
     pseudo = np.full((K, K), config.off_prior / max(K - 1, 1))
     np.fill_diagonal(pseudo, config.diag_prior)
     confusion = np.zeros((A, K, K))
-    model_conf = None
+    beta: float | None = None
     prior = np.full(K, 1.0 / K)
+    if P is not None:
+        has_model = P.sum(axis=1) > 0  # (N,)
+        log_p = np.log(np.clip(P, 1e-12, None))  # (N, K)
+        fit_rows = has_model & (votes.sum(axis=1) > 0)
     iterations = 0
     for iterations in range(1, config.max_iter + 1):
         # M-step: class prior and confusion matrices from the soft assignments.
         prior = (T.sum(axis=0) + 1.0) / (N + K)
         counts = np.asarray((G.T @ T)).reshape(A, K, K)  # [a, given, true]
         confusion = _normalise_rows(counts.transpose(0, 2, 1) + pseudo)  # [a, true, given]
-        if P is not None:
-            model_conf = _normalise_rows(T.T @ P + pseudo)  # [true, given]
         # E-step: posterior over the true class.
         log_conf = np.log(confusion).transpose(0, 2, 1).reshape(A * K, K)  # [a*K + given, true]
-        logits = np.asarray(G @ log_conf) + np.log(prior)  # (N, K)
+        logits = np.asarray(G @ log_conf) + np.log(prior)  # (N, K) the annotators' view
         if P is not None:
-            logits = logits + P @ np.log(model_conf).T
+            beta = _fit_temperature(log_p[fit_rows], _softmax(logits[fit_rows]), beta or 1.0)
+            model_term = _log_softmax(beta * log_p) - np.log(prior)
+            logits = logits + np.where(has_model[:, None], model_term, 0.0)
         T_new = _softmax(logits)
         delta = float(np.abs(T_new - T).max()) if N else 0.0
         T = T_new
@@ -165,4 +172,35 @@ def fit_crowd(
     per_entry = (T[obs.item] * diag[obs.annotator]).sum(axis=1) * obs.weight
     w_sum = np.bincount(obs.annotator, weights=obs.weight, minlength=A)
     accuracy = np.bincount(obs.annotator, weights=per_entry, minlength=A) / np.maximum(w_sum, 1e-12)
-    return CrowdFit(T, confusion, prior, model_conf, accuracy, iterations)
+    return CrowdFit(T, confusion, prior, beta, accuracy, iterations)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _fit_temperature(log_p: np.ndarray, target: np.ndarray, beta: float, steps: int = 20) -> float:
+    """``beta >= 0`` maximising sum ``target * log softmax(beta * log_p)`` (Newton steps; the objective is concave).
+
+    Args:
+        log_p: ``(R, K)`` the model's log-probabilities.
+        target: ``(R, K)`` soft targets (the annotators' posterior).
+        beta: starting value.
+    """
+    if len(log_p) == 0:
+        return 1.0
+    expected = (target * log_p).sum()
+    for _ in range(steps):
+        q = np.exp(_log_softmax(beta * log_p))  # (R, K)
+        mean = (q * log_p).sum(axis=1)  # (R,)
+        grad = expected - mean.sum()
+        hess = -((q * log_p**2).sum(axis=1) - mean**2).sum()
+        if hess >= -1e-12:
+            break
+        new = min(max(beta - grad / hess, 0.0), 20.0)
+        if abs(new - beta) < 1e-6:
+            beta = new
+            break
+        beta = new
+    return float(beta)
