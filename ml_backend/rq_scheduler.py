@@ -111,8 +111,12 @@ class RQScheduler(Scheduler):
         pid = int(project_id)
         out: dict[str, Any] = {"project_id": pid, "scheduler": self.kind, "reason": reason}
         try:
-            with self.redis.lock(f"taxomoco:schedule-lock:{pid}", timeout=10, blocking_timeout=2):
-                out.update(self._schedule_locked(pid, reason, force_pretrain))
+            waiting = self._waiting_job(pid)  # fast path of a burst: fold into the waiting job, no lock
+            if waiting is not None:
+                out.update(action=ScheduleAction.COALESCED.value, job_id=waiting)
+            else:
+                with self.redis.lock(f"taxomoco:schedule-lock:{pid}", timeout=10, blocking_timeout=2):
+                    out.update(self._schedule_locked(pid, reason, force_pretrain))
         except (RedisError, LockError) as exc:
             message = f"Redis at {self.settings.redis_url} unreachable ({type(exc).__name__}: {exc}); " \
                       "nothing queued: the next event after Redis is back trains on all annotations"
@@ -126,6 +130,21 @@ class RQScheduler(Scheduler):
             except OSError as exc:  # the job is queued; only its record could not be written
                 log.warning("Project %s: job record not written (%s).", pid, exc)
         return out
+
+    def _waiting_job(self, pid: int) -> str | None:
+        """The id of the project's job that waits, counting this event as folded into it; else None.
+
+        Safe without the lock: a job seen waiting has not pulled annotations yet, so it sees this event's.
+        """
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids(pid):
+                pipe.hget(Job.key_for(job_id), "status")
+            statuses = pipe.execute()
+        for job_id, status in zip(job_ids(pid), statuses):
+            if status is not None and JobStatus(status.decode()) in WAITING:
+                self.redis.incr(coalesced_key(pid))
+                return job_id
+        return None
 
     def _schedule_locked(self, pid: int, reason: str, force_pretrain: bool) -> dict[str, Any]:
         ids = job_ids(pid)
