@@ -514,10 +514,13 @@ def analyse_disagreements(settings: Settings, pid: int, source: ProjectSource, l
     from model.consensus import consensus
 
     level_probs: dict[int, list[Any]] = {}
-    for j, tid in enumerate(fit.task_ids):
-        level_probs[tid] = [np.asarray(level[j]) for level in fit.result.oof_level_probs]  # (K_k,) each
+    oof = fit.result.oof_level_probs  # per level (N_lab, K_k); empty when there were too few labels for folds
+    if oof:
+        for row, position in enumerate(np.asarray(fit.result.labelled_index)):
+            level_probs[fit.task_ids[int(position)]] = [np.asarray(level[row]) for level in oof]  # (K_k,) each
     annotated = {a.item for a in labels.annotations}
-    others = [i for i, tid in enumerate(images.task_ids) if ok[i] and tid in annotated and tid not in level_probs]
+    trained = set(fit.task_ids)  # the final heads saw these: their opinion would not be out-of-sample
+    others = [i for i, tid in enumerate(images.task_ids) if ok[i] and tid in annotated and tid not in trained]
     if others:
         heads = fit.result.heads.eval()
         with torch.inference_mode():

@@ -106,3 +106,140 @@ def test_job_against_unreachable_label_studio_is_recorded(tmp_path: Path) -> Non
         jobs.train_project(4, str(tmp_path))
     record = JobRecords(tmp_path / "project-4", 4).read()
     assert record["last_outcome"] == "failed" and "127.0.0.1" in record["last_failure"]["reason"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole job against a real Label Studio (and through a real RQ worker)
+# --------------------------------------------------------------------------------------------------------
+
+TAXONOMY_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Taxonomy name="taxonomy" toName="image" leafsOnly="true" maxUsages="1">
+    <Choice value="Warm"><Choice value="Red"/><Choice value="Orange"/></Choice>
+    <Choice value="Cold"><Choice value="Blue"/></Choice>
+  </Taxonomy>
+</View>"""
+
+COLOURS = {("Warm", "Red"): (220, 30, 30), ("Warm", "Orange"): (240, 150, 20), ("Cold", "Blue"): (30, 40, 220)}
+
+
+def _png(rgb: tuple[int, int, int], seed: int) -> bytes:
+    """A 24 px synthetic image: a noisy colour field with a square (labels follow the colour)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype("uint8")
+    x, y = rng.integers(0, 14, 2)
+    arr[y:y + 8, x:x + 8] = 255 - arr[y:y + 8, x:x + 8]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fast_settings(model_dir: Path, label_studio, **overrides: object) -> Settings:
+    from tests.servers import FAST_TRAINING_ENV
+
+    env = {k: v for k, v in FAST_TRAINING_ENV.items() if k not in ("OMP_NUM_THREADS",)}
+    return Settings.from_env(env=env, model_dir=model_dir, label_studio_url=label_studio.url,
+                             label_studio_api_key=label_studio.admin.token, **overrides)
+
+
+@pytest.fixture
+def labelled_project(label_studio) -> tuple[int, dict[int, tuple[str, str]]]:
+    """A Label Studio project with 18 uploaded images, 9 of them annotated (3 per leaf)."""
+    pid = label_studio.create_project(TAXONOMY_CONFIG, title="taxomoco job e2e")
+    images, truth = {}, []
+    for i in range(18):
+        path = list(COLOURS)[i % 3]
+        images[f"img{i:02d}.png"] = _png(COLOURS[path], seed=i)
+        truth.append(path)
+    task_ids = label_studio.import_images(pid, images)
+    labels = {}
+    for tid, path in list(zip(task_ids, truth))[:9]:
+        label_studio.annotate(tid, [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy",
+                                      "value": {"taxonomy": [list(path)]}}])
+        labels[tid] = path
+    return pid, labels
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_train_project_end_to_end(label_studio, labelled_project, tmp_path: Path) -> None:
+    import torch
+
+    from model.bundle import live_version, load_live
+
+    torch.set_num_threads(1)
+    pid, labels = labelled_project
+    jobs.use_settings(_fast_settings(tmp_path, label_studio))
+    first = jobs.train_project(pid, str(tmp_path))
+    assert first["status"] == "succeeded", first
+    assert first["pretrain"]["pretrain"] is True and first["pretrain"]["reason"] == PretrainReason.FIRST.value
+    assert first["counts"]["tasks"] == 18 and first["counts"]["labelled"] == 9 and first["counts"]["images"] == 18
+    assert first["counts"]["trained_on"] == 9 and first["counts"]["embedded"] == 18
+    root = tmp_path / f"project-{pid}" / "models"
+    assert live_version(root) == first["version"]
+    bundle = load_live(root)
+    assert bundle.manifest.extra["pretrained"] is True and bundle.manifest.extra["excluded"] == 0
+    assert read_pretrain_record(tmp_path / f"project-{pid}")["n_images"] == 18
+    record = JobRecords(tmp_path / f"project-{pid}", pid).read()
+    assert record["last_success"]["version"] == first["version"] and record["counts"]["succeeded"] == 1
+    assert (tmp_path / f"project-{pid}" / "disagreements" / "report.json").exists()
+
+    # a second run: heads only on the live encoder, every embedding from the cache, no image downloaded again
+    second = jobs.train_project(pid, str(tmp_path))
+    assert second["status"] == "succeeded" and second["pretrain"]["pretrain"] is False
+    assert second["version"] != first["version"] and live_version(root) == second["version"]
+    assert load_live(root).manifest.encoder_version == bundle.manifest.encoder_version
+    assert "pretrain" not in second["durations_s"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_too_few_labels_is_a_recorded_skip(label_studio, tmp_path: Path) -> None:
+    pid = label_studio.create_project(TAXONOMY_CONFIG, title="taxomoco skip e2e")
+    task_ids = label_studio.import_images(pid, {"a.png": _png((200, 0, 0), 1), "b.png": _png((0, 0, 200), 2)})
+    label_studio.annotate(task_ids[0], [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy",
+                                         "value": {"taxonomy": [["Warm", "Red"]]}}])
+    jobs.use_settings(_fast_settings(tmp_path, label_studio, min_labels_to_train=4))
+    out = jobs.train_project(pid, str(tmp_path))
+    assert out["status"] == "skipped" and out["reason"].startswith("need 3 more labels")
+    record = JobRecords(tmp_path / f"project-{pid}", pid).read()
+    assert record["last_outcome"] == "skipped" and record["last_skip"]["reason"] == out["reason"]
+    assert not (tmp_path / f"project-{pid}" / "models").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.redis
+@pytest.mark.timeout(600)
+def test_real_job_through_rq_worker_is_picked_up_by_the_store(label_studio, labelled_project, redis_url: str,
+                                                              tmp_path: Path) -> None:
+    import torch
+
+    from ml_backend.rq_scheduler import RQScheduler
+    from ml_backend.store import ModelStore
+    from ml_backend.worker import build_worker
+    from tests.servers import wait_until
+
+    torch.set_num_threads(1)
+    pid, _ = labelled_project
+    settings = _fast_settings(tmp_path, label_studio, redis_url=redis_url)
+    jobs.use_settings(settings)
+    scheduler = RQScheduler(settings)
+    store = ModelStore(settings)
+    try:
+        assert store.version(pid) == "untrained"
+        out = scheduler.schedule(pid, "ANNOTATION_CREATED")
+        assert out["action"] == "queued" and out["queue"] == settings.pretrain_queue
+        build_worker(settings).work(burst=True, logging_level="WARNING")
+        status = scheduler.status(pid)
+        assert status["last_outcome"] == "succeeded", status
+        version = status["last_success"]["version"]
+        assert wait_until(lambda: store.version(pid) == version, 30), store.version(pid)
+        assert store.get(pid) is not None and store.get(pid).version == version
+    finally:
+        store.close()
+        scheduler.close()
