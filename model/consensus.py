@@ -256,12 +256,12 @@ def _collect(
     return votes, order
 
 
-def _level_weights(paths: Sequence[Path], codes: Mapping[Path, np.ndarray], level: int) -> dict[int, float]:
+def _level_weights(paths: Sequence[Path], codes: Mapping[Path, Sequence[int]], level: int) -> dict[int, float]:
     """Class index -> weight at ``level`` for one vote (each path weighs 1/len(paths); prefixes stop early)."""
     out: dict[int, float] = {}
     share = 1.0 / len(paths)
     for p in paths:
-        c = int(codes[p][level])
+        c = codes[p][level]
         if c != IGNORE:
             out[c] = out.get(c, 0.0) + share
     return out
@@ -304,7 +304,7 @@ def consensus(
     col = {a: j for j, a in enumerate(annotators)}
     L = taxonomy.depth
     all_paths = sorted({p for per in votes.values() for v in per.values() for p in v.paths})
-    codes = {p: taxonomy.encode(p) for p in all_paths}
+    codes = {p: tuple(taxonomy.encode(p).tolist()) for p in all_paths}
     N, A = len(items), len(annotators)
 
     model = _model_matrices(level_probs, items, row, taxonomy) if level_probs else None
@@ -331,7 +331,8 @@ def consensus(
         for r, i in enumerate(rows):
             item = items[i]
             details[item] = decoder.item_consensus(
-                item, int(i), list(votes[item].values()), policy, crowd_p[r], None if model_p is None else model_p[r]
+                item, int(i), list(votes[item].values()), policy, crowd_p[r].tolist(),
+                None if model_p is None else model_p[r].tolist(),
             )
 
     result = ConsensusResult(
@@ -375,7 +376,7 @@ class _PathDecoder:
 
     def __init__(
         self, taxonomy: Taxonomy, fits: list[CrowdFit], evidence: np.ndarray, model: list[np.ndarray] | None,
-        codes: Mapping[Path, np.ndarray],
+        codes: Mapping[Path, Sequence[int]],
     ) -> None:
         self.taxonomy = taxonomy
         self.codes = codes  # path -> (L,) level indices of every path given
@@ -385,7 +386,7 @@ class _PathDecoder:
         self.log_post = [np.log(np.clip(f.posterior, 1e-300, None)) for f in fits]  # L x (N, K_k)
         self.has_model = None if model is None else np.stack([m.sum(axis=1) > 0 for m in model], 1).any(1)  # (N,)
         self.model_log = None if model is None else [np.log(np.clip(m, 1e-12, None)) for m in model]
-        self._under: dict[Path, np.ndarray] = {}
+        self._under: dict[Path, tuple[int, ...]] = {}  # path -> candidate rows under it
 
     def path_probs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities of every full path for the item ``rows``.
@@ -406,19 +407,19 @@ class _PathDecoder:
             mscore += log_m[rows][:, self.index[:, k]]
         return crowd, _softmax_rows(mscore)
 
-    def _mass(self, probs: np.ndarray, path: Path) -> float:
+    def _mass(self, probs: Sequence[float], path: Path) -> float:
         """Probability mass of the full paths under ``path`` (the path itself when it is a leaf)."""
-        mask = self._under.get(path)
-        if mask is None:
+        under = self._under.get(path)
+        if under is None:
             n = len(path)
             code = self.taxonomy.encode(path)[:n]
-            mask = (self.index[:, :n] == code).all(axis=1)  # (P,)
-            self._under[path] = mask
-        return float(probs[mask].sum())
+            under = tuple(np.flatnonzero((self.index[:, :n] == code).all(axis=1)).tolist())
+            self._under[path] = under
+        return float(sum(probs[j] for j in under))
 
     def item_consensus(
-        self, item: int, i: int, votes: list[_Vote], policy: ConsensusPolicy, probs: np.ndarray,
-        model_probs: np.ndarray | None,
+        self, item: int, i: int, votes: list[_Vote], policy: ConsensusPolicy, probs: list[float],
+        model_probs: list[float] | None,
     ) -> ItemConsensus:
         """The consensus of item row ``i`` from its votes and its path probabilities ``(P,)`` (crowd, model)."""
         L = self.taxonomy.depth
@@ -435,7 +436,7 @@ class _PathDecoder:
             source = Source.GROUND_TRUTH if top == 2 else Source.REVIEWED
             path = _plurality_path([v for v in votes if _tier(v) == top])
         else:
-            best = self.paths[int(np.argmax(probs))]
+            best = self.paths[max(range(len(probs)), key=probs.__getitem__)]
             path = best[: min(len(best), depth)]
         quality = self._mass(probs, path)
         level_quality = tuple(self._mass(probs, path[: k + 1]) for k in range(len(path)))
@@ -477,7 +478,7 @@ class _PathDecoder:
             else:
                 agreement.append(None)
         compatible = [g.first_wrong_level is None for g in given]
-        model_path = None if model_probs is None else self.paths[int(np.argmax(model_probs))]
+        model_path = None if model_probs is None else self.paths[max(range(len(model_probs)), key=model_probs.__getitem__)]
         model_prob = None if model_probs is None or not path else self._mass(model_probs, path)
         return ItemConsensus(
             item=item, path=path, quality=quality, level_quality=level_quality, source=source, given=tuple(given),

@@ -9,8 +9,11 @@ The method is Dawid–Skene expectation maximisation (Dawid & Skene, 1979) with 
   left out) and enter as the likelihood ratio ``q(c) / prior(c)``, so the model counts exactly as much
   as it is reliable (the idea CROWDLAB weighs with its model weight) without being trusted more as EM
   converges on its own votes;
-* **Dirichlet smoothing** of every confusion row towards "mostly right", so that annotators with few
-  labels get a sensible, shrunken estimate instead of a degenerate one.
+* **two stages and shrinkage**: EM first fits the one-coin model (one accuracy per annotator, errors spread
+  evenly), which is robust on small projects, then the full confusion matrices starting from its answer,
+  each row shrunk towards the annotator's one-coin row (``shrinkage`` pseudo-labels). Small projects thus
+  get the one-coin answer, large ones the class-specific confusions; a few systematic mistakes cannot
+  turn EM to the degenerate solution where the careful annotator looks wrong.
 
 Everything is a sparse matrix product, so 10k items × 3 annotators fit in well under a second.
 
@@ -35,8 +38,12 @@ class CrowdConfig:
     Attributes:
         max_iter: EM iterations at most.
         tol: stop when no posterior entry moves by more than this.
-        diag_prior: Dirichlet pseudo-count on the diagonal of every confusion row ("mostly right").
-        off_prior: Dirichlet pseudo-count spread over the off-diagonal of every confusion row.
+        diag_prior: Beta pseudo-count of correct labels in each annotator's accuracy ("mostly right").
+        off_prior: Beta pseudo-count of wrong labels in each annotator's accuracy.
+        shrinkage: pseudo-labels per confusion row pulling it towards the annotator's one-coin row.
+        one_coin_iter: EM iterations of the one-coin stage at most (0 skips it).
+        prior_count: pseudo-items per class in the class prior, so that a few items cannot make a class
+            frequent enough to decide items whose annotators all disagree.
         use_model: let the model's probabilities take part (when given).
     """
 
@@ -44,6 +51,9 @@ class CrowdConfig:
     tol: float = 1e-5
     diag_prior: float = 2.0
     off_prior: float = 1.0
+    shrinkage: float = 5.0
+    one_coin_iter: int = 50
+    prior_count: float = 10.0
     use_model: bool = True
 
 
@@ -139,8 +149,7 @@ def fit_crowd(
     T = votes + 1e-3 * (P if P is not None else 0.0) + 1e-9
     T = _normalise_rows(T)
 
-    pseudo = np.full((K, K), config.off_prior / max(K - 1, 1))
-    np.fill_diagonal(pseudo, config.diag_prior)
+    eye = np.eye(K)
     confusion = np.zeros((A, K, K))
     beta: float | None = None
     prior = np.full(K, 1.0 / K)
@@ -149,23 +158,29 @@ def fit_crowd(
         log_p = np.log(np.clip(P, 1e-12, None))  # (N, K)
         fit_rows = has_model & (votes.sum(axis=1) > 0)
     iterations = 0
-    for iterations in range(1, config.max_iter + 1):
-        # M-step: class prior and confusion matrices from the soft assignments.
-        prior = (T.sum(axis=0) + 1.0) / (N + K)
-        counts = np.asarray((G.T @ T)).reshape(A, K, K)  # [a, given, true]
-        confusion = _normalise_rows(counts.transpose(0, 2, 1) + pseudo)  # [a, true, given]
-        # E-step: posterior over the true class.
-        log_conf = np.log(confusion).transpose(0, 2, 1).reshape(A * K, K)  # [a*K + given, true]
-        logits = np.asarray(G @ log_conf) + np.log(prior)  # (N, K) the annotators' view
-        if P is not None:
-            beta = _fit_temperature(log_p[fit_rows], _softmax(logits[fit_rows]), beta or 1.0)
-            model_term = _log_softmax(beta * log_p) - np.log(prior)
-            logits = logits + np.where(has_model[:, None], model_term, 0.0)
-        T_new = _softmax(logits)
-        delta = float(np.abs(T_new - T).max()) if N else 0.0
-        T = T_new
-        if delta < config.tol:
-            break
+    for one_coin, budget in ((True, config.one_coin_iter), (False, config.max_iter)):
+        for _ in range(budget):
+            iterations += 1
+            # M-step: class prior and confusion matrices from the soft assignments.
+            prior = (T.sum(axis=0) + config.prior_count) / (N + K * config.prior_count)
+            counts = np.asarray((G.T @ T)).reshape(A, K, K).transpose(0, 2, 1)  # [a, true, given]
+            acc = (np.einsum("akk->a", counts) + config.diag_prior) / (
+                counts.sum(axis=(1, 2)) + config.diag_prior + config.off_prior
+            )  # (A,) one-coin accuracy
+            coin = acc[:, None, None] * eye + (1.0 - acc)[:, None, None] * (1.0 - eye) / max(K - 1, 1)  # (A, K, K)
+            confusion = coin if one_coin else _normalise_rows(counts + config.shrinkage * coin)
+            # E-step: posterior over the true class.
+            log_conf = np.log(confusion).transpose(0, 2, 1).reshape(A * K, K)  # [a*K + given, true]
+            logits = np.asarray(G @ log_conf) + np.log(prior)  # (N, K) the annotators' view
+            if P is not None:
+                beta = _fit_temperature(log_p[fit_rows], _softmax(logits[fit_rows]), beta or 1.0)
+                model_term = _log_softmax(beta * log_p) - np.log(prior)
+                logits = logits + np.where(has_model[:, None], model_term, 0.0)
+            T_new = _softmax(logits)
+            delta = float(np.abs(T_new - T).max()) if N else 0.0
+            T = T_new
+            if delta < config.tol:
+                break
 
     # Expected accuracy of each annotator over the items they labelled: sum_c T[i,c] * confusion[a,c,c].
     diag = np.einsum("akk->ak", confusion)  # (A, K)
