@@ -1,0 +1,278 @@
+"""Embedding throughput: ``Embedder`` vs a bare ``torch.no_grad()`` forward; the embedding cache vs
+recomputing; and RSS while streaming many embeddings into a memmap.
+
+1. Forward: the same backbone (seeded), the same preprocessed tensors ``(N, 3, S, S)``, the same batch size:
+   a bare loop ``with torch.no_grad(): backbone(x[i:i + B])`` (eval mode, fp32, contiguous) vs
+   ``Embedder.embed_tensors`` (inference mode, channels-last, bf16 autocast where the CPU has it).
+   The whole Embedder path from uint8 images (RGB conversion, resize, normalisation included) is shown too.
+2. Cache: ``EmbeddingCache.get`` of N known hashes (a fresh cache object, memory-mapped rows) vs
+   recomputing the same N embeddings with ``Embedder.embed`` from the images.
+3. Streaming: ``Embedder.embed_into`` a ``np.memmap`` of ``(N, D)`` from a dataset that renders its images
+   on the fly, for a small and a large N; a sampling thread records the peak anonymous RSS (heap; the
+   memmap's file pages are page cache and are listed apart). Bounded means: peak heap does not grow with N.
+
+Every variant runs in its own child process (peak RSS is its own). Images are synthetic (rendered shapes).
+
+Usage: ``.venv/bin/python bench/embed_throughput.py [--arch resnet18-half] [--size 64] [--batch 256]
+[--n 2048] [--stream-n 20000] [--threads 2] [--out bench/results/embed_throughput.txt]``
+(``--stream-n 100000`` for the 100k case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, Path(__file__).resolve().parent):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+from pretrain_throughput import synthetic_images  # noqa: E402
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def _setup(args: argparse.Namespace):
+    from model.encoder import EncoderConfig, build_backbone
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(arch=args.arch, input_size=args.size)
+    return cfg, build_backbone(cfg).eval()
+
+
+def _tensors(cfg, images: list[np.ndarray]) -> torch.Tensor:
+    from model.augment import eval_transform
+
+    t = eval_transform(cfg)
+    return torch.stack([t(Image.fromarray(a)) for a in images])  # (N, 3, S, S)
+
+
+def run_forward(args: argparse.Namespace, which: str) -> dict:
+    """Bare no_grad forward, Embedder on tensors, or Embedder from images, ``--repeat`` passes, best kept."""
+    from model.encoder import Embedder
+
+    cfg, net = _setup(args)
+    images = synthetic_images(args.n, args.image_px)
+    x = _tensors(cfg, images) if which != "embedder-images" else None
+    best = 0.0
+    emb = Embedder(net, cfg, device="cpu", batch_size=args.batch) if which != "bare" else None
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        if which == "bare":
+            with torch.no_grad():
+                out = torch.cat([net(x[i:i + args.batch]) for i in range(0, len(x), args.batch)]).numpy()
+        elif which == "embedder":
+            out = emb.embed_tensors(x)
+        else:
+            out = emb.embed(images)
+        best = max(best, args.n / (time.perf_counter() - t0))
+    assert out.shape == (args.n, net.out_dim)
+    return {"images_per_s": best, "peak_rss_mib": _peak_rss_mib(),
+            "bf16": bool(emb.bf16) if emb else False, "checksum": float(np.abs(out).mean())}
+
+
+def run_cache(args: argparse.Namespace) -> dict:
+    """Fill a cache, then time ``get`` from a fresh cache object against recomputing from images."""
+    from model.embed_cache import EmbeddingCache
+    from model.encoder import Embedder, encoder_version
+    from model.images import content_hash
+
+    cfg, net = _setup(args)
+    images = synthetic_images(args.n, args.image_px)
+    hashes = [content_hash(a.tobytes()) for a in images]
+    emb = Embedder(net, cfg, device="cpu", batch_size=args.batch)
+    t0 = time.perf_counter()
+    fresh = emb.embed(images)  # (N, D)
+    recompute_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as root:
+        version = encoder_version(net.state_dict())
+        EmbeddingCache(Path(root), version, net.out_dim).put(hashes, fresh)
+        best = float("inf")
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            cached, found = EmbeddingCache(Path(root), version, net.out_dim).get(hashes)
+            best = min(best, time.perf_counter() - t0)
+        assert found.all() and np.array_equal(cached, fresh)
+    return {"recompute_s": recompute_s, "get_s": best, "recompute_per_s": args.n / recompute_s,
+            "get_per_s": args.n / best, "peak_rss_mib": _peak_rss_mib()}
+
+
+class RenderedImages(Dataset):
+    """Image i rendered on demand (a seeded rectangle on a noisy background), so inputs never pile up."""
+
+    def __init__(self, n: int, px: int, transform) -> None:
+        self.n, self.px, self.transform = n, px, transform
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng(i)
+        arr = rng.integers(0, 256, (self.px, self.px, 3), dtype=np.uint8)
+        y, x = rng.integers(0, self.px // 2, 2)
+        arr[y:y + self.px // 3, x:x + self.px // 3] = rng.integers(0, 256, 3, dtype=np.uint8)
+        return self.transform(Image.fromarray(arr)), i
+
+
+def run_stream(args: argparse.Namespace, n: int) -> dict:
+    """``embed_into`` a memmap of (n, D) while a thread samples RSS every 20 ms."""
+    from model.augment import eval_transform
+    from model.encoder import Embedder
+
+    cfg, net = _setup(args)
+    emb = Embedder(net, cfg, device="cpu", batch_size=args.batch)
+    peak = {"anon": 0.0, "file": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak["anon"] = max(peak["anon"], _status_mib("RssAnon"))
+            peak["file"] = max(peak["file"], _status_mib("RssFile"))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    with tempfile.TemporaryDirectory() as d:
+        out = np.lib.format.open_memmap(Path(d) / "emb.npy", mode="w+", dtype=np.float32, shape=(n, net.out_dim))
+        anon_before = _status_mib("RssAnon")
+        sampler.start()
+        t0 = time.perf_counter()
+        ok = emb.embed_into(RenderedImages(n, args.image_px, eval_transform(cfg)), out)
+        seconds = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+        out.flush()
+        assert ok.all() and np.isfinite(out[-1]).all()
+    return {"n": n, "images_per_s": n / seconds, "anon_before_mib": anon_before, "peak_anon_mib": peak["anon"],
+            "peak_file_mib": peak["file"], "output_mib": n * net.out_dim * 4 / 2**20, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _child(args_list: list[str], only: str) -> dict:
+    cmd = [sys.executable, __file__, *args_list, "--only", only]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        sys.exit(f"{only} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(line[0][7:])
+    print(f"{only}: {result}", flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="resnet18-half", choices=["resnet18", "resnet18-half"])
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--image-px", type=int, default=80)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--n", type=int, default=2048, help="images for the forward and cache comparisons")
+    p.add_argument("--repeat", type=int, default=3, help="passes per child; the best is kept")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the forward variants")
+    p.add_argument("--stream-n", type=int, default=20000, help="images streamed to the memmap (try 100000)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "embed_throughput.txt")
+    p.add_argument("--only", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.only:
+        if args.only.startswith("stream"):
+            result = run_stream(args, int(args.only.split(":")[1]))
+        elif args.only == "cache":
+            result = run_cache(args)
+        else:
+            result = run_forward(args, args.only)
+        print("RESULT " + json.dumps(result))
+        return
+
+    argv = sys.argv[1:]
+    fwd: dict[str, list[dict]] = {"bare": [], "embedder": [], "embedder-images": []}
+    for _ in range(args.rounds):
+        for name in fwd:
+            fwd[name].append(_child(argv, name))
+    cache = _child(argv, "cache")
+    small_n = max(args.batch, args.stream_n // 10)
+    streams = [_child(argv, f"stream:{small_n}"), _child(argv, f"stream:{args.stream_n}")]
+
+    from model.encoder import cpu_has_bf16
+
+    best = {k: max(r["images_per_s"] for r in v) for k, v in fwd.items()}
+    peak = {k: max(r["peak_rss_mib"] for r in v) for k, v in fwd.items()}
+    desc = {"bare": "bare `torch.no_grad()` forward (fp32, contiguous)",
+            "embedder": "ours: `Embedder.embed_tensors` (inference mode, channels-last"
+                        + (", bf16)" if fwd["embedder"][0]["bf16"] else "; no bf16 on this CPU)"),
+            "embedder-images": "ours: `Embedder.embed` from uint8 images (decode + resize + normalise included)"}
+    lines = [
+        f"# Embedding throughput ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"Machine: {platform.machine()}, torch {torch.__version__}, {args.threads} threads, CPU bf16: "
+        f"{cpu_has_bf16()}, no GPU. Shared with other jobs (load varies): numbers are noisy; each variant "
+        f"ran in its own process, best of {args.repeat} passes x {args.rounds} alternating rounds.",
+        f"Setting: {args.arch} at {args.size} px, batch {args.batch}, N = {args.n} synthetic {args.image_px}px "
+        "colour images (rendered shapes).",
+        "",
+        "## Forward on the same preprocessed tensors",
+        "",
+        "| variant | images/s (best) | runs images/s | ratio vs bare | peak RSS MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for name in fwd:
+        runs = ", ".join(f"{r['images_per_s']:.0f}" for r in fwd[name])
+        lines.append(f"| {desc[name]} | {best[name]:.0f} | {runs} | {best[name] / best['bare']:.2f} | {peak[name]:.0f} |")
+    lines += [
+        "",
+        f"Embedder / bare = {best['embedder'] / best['bare']:.2f} (target >= 0.9).",
+        "",
+        f"## Cached re-embed vs recomputing (N = {args.n})",
+        "",
+        "| path | seconds | images/s | speed-up |",
+        "|---|---|---|---|",
+        f"| recompute: `Embedder.embed` from images | {cache['recompute_s']:.3f} | {cache['recompute_per_s']:.0f} | 1 |",
+        f"| cache: fresh `EmbeddingCache(...).get(hashes)` (memmap) | {cache['get_s']:.4f} | "
+        f"{cache['get_per_s']:.0f} | {cache['recompute_s'] / cache['get_s']:.0f}x |",
+        "",
+        f"Cache / recompute speed-up = {cache['recompute_s'] / cache['get_s']:.0f}x (target >= 20x); "
+        f"peak RSS of that process {cache['peak_rss_mib']:.0f} MiB.",
+        "",
+        "## Streaming into a memmap (`Embedder.embed_into`, images rendered on the fly)",
+        "",
+        "| N | images/s | output (memmap) MiB | heap before MiB | peak heap (RssAnon) MiB | peak file pages (RssFile) MiB | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in streams:
+        lines.append(f"| {s['n']} | {s['images_per_s']:.0f} | {s['output_mib']:.1f} | {s['anon_before_mib']:.0f} | "
+                     f"{s['peak_anon_mib']:.0f} | {s['peak_file_mib']:.0f} | {s['peak_rss_mib']:.0f} |")
+    growth = streams[1]["peak_anon_mib"] - streams[0]["peak_anon_mib"]
+    lines += ["", f"Heap growth from N = {streams[0]['n']} to N = {streams[1]['n']}: {growth:+.0f} MiB while the "
+                  f"output grew by {streams[1]['output_mib'] - streams[0]['output_mib']:.0f} MiB "
+                  "(file-backed memmap pages are page cache the kernel can write back and drop)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
