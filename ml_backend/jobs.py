@@ -530,9 +530,9 @@ def analyse_disagreements(settings: Settings, pid: int, source: ProjectSource, l
             level_probs[images.task_ids[i]] = [p[j] for p in probs]
     result = consensus(labels.annotations, source.config.taxonomy, labels.policy, level_probs=level_probs)
     disagreements.save_report(settings, pid, result, model_version=version, problems=labels.problems)
-    post = getattr(disagreements, "post_flags", None)
-    if settings.post_flags_to_label_studio and post is not None:
-        post(settings, source.client, pid, result)
+    if settings.post_flags_to_label_studio:
+        summary = disagreements.post_flags(settings, source.client, pid, result)
+        log.info("Project %s: %d flags; shown in Label Studio: %s", pid, len(result.flags), summary)
     return len(result.flags)
 
 
