@@ -136,9 +136,15 @@ class ModelStore:
 
         Args:
             project_id: the Label Studio project.
-            wait_s: when nothing is served yet but a load runs, wait up to this long for it.
+            wait_s: when nothing is served yet, probe now and, if a load runs, wait up to this long for it.
         """
         self._check(project_id)
+        if wait_s > 0:
+            with self._cond:
+                entry = self._entries[int(project_id)]
+                idle = entry.served is None and entry.loading is None
+            if idle:  # nothing served: a version published within the check interval is worth a probe now
+                self.refresh(project_id)
         deadline = time.monotonic() + max(0.0, wait_s)
         with self._cond:
             entry = self._entries[int(project_id)]
