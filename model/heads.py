@@ -55,7 +55,7 @@ class HeadsConfig:
 
     hidden: int = 256
     dropout: float = 0.2
-    epochs: int = 10
+    epochs: int = 5
     min_steps: int = 200
     lr: float = 2e-3
     weight_decay: float = 1e-4

@@ -1,0 +1,194 @@
+"""Heads training on cached embeddings with out-of-fold calibration and evaluation.
+
+``fit`` runs k-fold cross-validation over the labelled images to get an honest (out-of-fold) prediction for
+every one of them, fits the calibration temperature and computes the metrics on those, then trains the final
+heads on all labelled images. The out-of-fold level probabilities also feed the disagreement detection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from model.decode import PathPrediction, decode, fit_temperature
+from model.errors import DataError
+from model.evaluation import evaluate
+from model.heads import HeadsConfig, TaxonomyHeads, train_heads
+from model.taxonomy import IGNORE, Taxonomy
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` learned.
+
+    Attributes:
+        heads: the final heads, trained on every labelled image (eval mode).
+        temperature: calibration temperature fitted on the out-of-fold logits (1.0 without folds).
+        oof_level_probs: per level ``(N_lab, K_k)`` out-of-fold probabilities, temperature applied; rows
+            follow ``labelled_index``. Empty when there were too few labels for folds.
+        oof_level_logits: the raw out-of-fold logits behind ``oof_level_probs``.
+        oof_predictions: decoded out-of-fold full-path predictions (calibrated), aligned with the rows.
+        metrics: :func:`model.evaluation.evaluate` of the out-of-fold predictions, plus ``folds``,
+            ``n_labelled``, ``ece_uncalibrated``; ``{}`` without folds.
+        labelled_index: ``(N_lab,)`` positions of the labelled rows in the input.
+        targets: ``(N_lab, L)`` encoded paths of the labelled rows.
+        seconds: wall time of the whole fit.
+    """
+
+    heads: TaxonomyHeads
+    temperature: float
+    oof_level_probs: list[np.ndarray]
+    oof_level_logits: list[np.ndarray]
+    oof_predictions: list[PathPrediction]
+    metrics: dict
+    labelled_index: np.ndarray
+    targets: np.ndarray
+    seconds: float
+    fold_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def stratified_folds(strata: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold id per row ``(N,)``: rows of each stratum are shuffled and dealt round-robin over the folds.
+
+    Works for any stratum size (a class with 2 rows lands in 2 folds); fold sizes differ by at most one.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(strata))
+    order = order[np.argsort(strata[order], kind="stable")]  # grouped by stratum, shuffled within
+    fold_of = np.empty(len(strata), dtype=np.int64)
+    fold_of[order] = np.arange(len(strata)) % folds
+    return fold_of
+
+
+def _check_classes(targets: np.ndarray, taxonomy: Taxonomy, labelled: Sequence[Sequence[str]]) -> None:
+    """Raise DataError unless some level has labels of at least two classes."""
+    if any(len(np.unique(targets[targets[:, k] != IGNORE, k])) >= 2 for k in range(taxonomy.depth)):
+        return
+    seen = sorted({"/".join(taxonomy.resolve(p)) for p in labelled})
+    tops = {taxonomy.resolve(p)[0] for p in labelled}
+    others = [n.name for n in taxonomy.levels[0] if n.name not in tops]
+    if not others:  # a single top-level label: ask for a second class one level down
+        known = {c for k in range(taxonomy.depth) for c in taxonomy.class_names(k) if c in seen}
+        others = [c for k in range(1, taxonomy.depth) for c in taxonomy.class_names(k) if c not in known]
+    raise DataError(
+        f"All {len(targets)} labelled images have the same class ({', '.join(seen)}); a classifier needs labels "
+        f"of at least two classes. Label a few images of another class next, e.g. {others[:5]}."
+    )
+
+
+def _logits(heads: TaxonomyHeads, emb: torch.Tensor, batch: int = 8192) -> list[np.ndarray]:
+    """Eval-mode logits per level for ``emb (N, D)``: L arrays ``(N, K_k)`` float32."""
+    heads.eval()
+    with torch.inference_mode():
+        parts = [heads(emb[i : i + batch]) for i in range(0, len(emb), batch)]
+    return [torch.cat([p[k] for p in parts]).numpy() for k in range(len(heads.num_classes))]
+
+
+def _softmax(a: np.ndarray, t: float) -> np.ndarray:
+    z = a.astype(np.float64) / t
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def fit(
+    emb: np.ndarray,
+    paths: Sequence[Sequence[str] | None],
+    taxonomy: Taxonomy,
+    cfg: HeadsConfig | None = None,
+    folds: int = 5,
+    progress: bool = False,
+) -> FitResult:
+    """Train calibrated heads with out-of-fold evaluation.
+
+    Args:
+        emb: embeddings ``(N, D)`` of all images (labelled or not).
+        paths: per image its taxonomy path (full or prefix), or None when unlabelled.
+        taxonomy: the label tree.
+        cfg: heads hyper-parameters.
+        folds: cross-validation folds (clipped to the number of labelled images; stratified by top level).
+            With fewer than 2 usable folds the temperature stays 1.0 and ``metrics`` is empty.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        DataError: misaligned inputs, an unknown path, or labels of fewer than two classes.
+    """
+    start = time.perf_counter()
+    cfg = cfg or HeadsConfig()
+    emb = np.asarray(emb, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != len(paths):
+        raise DataError(
+            f"Got {emb.shape[0] if emb.ndim else 0} embeddings of shape {emb.shape} for {len(paths)} paths; pass "
+            "one (N, D) row per image and one path (or None) per image."
+        )
+    labelled_index = np.array([i for i, p in enumerate(paths) if p is not None], dtype=np.int64)
+    if len(labelled_index) == 0:
+        raise DataError("No image is labelled yet; label at least two images of two different classes.")
+    targets = taxonomy.encode_many([paths[i] for i in labelled_index])  # (N_lab, L)
+    _check_classes(targets, taxonomy, [paths[i] for i in labelled_index])
+    x = torch.from_numpy(emb[labelled_index])  # (N_lab, D)
+    n = len(labelled_index)
+    k = min(folds, n)
+
+    level_logits: list[np.ndarray] = []
+    temperature, metrics, predictions, probs = 1.0, {}, [], []
+    fold_of = np.zeros(0, dtype=np.int64)
+    if k >= 2:
+        fold_of = stratified_folds(targets[:, 0], k, cfg.seed)
+        level_logits = [np.zeros((n, taxonomy.num_classes(lv)), dtype=np.float32) for lv in range(taxonomy.depth)]
+        for f in tqdm(range(k), desc="cross-validation", disable=not progress):
+            held = fold_of == f
+            heads = train_heads(x[~held], targets[~held], taxonomy, cfg)
+            for lv, out in enumerate(_logits(heads, x[held])):
+                level_logits[lv][held] = out
+        temperature = fit_temperature(level_logits, targets, taxonomy)
+        predictions = decode(level_logits, taxonomy, leafs_only=True, temperature=temperature)
+        metrics = evaluate(level_logits, targets, taxonomy, temperature, predictions=predictions)
+        raw = evaluate(level_logits, targets, taxonomy, 1.0)
+        metrics["ece_uncalibrated"] = raw["calibration"]["ece"]
+        metrics["nll_uncalibrated"] = raw["nll"]
+        metrics["folds"] = k
+        probs = [_softmax(a, temperature) for a in level_logits]
+    heads = train_heads(x, targets, taxonomy, cfg, progress=progress)
+    metrics["n_labelled"] = n
+    return FitResult(
+        heads=heads,
+        temperature=float(temperature),
+        oof_level_probs=probs,
+        oof_level_logits=level_logits,
+        oof_predictions=predictions,
+        metrics=metrics,
+        labelled_index=labelled_index,
+        targets=targets,
+        seconds=time.perf_counter() - start,
+        fold_of=fold_of,
+    )
+
+
+def predict(
+    heads: TaxonomyHeads,
+    temperature: float,
+    emb: np.ndarray,
+    taxonomy: Taxonomy,
+    leafs_only: bool = True,
+    prefix_threshold: float = 0.5,
+    top_k: int = 1,
+) -> list[PathPrediction]:
+    """Calibrated path predictions for embeddings ``(N, D)`` (see :func:`model.decode.decode`)."""
+    emb = np.asarray(emb, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[1] != heads.in_dim:
+        raise DataError(
+            f"Embeddings of shape {emb.shape} do not fit heads trained on dimension {heads.in_dim}; embed the "
+            "images with the encoder of the same model version."
+        )
+    logits = _logits(heads, torch.from_numpy(emb))
+    return decode(logits, taxonomy, leafs_only, prefix_threshold, temperature, top_k)
+
