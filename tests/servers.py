@@ -264,6 +264,10 @@ class LabelStudioServer:
         """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.files_root.mkdir(parents=True, exist_ok=True)
+        template = self.template_path()
+        from_template = template.is_file() and not self.database.exists()
+        if from_template:
+            shutil.copyfile(template, self.database)
         cmd = [str(self.binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.environment(), cwd=self.workdir, stdout=log,
@@ -275,6 +279,44 @@ class LabelStudioServer:
                 f"Label Studio ({self.binary}) did not answer {self.url}/health/ within {timeout_s}s "
                 f"(exit code {self.proc.returncode if self.proc else None}); log {self.log_path}:\n{log_tail(self.log_path)}"
             )
+        if not from_template:
+            self._save_template(template)
+
+    @property
+    def database(self) -> Path:
+        """Label Studio's SQLite database in the data directory."""
+        return self.data_dir / "label_studio.sqlite3"
+
+    def template_path(self) -> Path:
+        """Where a freshly migrated database of this Label Studio installation is kept between test runs.
+
+        The first start on an empty data directory migrates for 30-90 s; later sessions start from a copy
+        of that database (admin user and token included) in a few seconds. The key changes with the
+        binary, its installation time and the admin credentials.
+        """
+        import hashlib
+
+        key = "|".join([str(self.binary.resolve()), str(self.binary.stat().st_mtime_ns), self.ADMIN_EMAIL,
+                        self.ADMIN_PASSWORD, self.ADMIN_TOKEN])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return REPO_ROOT / ".pytest_cache" / "taxomoco-label-studio" / f"migrated-{digest}.sqlite3"
+
+    def _save_template(self, template: Path) -> None:
+        """Copy the just-migrated database (SQLite online backup: consistent while the server runs)."""
+        import sqlite3
+
+        template.parent.mkdir(parents=True, exist_ok=True)
+        partial = template.with_name(f".{template.name}.{os.getpid()}")
+        src = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)
+        try:
+            dst = sqlite3.connect(partial)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        os.replace(partial, template)
 
     def stop(self) -> None:
         """Stop the server (its whole process group)."""
