@@ -75,7 +75,7 @@ class ConsensusPolicy:
     prefer_ground_truth: bool = True
     exclude_flagged: bool = True
     min_quality: float = 0.6
-    error_threshold: float = 0.3
+    error_threshold: float = 0.5
     model_confidence: float = 0.7
 
     def validate(self) -> None:
@@ -175,6 +175,7 @@ class ConsensusResult:
         item_order: item ids in the row order of ``level_fits``.
         annotator_order: annotator ids in the order of ``level_fits`` confusion matrices.
         used_model: whether model probabilities took part.
+        level_probs: the model probabilities given (item -> per level ``(K_k,)``), or None.
     """
 
     labels: dict[int, Path]
@@ -188,6 +189,7 @@ class ConsensusResult:
     item_order: list[int] = field(default_factory=list, repr=False)
     annotator_order: list[str] = field(default_factory=list, repr=False)
     used_model: bool = False
+    level_probs: Mapping[int, Sequence[np.ndarray]] | None = field(default=None, repr=False)
 
     def policy_record(self) -> dict:
         """What the model manifest records about the training labels."""
@@ -338,6 +340,7 @@ def consensus(
     result = ConsensusResult(
         labels={}, excluded={}, items=details, annotators={}, flags=[], policy=policy, problems=problems,
         level_fits=fits, item_order=items, annotator_order=annotators, used_model=model is not None,
+        level_probs=level_probs or None,
     )
     result.flags = find_flags(result, taxonomy)
     result.annotators = annotator_stats(result, taxonomy)

@@ -11,9 +11,10 @@ The method is Dawid–Skene expectation maximisation (Dawid & Skene, 1979) with 
   converges on its own votes;
 * **two stages and shrinkage**: EM first fits the one-coin model (one accuracy per annotator, errors spread
   evenly), which is robust on small projects, then the full confusion matrices starting from its answer,
-  each row shrunk towards the annotator's one-coin row (``shrinkage`` pseudo-labels). Small projects thus
-  get the one-coin answer, large ones the class-specific confusions; a few systematic mistakes cannot
-  turn EM to the degenerate solution where the careful annotator looks wrong.
+  each row shrunk towards the annotator's one-coin row (``shrinkage`` pseudo-labels), and keeps the full
+  model only when its likelihood gain pays for its extra parameters (Akaike's criterion). Small projects
+  thus get the one-coin answer, large ones the class-specific confusions, and a few systematic mistakes
+  cannot turn EM to a degenerate, overconfident solution.
 
 Everything is a sparse matrix product, so 10k items × 3 annotators fit in well under a second.
 
@@ -89,6 +90,7 @@ class CrowdFit:
         posterior: ``(N, K)`` probability of each true class per item.
         confusion: ``(A, K, K)`` per annotator, row = true class, column = given class.
         prior: ``(K,)`` class frequencies.
+        full_confusion: whether the full confusion matrices were kept (else the one-coin model).
         model_temperature: ``beta``, the inverse temperature applied to the model's log-probabilities
             (0: the model is ignored, 1: taken as calibrated), or None when no model took part.
         accuracy: ``(A,)`` each annotator's expected accuracy on the items they labelled.
@@ -99,6 +101,7 @@ class CrowdFit:
     confusion: np.ndarray
     prior: np.ndarray
     model_temperature: float | None
+    full_confusion: bool
     accuracy: np.ndarray
     iterations: int
 
@@ -150,6 +153,7 @@ def fit_crowd(
     T = _normalise_rows(T)
 
     eye = np.eye(K)
+    labelled = votes.sum(axis=1) > 0  # (N,) items some annotator labelled at this level
     confusion = np.zeros((A, K, K))
     beta: float | None = None
     prior = np.full(K, 1.0 / K)
@@ -158,7 +162,9 @@ def fit_crowd(
         log_p = np.log(np.clip(P, 1e-12, None))  # (N, K)
         fit_rows = has_model & (votes.sum(axis=1) > 0)
     iterations = 0
+    fits: list[tuple[np.ndarray, np.ndarray, np.ndarray, float | None, float]] = []
     for one_coin, budget in ((True, config.one_coin_iter), (False, config.max_iter)):
+        loglik = 0.0
         for _ in range(budget):
             iterations += 1
             # M-step: class prior and confusion matrices from the soft assignments.
@@ -176,18 +182,30 @@ def fit_crowd(
                 beta = _fit_temperature(log_p[fit_rows], _softmax(logits[fit_rows]), beta or 1.0)
                 model_term = _log_softmax(beta * log_p) - np.log(prior)
                 logits = logits + np.where(has_model[:, None], model_term, 0.0)
+            z = logits.max(axis=1, keepdims=True)
+            loglik = float((z[:, 0] + np.log(np.exp(logits - z).sum(axis=1)))[labelled].sum())
             T_new = _softmax(logits)
             delta = float(np.abs(T_new - T).max()) if N else 0.0
             T = T_new
             if delta < config.tol:
                 break
+        if budget:
+            fits.append((T, confusion, prior, beta, loglik))
+    if len(fits) == 2:
+        # Keep the full confusions only when they explain the labels better than their extra parameters
+        # cost (Akaike: one nat per parameter): small projects keep the one-coin answer.
+        extra = A * K * (K - 1) - A
+        if fits[1][4] - fits[0][4] < extra:
+            fits = fits[:1]
+    if fits:
+        T, confusion, prior, beta, _ = fits[-1]
 
     # Expected accuracy of each annotator over the items they labelled: sum_c T[i,c] * confusion[a,c,c].
     diag = np.einsum("akk->ak", confusion)  # (A, K)
     per_entry = (T[obs.item] * diag[obs.annotator]).sum(axis=1) * obs.weight
     w_sum = np.bincount(obs.annotator, weights=obs.weight, minlength=A)
     accuracy = np.bincount(obs.annotator, weights=per_entry, minlength=A) / np.maximum(w_sum, 1e-12)
-    return CrowdFit(T, confusion, prior, beta, accuracy, iterations)
+    return CrowdFit(T, confusion, prior, beta, len(fits) == 2 or config.one_coin_iter == 0, accuracy, iterations)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
