@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from ml_backend.job_records import JobOutcome, JobRecords, utc_now
+from ml_backend.job_records import JobOutcome, JobRecords, request_pretrain, utc_now
 from ml_backend.scheduler import DEFAULT_JOB_FUNC, ScheduleAction, Scheduler, import_job_func
 from ml_backend.settings import Settings
 
@@ -89,6 +89,11 @@ class EmbeddedScheduler(Scheduler):
     # --- the caller's side (fast, in-memory only) ----------------------------------------------------
     def schedule(self, project_id: int, reason: str, force_pretrain: bool = False) -> dict[str, Any]:
         pid = int(project_id)
+        if force_pretrain:
+            try:
+                request_pretrain(self.settings.project_dir(pid))  # kept until a pretraining is published
+            except OSError as exc:
+                log.warning("Project %s: pretraining request not written (%s).", pid, exc)
         with self._cond:
             waiting = self._line.get(pid)
             if waiting is not None:

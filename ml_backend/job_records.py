@@ -259,3 +259,24 @@ def write_pretrain_record(project_dir: Path, n_images: int, encoder_version: str
     with os.fdopen(fd, "w") as out:
         json.dump(payload, out)
     os.replace(tmp, jobs / PRETRAIN_RECORD_FILE)
+
+
+PRETRAIN_REQUEST_FILE = "pretrain_requested"
+
+
+def request_pretrain(project_dir: Path) -> None:
+    """Ask the project's next training run to pretrain (kept until a pretraining is published), so that a
+    forced pretraining folded into an already waiting job is not lost."""
+    jobs = Path(project_dir) / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    (jobs / PRETRAIN_REQUEST_FILE).write_text(utc_now())
+
+
+def pretrain_requested(project_dir: Path) -> bool:
+    """Whether a pretraining was asked for and not yet published."""
+    return (Path(project_dir) / "jobs" / PRETRAIN_REQUEST_FILE).exists()
+
+
+def clear_pretrain_request(project_dir: Path) -> None:
+    """A pretraining was published: the request is fulfilled."""
+    (Path(project_dir) / "jobs" / PRETRAIN_REQUEST_FILE).unlink(missing_ok=True)

@@ -34,7 +34,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ml_backend.job_records import JobRecords, read_pretrain_record, run_recorded, write_pretrain_record
+from ml_backend.job_records import (
+    JobRecords,
+    clear_pretrain_request,
+    pretrain_requested,
+    read_pretrain_record,
+    run_recorded,
+    write_pretrain_record,
+)
 from ml_backend.settings import Settings
 from model.errors import DataError, TaxomocoError
 
@@ -201,7 +208,7 @@ def _train(settings: Settings, pid: int, force_pretrain: bool) -> dict[str, Any]
                         "check LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, ALLOWED_IMAGE_HOSTS and LOCAL_FILES_ROOT.")
     live = live_encoder(settings, pid)
     decision = decide_pretrain(len(images.paths), read_pretrain_record(project_dir), live is not None,
-                               force_pretrain, settings.repretrain_fraction)
+                               force_pretrain or pretrain_requested(project_dir), settings.repretrain_fraction)
     log.info("Project %s: pretrain=%s (%s)", pid, decision.pretrain, decision.reason.value)
     if decision.pretrain:
         with _timed(durations, "pretrain"):
@@ -220,6 +227,7 @@ def _train(settings: Settings, pid: int, force_pretrain: bool) -> dict[str, Any]
     if decision.pretrain:  # only once the new encoder is live: a failed publish pretrains again
         write_pretrain_record(project_dir, len(images.paths), encoder.version)
         _pending_run(project_dir, clear=True)
+        clear_pretrain_request(project_dir)
     try:
         with _timed(durations, "disagreements"):
             counts["flags"] = analyse_disagreements(settings, pid, source, labels, images, emb, ok, fit, version)

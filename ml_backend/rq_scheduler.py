@@ -38,7 +38,7 @@ from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry, Worker
 from rq.job import Job, JobStatus
 
-from ml_backend.job_records import JobRecords, read_pretrain_record
+from ml_backend.job_records import JobRecords, pretrain_requested, read_pretrain_record, request_pretrain
 from ml_backend.scheduler import DEFAULT_JOB_FUNC, ScheduleAction, Scheduler
 from ml_backend.settings import Settings
 
@@ -102,14 +102,20 @@ class RQScheduler(Scheduler):
 
     # --- scheduling ------------------------------------------------------------------------------------
     def queue_for(self, project_id: int, force_pretrain: bool) -> str:
-        """The queue a job of this project goes to (cheap: one small file read)."""
-        if force_pretrain or read_pretrain_record(self.settings.project_dir(project_id)) is None:
+        """The queue a job of this project goes to (cheap: small file reads)."""
+        project_dir = self.settings.project_dir(project_id)
+        if force_pretrain or pretrain_requested(project_dir) or read_pretrain_record(project_dir) is None:
             return self.settings.pretrain_queue
         return self.settings.heads_queue
 
     def schedule(self, project_id: int, reason: str, force_pretrain: bool = False) -> dict[str, Any]:
         pid = int(project_id)
         out: dict[str, Any] = {"project_id": pid, "scheduler": self.kind, "reason": reason}
+        if force_pretrain:
+            try:
+                request_pretrain(self.settings.project_dir(pid))  # also reaches a job that already waits
+            except OSError as exc:
+                log.warning("Project %s: pretraining request not written (%s).", pid, exc)
         try:
             waiting = self._waiting_job(pid)  # fast path of a burst: fold into the waiting job, no lock
             if waiting is not None:

@@ -243,3 +243,14 @@ def test_real_job_through_rq_worker_is_picked_up_by_the_store(label_studio, labe
     finally:
         store.close()
         scheduler.close()
+
+
+def test_pretrain_request_survives_until_cleared(tmp_path: Path) -> None:
+    from ml_backend.job_records import clear_pretrain_request, pretrain_requested, request_pretrain
+
+    assert not pretrain_requested(tmp_path)
+    request_pretrain(tmp_path)
+    request_pretrain(tmp_path)
+    assert pretrain_requested(tmp_path)
+    clear_pretrain_request(tmp_path)
+    assert not pretrain_requested(tmp_path)

@@ -238,3 +238,15 @@ def test_both_queues_are_listened_to_pretrain_first(settings: Settings) -> None:
     assert worker.queue_names() == [settings.pretrain_queue, settings.heads_queue]
     assert [q.name for q in worker.queues] == worker.queue_names()
     assert Queue(settings.heads_queue, connection=worker.connection).count == 0
+
+
+def test_forced_pretraining_folded_into_a_waiting_job_is_kept(scheduler, settings: Settings, tmp_path: Path) -> None:
+    from ml_backend.job_records import clear_pretrain_request, pretrain_requested
+
+    write_pretrain_record(settings.project_dir(9), 10, "enc")
+    assert scheduler.schedule(9, "ANNOTATION_CREATED")["queue"] == settings.heads_queue
+    out = scheduler.schedule(9, "TRAIN", force_pretrain=True)
+    assert out["action"] == "coalesced"
+    assert pretrain_requested(settings.project_dir(9))  # the waiting job's train_project will see it
+    clear_pretrain_request(settings.project_dir(9))
+    assert scheduler.queue_for(9, force_pretrain=False) == settings.heads_queue
