@@ -224,3 +224,28 @@ def test_flags_reach_label_studio_and_the_cli_writes_the_report(label_studio, tm
         assert posted["comments_posted"] >= 1 and again["comments_posted"] == 0
     else:
         assert posted["comments_posted"] == 0
+
+
+def test_http_endpoint_serves_the_saved_report(tmp_path: Path) -> None:
+    from ml_backend.app import create_app
+    from ml_backend.scheduler import make_scheduler
+    from ml_backend.store import ModelStore
+
+    settings = _settings(tmp_path)
+    scheduler = make_scheduler(settings)
+    store = ModelStore(settings)
+    try:
+        client = create_app(settings, scheduler=scheduler, store=store).test_client()
+        assert client.get("/disagreements").status_code == 400
+        assert client.get("/disagreements?project=abc").status_code == 400
+        missing = client.get("/disagreements?project=5")
+        assert missing.status_code == 404 and "Train the project" in missing.get_json()["error"]
+        res = consensus(_scenario(), TREE, ConsensusPolicy())
+        dis.save_report(settings, 5, res, model_version="v1")
+        full = client.get("/disagreements?project=5.1712345678").get_json()
+        assert full == dis.load_report(settings, 5)
+        short = client.get("/disagreements?project=5&limit=1").get_json()
+        assert len(short["review"]) == 1 and len(short["items"]) == 1 and short["summary"] == full["summary"]
+    finally:
+        scheduler.close()
+        store.close()
