@@ -252,10 +252,11 @@ class LabelStudioClient:
         )
 
     def _raise_for_status(self, answer: requests.Response, what: str) -> None:
-        status, url = answer.status_code, answer.url
-        if status < 400:
-            return
-        detail = _detail(answer)
+        if answer.status_code >= 400:
+            self._raise_status(answer.status_code, answer.url, _detail(answer), what)
+
+    def _raise_status(self, status: int, url: str, detail: str, what: str) -> None:
+        """Raise the :class:`LabelStudioError` subclass of an HTTP error ``status``, with the fix."""
         if status == 401:
             hint = ("set LABEL_STUDIO_API_KEY to a valid token (Account & Settings); a legacy token also needs "
                     "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on the Label Studio server")
@@ -292,10 +293,9 @@ class LabelStudioClient:
         try:
             project = self.sdk.projects.get(int(project_id))
         except ApiError as exc:
-            fake = requests.Response()
-            fake.status_code, fake.url = int(exc.status_code or 500), url
-            fake._content = json.dumps(exc.body).encode() if exc.body is not None else b""
-            self._raise_for_status(fake, f"read project {project_id}")
+            body = exc.body
+            detail = str(body.get("detail") or body) if isinstance(body, Mapping) else str(body or "")
+            self._raise_status(int(exc.status_code or 500), url, detail[:300], f"read project {project_id}")
             raise
         except httpx.HTTPError as exc:
             raise self._unreachable(url, exc) from None

@@ -181,6 +181,22 @@ def test_annotations_from_several_users_train_a_model(stack: Stack) -> None:
     assert len(pulled) == 8 + 4 + 1
 
 
+def test_annotator_disagreement_is_flagged_in_a_data_manager_tab(stack: Stack) -> None:
+    client = stack.client()
+    title = "taxomoco: annotators disagree"
+    tabs: dict[str, dict] = {}
+
+    def tab_there() -> bool:  # flags are posted right after the model is published
+        tabs.update({t["data"].get("title"): t for t in client.list_tabs(stack.pid)})
+        return title in tabs
+
+    assert wait_until(tab_there, 60, interval_s=2.0), (sorted(tabs), stack.backend.log()[-4000:])
+    flagged = client.tab_task_ids(stack.pid, int(tabs[title]["id"]))
+    assert stack.good[0] in flagged, flagged  # ann and ben said one thing, cat another
+    unanimous = [t for t in stack.good[1:8:2]]  # labelled by ann alone
+    assert not set(unanimous) & set(flagged), flagged
+
+
 def test_retrieve_predictions_gives_valid_paths_of_the_live_version(stack: Stack) -> None:
     version = stack.ml["version"]
     stack.retrieve_predictions(stack.good)
