@@ -178,6 +178,9 @@ class EmbeddedScheduler(Scheduler):
 
     def _run_one(self, pid: int, waiting: _Waiting, job_id: str) -> None:
         records = JobRecords(self.settings.project_dir(pid), pid)
+        stale = records.read()["running_job_id"]
+        if stale is not None:  # only this thread runs this project's jobs: that run ended with its server
+            records.mark_finished(JobOutcome.FAILED, 0.0, stale, reason="interrupted: the server stopped during the run")
         records.mark_queued(waiting.reason, coalesced=waiting.coalesced)
         parent_conn, child_conn = self._ctx.Pipe(duplex=False)
         child = self._ctx.Process(

@@ -29,16 +29,18 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import LockError, RedisError
 from redis.retry import Retry as RedisRetry
-from rq import Queue, Retry, Worker
+from rq import Callback, Queue, Retry, Worker
+from rq.exceptions import AbandonedJobError
 from rq.job import Job, JobStatus
 
-from ml_backend.job_records import JobRecords, pretrain_requested, read_pretrain_record, request_pretrain
+from ml_backend.job_records import JobOutcome, JobRecords, pretrain_requested, read_pretrain_record, request_pretrain
 from ml_backend.scheduler import DEFAULT_JOB_FUNC, ScheduleAction, Scheduler
 from ml_backend.settings import Settings
 
@@ -180,6 +182,7 @@ class RQScheduler(Scheduler):
             failure_ttl=FAILURE_TTL_S,
             description=f"train project {pid} ({reason})",
             meta={"reason": reason, "force_pretrain": bool(force_pretrain)},
+            on_failure=Callback(on_job_failure),
         )
         action = ScheduleAction.FOLLOW_UP if running else ScheduleAction.QUEUED
         return {"action": action.value, "job_id": job.id, "queue": queue_name}
@@ -222,6 +225,37 @@ class RQScheduler(Scheduler):
 
     def close(self) -> None:
         self.redis.close()
+
+
+def record_lost_run(job: Job, what: str) -> None:
+    """Record the failure of a run that ended outside the job function (its process died), so that the
+    project's record does not show it running for ever and says why.
+
+    Args:
+        job: the RQ job (``args = (project_id, model_dir, force_pretrain)``).
+        what: what happened, e.g. "work-horse killed by signal 9".
+    """
+    try:
+        pid, model_dir = int(job.args[0]), str(job.args[1])
+    except (IndexError, TypeError, ValueError):
+        log.warning("Job %s has no (project_id, model_dir) arguments; its loss is not recorded.", job.id)
+        return
+    left = job.retries_left or 0
+    reason = f"{what} (out of memory, or the process was killed); " + (
+        f"retried ({left} retries left)" if left > 0 else "no retries left")
+    duration = (time.time() - job.started_at.timestamp()) if job.started_at else 0.0
+    records = JobRecords(Settings(model_dir=Path(model_dir)).project_dir(pid), pid)
+    records.mark_finished(JobOutcome.FAILED, duration, None, reason=reason)
+    log.error("Project %s, job %s: %s", pid, job.id, reason)
+
+
+def on_job_failure(job: Job, connection: redis.Redis, exc_type: type, exc_value: BaseException, tb: object) -> None:
+    """RQ failure callback: records abandoned runs (the worker died; found by registry maintenance).
+
+    Failures raised inside the job are recorded by the job itself (``job_records.run_recorded``).
+    """
+    if exc_type is AbandonedJobError or isinstance(exc_value, AbandonedJobError):
+        record_lost_run(job, "the worker running it died (abandoned job)")
 
 
 def _redact(url: str | None) -> str | None:

@@ -82,7 +82,19 @@ def build_worker(settings: Settings, queues: list[str] | None = None, name: str 
         name=name or f"taxomoco-{socket.gethostname()}-{int(time.time() * 1000) % 10**8}",
         job_monitoring_interval=JOB_MONITORING_INTERVAL_S,
         maintenance_interval=MAINTENANCE_INTERVAL_S,
+        work_horse_killed_handler=_record_killed_horse,
     )
+
+
+def _record_killed_horse(job, retpid: int, ret_val: int, rusage: object) -> None:  # type: ignore[no-untyped-def]
+    """Record a job whose work-horse died (SIGKILL by the OOM killer or a person) in its project's record."""
+    import os
+
+    from ml_backend.rq_scheduler import record_lost_run
+
+    what = f"work-horse killed by signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) \
+        else f"work-horse exited with status {ret_val}"
+    record_lost_run(job, what)
 
 
 def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool = False, warm: bool = True) -> bool:

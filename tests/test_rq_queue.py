@@ -149,6 +149,8 @@ def test_killed_work_horse_is_retried_and_old_version_served(scheduler, settings
         assert status["counts"]["succeeded"] == 2, status
         assert seen <= {v1, live_version(tmp_path, 3)}  # the old version was served until the new one
         assert len(starts(tmp_path, 3)) == 3  # first run, killed attempt, retry
+        assert status["counts"]["failed"] == 1 and "work-horse killed by signal 9" in status["last_failure"]["reason"]
+        assert "retried" in status["last_failure"]["reason"] and status["running_job_id"] is None
         assert live_version(tmp_path, 3) != v1 and len(complete_versions(tmp_path, 3)) == 2
     finally:
         for w in workers:
@@ -173,6 +175,9 @@ def test_job_of_a_dead_worker_is_retried_by_another(scheduler, settings: Setting
     registry.cleanup(timestamp=time.time() + 120)
     job.refresh()
     assert job.get_status() == "queued" and job.retries_left == settings.job_retries - 1
+    lost = scheduler.status(4)
+    assert lost["last_outcome"] == "failed" and "worker running it died" in lost["last_failure"]["reason"]
+    assert lost["running_job_id"] is None and lost["queued"] is True
     set_control(tmp_path, 4)
     burst(settings)
     status = scheduler.status(4)

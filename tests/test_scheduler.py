@@ -263,3 +263,14 @@ def test_projects_do_not_block_each_others_queue_entry(embedded, tmp_path: Path)
         assert embedded.schedule(pid, "ANNOTATION_CREATED")["action"] == "queued"
     assert embedded.wait_idle(60)
     assert all(embedded.status(pid)["last_outcome"] == "succeeded" for pid in (11, 12, 13))
+
+
+def test_run_left_running_by_a_stopped_server_is_closed_as_interrupted(embedded, tmp_path: Path) -> None:
+    settings = Settings.from_env(env={}, model_dir=tmp_path)
+    JobRecords(settings.project_dir(14), 14).mark_started("embedded-14-1")  # the server died mid-run
+    set_control(tmp_path, 14)
+    embedded.schedule(14, "ANNOTATION_CREATED")
+    assert embedded.wait_idle(30)
+    status = embedded.status(14)
+    assert status["last_outcome"] == "succeeded" and status["counts"]["failed"] == 1
+    assert status["last_failure"]["reason"].startswith("interrupted") and status["last_failure"]["job_id"] == "embedded-14-1"
