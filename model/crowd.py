@@ -45,6 +45,8 @@ class CrowdConfig:
         one_coin_iter: EM iterations of the one-coin stage at most (0 skips it).
         prior_count: pseudo-items per class in the class prior, so that a few items cannot make a class
             frequent enough to decide items whose annotators all disagree.
+        max_full_cells: largest ``A*K*K`` for which full confusion matrices are estimated (levels with many
+            classes keep the one-coin model, in memory ``O(N*K + A*K)``).
         use_model: let the model's probabilities take part (when given).
     """
 
@@ -55,6 +57,7 @@ class CrowdConfig:
     shrinkage: float = 5.0
     one_coin_iter: int = 50
     prior_count: float = 10.0
+    max_full_cells: int = 20_000_000
     use_model: bool = True
 
 
@@ -88,17 +91,18 @@ class CrowdFit:
 
     Attributes:
         posterior: ``(N, K)`` probability of each true class per item.
-        confusion: ``(A, K, K)`` per annotator, row = true class, column = given class.
+        confusion: ``(A, K, K)`` per annotator, row = true class, column = given class (the one-coin
+            matrices when those were kept); None when ``A*K*K`` exceeds ``max_full_cells``.
         prior: ``(K,)`` class frequencies.
         full_confusion: whether the full confusion matrices were kept (else the one-coin model).
         model_temperature: ``beta``, the inverse temperature applied to the model's log-probabilities
             (0: the model is ignored, 1: taken as calibrated), or None when no model took part.
-        accuracy: ``(A,)`` each annotator's expected accuracy on the items they labelled.
+        accuracy: ``(A,)`` each annotator's estimated accuracy on the items they labelled.
         iterations: EM iterations run.
     """
 
     posterior: np.ndarray
-    confusion: np.ndarray
+    confusion: np.ndarray | None
     prior: np.ndarray
     model_temperature: float | None
     full_confusion: bool
@@ -140,44 +144,50 @@ def fit_crowd(
     """
     N, A, K = n_items, n_annotators, n_classes
     G = obs.matrix(N, A, K)  # (N, A*K)
-    sum_over_annotators = sparse.csr_matrix(np.tile(np.eye(K), (A, 1)))  # (A*K, K)
-    votes = np.asarray((G @ sum_over_annotators).todense())  # (N, K) weighted vote counts
-    use_model = config.use_model and model_probs is not None
+    col_class = np.tile(np.arange(K), A)  # class of each column of G
+    col_annot = np.repeat(np.arange(A), K)  # annotator of each column of G
+    to_class = sparse.csr_matrix((np.ones(A * K), (np.arange(A * K), col_class)), shape=(A * K, K))
+    to_annot = sparse.csr_matrix((np.ones(A * K), (np.arange(A * K), col_annot)), shape=(A * K, A))
+    votes = (G @ to_class).toarray()  # (N, K) weighted vote counts
+    given = (G @ to_annot).tocsr()  # (N, A) weight each annotator gave each item
+    w_sum = np.bincount(obs.annotator, weights=obs.weight, minlength=A)  # (A,)
+    labelled = votes.sum(axis=1) > 0  # (N,) items some annotator labelled at this level
     P = None
-    if use_model:
+    if config.use_model and model_probs is not None:
         P = np.asarray(model_probs, dtype=np.float64)  # (N, K)
         assert P.shape == (N, K), (P.shape, (N, K))
-
-    # Start from the majority vote (the model breaks ties and covers unlabelled items).
-    T = votes + 1e-3 * (P if P is not None else 0.0) + 1e-9
-    T = _normalise_rows(T)
-
-    eye = np.eye(K)
-    labelled = votes.sum(axis=1) > 0  # (N,) items some annotator labelled at this level
-    confusion = np.zeros((A, K, K))
-    beta: float | None = None
-    prior = np.full(K, 1.0 / K)
-    if P is not None:
         has_model = P.sum(axis=1) > 0  # (N,)
         log_p = np.log(np.clip(P, 1e-12, None))  # (N, K)
-        fit_rows = has_model & (votes.sum(axis=1) > 0)
+        fit_rows = has_model & labelled
+
+    # Start from the majority vote (the model breaks ties and covers unlabelled items).
+    T = _normalise_rows(votes + 1e-3 * (P if P is not None else 0.0) + 1e-9)
+    beta: float | None = None
+    prior = np.full(K, 1.0 / K)
+    full_allowed = A * K * K <= config.max_full_cells
     iterations = 0
-    fits: list[tuple[np.ndarray, np.ndarray, np.ndarray, float | None, float]] = []
-    for one_coin, budget in ((True, config.one_coin_iter), (False, config.max_iter)):
+    fits: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, float | None, float]] = []
+    for one_coin, budget in ((True, config.one_coin_iter), (False, config.max_iter if full_allowed else 0)):
         loglik = 0.0
+        confusion: np.ndarray | None = None
         for _ in range(budget):
             iterations += 1
-            # M-step: class prior and confusion matrices from the soft assignments.
+            # M-step: class prior, one-coin accuracies, and (second stage) the full confusion matrices.
             prior = (T.sum(axis=0) + config.prior_count) / (N + K * config.prior_count)
-            counts = np.asarray((G.T @ T)).reshape(A, K, K).transpose(0, 2, 1)  # [a, true, given]
-            acc = (np.einsum("akk->a", counts) + config.diag_prior) / (
-                counts.sum(axis=(1, 2)) + config.diag_prior + config.off_prior
-            )  # (A,) one-coin accuracy
-            coin = acc[:, None, None] * eye + (1.0 - acc)[:, None, None] * (1.0 - eye) / max(K - 1, 1)  # (A, K, K)
-            confusion = coin if one_coin else _normalise_rows(counts + config.shrinkage * coin)
-            # E-step: posterior over the true class.
-            log_conf = np.log(confusion).transpose(0, 2, 1).reshape(A * K, K)  # [a*K + given, true]
-            logits = np.asarray(G @ log_conf) + np.log(prior)  # (N, K) the annotators' view
+            right = np.bincount(obs.annotator, weights=obs.weight * T[obs.item, obs.label], minlength=A)
+            acc = (right + config.diag_prior) / (w_sum + config.diag_prior + config.off_prior)  # (A,)
+            off = (1.0 - acc) / max(K - 1, 1)  # (A,) probability of each particular wrong class
+            if one_coin:
+                # E-step, one-coin: sum over labels of log(off) + [given == c] * log(acc / off).
+                gain = sparse.csr_matrix((np.log(acc / off)[col_annot], (np.arange(A * K), col_class)), shape=(A * K, K))
+                logits = (G @ gain).toarray() + (given @ np.log(off))[:, None] + np.log(prior)  # (N, K)
+            else:
+                counts = np.asarray(G.T @ T).reshape(A, K, K).transpose(0, 2, 1)  # [a, true, given]
+                eye = np.eye(K)
+                coin = acc[:, None, None] * eye + off[:, None, None] * (1.0 - eye)  # (A, K, K)
+                confusion = _normalise_rows(counts + config.shrinkage * coin)
+                log_conf = np.log(confusion).transpose(0, 2, 1).reshape(A * K, K)  # [a*K + given, true]
+                logits = np.asarray(G @ log_conf) + np.log(prior)  # (N, K) the annotators' view
             if P is not None:
                 beta = _fit_temperature(log_p[fit_rows], _softmax(logits[fit_rows]), beta or 1.0)
                 model_term = _log_softmax(beta * log_p) - np.log(prior)
@@ -190,22 +200,29 @@ def fit_crowd(
             if delta < config.tol:
                 break
         if budget:
-            fits.append((T, confusion, prior, beta, loglik))
+            fits.append((T, acc, confusion, prior, beta, loglik))
     if len(fits) == 2:
         # Keep the full confusions only when they explain the labels better than their extra parameters
         # cost (Akaike: one nat per parameter): small projects keep the one-coin answer.
         extra = A * K * (K - 1) - A
-        if fits[1][4] - fits[0][4] < extra:
+        if fits[1][5] - fits[0][5] < extra:
             fits = fits[:1]
+    full = len(fits) == 2 or (config.one_coin_iter == 0 and bool(fits))
+    acc = np.full(A, np.nan)
+    confusion = None
     if fits:
-        T, confusion, prior, beta, _ = fits[-1]
-
-    # Expected accuracy of each annotator over the items they labelled: sum_c T[i,c] * confusion[a,c,c].
-    diag = np.einsum("akk->ak", confusion)  # (A, K)
-    per_entry = (T[obs.item] * diag[obs.annotator]).sum(axis=1) * obs.weight
-    w_sum = np.bincount(obs.annotator, weights=obs.weight, minlength=A)
-    accuracy = np.bincount(obs.annotator, weights=per_entry, minlength=A) / np.maximum(w_sum, 1e-12)
-    return CrowdFit(T, confusion, prior, beta, len(fits) == 2 or config.one_coin_iter == 0, accuracy, iterations)
+        T, acc, confusion, prior, beta, _ = fits[-1]
+    if full:
+        assert confusion is not None
+        # Expected accuracy on the items they labelled: sum_c T[i,c] * confusion[a,c,c].
+        diag = np.einsum("akk->ak", confusion)  # (A, K)
+        per_entry = (T[obs.item] * diag[obs.annotator]).sum(axis=1) * obs.weight
+        acc = np.bincount(obs.annotator, weights=per_entry, minlength=A) / np.maximum(w_sum, 1e-12)
+    elif A * K * K <= config.max_full_cells and fits:
+        eye = np.eye(K)
+        off = (1.0 - acc) / max(K - 1, 1)
+        confusion = acc[:, None, None] * eye + off[:, None, None] * (1.0 - eye)
+    return CrowdFit(T, confusion, prior, beta, full, acc, iterations)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

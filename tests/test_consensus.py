@@ -256,3 +256,19 @@ def test_crowd_recovers_confusions_and_ignores_a_useless_model() -> None:
     np.testing.assert_allclose(fit.accuracy, true_acc, atol=0.06)
     assert fit.model_temperature is not None and fit.model_temperature < 0.3
     assert (fit.posterior.argmax(1) == truth).mean() > 0.9
+
+
+def test_many_classes_use_the_one_coin_model_without_dense_confusions() -> None:
+    classes = [f"c{i}" for i in range(3000)]
+    flat = Taxonomy.from_nested(classes)
+    rng = np.random.default_rng(5)
+    anns = []
+    for i in range(200):
+        t = classes[int(rng.integers(3000))]
+        anns += [Annotation(i, "u1", ((t,),)), Annotation(i, "u2", ((t,),))]
+        anns.append(Annotation(i, "u3", ((classes[int(rng.integers(3000))],),)))
+    res = consensus(anns, flat, ConsensusPolicy(exclude_flagged=False))
+    fit = res.level_fits[0]
+    assert fit.confusion is None and not fit.full_confusion and fit.posterior.shape == (200, 3000)
+    assert all(res.labels[i] == anns[3 * i].paths[0] for i in range(200))
+    assert res.annotators["u3"].quality < 0.1 < 0.9 < res.annotators["u1"].quality
