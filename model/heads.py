@@ -127,6 +127,8 @@ class TaxonomyHeads(nn.Module):
         self.in_dim = int(in_dim)
         self.num_classes = [int(k) for k in num_classes]
         self.hidden = int(hidden)
+        self.dropout = float(dropout)
+        self.train_config: HeadsConfig | None = None  # set by train_heads
         self.normalization = Normalization(normalization)
         self.register_buffer("mean", torch.zeros(in_dim))  # (D,)
         self.register_buffer("std", torch.ones(in_dim))  # (D,)
@@ -148,6 +150,16 @@ class TaxonomyHeads(nn.Module):
         """Logits per level. ``emb``: ``(N, D)``; returns L tensors ``(N, K_k)``."""
         x = self.normalize(emb)  # (N, D)
         return [head(x) for head in self.heads]
+
+    def architecture(self) -> dict:
+        """The constructor arguments (JSON-able), enough to rebuild the module before loading its weights."""
+        return {
+            "in_dim": self.in_dim,
+            "num_classes": list(self.num_classes),
+            "hidden": self.hidden,
+            "dropout": self.dropout,
+            "normalization": self.normalization.value,
+        }
 
     def fit_normalization(self, emb: Tensor) -> None:
         """Set the standardisation statistics from training embeddings ``(N, D)`` (after L2 if configured)."""
@@ -272,6 +284,7 @@ def train_heads(
                 loss.backward()
                 opt.step()
             sched.step()
+    heads.train_config = cfg
     return heads.eval()
 
 
