@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -132,12 +131,6 @@ def labels_shortfall(labels: dict[int, tuple[str, ...]], min_labels: int) -> str
         return (f"need labels of at least 2 top-level classes (all {len(labels)} labelled tasks are "
                 f"{top[0] if top else 'empty'!r}); label a task of another class")
     return None
-
-
-def data_fingerprint(pairs: list[tuple[str, tuple[str, ...]]]) -> str:
-    """Hash of the sorted (image content hash, label path) training pairs."""
-    blob = json.dumps(sorted([h, list(p)] for h, p in pairs)).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -495,14 +488,15 @@ def fit_heads(source: ProjectSource, labels: Labels, images: ProjectImages, emb:
 def publish_version(settings: Settings, pid: int, source: ProjectSource, labels: Labels, images: ProjectImages,
                     encoder: Encoder, fit: Fit, decision: PretrainDecision, counts: dict[str, int]) -> str:
     """Publish the new model version atomically, prune old ones; returns the version."""
-    from model.bundle import prune, publish
+    from model.bundle import data_fingerprint, prune, publish
 
     root = settings.project_dir(pid) / "models"
     extra = {"consensus": labels.result.policy_record(), "excluded": len(labels.result.excluded),
              "pretrained": decision.pretrain, "pretrain_decision": decision.to_dict(), "counts": dict(counts),
              "project_id": pid, "label_config_from_name": source.config.from_name}
     manifest = publish(root, source.config.taxonomy, encoder.cfg, encoder.state, fit.result.heads,
-                       fit.result.temperature, fit.result.metrics, data_fingerprint(fit.pairs), extra)
+                       fit.result.temperature, fit.result.metrics, data_fingerprint(fit.pairs), extra,
+                       counts=dict(counts))
     prune(root, keep=settings.keep_versions)
     log.info("Project %s: published model version %s.", pid, manifest.version)
     return str(manifest.version)

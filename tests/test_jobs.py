@@ -74,12 +74,6 @@ def test_lightning_device_mapping() -> None:
     assert lightning_device("cuda:3") == ("gpu", (3,))
 
 
-def test_data_fingerprint_ignores_order_and_sees_changes() -> None:
-    a = [("h1", ("A", "B")), ("h2", ("C",))]
-    assert jobs.data_fingerprint(a) == jobs.data_fingerprint(list(reversed(a)))
-    assert jobs.data_fingerprint(a) != jobs.data_fingerprint([("h1", ("A", "B")), ("h2", ("D",))])
-
-
 def test_worker_settings_reach_the_job(tmp_path: Path) -> None:
     jobs.use_settings(Settings.from_env(env={}, device="cpu", min_labels_to_train=9))
     s = jobs.job_settings(str(tmp_path))
