@@ -100,3 +100,37 @@ def test_evaluate_end_to_end_is_json_and_skips_unlabelled() -> None:
         evaluate([a[-1:] for a in wrong], targets_unl[-1:], TAX)
     with pytest.raises(DataError, match="aligned"):
         evaluate(wrong, targets, TAX)
+
+
+def test_write_report_files(tmp_path) -> None:
+    from PIL import Image
+
+    from model.report import write_report
+
+    rng = np.random.default_rng(3)
+    paths = [leaf.path for leaf in TAX.leaves()] * 8
+    targets = TAX.encode_many(paths)
+    logits = [a + rng.normal(size=a.shape) * 3 for a in perfect_logits(targets, TAX)]
+    metrics = evaluate(logits, targets, TAX)
+    loss_csv = tmp_path / "loss.csv"
+    loss_csv.write_text("epoch,step,loss\n" + "".join(f"{s // 10},{s},{6 - s / 20}\n" for s in range(40)))
+    curve = [(n, evaluate([a[:n] for a in logits], targets[:n], TAX)) for n in (10, 20, 40)]
+    page = write_report(tmp_path / "rep", metrics, TAX, loss_csv=loss_csv, label_curve=curve)
+    names = sorted(p.name for p in page.parent.iterdir())
+    assert names == ["confusion_level0.png", "confusion_level1.png", "label_curve.png", "pretrain_loss.png",
+                     "reliability.png", "report.html", "report.json"]
+    for png in page.parent.glob("*.png"):
+        with Image.open(png) as im:
+            assert im.size[0] > 100
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 5 and "a1" in text and "path accuracy" in text
+    data = json.loads((page.parent / "report.json").read_text())
+    assert data["metrics"]["n"] == 40 and [p["n_labels"] for p in data["label_curve"]] == [10, 20, 40]
+    # Without optional inputs only the metric plots are written.
+    bare = write_report(tmp_path / "bare", metrics, TAX)
+    assert sorted(p.name for p in bare.parent.glob("*.png")) == ["confusion_level0.png", "confusion_level1.png",
+                                                                "reliability.png"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="epoch,step,loss"):
+        write_report(tmp_path / "x", metrics, TAX, loss_csv=bad)
