@@ -170,6 +170,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Loads a backbone state dict strictly, after removing ``module.``/``backbone.`` prefixes and ``fc.*``.
 
+    From a whole MoCo state dict (keys ``backbone.*``, ``projection_head.*``, ``backbone_momentum.*`` …)
+    only the query backbone ``backbone.*`` is taken.
+
     Args:
         backbone: The module to load into.
         state: Parameter and buffer tensors by name.
@@ -178,6 +181,8 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], s
     Raises:
         ConfigError: Keys are missing or unexpected, or shapes differ (listing the first few).
     """
+    if any(k.startswith("backbone.") for k in state):  # a whole MoCo module: keep its query backbone
+        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
     cleaned: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         for prefix in ("module.", "backbone."):

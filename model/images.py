@@ -55,8 +55,8 @@ def content_hash(data: bytes) -> str:
 def _describe(src: ImageSource) -> str:
     if isinstance(src, (str, Path)):
         return f"image file {str(src)!r}"
-    if isinstance(src, bytes):
-        return f"image bytes (sha256 {content_hash(src)[:12]}…, {len(src)} bytes)"
+    if isinstance(src, (bytes, bytearray)):
+        return f"image of {len(src)} bytes"
     return f"in-memory image {type(src).__name__}"
 
 

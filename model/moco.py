@@ -74,7 +74,6 @@ class MoCoV2(pl.LightningModule):
             memory_bank_size=(memory_bank_size, proj_out_dim),
             gather_distributed=gather_distributed,
         )
-        self.images_seen = 0
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -116,7 +115,6 @@ class MoCoV2(pl.LightningModule):
         self.momentum_update(self.ema_momentum())
         x_query, x_key = views
         loss = self.contrastive_loss(x_query, x_key)
-        self.images_seen += len(indices)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(indices))
         return loss
 

@@ -261,11 +261,12 @@ def pretrain(
         The trained backbone weights, their version, losses, epochs done, throughput, skipped images.
 
     Raises:
-        DataError: ``images`` is empty.
+        DataError: Fewer than 2 images.
         ConfigError: Bad settings, or the checkpoint was made for another encoder config.
     """
-    if len(images) == 0:
-        raise DataError("pretraining got no images; add unlabelled images to the project (or the folder) first.")
+    if len(images) < 2:
+        raise DataError(f"pretraining got {len(images)} image(s) but needs at least 2 (a contrastive batch); "
+                        "add unlabelled images to the project (or the folder) first.")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -331,6 +332,7 @@ def pretrain(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*exceeds max_steps.*")
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
         trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resuming else None)
 
     if trainer.is_global_zero:

@@ -170,8 +170,27 @@ def test_memory_bank_is_restored_from_checkpoint(tmp_path: Path) -> None:
 
 
 def test_empty_input_and_bad_config(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="no images"):
+    with pytest.raises(DataError, match="needs at least 2"):
         pretrain([], ENC, TINY, tmp_path, progress=False)
     with pytest.raises(ConfigError, match="memory_bank_size"):
         PretrainConfig(batch_size=64, memory_bank_size=32)
     assert PretrainConfig.from_dict(TINY.to_dict()) == TINY
+
+
+def test_time_budget_stops_early_and_the_run_can_continue(tmp_path: Path) -> None:
+    images = _images(32)
+    cfg = PretrainConfig(**{**TINY.__dict__, "epochs": 50, "max_minutes": 0.0005})  # 30 ms
+    first = pretrain(images, ENC, cfg, tmp_path, progress=False)
+    assert first.epochs_done < 50 and len(first.step_losses) >= 1
+    unlimited = PretrainConfig(**{**TINY.__dict__, "epochs": first.epochs_done + 1})
+    second = pretrain(images, ENC, unlimited, tmp_path, progress=False)
+    assert second.epochs_done == first.epochs_done + 1
+
+
+def test_backbone_weights_from_a_whole_moco_state_dict() -> None:
+    from model.encoder import load_backbone_weights
+
+    module = MoCoV2(build_backbone(ENC), memory_bank_size=16, proj_hidden_dim=32, proj_out_dim=8)
+    target = build_backbone(ENC)
+    load_backbone_weights(target, module.state_dict(), "MoCo state")
+    assert encoder_version(target.state_dict()) == encoder_version(module.backbone.state_dict())
