@@ -216,6 +216,8 @@ class RQScheduler(Scheduler):
             out["workers"] = Worker.count(connection=self.redis)
             out["ok"] = True
             out["redis"] = "ok"
+            if out["workers"] == 0:
+                out["warning"] = "no `taxomoco worker` is connected to this Redis; queued jobs wait until one starts"
         except RedisError as exc:
             out["ok"] = False
             out["redis"] = f"unreachable: {type(exc).__name__}: {exc}"

@@ -278,3 +278,11 @@ def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_stud
     finally:
         scheduler.close()
         connections.forget_all()
+
+
+def test_interrupted_pretraining_resumes_in_the_same_run_directory(tmp_path: Path) -> None:
+    first = jobs._pending_run(tmp_path)
+    assert first.parent == tmp_path / "pretrain" and first.name.startswith("run-")
+    assert jobs._pending_run(tmp_path) == first  # a crashed pretraining is resumed where it stopped
+    jobs._pending_run(tmp_path, clear=True)
+    assert not (tmp_path / "jobs" / "pretrain_pending.json").exists()

@@ -255,3 +255,10 @@ def test_forced_pretraining_folded_into_a_waiting_job_is_kept(scheduler, setting
     assert pretrain_requested(settings.project_dir(9))  # the waiting job's train_project will see it
     clear_pretrain_request(settings.project_dir(9))
     assert scheduler.queue_for(9, force_pretrain=False) == settings.heads_queue
+
+
+def test_health_warns_without_workers_and_run_worker_burst_returns(settings: Settings, scheduler) -> None:
+    from ml_backend.worker import run_worker
+
+    assert "no `taxomoco worker`" in scheduler.health()["warning"]
+    assert run_worker(settings, burst=True) is False  # warm imports (torch, lightly, model), empty queues
