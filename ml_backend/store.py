@@ -174,13 +174,10 @@ class ModelStore:
             return sorted(self._entries)
 
     def versions(self, project_id: int) -> list[str]:
-        """Versions on disk for ``project_id`` (``models/versions/*``), newest first."""
-        root = models_root(self.settings, project_id) / "versions"
-        try:
-            dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        except FileNotFoundError:
-            return []
-        return [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)]
+        """Complete versions on disk for ``project_id`` (``model.bundle.list_versions``), newest first."""
+        from model.bundle import list_versions
+
+        return list(reversed(list_versions(models_root(self.settings, project_id))))
 
     def refresh(self, project_id: int) -> None:
         """Probe ``project_id`` now (ignoring the interval), e.g. right after a training published."""

@@ -74,6 +74,7 @@ class Models:
     def publish(self, pid: int, version: str) -> None:
         d = self.root / f"project-{pid}" / "models" / "versions" / version
         d.mkdir(parents=True, exist_ok=True)
+        (d / "manifest.json").write_text("{}")
         (d.parent.parent / "LIVE").write_text(version)
 
     def probe(self, pid: int):

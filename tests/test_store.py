@@ -124,10 +124,11 @@ def test_projects_are_separate_and_versions_listed(store, files, tmp_path):
     assert store.get(1, wait_s=5).version == "x1" and store.get(2, wait_s=5).version == "y1"
     assert store.projects() == [1, 2]
     vdir = tmp_path / "project-1" / "models" / "versions"
-    (vdir / "x0").mkdir(parents=True)
-    time.sleep(0.02)
-    (vdir / "x1").mkdir()
-    assert store.versions(1) == ["x1", "x0"] and store.versions(9) == []
+    for name in ("20260101T000000-a", "20260102T000000-b", ".tmp-partial"):
+        (vdir / name).mkdir(parents=True)
+        (vdir / name / "manifest.json").write_text("{}")
+    (vdir / "20260103T000000-unfinished").mkdir()
+    assert store.versions(1) == ["20260102T000000-b", "20260101T000000-a"] and store.versions(9) == []
 
 
 def test_broken_probe_keeps_serving(tmp_path, files):
@@ -147,3 +148,48 @@ def test_broken_probe_keeps_serving(tmp_path, files):
         assert "garbage" in s.status(1)["probe_error"]
     finally:
         s.close()
+
+
+def publish_tiny_bundle(models_root, taxonomy, seed=0):
+    """Publish a real (untrained) model version through model.bundle: ResNet-18-half at 32 px + heads."""
+    import torch
+
+    from model.bundle import publish
+    from model.encoder import EncoderConfig, build_backbone
+    from model.heads import TaxonomyHeads
+
+    torch.manual_seed(seed)
+    cfg = EncoderConfig(arch="resnet18-half", input_size=32)
+    backbone = build_backbone(cfg)
+    heads = TaxonomyHeads(cfg.out_dim, [taxonomy.num_classes(k) for k in range(taxonomy.depth)], hidden=16)
+    return publish(models_root, taxonomy, cfg, backbone.state_dict(), heads, 1.0, {}, f"tiny-{seed}")
+
+
+def test_real_bundles_are_loaded_and_hot_reloaded(tmp_path):
+    import torch
+    from PIL import Image
+
+    from model.taxonomy import Taxonomy
+
+    torch.set_num_threads(1)
+    taxonomy = Taxonomy.from_nested({"Animal": ["Cat", "Dog"], "Plant": None})
+    settings = Settings(model_dir=tmp_path, device="cpu")
+    store = ModelStore(settings, check_interval_s=0.05)
+    try:
+        assert store.version(5) == UNTRAINED and store.get(5, wait_s=1) is None
+        first = publish_tiny_bundle(settings.project_dir(5) / "models", taxonomy, seed=0)
+        predictor = store.get(5, wait_s=60)
+        assert predictor is not None and predictor.version == first.version == store.version(5)
+        images = [Image.new("RGB", (20, 24), (200, 30, 30)), None]
+        preds = predictor.predict(images, ["a" * 64, None], leafs_only=True)
+        assert preds[1] is None and preds[0].path in {("Animal", "Cat"), ("Animal", "Dog"), ("Plant",)}
+        assert 0.0 < preds[0].score <= 1.0
+        assert any((tmp_path / "project-5" / "cache").iterdir())  # the embedding cache of the project
+        time.sleep(1.1)  # versions are named by the second
+        second = publish_tiny_bundle(settings.project_dir(5) / "models", taxonomy, seed=1)
+        assert second.version != first.version
+        assert wait_for(lambda: store.version(5) == second.version, timeout=60)
+        assert store.get(5).version == second.version
+        assert store.versions(5) == [second.version, first.version]
+    finally:
+        store.close()
