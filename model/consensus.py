@@ -313,15 +313,15 @@ def consensus(
     fits: list[CrowdFit] = []
     evidence = np.zeros((N, L), dtype=bool)  # (N, L) some annotator labelled level k of item i
     for k in range(L):
-        it, an, lab, w = [], [], [], []
-        for item, per in votes.items():
-            for vote in per.values():
-                for c, weight in _level_weights(vote.paths, codes, k).items():
-                    it.append(row[item]), an.append(col[vote.annotator]), lab.append(c), w.append(weight)
-        obs = Observations(
-            np.asarray(it, dtype=np.int64), np.asarray(an, dtype=np.int64),
-            np.asarray(lab, dtype=np.int64), np.asarray(w, dtype=np.float64),
-        )
+        entries = [
+            (row[item], col[vote.annotator], c, weight)
+            for item, per in votes.items()
+            for vote in per.values()
+            for c, weight in _level_weights(vote.paths, codes, k).items()
+        ]
+        table = np.asarray(entries, dtype=np.float64).reshape(-1, 4)  # (E, 4): item row, annotator, class, weight
+        idx = table[:, :3].astype(np.int64)
+        obs = Observations(idx[:, 0], idx[:, 1], idx[:, 2], table[:, 3])
         evidence[obs.item, k] = True
         fits.append(fit_crowd(obs, N, A, taxonomy.num_classes(k), None if model is None else model[k], crowd_config))
 

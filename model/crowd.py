@@ -51,7 +51,7 @@ class CrowdConfig:
     """
 
     max_iter: int = 100
-    tol: float = 1e-5
+    tol: float = 1e-4
     diag_prior: float = 2.0
     off_prior: float = 1.0
     shrinkage: float = 5.0
