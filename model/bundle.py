@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -337,8 +338,17 @@ def _check_heads(state: Mapping[str, torch.Tensor], manifest: Manifest, where: P
     return heads.eval()
 
 
+@lru_cache(maxsize=8)
+def _backbone_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of the backbone ``cfg`` describes (built once per config, on the meta device)."""
+    from model.encoder import build_backbone
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in build_backbone(cfg).state_dict().items()}
+
+
 def _check_encoder(state: dict[str, torch.Tensor], manifest: Manifest, where: Path) -> Any:
-    from model.encoder import EncoderConfig, build_backbone, encoder_version
+    from model.encoder import EncoderConfig, encoder_version
 
     actual = encoder_version(state)
     if actual != manifest.encoder_version:
@@ -355,10 +365,9 @@ def _check_encoder(state: dict[str, torch.Tensor], manifest: Manifest, where: Pa
             f"{where}: the encoder gives {cfg.out_dim}-d embeddings but the heads take {manifest.embedding_dim}-d; "
             "the bundle mixes an encoder and heads of different models. Retrain the heads."
         )
-    with torch.device("meta"):  # shapes only: no memory, no initialisation work
-        expected = build_backbone(cfg).state_dict()
+    expected = _backbone_shapes(cfg)
     bad = sorted(set(expected) ^ set(state)) + [
-        k for k in expected if k in state and tuple(expected[k].shape) != tuple(state[k].shape)
+        k for k in expected if k in state and expected[k] != tuple(state[k].shape)
     ]
     if bad:
         raise BundleError(

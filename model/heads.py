@@ -214,6 +214,7 @@ def train_heads(
     num_classes: Sequence[int] | Taxonomy,
     cfg: HeadsConfig | None = None,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> TaxonomyHeads:
     """Train one head per level with the sum over levels of cross-entropy (``ignore_index=IGNORE``).
 
@@ -223,7 +224,9 @@ def train_heads(
             IGNORE are dropped.
         num_classes: classes per level (or the taxonomy, whose ``num_classes(k)`` is used).
         cfg: hyper-parameters; defaults to ``HeadsConfig()``.
-        progress: show a progress bar over epochs.
+        progress: show a progress bar over optimiser steps.
+        device: where to train ("cpu", "cuda", ...); the data is small enough to live there whole. Runs are
+            bit-reproducible per seed on the CPU.
 
     Returns:
         The trained heads, in eval mode, on the CPU.
@@ -249,6 +252,10 @@ def train_heads(
     heads.fit_normalization(x)
     x = heads.normalize(x)  # (N, D) normalised once; the training loop skips the normalisation step
     weights = [_class_weights(y[:, k], kk) if cfg.class_weighted else None for k, kk in enumerate(num_classes)]
+    device = torch.device(device)
+    heads.to(device)
+    x, y = x.to(device), y.to(device)
+    weights = [w.to(device) if w is not None else None for w in weights]
     draw = _sample_weights(y) if cfg.oversample else None  # (N,)
 
     n = x.shape[0]
@@ -270,7 +277,7 @@ def train_heads(
                     order = torch.randperm(n, generator=gen)
                 else:
                     order = torch.multinomial(draw, n, replacement=True, generator=gen)
-            idx = order[pos : pos + batch]
+            idx = order[pos : pos + batch].to(device)
             xb, yb = x[idx], y[idx]  # (B, D), (B, L)
             loss = x.new_zeros(())
             for k, head in enumerate(heads.heads):
@@ -285,7 +292,7 @@ def train_heads(
                 opt.step()
             sched.step()
     heads.train_config = cfg
-    return heads.eval()
+    return heads.cpu().eval()
 
 
 # ----- frozen-encoder sanity ----------------------------------------------------------------------------

@@ -103,6 +103,7 @@ def fit(
     cfg: HeadsConfig | None = None,
     folds: int = 5,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> FitResult:
     """Train calibrated heads with out-of-fold evaluation.
 
@@ -114,6 +115,7 @@ def fit(
         folds: cross-validation folds (clipped to the number of labelled images; stratified by top level).
             With fewer than 2 usable folds the temperature stays 1.0 and ``metrics`` is empty.
         progress: show progress bars.
+        device: where the heads train (see :func:`model.heads.train_heads`).
 
     Returns:
         A :class:`FitResult`.
@@ -146,7 +148,7 @@ def fit(
         level_logits = [np.zeros((n, taxonomy.num_classes(lv)), dtype=np.float32) for lv in range(taxonomy.depth)]
         for f in tqdm(range(k), desc="cross-validation", disable=not progress):
             held = fold_of == f
-            heads = train_heads(x[~held], targets[~held], taxonomy, cfg)
+            heads = train_heads(x[~held], targets[~held], taxonomy, cfg, device=device)
             for lv, out in enumerate(_logits(heads, x[held])):
                 level_logits[lv][held] = out
         temperature = fit_temperature(level_logits, targets, taxonomy)
@@ -157,7 +159,7 @@ def fit(
         metrics["nll_uncalibrated"] = raw["nll"]
         metrics["folds"] = k
         probs = [_softmax(a, temperature) for a in level_logits]
-    heads = train_heads(x, targets, taxonomy, cfg, progress=progress)
+    heads = train_heads(x, targets, taxonomy, cfg, progress=progress, device=device)
     metrics["n_labelled"] = n
     return FitResult(
         heads=heads,
