@@ -6,9 +6,9 @@
 - ``loss.csv`` (``epoch,step,loss`` per optimiser step) and ``loss.png`` (the loss curve);
 - ``pretrain_config.json``: the encoder and pretraining configs of the run.
 
-Re-running with ``resume=True`` continues from the last completed epoch of ``last.ckpt`` (weights,
-optimiser and LR-scheduler state, memory bank); a run stopped by ``max_minutes`` keeps its last
-completed epoch in the checkpoint and its latest weights in the returned :class:`PretrainResult`.
+Re-running with ``resume=True`` continues after the last epoch of ``last.ckpt`` (weights, optimiser and
+LR-scheduler state, memory bank). A run stopped by ``max_minutes`` ends its current epoch early; that
+epoch is checkpointed and counts as done (Lightning's semantics), so the next call starts a new epoch.
 """
 
 from __future__ import annotations
@@ -213,6 +213,18 @@ def write_loss_plot(csv_path: Path, png_path: Path) -> None:
     fig.savefig(png_path)
 
 
+def _truncate_loss_csv(csv_path: Path, global_step: int) -> None:
+    """Drops rows of steps the checkpoint does not hold (a run stopped after its last checkpoint)."""
+    if not csv_path.exists():
+        return
+    with csv_path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0]] + [r for r in rows[1:] if int(r[1]) <= global_step]
+    if len(kept) != len(rows):
+        with csv_path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
 def _precision(cfg: PretrainConfig) -> str:
     if cfg.precision is not None:
         return cfg.precision
@@ -328,7 +340,9 @@ def pretrain(
         module = module.to(memory_format=torch.channels_last)
     resumed_from = None
     if resuming:
-        resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1
+        saved = torch.load(last, map_location="cpu", weights_only=False)
+        resumed_from = int(saved["epoch"]) + 1
+        _truncate_loss_csv(csv_path, int(saved["global_step"]))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*exceeds max_steps.*")

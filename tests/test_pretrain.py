@@ -185,6 +185,8 @@ def test_time_budget_stops_early_and_the_run_can_continue(tmp_path: Path) -> Non
     unlimited = PretrainConfig(**{**TINY.__dict__, "epochs": first.epochs_done + 1})
     second = pretrain(images, ENC, unlimited, tmp_path, progress=False)
     assert second.epochs_done == first.epochs_done + 1
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "loss.csv").open())]
+    assert steps == list(range(1, len(steps) + 1))  # no step twice, none missing
 
 
 def test_backbone_weights_from_a_whole_moco_state_dict() -> None:
