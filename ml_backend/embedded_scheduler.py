@@ -119,6 +119,8 @@ class EmbeddedScheduler(Scheduler):
             record["queued_reason"] = waiting.reason
         if running and record.get("running_since") is None:
             record["running_since"] = running_since
+        if not running:  # only this process runs the project's jobs: a recorded run without it is over
+            record["running_since"] = record["running_job_id"] = None
         return record
 
     def health(self) -> dict[str, Any]:

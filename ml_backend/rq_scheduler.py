@@ -206,6 +206,8 @@ class RQScheduler(Scheduler):
         if not record["queued"]:
             record["queued_since"] = None  # e.g. the queue was lost with a Redis restart
             record["queued_reason"] = None
+        if not record["running"]:
+            record["running_since"] = record["running_job_id"] = None
         return record
 
     def health(self) -> dict[str, Any]:

@@ -268,6 +268,8 @@ def test_projects_do_not_block_each_others_queue_entry(embedded, tmp_path: Path)
 def test_run_left_running_by_a_stopped_server_is_closed_as_interrupted(embedded, tmp_path: Path) -> None:
     settings = Settings.from_env(env={}, model_dir=tmp_path)
     JobRecords(settings.project_dir(14), 14).mark_started("embedded-14-1")  # the server died mid-run
+    before = embedded.status(14)
+    assert before["running"] is False and before["running_since"] is None and before["running_job_id"] is None
     set_control(tmp_path, 14)
     embedded.schedule(14, "ANNOTATION_CREATED")
     assert embedded.wait_idle(30)
