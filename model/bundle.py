@@ -424,16 +424,16 @@ def load_bundle(root: Path | str, version: str | None = None) -> ModelBundle:
     root = Path(root)
     if version is not None:
         return _load_version(root, version)
-    for _ in range(3):  # a publish + prune may retire the version between reading LIVE and its files
+    for attempt in range(3):  # a publish + prune may retire the version between reading LIVE and its files
         live = live_version(root)
         if live is None:
             raise BundleError(f"No model has been published in {root} yet; train one first.")
         try:
             return _load_version(root, live)
         except BundleError:
-            if live_version(root) == live:
+            if attempt == 2 or live_version(root) == live:
                 raise
-    return _load_version(root, live_version(root) or "")
+    raise AssertionError("unreachable")
 
 
 def load_live(root: Path | str) -> ModelBundle:

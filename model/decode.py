@@ -153,6 +153,8 @@ def decode(
     """
     if top_k < 1:
         raise DataError(f"top_k must be >= 1, got {top_k}.")
+    if not 0.0 <= prefix_threshold <= 1.0:
+        raise DataError(f"prefix_threshold is a probability, got {prefix_threshold}; use a value in [0, 1].")
     full, _ = taxonomy.candidate_paths(leafs_only=True)
     logp_full = full_path_log_probs(level_logits, taxonomy, temperature)  # (N, P_full)
     nodes, _ = taxonomy.candidate_paths(leafs_only=False)
@@ -209,10 +211,13 @@ def fit_temperature(
     targets: np.ndarray,
     taxonomy: Taxonomy,
     bounds: tuple[float, float] = (0.05, 20.0),
+    prior_std: float = 1.0,
 ) -> float:
     """The temperature minimising the mean NLL of the true paths on held-out (out-of-fold) logits.
 
     Rows known only down to a prefix contribute the NLL of that prefix (the sum over the full paths under it).
+    A Gaussian prior on log T (mean 0, std ``prior_std``) keeps T near 1 when only a handful of rows are
+    labelled (a few confident hits must not sharpen every later score); with hundreds of rows it is negligible.
     A grid over log T followed by golden-section refinement; no gradients needed.
 
     Args:
@@ -220,6 +225,7 @@ def fit_temperature(
         targets: ``(N, L)`` from ``Taxonomy.encode_many``; all-IGNORE rows are skipped.
         taxonomy: the taxonomy of the heads.
         bounds: the search range of T.
+        prior_std: standard deviation of the prior on log T.
 
     Returns:
         T > 0 (1.0 when no row is labelled).
@@ -244,7 +250,8 @@ def fit_temperature(
         for k, a in enumerate(arrays):
             logp += _log_softmax(a / t)[:, index[:, k]]
         logp -= _logsumexp(logp, axis=1)[:, None]
-        return float(-_logsumexp(np.where(member, logp, -np.inf), axis=1).mean())
+        nll = -_logsumexp(np.where(member, logp, -np.inf), axis=1)  # (n,)
+        return float(nll.mean() + 0.5 * (log_t / prior_std) ** 2 / len(nll))
 
     lo, hi = np.log(bounds[0]), np.log(bounds[1])
     grid = np.linspace(lo, hi, 25)

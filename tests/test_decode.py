@@ -181,3 +181,16 @@ def test_temperature_uses_prefix_targets_and_skips_unlabelled() -> None:
     nll = path_nll(logits, partial, RAGGED)
     assert np.isnan(nll[::7]).all() and np.isfinite(nll[1::7]).all()
     assert fit_temperature([a[:0] for a in logits], targets[:0], RAGGED) == 1.0
+
+
+def test_few_labels_keep_the_temperature_near_one() -> None:
+    logits, targets = overconfident_sample(3, RAGGED, scale=1.0, seed=4)
+    paths, _ = RAGGED.candidate_paths(True)
+    # Three confident correct predictions: without a prior the NLL would push T to its lower bound.
+    sharp = [np.where(np.arange(a.shape[1])[None, :] == np.maximum(targets[:, [k]], 0), 3.0, 0.0)
+             for k, a in enumerate(logits)]
+    t = fit_temperature(sharp, targets, RAGGED)
+    assert 0.6 < t < 1.0
+    assert fit_temperature(sharp, targets, RAGGED, prior_std=100.0) < 0.3
+    with pytest.raises(DataError, match="prefix_threshold"):
+        decode(sharp, RAGGED, leafs_only=False, prefix_threshold=1.5)
