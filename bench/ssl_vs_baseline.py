@@ -105,7 +105,9 @@ class BenchConfig:
         seeds: one labelled subset, head initialisation and CNN initialisation per seed.
         test_size: images in the fixed test split.
         split_seed: seed of the test split.
-        pretrain_minutes: wall-clock budget of MoCo pretraining.
+        pretrain_cpu_minutes: budget of MoCo pretraining in CPU-minutes of this process (all threads; 16 is
+            about 8 minutes on a quiet 2-core machine).
+        max_wall_minutes: wall-clock limit of pretraining whatever the budget (a very busy machine).
         encoder: backbone architecture and input size (shared by all three CNN-based methods).
         pretrain: MoCo v2 hyper-parameters (``epochs`` and ``max_minutes`` are set from the budget).
         heads: head hyper-parameters (moco+heads and random-init+heads).
@@ -120,12 +122,13 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     test_size: int = 2000
     split_seed: int = 0
-    pretrain_minutes: float = 10.0
+    pretrain_cpu_minutes: float = 16.0
+    max_wall_minutes: float | None = 35.0
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(arch=Arch.RESNET18_HALF, input_size=32))
     pretrain: PretrainConfig = field(default_factory=lambda: SILHOUETTE_PRETRAIN)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
-    cnn_steps: int = 300
-    cnn_batch: int = 64
+    cnn_steps: int = 200
+    cnn_batch: int = 32
     cnn_lr: float = 0.05
     logreg_c: float = 0.1
 
@@ -338,7 +341,7 @@ def supervised_cnn_predict(
 
 def _cache_key(cfg: BenchConfig, n_images: int) -> str:
     blob = json.dumps(
-        {"encoder": cfg.encoder.to_dict(), "pretrain": cfg.pretrain.to_dict(), "minutes": cfg.pretrain_minutes,
+        {"encoder": cfg.encoder.to_dict(), "pretrain": cfg.pretrain.to_dict(), "cpu_minutes": cfg.pretrain_cpu_minutes, "wall_cap": cfg.max_wall_minutes,
          "images": n_images, "split": [cfg.test_size, cfg.split_seed]},
         sort_keys=True,
     )
@@ -346,7 +349,10 @@ def _cache_key(cfg: BenchConfig, n_images: int) -> str:
 
 
 def moco_step_rate(encoder: EncoderConfig, batch_size: int, steps: int = 2) -> float:
-    """Images per second of one MoCo step (query forward + backward, key forward) on this machine, now.
+    """Images per CPU-second of one MoCo step (query forward + backward, key forward) on this machine.
+
+    CPU time (of this process, all threads) rather than wall time, so that the estimate does not depend on
+    what else the machine is running.
 
     Args:
         encoder: the backbone and input size.
@@ -357,21 +363,25 @@ def moco_step_rate(encoder: EncoderConfig, batch_size: int, steps: int = 2) -> f
     x = torch.randn(batch_size, 3, encoder.input_size, encoder.input_size).contiguous(memory_format=torch.channels_last)
     seconds = 0.0
     for step in range(steps + 1):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         backbone(x).square().mean().backward()
         with torch.no_grad():
             backbone(x)
         if step > 0:
-            seconds += time.perf_counter() - t0
+            seconds += time.process_time() - t0
     return steps * batch_size / seconds
 
 
-def pretrained_backbone(images: np.ndarray, cfg: BenchConfig, out_dir: Path, retrain: bool) -> tuple[nn.Module, dict]:
-    """MoCo v2 pretraining on ``images`` within ``cfg.pretrain_minutes``, cached under ``out_dir``.
+PIPELINE_OVERHEAD = 1.25
+"""CPU cost of a real pretraining step (augmentation, data loading, loss, optimiser) over the bare probe."""
 
-    The cosine learning-rate schedule should end when the budget does, so a short probe first measures
-    the training throughput on this machine and the planned epochs are set to what fits the budget
-    (``max_minutes`` still stops the run if the machine gets slower).
+
+def pretrained_backbone(images: np.ndarray, cfg: BenchConfig, out_dir: Path, retrain: bool) -> tuple[nn.Module, dict]:
+    """MoCo v2 pretraining on ``images`` for a budget of ``cfg.pretrain_cpu_minutes``, cached under ``out_dir``.
+
+    The budget is CPU time, not wall time, so that a busy machine gives the same encoder as a quiet one,
+    only later. A short probe measures images per CPU-second; the planned epochs (the length of the cosine
+    learning-rate schedule) are what the budget buys. ``cfg.max_wall_minutes`` stops the run regardless.
 
     Args:
         images: uint8 ``(N, 28, 28)`` unlabelled images.
@@ -380,7 +390,7 @@ def pretrained_backbone(images: np.ndarray, cfg: BenchConfig, out_dir: Path, ret
         retrain: ignore the cache.
 
     Returns:
-        ``(backbone, info)``: the pretrained backbone and what the run did (wall time, images/s, epochs, loss).
+        ``(backbone, info)``: the pretrained backbone and what the run did (CPU and wall time, images/s, loss).
     """
     from safetensors.torch import load_file, save_file
 
@@ -395,26 +405,23 @@ def pretrained_backbone(images: np.ndarray, cfg: BenchConfig, out_dir: Path, ret
         return backbone, info
 
     sources = list(images)
-    budget_s = 60.0 * cfg.pretrain_minutes
-    t0 = time.perf_counter()
-    ips = moco_step_rate(cfg.encoder, cfg.pretrain.batch_size)
-    probe_s = time.perf_counter() - t0
-    left_s = max(6.0, budget_s - probe_s)
-    epochs = max(1, int(left_s * ips * 0.9 // len(sources)))
-    run_cfg = replace(cfg.pretrain, epochs=epochs, max_minutes=left_s / 60.0)
-    print(f"pretraining: ~{ips:.0f} img/s on this machine now -> {epochs} epochs of {len(sources)} images "
-          f"in {left_s / 60:.1f} min", flush=True)
-    t0 = time.perf_counter()
+    ips_cpu = moco_step_rate(cfg.encoder, cfg.pretrain.batch_size) / PIPELINE_OVERHEAD
+    epochs = max(1, int(60.0 * cfg.pretrain_cpu_minutes * ips_cpu // len(sources)))
+    run_cfg = replace(cfg.pretrain, epochs=epochs, max_minutes=cfg.max_wall_minutes)
+    print(f"pretraining: ~{ips_cpu:.0f} img per CPU-second -> {epochs} epochs of {len(sources)} images "
+          f"for {cfg.pretrain_cpu_minutes} CPU-minutes (wall limit {cfg.max_wall_minutes} min)", flush=True)
+    t0, c0 = time.perf_counter(), time.process_time()
     result = pretrain(sources, cfg.encoder, run_cfg, run_dir / "run", resume=False, progress=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     backbone = build_backbone(cfg.encoder)
     backbone.load_state_dict(result.backbone_state)
     info = {
-        "budget_minutes": cfg.pretrain_minutes,
-        "wall_seconds_total": round(probe_s + wall, 1),
-        "wall_seconds_training": round(wall, 1),
-        "probe_images_per_second": round(ips, 1),
+        "budget_cpu_minutes": cfg.pretrain_cpu_minutes,
+        "cpu_seconds": round(cpu, 1),
+        "wall_seconds": round(wall, 1),
+        "images_trained": len(result.step_losses) * run_cfg.batch_size,
         "images_per_second": round(len(result.step_losses) * run_cfg.batch_size / wall, 1),
+        "images_per_cpu_second": round(len(result.step_losses) * run_cfg.batch_size / cpu, 1),
         "planned_epochs": epochs,
         "epochs_done": result.epochs_done,
         "images": len(sources),
@@ -432,11 +439,25 @@ def pretrained_backbone(images: np.ndarray, cfg: BenchConfig, out_dir: Path, ret
 # ----- the run -------------------------------------------------------------------------------------------
 
 
-def embed_all(backbone: nn.Module, images: np.ndarray, cfg: EncoderConfig) -> np.ndarray:
-    """Embeddings ``(N, D)`` of every image through the product's :class:`~model.encoder.Embedder`."""
+def embed_all(backbone: nn.Module, images: np.ndarray, cfg: EncoderConfig, cache: Path | None = None) -> np.ndarray:
+    """Embeddings ``(N, D)`` of every image through the product's :class:`~model.encoder.Embedder`.
+
+    Args:
+        backbone: the encoder.
+        images: uint8 ``(N, 28, 28)``.
+        cfg: the encoder config (input size, normalisation).
+        cache: ``.npy`` file reused when it holds N rows, written otherwise; None disables caching.
+    """
+    if cache is not None and cache.exists():
+        emb = np.load(cache)
+        if emb.shape[0] == len(images):
+            return emb
     embedder = Embedder(backbone, cfg, device="cpu", batch_size=256)
     emb = embedder.embed(list(images), progress=True)  # (N, D)
     assert np.isfinite(emb).all(), "an animal-mnist image could not be embedded"
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, emb)
     return emb
 
 
@@ -458,11 +479,14 @@ def run(cfg: BenchConfig, out_dir: Path, retrain: bool, methods: Sequence[Method
     if Method.MOCO in methods:
         t0 = time.perf_counter()
         backbone, info["pretrain"] = pretrained_backbone(images[rest], cfg, out_dir, retrain)
-        embeddings[Method.MOCO] = embed_all(backbone, images, cfg.encoder)
+        cache = out_dir / f"moco-{_cache_key(cfg, len(rest))}" / f"embeddings-{len(images)}.npy"
+        embeddings[Method.MOCO] = embed_all(backbone, images, cfg.encoder, None if retrain else cache)
         info["pretrain"]["embed_seconds"] = round(time.perf_counter() - t0, 1)
     if Method.RANDOM in methods:
         torch.manual_seed(0)
-        embeddings[Method.RANDOM] = embed_all(build_backbone(cfg.encoder), images, cfg.encoder)
+        key = hashlib.sha256(json.dumps(cfg.encoder.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        cache = out_dir / f"random-{key}" / f"embeddings-{len(images)}.npy"
+        embeddings[Method.RANDOM] = embed_all(build_backbone(cfg.encoder), images, cfg.encoder, cache)
     x_tensor = to_tensor_images(images, cfg.encoder) if Method.SUPERVISED in methods else None
 
     rows: list[dict] = []
@@ -489,7 +513,7 @@ def config_json(cfg: BenchConfig) -> dict:
     """The configuration as JSON."""
     return {
         "fractions": list(cfg.fractions), "seeds": list(cfg.seeds), "test_size": cfg.test_size,
-        "split_seed": cfg.split_seed, "pretrain_minutes": cfg.pretrain_minutes,
+        "split_seed": cfg.split_seed, "pretrain_cpu_minutes": cfg.pretrain_cpu_minutes,
         "encoder": cfg.encoder.to_dict(), "pretrain": cfg.pretrain.to_dict(), "heads": cfg.heads.to_dict(),
         "cnn_steps": cfg.cnn_steps, "cnn_batch": cfg.cnn_batch, "cnn_lr": cfg.cnn_lr, "logreg_c": cfg.logreg_c,
     }
@@ -568,8 +592,9 @@ def report_text(results: dict) -> str:
     if pre:
         lines.append(
             f"MoCo pretraining on the {pre['images']} non-test images (labels unused), budget "
-            f"{pre['budget_minutes']} min: {pre['wall_seconds_total']:.0f} s wall, {pre['images_per_second']:.0f} "
-            f"img/s, {pre['epochs_done']}/{pre['planned_epochs']} epochs, final epoch loss "
+            f"{pre['budget_cpu_minutes']} CPU-min: {pre['cpu_seconds'] / 60:.1f} CPU-min, {pre['wall_seconds'] / 60:.1f} "
+            f"min wall, {pre['images_per_second']:.0f} img/s wall ({pre['images_per_cpu_second']:.0f} per CPU-s), "
+            f"{pre['images_trained']} images seen, {pre['epochs_done']}/{pre['planned_epochs']} epochs, final epoch loss "
             f"{pre['epoch_losses'][-1] if pre['epoch_losses'] else float('nan'):.3f}"
             + (" (cached run)" if pre.get("cached") else "") + "."
         )
@@ -580,37 +605,74 @@ def report_text(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="MoCo v2 + heads vs baselines on animal-mnist at few labels.")
     parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (tiny budget, one seed)")
-    parser.add_argument("--minutes", type=float, default=None, help="MoCo pretraining budget in minutes")
+    parser.add_argument("--cpu-minutes", type=float, default=None, help="MoCo pretraining budget in CPU-minutes")
+    parser.add_argument("--max-wall-minutes", type=float, default=None, help="wall-clock limit of pretraining")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     parser.add_argument("--methods", nargs="+", default=[m.value for m in Method], choices=[m.value for m in Method])
     parser.add_argument("--retrain-encoder", action="store_true", help="ignore the cached pretrained encoder")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write results to OUT.{txt,json,png} (default bench/results/ssl_vs_baseline)")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="only merge the rows of result JSONs made with the same configuration (e.g. methods "
+                             "run in separate processes) into one report")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.combine:
+        results = combine([json.loads(p.read_text()) for p in args.combine])
+        write_results(results, args.out or RESULTS_DIR / "ssl_vs_baseline")
+        return 0
 
     cfg = BenchConfig()
     if args.quick:
-        cfg = replace(cfg, n_images=1500, test_size=500, fractions=(0.05, 0.2), seeds=(0,), pretrain_minutes=0.3,
+        cfg = replace(cfg, n_images=1500, test_size=500, fractions=(0.05, 0.2), seeds=(0,), pretrain_cpu_minutes=0.5,
                       cnn_steps=10,
                       heads=replace(cfg.heads, epochs=10), pretrain=replace(cfg.pretrain, batch_size=64,
                                                                               memory_bank_size=512))
-    if args.minutes is not None:
-        cfg = replace(cfg, pretrain_minutes=args.minutes)
+    if args.cpu_minutes is not None:
+        cfg = replace(cfg, pretrain_cpu_minutes=args.cpu_minutes)
+    if args.max_wall_minutes is not None:
+        cfg = replace(cfg, max_wall_minutes=args.max_wall_minutes)
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(args.seeds))
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = run(cfg, OUT_DIR, args.retrain_encoder, [Method(m) for m in args.methods])
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
-    text = report_text(results) + f"total wall time {results['total_seconds']:.0f} s\n"
+    write_results(results, args.out or (OUT_DIR / "quick" if args.quick else RESULTS_DIR / "ssl_vs_baseline"))
+    return 0
+
+
+def combine(parts: Sequence[dict]) -> dict:
+    """Merges result JSONs of the same configuration (e.g. methods run in separate processes).
+
+    Raises:
+        ValueError: the configurations differ, or a (method, fraction, seed) appears twice.
+    """
+    first = parts[0]
+    rows: list[dict] = []
+    info: dict = {}
+    for part in parts:
+        if part["config"] != first["config"]:
+            raise ValueError("the result files were made with different configurations; rerun them with the same one")
+        rows += part["rows"]
+        info.update(part["info"])
+    keys = [(r["method"], r["fraction"], r["seed"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a (method, fraction, seed) appears in more than one result file")
+    return {"config": first["config"], "info": info, "rows": rows, "machine": first["machine"],
+            "total_seconds": round(sum(p.get("total_seconds", 0.0) for p in parts), 1)}
+
+
+def write_results(results: dict, dest: Path) -> None:
+    """Prints the report and writes ``dest.txt``, ``dest.json`` and ``dest.png``."""
+    text = report_text(results) + f"total wall time {results.get('total_seconds', 0):.0f} s (summed over processes)\n"
     print(text)
-    dest = OUT_DIR / "quick" if args.quick else RESULTS_DIR / "ssl_vs_baseline"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.with_suffix(".txt").write_text(text)
     dest.with_suffix(".json").write_text(json.dumps(results, indent=2))
     plot(results["rows"], dest.with_suffix(".png"))
     print(f"wrote {dest}.txt/.json/.png")
-    return 0
 
 
 if __name__ == "__main__":
