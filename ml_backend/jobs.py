@@ -181,9 +181,17 @@ def _timed(durations: dict[str, float], step: str) -> Iterator[None]:
 
 def _train(settings: Settings, pid: int, force_pretrain: bool) -> dict[str, Any]:
     durations: dict[str, float] = {}
-    project_dir = settings.project_dir(pid)
     with _timed(durations, "pull"):
         source = pull_project(settings, pid)
+    try:
+        return _train_pulled(settings, pid, force_pretrain, source, durations)
+    finally:
+        source.client.close()
+
+
+def _train_pulled(settings: Settings, pid: int, force_pretrain: bool, source: ProjectSource,
+                  durations: dict[str, float]) -> dict[str, Any]:
+    project_dir = settings.project_dir(pid)
     with _timed(durations, "labels"):
         labels = consensus_labels(settings, source)
     counts: dict[str, int] = {"tasks": len(source.tasks), "labelled": len(labels.result.labels),
