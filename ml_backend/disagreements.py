@@ -4,8 +4,9 @@ Flow: the training job pulls every task with all annotations (``ls_client.iter_t
 :class:`model.consensus.Annotation` with :func:`annotations_from_tasks`, trains on the consensus labels,
 then calls :func:`save_report` with the consensus computed from the model's out-of-sample probabilities.
 ``GET /disagreements?project=ID`` answers :func:`load_report`; ``taxomoco disagreements --project ID``
-runs :func:`run_cli` (JSON, CSV and an HTML page with thumbnails); :func:`post_flags` writes each flag once
-as a comment on its task in Label Studio.
+runs :func:`run_cli` (JSON, CSV and an HTML page with thumbnails); :func:`post_flags` shows the flags in
+Label Studio: one Data Manager tab per flag kind in every edition (Community has no comment API), and one
+comment per flagged task where the server has comments (Enterprise), never posting the same flag twice.
 
 Which annotations count:
     * cancelled (``was_cancelled``) annotations give no label;
