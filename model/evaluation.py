@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from model.decode import LevelLogits, PathPrediction, decode, path_nll
 from model.errors import DataError
@@ -195,8 +196,8 @@ def evaluate(
         d = len(t) if partial else len(p.path)
         conf.append(p.level_scores[d - 1] if partial else p.score)
         correct.append(float(p.path[:d] == t if partial else p.path == t))
-    nll = path_nll([np.asarray(a)[rows] if not hasattr(a, "detach") else a.detach().cpu().numpy()[rows]
-                    for a in level_logits], targets, taxonomy, temperature)
+    arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in level_logits]
+    nll = path_nll([a[rows] for a in arrays], targets, taxonomy, temperature)  # (n,)
     return {
         "n": int(len(rows)),
         "path_accuracy": float(np.mean(correct)),

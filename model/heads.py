@@ -262,7 +262,7 @@ def train_heads(
     batch = min(cfg.batch_size, n)
     steps_per_epoch = -(-n // batch)
     total_steps = max(cfg.min_steps, cfg.epochs * steps_per_epoch)
-    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1, anneal_strategy="cos"
     )

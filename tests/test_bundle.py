@@ -232,3 +232,22 @@ def test_concurrent_reader_always_sees_a_complete_version(tmp_path: Path, backbo
     assert seen and seen == sorted(seen)  # versions only move forward
     assert set(seen) <= {first, *published}
     assert load_live(tmp_path).manifest.version == published[-1]
+
+
+def test_fit_publish_load_predict_agree(tmp_path: Path, backbone_state) -> None:
+    from model.training import fit, predict
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(5)
+    leaves = [leaf.path for leaf in TAX.leaves()]
+    centres = rng.normal(size=(len(leaves), 256)) * 2
+    which = np.arange(60) % len(leaves)
+    emb = (centres[which] + rng.normal(size=(60, 256))).astype(np.float32)
+    result = fit(emb, [leaves[i] for i in which], TAX, HeadsConfig(hidden=16, epochs=3, min_steps=40), folds=3)
+    m = publish(tmp_path, TAX, CFG, backbone_state, result.heads, result.temperature, result.metrics, "fp")
+    b = load_live(tmp_path)
+    assert b.manifest.metrics["folds"] == 3 and b.temperature == pytest.approx(result.temperature)
+    assert m.heads["training"]["min_steps"] == 40
+    before = predict(result.heads, result.temperature, emb, TAX, leafs_only=False, prefix_threshold=0.6)
+    after = predict(b.heads, b.temperature, emb, TAX, leafs_only=False, prefix_threshold=0.6)
+    assert [(p.path, p.score) for p in before] == [(p.path, p.score) for p in after]
