@@ -242,10 +242,16 @@ def main() -> None:
     kept = [i for i in res.labels]
     kept_acc = np.mean([leaf_index(res.labels[i]) == truth_leaf[i] for i in kept])
     counts_by_kind = res.to_json()["summary"]["flags"]
+    name_index = {a: j for j, a in enumerate(names)}
+    wrong_of = {(i, a): c != truth_leaf[i] for i, a, c in ann}
+    err_flags = [f for f in res.flags if f.kind.value == "label_error_candidate"]
+    flag_precision = np.mean([wrong_of[(f.item, name_index[f.annotator])] for f in err_flags]) if err_flags else 0.0
+    flag_recall = len(err_flags) * flag_precision / max(int(ann_wrong.sum()), 1)
     text += (
         f"\nTraining labels under the default policy (flagged tasks excluded): {len(kept)} of {n} tasks kept, "
         f"animal-level accuracy {kept_acc:.3f} (all tasks: {rows[OURS]['acc_animal']:.3f}, majority vote "
-        f"{rows['majority vote']['acc_animal']:.3f}); flags: {counts_by_kind}.\n"
+        f"{rows['majority vote']['acc_animal']:.3f}); flags: {counts_by_kind}; label-error-candidate flags: precision "
+        f"{flag_precision:.3f}, recall {flag_recall:.3f} of the wrong annotations.\n"
     )
     text += (
         f"\nTiming (wall clock on 2 CPU cores shared with other work, load average {os.getloadavg()[0]:.1f}): ours on "
