@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 MODEL_CLASS = "taxomoco"
 HEALTH_DETAIL_TIMEOUT_S = 0.4
+"""Longest a /health call waits for the scheduler's own health check."""
+HEALTH_DETAIL_MAX_AGE_S = 1.0
+"""A scheduler health answer younger than this is reused as is; an older one triggers a new check."""
+HEALTH_DETAIL_STALE_S = 5.0
+"""An answer older than this is not shown any more: /health waits (within the budget) for a new one."""
 
 ROUTE_EXTENSIONS: tuple[str, ...] = ("ml_backend.disagreements",)
 """Modules that add endpoints of their own: each may define ``register_routes(app: Flask, settings: Settings)``
@@ -125,18 +130,33 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         return jsonify(status="UP", model_class=MODEL_CLASS, scheduler=_scheduler_health(), models=_models())
 
     def _scheduler_health() -> dict[str, Any]:
-        future, since = health_state["future"], health_state.get("since", 0.0)
-        if future is None or future.done():
-            since = health_state["since"] = time.monotonic()
-            future = health_state["future"] = health_pool.submit(scheduler.health)
-        # a check still hanging from an earlier request gets no more of this request's time
-        wait = max(0.0, HEALTH_DETAIL_TIMEOUT_S - (time.monotonic() - since))
+        # the last answer is reused for up to HEALTH_DETAIL_MAX_AGE_S: most /health calls hand nothing to
+        # another thread (a hand-off waits for the GIL twice behind busy /predict threads)
+        now = time.monotonic()
+        future = health_state["future"]
+        if future is not None and future.done():
+            try:
+                health_state["last"] = dict(future.result())
+            except Exception as exc:  # health must always answer
+                health_state["last"] = {"ok": False, "reason": f"{exc.__class__.__name__}: {exc}"}
+            health_state["last_at"], health_state["future"], future = health_state["since"], None, None
+        last_at = health_state.get("last_at")
+        if future is None and (last_at is None or now - last_at > HEALTH_DETAIL_MAX_AGE_S):
+            health_state["since"] = now
+            health_state["future"] = future = health_pool.submit(scheduler.health)
+        if last_at is not None and now - last_at <= HEALTH_DETAIL_STALE_S:
+            return {**health_state["last"], "checked_s_ago": round(now - last_at, 3)}
+        # no recent answer: wait for the running check, never longer than the budget since it started
+        assert future is not None
+        wait = max(0.0, HEALTH_DETAIL_TIMEOUT_S - (now - health_state["since"]))
         try:
-            return dict(future.result(timeout=wait))
+            answer = dict(future.result(timeout=wait))
         except FutureTimeout:
             return {"ok": False, "reason": f"the scheduler did not answer within {HEALTH_DETAIL_TIMEOUT_S} s"}
         except Exception as exc:  # health must always answer
             return {"ok": False, "reason": f"{exc.__class__.__name__}: {exc}"}
+        health_state["last"], health_state["last_at"], health_state["future"] = answer, health_state["since"], None
+        return {**answer, "checked_s_ago": round(time.monotonic() - health_state["since"], 3)}
 
     def _models() -> dict[str, Any]:
         return {str(pid): store.status(pid)["served_version"] for pid in store.projects()}
@@ -254,6 +274,10 @@ class PredictService:
     def __init__(self, settings: Settings, store: ModelStore, metrics: Registry) -> None:
         self.settings, self.store, self.metrics = settings, store, metrics
         self.load_wait_s = float(getattr(settings, "predict_load_wait_s", 30.0))
+        # model forwards running at once: more only oversubscribe the cores and starve /health of the GIL
+        self._slots = threading.BoundedSemaphore(max(1, int(getattr(settings, "predict_concurrency", 2))))
+        # one pool of image threads for all requests: a pool per request multiplies threads under load
+        self._image_pool = ThreadPoolExecutor(max_workers=max(1, settings.image_fetch_threads), thread_name_prefix="image-fetch")
         self._schemas: dict[int, str] = {}
         self._clients: dict[connections.LSConnection, Any] = {}
         self._same_taxonomy: dict[tuple[str, str], bool] = {}
@@ -284,7 +308,7 @@ class PredictService:
         version = model.version
         values = [_image_value(task, config.image_key) for task in tasks]
         conn, headers = self._connection(project_id, values)
-        images = load_task_images(values, self.settings, conn, headers)
+        images = load_task_images(values, self.settings, conn, headers, executor=self._image_pool)
         preds = self._run(model, images, config)
         pid = str(project_id)
         out: list[dict] = []
@@ -305,13 +329,15 @@ class PredictService:
         hashes = [t.content_hash for t in images]
         kwargs = {"leafs_only": config.leafs_only, "prefix_threshold": self.settings.prefix_threshold}
         try:
-            preds = list(model.predict(batch, hashes, **kwargs))
+            with self._slots:
+                preds = list(model.predict(batch, hashes, **kwargs))
         except Exception:  # isolate the image that breaks the batch; the others still get predictions
             log.exception("batch prediction of %d images failed; predicting one by one", len(batch))
             preds = []
             for image, h in zip(batch, hashes):
                 try:
-                    preds.append(model.predict([image], [h], **kwargs)[0] if image is not None else None)
+                    with self._slots:
+                        preds.append(model.predict([image], [h], **kwargs)[0] if image is not None else None)
                 except Exception as exc:
                     log.warning("prediction of one image failed: %s: %s", exc.__class__.__name__, exc)
                     preds.append(None)

@@ -8,6 +8,7 @@ embedded trainer is per process; settings validation enforces it) and raise ``TA
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -18,6 +19,14 @@ log = logging.getLogger(__name__)
 
 WORKER_TIMEOUT_S = 120
 """gunicorn's worker timeout: above Label Studio's 100 s /predict read timeout."""
+
+SWITCH_INTERVAL_S = 0.001
+"""Python's GIL switch interval in workers (default 5 ms): a short request such as /health waiting for the
+GIL behind busy /predict threads gets it sooner."""
+
+
+def _post_worker_init(worker: Any) -> None:
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 class TaxomocoServer(BaseApplication):
@@ -65,6 +74,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "errorlog": "-",
         "preload_app": False,
         "proc_name": "taxomoco",
+        "post_worker_init": _post_worker_init,
     }
 
 
