@@ -8,7 +8,6 @@ published versions (``model.bundle``) and the embedding cache.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -134,7 +133,7 @@ def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_di
 
 def train_folder(args: argparse.Namespace) -> str:
     """``taxomoco train``: heads on a labelled folder tree (optionally pretraining first) → a published version."""
-    from model.bundle import publish
+    from model.bundle import data_fingerprint, publish
     from model.heads import HeadsConfig
     from model.training import fit
 
@@ -158,7 +157,7 @@ def train_folder(args: argparse.Namespace) -> str:
     keep = np.flatnonzero(ok)
     result = fit(emb[keep], [paths[i] for i in keep], taxonomy, HeadsConfig(), progress=True)
     hashes = _file_hashes([files[i] for i in keep])
-    fingerprint = hashlib.sha256(json.dumps(sorted([h, list(paths[i])] for h, i in zip(hashes, keep))).encode()).hexdigest()[:16]
+    fingerprint = data_fingerprint(zip(hashes, [paths[i] for i in keep]))
     manifest = publish(
         args.models,
         taxonomy=taxonomy,
