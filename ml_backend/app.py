@@ -25,6 +25,7 @@ from ml_backend import connections
 from ml_backend.auth import basic_auth_ok, needs_auth
 from ml_backend.images import LS_PREFIXES, TaskImage, load_task_images
 from ml_backend.label_config import LabelConfig, parse_label_config
+from ml_backend.ls_client import LabelStudioClient
 from ml_backend.ls_json import prediction_result, project_id_of
 from ml_backend.metrics import Registry, project_collector
 from ml_backend.settings import Settings
@@ -379,8 +380,6 @@ class PredictService:
         with self._lock:
             client = self._clients.get(conn)
             if client is None:
-                from ml_backend.ls_client import LabelStudioClient
-
                 client = self._clients[conn] = LabelStudioClient(conn.url, conn.api_key)
         try:
             return conn, client.auth_headers()

@@ -34,6 +34,7 @@ from PIL import Image
 from ml_backend.connections import LSConnection
 from ml_backend.settings import Settings
 from model.errors import DataError
+from model.images import content_hash, load_image
 
 LS_PREFIXES = ("/data/upload/", "/data/local-files", "/storage-data/", "/tasks/")
 """Relative URLs Label Studio serves itself (a local path starting like this is read as Label Studio's)."""
@@ -153,8 +154,6 @@ def load_task_images(
     Returns:
         one :class:`TaskImage` per value; failures are returned, never raised.
     """
-    from model.images import content_hash, load_image
-
     def one(v: str | None) -> TaskImage:
         if v is None:
             return TaskImage(None, None, "the task has no image value", "missing")

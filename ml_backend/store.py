@@ -50,9 +50,9 @@ def models_root(settings: Settings, project_id: int) -> Path:
 def default_probe(settings: Settings) -> Probe:
     """The live version of a project according to ``model.bundle.live_version`` (None before any)."""
 
-    def probe(project_id: int) -> str | None:
-        from model.bundle import live_version
+    from model.bundle import live_version  # imported with the store (torch), never inside a request
 
+    def probe(project_id: int) -> str | None:
         return live_version(models_root(settings, project_id))
 
     return probe
@@ -61,10 +61,10 @@ def default_probe(settings: Settings) -> Probe:
 def default_loader(settings: Settings) -> Loader:
     """Build a ``model.predictor.Predictor`` of the project's live bundle and its embedding cache."""
 
-    def load(project_id: int) -> ServedModel:
-        from model.bundle import load_live
-        from model.predictor import Predictor
+    from model.bundle import load_live
+    from model.predictor import Predictor
 
+    def load(project_id: int) -> ServedModel:
         bundle = load_live(models_root(settings, project_id))
         return Predictor(bundle, cache_dir=settings.project_dir(project_id) / "cache", device=settings.device)
 
@@ -108,6 +108,9 @@ class ModelStore:
         watch: bool = True,
     ) -> None:
         self.settings = settings
+        from model.bundle import list_versions  # imported with the store (torch), never inside a request
+
+        self._list_versions = list_versions
         self._loader = loader or default_loader(settings)
         self._probe = probe or default_probe(settings)
         self.check_interval_s = check_interval_s
@@ -175,9 +178,7 @@ class ModelStore:
 
     def versions(self, project_id: int) -> list[str]:
         """Complete versions on disk for ``project_id`` (``model.bundle.list_versions``), newest first."""
-        from model.bundle import list_versions
-
-        return list(reversed(list_versions(models_root(self.settings, project_id))))
+        return list(reversed(self._list_versions(models_root(self.settings, project_id))))
 
     def refresh(self, project_id: int) -> None:
         """Probe ``project_id`` now (ignoring the interval), e.g. right after a training published."""
