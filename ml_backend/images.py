@@ -170,15 +170,21 @@ def load_task_images(
 
 
 def _map(fn: Callable[[T], R], values: Sequence[T], settings: Settings, executor: Executor | None) -> list[R]:
+    """``[fn(v) for v in values]`` in parallel, order kept; the calling thread takes the first value itself
+    (a lone image never waits for a pool thread to wake up)."""
     if not values:
         return []
-    if executor is not None:
-        return list(executor.map(fn, values))
-    workers = max(1, min(int(settings.image_fetch_threads), len(values)))
-    if workers == 1:
+    if len(values) == 1 or int(settings.image_fetch_threads) <= 1:
         return [fn(v) for v in values]
+    if executor is not None:
+        rest = [executor.submit(fn, v) for v in values[1:]]
+        first = fn(values[0])
+        return [first, *(f.result() for f in rest)]
+    workers = min(int(settings.image_fetch_threads), len(values) - 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-fetch") as pool:
-        return list(pool.map(fn, values))
+        rest = [pool.submit(fn, v) for v in values[1:]]
+        first = fn(values[0])
+        return [first, *(f.result() for f in rest)]
 
 
 # ----- http ------------------------------------------------------------------------------------------
