@@ -42,10 +42,18 @@ class _Waiting:
     coalesced: int = 0
 
 
-def _child_main(conn: Any, job_func: str, project_id: int, model_dir: str, force_pretrain: bool) -> None:
-    """Entry point of the training child process: run the job, send ("ok", result) or ("error", reason)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [train %(process)d] %(message)s")
+def _child_main(conn: Any, job_func: str, project_id: int, model_dir: str, force_pretrain: bool,
+                settings: Settings) -> None:
+    """Entry point of the training child process: run the job, send ("ok", result) or ("error", reason).
+
+    The server's settings (CLI overrides included) are handed to the job (``ml_backend.jobs.use_settings``).
+    """
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s [train %(process)d] %(name)s: %(message)s")
     try:
+        from ml_backend import jobs
+
+        jobs.use_settings(settings)
         try:
             func = import_job_func(job_func)
         except BaseException as exc:  # nothing ran, so nothing was recorded: the parent records it
@@ -187,7 +195,7 @@ class EmbeddedScheduler(Scheduler):
         parent_conn, child_conn = self._ctx.Pipe(duplex=False)
         child = self._ctx.Process(
             target=_child_main,
-            args=(child_conn, self.job_func, pid, str(self.settings.model_dir), waiting.force_pretrain),
+            args=(child_conn, self.job_func, pid, str(self.settings.model_dir), waiting.force_pretrain, self.settings),
             name=f"taxomoco-train-{pid}",
             daemon=True,
         )

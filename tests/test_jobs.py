@@ -252,19 +252,17 @@ def test_pretrain_request_survives_until_cleared(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_studio, labelled_project, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default deployment: no REDIS_URL, no LABEL_STUDIO_URL; the token comes from /setup's connection file."""
+def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_studio, labelled_project,
+                                                                     tmp_path: Path) -> None:
+    """The default deployment: no REDIS_URL, no LABEL_STUDIO_URL; the token comes from /setup's connection file,
+    and the server's settings reach the spawned training child."""
     from ml_backend import connections
     from ml_backend.scheduler import make_scheduler
     from tests.servers import FAST_TRAINING_ENV
 
     pid, _ = labelled_project
-    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "MODEL_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in FAST_TRAINING_ENV.items():
-        monkeypatch.setenv(name, value)  # the spawned training child reads its settings from the environment
-    settings = Settings.from_env(model_dir=tmp_path)
+    settings = Settings.from_env(env=FAST_TRAINING_ENV, model_dir=tmp_path)
+    assert settings.label_studio_url is None and settings.redis_url is None
     connections.remember(settings, pid, label_studio.url, label_studio.admin.token)
     scheduler = make_scheduler(settings)
     try:
@@ -275,6 +273,10 @@ def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_stud
         assert status["last_outcome"] == "succeeded", status
         result = status["last_success"]["result"]
         assert result["counts"]["trained_on"] == 9 and result["pretrain"]["pretrain"] is True
+        from model.bundle import load_live
+
+        bundle = load_live(tmp_path / f"project-{pid}" / "models")
+        assert bundle.encoder_cfg.input_size == 32  # FAST_TRAINING_ENV's size, not the environment's default
     finally:
         scheduler.close()
         connections.forget_all()
