@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from model.errors import BundleError, ConfigError, TaxonomyError
 from model.heads import TaxonomyHeads
@@ -247,6 +246,7 @@ def publish(
 
     version, created = _new_version(root, enc_version.encode())
     training = heads.train_config.to_dict() if heads.train_config is not None else None
+    default_counts = {"labelled": metrics["n_labelled"]} if "n_labelled" in metrics else {}
     manifest = Manifest(
         version=version,
         created=created.isoformat(),
@@ -260,7 +260,7 @@ def publish(
         temperature=float(temperature),
         metrics=json.loads(json.dumps(dict(metrics), default=_json_default)),
         data_fingerprint=str(data_fingerprint),
-        counts=dict(counts) if counts is not None else ({"labelled": metrics["n_labelled"]} if "n_labelled" in metrics else {}),
+        counts=dict(counts) if counts is not None else default_counts,
         extra=json.loads(json.dumps(dict(extra or {}), default=_json_default)),
         libraries=_library_versions(),
     )
@@ -476,11 +476,3 @@ def prune(root: Path | str, keep: int = 3) -> list[str]:
                 f.unlink(missing_ok=True)
     return removed
 
-
-def backbone_module(bundle: ModelBundle) -> nn.Module:
-    """The bundle's backbone with its weights loaded, in eval mode."""
-    from model.encoder import build_backbone
-
-    backbone = build_backbone(bundle.encoder_cfg)
-    backbone.load_state_dict(bundle.backbone_state)
-    return backbone.eval()

@@ -54,7 +54,9 @@ def plot_confusion(level: Mapping, path: Path) -> Path:
                                 color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"level {level.get('level', '?')}: accuracy {level['accuracy']:.3f}, macro F1 {level['macro']['f1']:.3f}")
+    ax.set_title(
+        f"level {level.get('level', '?')}: accuracy {level['accuracy']:.3f}, macro F1 {level['macro']['f1']:.3f}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -38,6 +38,7 @@ class FitResult:
         labelled_index: ``(N_lab,)`` positions of the labelled rows in the input.
         targets: ``(N_lab, L)`` encoded paths of the labelled rows.
         seconds: wall time of the whole fit.
+        fold_of: ``(N_lab,)`` cross-validation fold of each labelled row (empty without folds).
     """
 
     heads: TaxonomyHeads
