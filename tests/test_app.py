@@ -502,3 +502,12 @@ def test_predict_fetches_label_studio_uploads_with_the_setup_token(label_studio,
     finally:
         scheduler.close()
         store.close()
+
+
+def test_which_paths_need_auth():
+    from ml_backend.auth import needs_auth
+
+    assert not needs_auth("/predict", None, False)
+    assert needs_auth("/predict", "u", False) and needs_auth("/metrics", "u", False)
+    assert not needs_auth("/health", "u", True) and not needs_auth("/webhook", "u", False)
+    assert needs_auth("/webhook", "u", True)
