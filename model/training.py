@@ -86,7 +86,7 @@ def _logits(heads: TaxonomyHeads, emb: torch.Tensor, batch: int = 8192) -> list[
     """Eval-mode logits per level for ``emb (N, D)``: L arrays ``(N, K_k)`` float32."""
     heads.eval()
     with torch.inference_mode():
-        parts = [heads(emb[i : i + batch]) for i in range(0, len(emb), batch)]
+        parts = [heads(emb[i : i + batch]) for i in range(0, max(len(emb), 1), batch)]  # one part when empty
     return [torch.cat([p[k] for p in parts]).numpy() for k in range(len(heads.num_classes))]
 
 

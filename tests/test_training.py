@@ -108,3 +108,9 @@ def test_stratified_folds_spread_every_class() -> None:
         per_fold = np.bincount(fold_of[strata == s], minlength=3)
         assert per_fold.max() - per_fold.min() <= 1
     assert not np.array_equal(fold_of, stratified_folds(strata, 3, seed=1))
+
+
+def test_predict_on_no_embeddings_is_empty() -> None:
+    emb, paths = clustered(10)
+    result = fit(emb, paths, TAX, FAST, folds=1)
+    assert predict(result.heads, 1.0, emb[:0], TAX) == []
