@@ -201,7 +201,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         except ValueError:
             event = None
         if event not in TRAINING_EVENTS:
-            metrics.webhooks.inc(action[:64], "ignored")
+            metrics.webhooks.inc(event.value if event is not None else "unknown", "ignored")  # bounded labels
             return jsonify(status="ignored", action=action)
         pid = _webhook_project(body)
         result = scheduler.schedule(pid, reason=action)
