@@ -194,7 +194,7 @@ def evaluate_folder(args: argparse.Namespace) -> dict:
     emb, ok = embed_files(files, bundle.encoder_cfg, bundle.backbone_state, args.models / "cache", args.device)
     keep = np.flatnonzero(ok)
     targets = bundle.taxonomy.encode_many([labelled[i][1] for i in keep])
-    logits = _logits(bundle.heads, torch.from_numpy(emb[keep]))
+    logits = heads_logits(bundle.heads, torch.from_numpy(emb[keep]))
     metrics = evaluate(logits, targets, bundle.taxonomy, bundle.temperature)
     metrics["model_version"] = bundle.manifest.version
     metrics["skipped_images"] = int((~ok).sum())

@@ -82,7 +82,7 @@ def _check_classes(targets: np.ndarray, taxonomy: Taxonomy, labelled: Sequence[S
     )
 
 
-def _logits(heads: TaxonomyHeads, emb: torch.Tensor, batch: int = 8192) -> list[np.ndarray]:
+def heads_logits(heads: TaxonomyHeads, emb: torch.Tensor, batch: int = 8192) -> list[np.ndarray]:
     """Eval-mode logits per level for ``emb (N, D)``: L arrays ``(N, K_k)`` float32."""
     heads.eval()
     with torch.inference_mode():
@@ -150,7 +150,7 @@ def fit(
         for f in tqdm(range(k), desc="cross-validation", disable=not progress):
             held = fold_of == f
             heads = train_heads(x[~held], targets[~held], taxonomy, cfg, device=device)
-            for lv, out in enumerate(_logits(heads, x[held])):
+            for lv, out in enumerate(heads_logits(heads, x[held])):
                 level_logits[lv][held] = out
         temperature = fit_temperature(level_logits, targets, taxonomy)
         predictions = decode(level_logits, taxonomy, leafs_only=True, temperature=temperature)
@@ -192,6 +192,6 @@ def predict(
             f"Embeddings of shape {emb.shape} do not fit heads trained on dimension {heads.in_dim}; embed the "
             "images with the encoder of the same model version."
         )
-    logits = _logits(heads, torch.from_numpy(emb))
+    logits = heads_logits(heads, torch.from_numpy(emb))
     return decode(logits, taxonomy, leafs_only, prefix_threshold, temperature, top_k)
 
