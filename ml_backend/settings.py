@@ -66,7 +66,7 @@ class Settings:
     # --- consensus (disagreements) ----------------------------------------------------------------------
     min_annotators: int = field(default=1, metadata={"env": "CONSENSUS_MIN_ANNOTATORS", "help": "Annotators a task needs before its consensus label is trained on."})
     min_agreement: float = field(default=0.0, metadata={"env": "CONSENSUS_MIN_AGREEMENT", "help": "Fraction of annotators agreeing needed to train on a task."})
-    post_flags_to_label_studio: bool = field(default=True, metadata={"env": "POST_FLAGS_TO_LABEL_STUDIO", "help": "Write disagreement flags as task comments in Label Studio."})
+    post_flags_to_label_studio: bool = field(default=True, metadata={"env": "POST_FLAGS_TO_LABEL_STUDIO", "help": "Show disagreement flags in Label Studio: Data Manager tabs per flag kind (every edition) and task comments where the edition has a comment API."})
 
     # --- queue ----------------------------------------------------------------------------------------
     redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL", "help": "Redis for the RQ training queue; unset = embedded trainer inside the server."})
