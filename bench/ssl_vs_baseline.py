@@ -625,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = BenchConfig()
     if args.quick:
-        cfg = replace(cfg, n_images=1500, test_size=500, fractions=(0.05, 0.2), seeds=(0,), pretrain_cpu_minutes=0.5,
+        cfg = replace(cfg, n_images=1500, test_size=500, fractions=(0.05, 0.2), seeds=(0,), pretrain_cpu_minutes=0.5, max_wall_minutes=0.5,
                       cnn_steps=10,
                       heads=replace(cfg.heads, epochs=10), pretrain=replace(cfg.pretrain, batch_size=64,
                                                                               memory_bank_size=512))

@@ -84,3 +84,56 @@ def test_export_writes_a_labelled_folder_tree(tmp_path: Path) -> None:
         rel = f.relative_to(tmp_path / "labelled").parts
         assert len(rel) == 3
         ANIMAL_TAXONOMY.resolve(rel[:2])
+
+
+# ----- the benchmark protocol built on the dataset (bench/ssl_vs_baseline.py) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import ssl_vs_baseline
+    finally:
+        sys.path.remove(str(root / "bench"))
+    return ssl_vs_baseline
+
+
+def test_test_split_is_stratified_and_keeps_duplicates_together(protocol, animal) -> None:
+    images, paths = animal
+    leaf = np.array([ANIMAL_TAXONOMY.node(p).index for p in paths])
+    groups = content_groups(images)
+    test, rest = protocol.test_split(leaf, groups, 2000, seed=0)
+    assert len(set(test) | set(rest)) == 10_000 and not set(test) & set(rest)
+    assert np.bincount(leaf[test]).min() >= 200 and len(test) <= 2010
+    assert not set(groups[test]) & set(groups[rest])
+    again, _ = protocol.test_split(leaf, groups, 2000, seed=0)
+    assert np.array_equal(test, again)
+
+
+def test_labelled_subsets_are_nested_stratified_and_outside_the_test_split(protocol, animal) -> None:
+    images, paths = animal
+    leaf = np.array([ANIMAL_TAXONOMY.node(p).index for p in paths])
+    test, rest = protocol.test_split(leaf, content_groups(images), 2000, seed=0)
+    subsets = protocol.labelled_subsets(leaf, rest, [0.01, 0.05], 10_000, seed=3)
+    assert len(subsets[0.01]) == 100 and len(subsets[0.05]) == 500
+    assert set(subsets[0.01]) <= set(subsets[0.05]) and not set(subsets[0.05]) & set(test)
+    assert np.bincount(leaf[subsets[0.01]], minlength=10).tolist() == [10] * 10
+    other = protocol.labelled_subsets(leaf, rest, [0.01], 10_000, seed=4)
+    assert not np.array_equal(other[0.01], subsets[0.01])
+
+
+def test_metrics_and_consistent_paths(protocol) -> None:
+    true = np.array([[0, 0], [0, 1], [1, 2], [2, 3]])
+    assert protocol.path_metrics(true, true) == {"f1_l0": 1.0, "acc_l0": 1.0, "f1_l1": 1.0, "acc_l1": 1.0, "hF": 1.0}
+    wrong_leaf = true.copy()
+    wrong_leaf[0, 1] = 1
+    m = protocol.path_metrics(true, wrong_leaf)
+    assert m["acc_l0"] == 1.0 and m["acc_l1"] == 0.75 and m["hF"] == pytest.approx(7 / 8)
+    # A confident level-2 head outvotes a weak level-1 head: the best path keeps the child under its parent.
+    l0 = np.log(np.array([[0.4, 0.35, 0.25]]))
+    l1 = np.full((1, 10), -5.0)
+    l1[0, ANIMAL_TAXONOMY.node(("farm", "Cow")).index] = 5.0
+    best = protocol.best_paths([l0, l1], ANIMAL_TAXONOMY)
+    assert best.tolist() == [ANIMAL_TAXONOMY.encode(("farm", "Cow")).tolist()]
