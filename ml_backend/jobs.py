@@ -427,9 +427,12 @@ def pretrain_encoder(settings: Settings, pid: int, images: ProjectImages, init: 
     if init is not None and init.cfg != cfg:
         init = None  # the settings changed the architecture: start over
     accelerator, devices = lightning_device(settings.device)
+    if settings.pretrain_devices != "1":  # several GPUs for one pretraining (DDP through Lightning)
+        devices = -1 if settings.pretrain_devices == "all" else int(settings.pretrain_devices)
     batch = max(2, min(settings.pretrain_batch_size, len(images.paths)))
     pcfg = PretrainConfig(epochs=settings.pretrain_epochs, batch_size=batch, max_minutes=settings.pretrain_max_minutes,
-                          memory_bank_size=max(2048, batch), accelerator=accelerator, devices=devices)
+                          memory_bank_size=max(2048, batch), accelerator=accelerator, devices=devices,
+                          strategy=settings.pretrain_strategy)
     out_dir = _pending_run(settings.project_dir(pid))
     result = pretrain([str(p) for p in images.paths], cfg, pcfg, out_dir, resume=True,
                       init_state=init.state if init is not None else None)

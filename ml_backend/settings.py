@@ -58,6 +58,8 @@ class Settings:
     pretrain_epochs: int = field(default=20, metadata={"env": "PRETRAIN_EPOCHS", "help": "MoCo v2 epochs per pretraining run."})
     pretrain_max_minutes: float = field(default=30.0, metadata={"env": "PRETRAIN_MAX_MINUTES", "help": "Time budget of one pretraining run."})
     pretrain_batch_size: int = field(default=128, metadata={"env": "PRETRAIN_BATCH_SIZE", "help": "MoCo batch size."})
+    pretrain_devices: str = field(default="1", metadata={"env": "PRETRAIN_DEVICES", "help": "Devices one pretraining uses: a count, or `all` (every GPU the worker sees; with PRETRAIN_STRATEGY=ddp)."})
+    pretrain_strategy: str = field(default="auto", metadata={"env": "PRETRAIN_STRATEGY", "help": "Lightning strategy of pretraining: auto, or ddp for data-parallel on several GPUs."})
     repretrain_fraction: float = field(default=0.5, metadata={"env": "REPRETRAIN_NEW_FRACTION", "help": "Pretrain again when the project gained this fraction of new images since the last pretraining."})
     min_labels_to_train: int = field(default=4, metadata={"env": "MIN_LABELS_TO_TRAIN", "help": "Labelled tasks needed before the first training."})
     prefix_threshold: float = field(default=0.5, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this."})
@@ -106,6 +108,8 @@ class Settings:
             raise ConfigError(f"ENCODER_ARCH={self.arch!r} is not supported; use resnet18 or resnet18-half.")
         if self.input_size < 16:
             raise ConfigError(f"ENCODER_INPUT_SIZE={self.input_size} is too small; use at least 32.")
+        if self.pretrain_devices != "all" and not self.pretrain_devices.isdigit():
+            raise ConfigError(f"PRETRAIN_DEVICES={self.pretrain_devices!r}: use a number of devices or `all`.")
         if not 0.0 <= self.prefix_threshold <= 1.0:
             raise ConfigError("PREFIX_THRESHOLD must lie in [0, 1].")
         if self.redis_url is None and self.http_workers != 1:
