@@ -115,9 +115,14 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         return jsonify(error=exc.description or exc.name), exc.code or 500
 
     @app.errorhandler(TaxomocoError)
-    def _our_error(exc: TaxomocoError) -> tuple[Response, int]:
+    def _our_error(exc: TaxomocoError) -> Response:
         log.warning("%s %s: %s", request.method, request.path, exc)
-        return jsonify(error=str(exc)), 400 if isinstance(exc, (ConfigError, DataError)) else 500
+        code = 400 if isinstance(exc, (ConfigError, DataError)) else 500
+        resp = jsonify(error=str(exc))
+        # Label Studio shows only "<code> Client Error: <reason phrase> for url ..." of a failed call, so the
+        # cause and the fix travel in the reason phrase as well as in the body
+        resp.status = f"{code} {_reason_phrase(str(exc))}"
+        return resp
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:  # request boundary: record and answer
@@ -392,6 +397,13 @@ def _image_value(task: Any, key: str) -> str | None:
     data = task.get("data") if isinstance(task, dict) else None
     value = data.get(key) if isinstance(data, dict) else None
     return value if isinstance(value, str) and value.strip() else None
+
+
+def _reason_phrase(message: str, limit: int = 500) -> str:
+    """``message`` as an HTTP reason phrase: printable ASCII on one line, at most ``limit`` characters."""
+    text = " ".join(message.split())
+    text = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+    return text[:limit] or "Bad Request"
 
 
 def _json_object() -> dict[str, Any]:

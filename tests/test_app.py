@@ -174,6 +174,7 @@ def test_setup_rejects_unservable_config_and_bad_bodies(env):
     bad = CONFIG.replace('toName="image"', 'toName="picture"')
     r = post(client, "/setup", setup_body(schema=bad))
     assert r.status_code == 400 and 'toName="picture"' in r.get_json()["error"]
+    assert 'toName="picture"' in r.status  # Label Studio shows the reason phrase only
     r = post(client, "/setup", {"schema": CONFIG})
     assert r.status_code == 400 and "project id" in r.get_json()["error"]
     r = client.post("/setup", data="{not json", content_type="application/json")
@@ -389,6 +390,13 @@ def test_gunicorn_server_serves_the_app(tmp_path):
         assert health["status"] == "UP"
         req = urllib.request.Request(f"{base}/setup", data=json.dumps(setup_body()).encode(), headers={"Content-Type": "application/json"})
         assert json.loads(urllib.request.urlopen(req, timeout=3).read()) == {"model_version": "untrained"}
+        import requests
+
+        text_config = '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>'
+        bad = requests.post(f"{base}/setup", json={**setup_body(), "schema": text_config}, timeout=3)
+        assert bad.status_code == 400 and "<Image>" in bad.reason and "<Image>" in bad.json()["error"]
+        with pytest.raises(requests.HTTPError, match="no <Image> tag"):
+            bad.raise_for_status()  # what Label Studio shows the user
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         out = proc.communicate(timeout=30)[0].decode()
