@@ -407,6 +407,7 @@ class Embedder:
                     with torch.inference_mode():
                         emb = self._forward(x)  # (B, D)
                     yield indices.numpy(), emb.numpy()
+                    del x, emb  # free this batch before the loader builds the next one
                 bar.update(len(indices) + len(skipped))
 
     def embed_into(
