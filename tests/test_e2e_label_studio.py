@@ -320,3 +320,32 @@ def test_more_annotations_retrain_and_predictions_follow_the_new_version(stack: 
         assert predicted_path(next(p for p in preds[tid] if p["model_version"] == new)) in LEAVES
     versions = requests.get(f"{stack.backend.url}/versions", params={"project": stack.pid}, timeout=10).json()
     assert new in versions["versions"]
+
+
+def test_a_backend_configured_with_a_personal_access_token_trains_and_predicts(
+        stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """LABEL_STUDIO_URL + a JWT personal access token instead of what /setup sends: pull, download, predict."""
+    pat = stack.ls.personal_access_token()
+    env = {"LABEL_STUDIO_URL": stack.ls.url, "LABEL_STUDIO_API_KEY": pat, "MIN_LABELS_TO_TRAIN": "4",
+           "PRETRAIN_EPOCHS": "4", "PRETRAIN_BATCH_SIZE": "8"}
+    other = BackendServer(tmp_path_factory.mktemp("e2e-pat-backend"), env=env)
+    other.start()
+    try:
+        started = requests.post(f"{other.url}/train", json={"project": stack.pid}, timeout=10)
+        assert started.status_code == 200, started.text
+        status: dict = {}
+
+        def finished() -> bool:
+            status.update(requests.post(f"{other.url}/job_status", json={"project": stack.pid}, timeout=10).json())
+            return status.get("last_outcome") in ("succeeded", "failed") and not status.get("running") \
+                and not status.get("queued")
+
+        assert wait_until(finished, TRAINING_TIMEOUT_S, interval_s=2.0), status
+        assert status["last_outcome"] == "succeeded", (status, other.log()[-4000:])
+        assert "connection.json" not in {p.name for p in other.model_dir.rglob("*")}  # /setup was never called
+        tasks = [stack.ls.task(t) for t in stack.good[:4]]  # /data/upload/... images: need the Bearer token
+        answer = requests.post(f"{other.url}/predict", timeout=120,
+                               json={"tasks": tasks, "project": stack.pid, "label_config": CONFIG}).json()
+        assert [predicted_path(r) in LEAVES for r in answer["results"]] == [True] * 4, answer
+    finally:
+        other.stop()
