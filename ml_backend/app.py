@@ -79,15 +79,19 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         from ml_backend.scheduler import make_scheduler
 
         scheduler = make_scheduler(settings)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     store = store or ModelStore(settings)
     metrics = Registry()
     service = PredictService(settings, store, metrics)
     health_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")
     health_state: dict[str, Any] = {"future": None}
-    webhook_auth = bool(getattr(settings, "webhook_requires_auth", False))
+    webhook_auth = settings.webhook_requires_auth
 
     app = Flask("taxomoco")
-    app.config["MAX_CONTENT_LENGTH"] = int(getattr(settings, "max_request_bytes", 200_000_000))
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["taxomoco"] = {"settings": settings, "scheduler": scheduler, "store": store, "metrics": metrics}
 
     # ----- cross-cutting ------------------------------------------------------------------------------
@@ -279,9 +283,9 @@ class PredictService:
 
     def __init__(self, settings: Settings, store: ModelStore, metrics: Registry) -> None:
         self.settings, self.store, self.metrics = settings, store, metrics
-        self.load_wait_s = float(getattr(settings, "predict_load_wait_s", 30.0))
+        self.load_wait_s = settings.predict_load_wait_s
         # model forwards running at once: more only oversubscribe the cores and starve /health of the GIL
-        self._slots = threading.BoundedSemaphore(max(1, int(getattr(settings, "predict_concurrency", 2))))
+        self._slots = threading.BoundedSemaphore(settings.predict_concurrency)
         # one pool of image threads for all requests: a pool per request multiplies threads under load
         self._image_pool = ThreadPoolExecutor(max_workers=max(1, settings.image_fetch_threads), thread_name_prefix="image-fetch")
         self._schemas: dict[int, str] = {}

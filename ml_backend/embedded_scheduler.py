@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -51,6 +52,11 @@ def _child_main(conn: Any, job_func: str, project_id: int, model_dir: str, force
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s [train %(process)d] %(name)s: %(message)s")
     try:
+        os.nice(10)  # serving keeps priority over training on a shared machine
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
         from ml_backend import jobs
 
         jobs.use_settings(settings)

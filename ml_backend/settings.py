@@ -30,7 +30,12 @@ class Settings:
     host: str = field(default="0.0.0.0", metadata={"env": "TAXOMOCO_HOST", "help": "Address the HTTP server binds."})
     port: int = field(default=9090, metadata={"env": "TAXOMOCO_PORT", "help": "HTTP port (Label Studio's ML backend URL)."})
     http_workers: int = field(default=1, metadata={"env": "TAXOMOCO_HTTP_WORKERS", "help": "gunicorn worker processes (keep 1 without REDIS_URL: the embedded trainer lives in the server)."})
-    http_threads: int = field(default=8, metadata={"env": "TAXOMOCO_HTTP_THREADS", "help": "Threads per gunicorn worker."})
+    http_threads: int = field(default=32, metadata={"env": "TAXOMOCO_HTTP_THREADS", "help": "Threads per gunicorn worker."})
+    torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS", "help": "torch intra-op threads in the server and in training (0 = torch's default: all cores)."})
+    predict_concurrency: int = field(default=2, metadata={"env": "PREDICT_CONCURRENCY", "help": "Model forwards run at once per server process (more requests wait)."})
+    predict_load_wait_s: float = field(default=30.0, metadata={"env": "PREDICT_LOAD_WAIT_S", "help": "How long /predict waits for a project's model to finish loading before answering without predictions."})
+    max_request_bytes: int = field(default=200_000_000, metadata={"env": "MAX_REQUEST_BYTES", "help": "Largest request body accepted."})
+    webhook_requires_auth: bool = field(default=False, metadata={"env": "WEBHOOK_REQUIRE_AUTH", "help": "Require Basic auth on /webhook too (then replace Label Studio's auto-created webhook by one that sends the header)."})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "Python logging level."})
     basic_auth_user: str | None = field(default=None, metadata={"env": "BASIC_AUTH_USER", "help": "HTTP Basic auth user required on every endpoint except /health (set the same in Label Studio's model connection)."})
     basic_auth_pass: str | None = field(default=None, metadata={"env": "BASIC_AUTH_PASS", "help": "HTTP Basic auth password."})
@@ -108,6 +113,8 @@ class Settings:
             raise ConfigError(f"ENCODER_ARCH={self.arch!r} is not supported; use resnet18 or resnet18-half.")
         if self.input_size < 16:
             raise ConfigError(f"ENCODER_INPUT_SIZE={self.input_size} is too small; use at least 32.")
+        if self.torch_threads < 0 or self.predict_concurrency < 1:
+            raise ConfigError("TORCH_THREADS must be >= 0 and PREDICT_CONCURRENCY >= 1.")
         if self.pretrain_devices != "all" and not self.pretrain_devices.isdigit():
             raise ConfigError(f"PRETRAIN_DEVICES={self.pretrain_devices!r}: use a number of devices or `all`.")
         if not 0.0 <= self.prefix_threshold <= 1.0:

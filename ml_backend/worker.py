@@ -113,6 +113,10 @@ def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool 
 
     jobs.use_settings(settings)
     took = warm_imports() if warm else {}
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     worker = build_worker(settings, queues)
     log.info(
         "Worker %s on %s, queues %s, device %s; warm imports %s.",

@@ -81,6 +81,7 @@ class Taxonomy:
         self._by_path: dict[Path, Node] = {}
         self._by_value_path: dict[Path, Node] = {}
         self.levels: list[list[Node]] = []
+        self._candidates: dict[bool, tuple[list[Path], np.ndarray]] = {}
         self._assign(self._roots, (), ())
         if not self._roots:
             raise TaxonomyError("The taxonomy is empty: add at least two labels (Choice elements).")
@@ -198,9 +199,13 @@ class Taxonomy:
             index: shape ``(P, L)`` int64; for an inner node the levels below it are IGNORE (its
                 probability is the sum over the full paths under it).
         """
-        nodes = self.leaves() if leafs_only else self.nodes()
-        nodes = sorted(nodes, key=lambda n: self._order(n))
-        return [n.path for n in nodes], self.encode_many([n.path for n in nodes])
+        if leafs_only not in self._candidates:  # the tree never changes: computed once per kind
+            nodes = sorted(self.leaves() if leafs_only else self.nodes(), key=self._order)
+            index = self.encode_many([n.path for n in nodes])
+            index.setflags(write=False)
+            self._candidates[leafs_only] = ([n.path for n in nodes], index)
+        paths, index = self._candidates[leafs_only]
+        return list(paths), index
 
     def _order(self, node: Node) -> tuple[int, ...]:
         return tuple(self._by_path[node.path[: k + 1]].index for k in range(len(node.path)))

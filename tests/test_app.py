@@ -300,7 +300,7 @@ def test_webhook_filters_events_and_schedules(env):
     assert client.post("/webhook", data="garbage", content_type="application/json").status_code == 400
     r = post(client, "/webhook", {"action": "ANNOTATION_UPDATED"})
     assert r.status_code == 400 and "names no project" in r.get_json()["error"]
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 5.0  # ten answers; a webhook that trained inline would take far longer
     status = post(client, "/job_status", {"project": 7}).get_json()
     assert status["queued"] or status["running"]
     metrics = client.get("/metrics").get_data(as_text=True)
