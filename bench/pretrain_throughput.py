@@ -86,6 +86,8 @@ def run_ours(args: argparse.Namespace) -> dict:
                 self.images += len(batch[1])
                 self.steps += 1
                 self.t_last, self.c_last = time.perf_counter(), _cpu_s()
+            if trainer.global_step >= args.warmup + args.steps:
+                trainer.should_stop = True  # the same number of timed steps as the bare loop
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             # checkpoint writing (after this hook) is not part of the loop being compared
