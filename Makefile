@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
 
 # animal-mnist (the offline image dataset of the dataset tests and benchmarks) declares tensorflow, which
 # it does not need: installed without its dependencies.
-$(VENV)/.installed-test: setup.cfg pyproject.toml | $(VENV)/bin/python
+$(VENV)/.installed-test: setup.cfg pyproject.toml Makefile | $(VENV)/bin/python
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
 	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps animal-mnist==0.4
 	touch $@ $(VENV)/.installed
