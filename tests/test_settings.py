@@ -39,3 +39,9 @@ def test_every_setting_is_documented() -> None:
     rows = Settings.describe()
     assert len({name for name, _, _ in rows}) == len(rows)
     assert all(help_text for _, _, help_text in rows)
+
+
+def test_readme_lists_every_setting_with_its_default() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, default, _ in Settings.describe():
+        assert f"| `{name}` | `{default}` |" in readme, f"README's settings table lacks {name} (default {default})"
