@@ -214,8 +214,9 @@ def main() -> None:
                 "bare": "bare lightly loop as in the example (fp32, contiguous)"}
     results: dict[str, list[dict]] = {k: [] for k in variants}
     forwarded = sys.argv[1:]
+    names = list(variants)
     for rep in range(args.repeats):
-        for name in variants:
+        for name in names[rep % 3:] + names[:rep % 3]:  # rotate the order: load drifts during a run
             cmd = [sys.executable, __file__, *forwarded, "--only", name]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -233,7 +234,7 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
         f"CPU bf16: {cpu_has_bf16()}, no GPU. Shared with other jobs: numbers are noisy; best of "
-        f"{args.repeats} alternating runs shown (all runs below).",
+        f"{args.repeats} runs in rotating order shown (all runs listed).",
         f"Setting: {args.arch} at {args.size} px, batch {args.batch}, memory bank {args.bank}, "
         f"{args.workers} loader workers, {args.steps} timed steps after {args.warmup} warm-up steps, "
         f"{args.images} synthetic {args.image_px}px colour images (rendered shapes), MoCo v2 transform.",
