@@ -75,6 +75,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "preload_app": False,
         "proc_name": "taxomoco",
         "post_worker_init": _post_worker_init,
+        "control_socket_disable": True,  # gunicorn's runtime control socket is one fixed path per user
     }
 
 

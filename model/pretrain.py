@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from model.augment import AugmentConfig, moco_v2_transform
+from model.augment import AugmentConfig, eval_transform, moco_v2_transform
 from model.encoder import EncoderConfig, bf16_supported, build_backbone, encoder_version, load_backbone_weights
 from model.errors import ConfigError, DataError
 from model.images import ImageListDataset, ImageSource, collate_skipping
@@ -59,6 +59,7 @@ class PretrainConfig:
         precision: Lightning precision; None = ``"bf16-mixed"`` where supported, else ``"32-true"``.
         channels_last: Channels-last memory format for convolutions.
         augment: MoCo v2 augmentation strengths.
+        bn_recalibration_images: Images used to recompute BatchNorm statistics after training (0 = off).
     """
 
     epochs: int = 100
@@ -81,6 +82,7 @@ class PretrainConfig:
     precision: str | None = None
     channels_last: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    bn_recalibration_images: int = 2048
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -246,6 +248,43 @@ def _check_resume(config_path: Path, encoder_cfg: EncoderConfig) -> None:
         )
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(
+    backbone: torch.nn.Module, images: Sequence[ImageSource], encoder_cfg: EncoderConfig, max_images: int,
+    batch_size: int,
+) -> int:
+    """Recompute every BatchNorm's running statistics on plain (eval-transformed) views of the images.
+
+    Training updates the running statistics with momentum on augmented views; after a short pretraining they
+    are still near their initial values and embeddings of the frozen encoder explode. A cumulative average over
+    up to ``max_images`` evenly spaced images fixes both. Returns the number of images used (0 = nothing done).
+    """
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or max_images <= 0:
+        return 0
+    step = max(1, len(images) // max_images)
+    subset = [images[i] for i in range(0, len(images), step)][:max_images]
+    loader = DataLoader(ImageListDataset(subset, eval_transform(encoder_cfg)), batch_size=max(2, batch_size),
+                        shuffle=False, collate_fn=collate_skipping)
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches seen
+    was_training = backbone.training
+    backbone.train()
+    used = 0
+    device = next(backbone.parameters()).device
+    for x, _, _ in loader:
+        if x is not None and len(x) > 1:
+            backbone(x.to(device))
+            used += len(x)
+    backbone.train(was_training)
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+    return used
+
+
 def pretrain(
     images: Sequence[ImageSource],
     encoder_cfg: EncoderConfig,
@@ -351,7 +390,9 @@ def pretrain(
 
     if trainer.is_global_zero:
         write_loss_plot(csv_path, out_dir / "loss.png")
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.backbone.state_dict().items()}
+    backbone = module.backbone
+    recalibrate_batchnorm(backbone, images, encoder_cfg, cfg.bn_recalibration_images, cfg.batch_size)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}
     return PretrainResult(
         backbone_state=state,
         encoder_version=encoder_version(state),

@@ -196,3 +196,23 @@ def test_backbone_weights_from_a_whole_moco_state_dict() -> None:
     target = build_backbone(ENC)
     load_backbone_weights(target, module.state_dict(), "MoCo state")
     assert encoder_version(target.state_dict()) == encoder_version(module.backbone.state_dict())
+
+
+def test_batchnorm_statistics_are_recomputed_on_the_images_after_pretraining() -> None:
+    """A short pretraining leaves running statistics near their initial values; they must describe the data."""
+    from model.augment import eval_transform
+    from model.pretrain import recalibrate_batchnorm
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(150, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(8)]
+    cfg = EncoderConfig(arch="resnet18-half", input_size=32)
+    backbone = build_backbone(cfg).eval()
+    assert recalibrate_batchnorm(backbone, images, cfg, max_images=8, batch_size=4) == 8
+    x = torch.stack([eval_transform(cfg)(im) for im in images])  # (8, 3, 32, 32)
+    with torch.no_grad():
+        conv1 = backbone.conv1(x)  # reference: the statistics of what the first BatchNorm sees
+    assert torch.allclose(backbone.bn1.running_mean, conv1.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert backbone.bn1.momentum == 0.1 and not backbone.training  # settings and mode restored
+    with torch.no_grad():
+        emb = backbone(x)
+    assert torch.isfinite(emb).all() and emb.abs().max() < 1e3
