@@ -185,7 +185,7 @@ def evaluate_folder(args: argparse.Namespace) -> dict:
     from model.bundle import load_live
     from model.evaluation import evaluate
     from model.report import write_report
-    from model.training import _logits  # the heads' eval-mode logits
+    from model.training import heads_logits
     import torch
 
     bundle = load_live(args.models)
