@@ -84,6 +84,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
 
         torch.set_num_threads(settings.torch_threads)
     store = store or ModelStore(settings)
+    scheduled: set[int] = set()  # projects this process scheduled training for
     metrics = Registry()
     service = PredictService(settings, store, metrics)
     health_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")
@@ -213,6 +214,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
             metrics.webhooks.inc(event.value if event is not None else "unknown", "ignored")  # bounded labels
             return jsonify(status="ignored", action=action)
         pid = _webhook_project(body)
+        scheduled.add(pid)
         result = scheduler.schedule(pid, reason=action)
         outcome = str(result.get("action", "scheduled"))
         metrics.webhooks.inc(action, outcome)
@@ -225,6 +227,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         body = _json_object()
         pid = project_id_of(body.get("project"))
         force = bool(body.get("force_pretrain", False))
+        scheduled.add(pid)
         return jsonify(status="ok", **scheduler.schedule(pid, reason="TRAIN", force_pretrain=force))
 
     @app.post("/job_status")
@@ -248,7 +251,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
 
     def _all_projects() -> list[int]:
-        found = set(store.projects())
+        found = set(store.projects()) | scheduled  # a project whose first job is still queued has no directory yet
         try:
             for p in settings.model_dir.iterdir():
                 if p.name.startswith("project-") and p.name[8:].isdigit():

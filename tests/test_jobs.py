@@ -233,7 +233,8 @@ def test_real_job_through_rq_worker_is_picked_up_by_the_store(label_studio, labe
         assert status["last_outcome"] == "succeeded", status
         version = status["last_success"]["version"]
         assert wait_until(lambda: store.version(pid) == version, 30), store.version(pid)
-        assert store.get(pid) is not None and store.get(pid).version == version
+        served = store.get(pid, wait_s=120)  # version() already names a version that is still loading
+        assert served is not None and served.version == version
     finally:
         store.close()
         scheduler.close()
