@@ -447,23 +447,15 @@ def embed_all(settings: Settings, pid: int, encoder: Encoder, images: ProjectIma
     Returns:
         ``(emb (N, D) float32, ok (N,) bool)`` in ``images`` order; ``ok`` is False for unreadable images.
     """
-    from model.embed_cache import EmbeddingCache
+    from model.embed_cache import EmbeddingCache, embed_through_cache
     from model.encoder import Embedder, build_backbone
 
     backbone = build_backbone(encoder.cfg)
     backbone.load_state_dict(encoder.state)
     cache = EmbeddingCache(settings.project_dir(pid) / "cache", encoder.version, int(backbone.out_dim))
-    emb, ok = cache.get(images.hashes)  # (N, D), (N,)
-    missing = [i for i, hit in enumerate(ok) if not hit]
-    if missing:
-        embedder = Embedder(backbone, encoder.cfg, device=settings.device)
-        new, new_ok = embedder.embed_with_mask([str(images.paths[i]) for i in missing], progress=True)  # (M, D)
-        rows = [i for i, good in zip(missing, new_ok) if good]
-        emb[rows] = new[new_ok]
-        ok[rows] = True
-        cache.put([images.hashes[i] for i in rows], new[new_ok])
-    log.info("Project %s: %d embeddings (%d computed, %d unreadable).", pid, int(ok.sum()), len(missing),
-             int((~ok).sum()))
+    embedder = Embedder(backbone, encoder.cfg, device=settings.device)
+    emb, ok = embed_through_cache(embedder, cache, [str(p) for p in images.paths], images.hashes, progress=True)
+    log.info("Project %s: %d embeddings, %d unreadable images.", pid, int(ok.sum()), int((~ok).sum()))
     return emb, ok
 
 

@@ -21,11 +21,16 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
 from model.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from model.encoder import Embedder
+    from model.images import ImageSource
 
 _KEY_BYTES = 32
 
@@ -186,3 +191,44 @@ class EmbeddingCache:
                 f.flush()
             self.refresh()
             return len(order)
+
+
+def embed_through_cache(
+    embedder: Embedder,
+    cache: EmbeddingCache | None,
+    images: Sequence[ImageSource],
+    hashes: Sequence[str | None] | None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of ``images``, read from ``cache`` where their content hash is known, computed (and stored)
+    otherwise.
+
+    Args:
+        embedder: the encoder whose version ``cache`` belongs to.
+        cache: the embedding cache, or None to compute everything.
+        images: N image sources (paths, bytes, PIL images, uint8 arrays).
+        hashes: N content hashes (None where unknown: computed, not cached), or None.
+        progress: show a progress bar while computing.
+
+    Returns:
+        ``(emb (N, D) float32, ok (N,) bool)``; rows of unreadable images are NaN with ``ok`` False.
+    """
+    n = len(images)
+    out = np.full((n, embedder.out_dim), np.nan, dtype=np.float32)  # (N, D)
+    ok = np.zeros(n, dtype=bool)
+    keyed = [i for i in range(n) if cache is not None and hashes is not None and hashes[i]]
+    if keyed:
+        got, found = cache.get([hashes[i] for i in keyed])  # type: ignore[index, union-attr]
+        rows = [i for i, hit in zip(keyed, found) if hit]
+        out[rows] = got[found]
+        ok[rows] = True
+    todo = [i for i in range(n) if not ok[i]]
+    if todo:
+        new, new_ok = embedder.embed_with_mask([images[i] for i in todo], progress=progress)  # (M, D), (M,)
+        rows = [i for i, good in zip(todo, new_ok) if good]
+        out[rows] = new[new_ok]
+        ok[rows] = True
+        store = [i for i in rows if hashes is not None and hashes[i]]
+        if cache is not None and store:
+            cache.put([hashes[i] for i in store], out[store])  # type: ignore[index]
+    return out, ok

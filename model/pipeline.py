@@ -105,30 +105,13 @@ def pretrain_folder(args: argparse.Namespace, files: Sequence[Path] | None = Non
 
 def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path | None, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of image files through the cache. Returns ``(N, D)`` float32 and an ``(N,)`` readable mask."""
-    from model.embed_cache import EmbeddingCache
+    from model.embed_cache import EmbeddingCache, embed_through_cache
 
     backbone = build_backbone(cfg)
     backbone.load_state_dict(state)
-    embedder = Embedder(backbone, cfg, device=device)
-    hashes = _file_hashes(files)
-    out = np.zeros((len(files), backbone.out_dim), dtype=np.float32)  # (N, D)
-    ok = np.ones(len(files), dtype=bool)
     cache = EmbeddingCache(cache_dir, encoder_version(state), backbone.out_dim) if cache_dir else None
-    todo = list(range(len(files)))
-    if cache is not None:
-        got, found = cache.get(hashes)
-        out[found] = got[found]
-        todo = [i for i in range(len(files)) if not found[i]]
-    if todo:
-        emb, mask = embedder.embed_with_mask([files[i] for i in todo], progress=True)
-        for j, i in enumerate(todo):
-            ok[i] = bool(mask[j])
-            out[i] = emb[j]
-        if cache is not None:
-            keep = [j for j in range(len(todo)) if mask[j]]
-            if keep:
-                cache.put([hashes[todo[j]] for j in keep], emb[keep])
-    return out, ok
+    embedder = Embedder(backbone, cfg, device=device)
+    return embed_through_cache(embedder, cache, list(files), _file_hashes(files), progress=True)
 
 
 def train_folder(args: argparse.Namespace) -> str:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from model.bundle import ModelBundle
 from model.decode import PathPrediction, decode
-from model.embed_cache import EmbeddingCache
+from model.embed_cache import EmbeddingCache, embed_through_cache
 from model.encoder import Embedder, build_backbone
 
 
@@ -49,26 +49,8 @@ class Predictor:
 
     def embed(self, images: Sequence[Image.Image], hashes: Sequence[str | None] | None = None) -> np.ndarray:
         """Embeddings of ``images``, from the cache where their hash is known. Shape ``(N, D)`` float32."""
-        n = len(images)
-        out = np.zeros((n, self.bundle.manifest.embedding_dim), dtype=np.float32)  # (N, D)
-        todo = list(range(n))
-        if self.cache is not None and hashes is not None:
-            known = [i for i in range(n) if hashes[i]]
-            if known:
-                got, found = self.cache.get([hashes[i] for i in known])
-                for j, i in enumerate(known):
-                    if found[j]:
-                        out[i] = got[j]
-                done = {known[j] for j in range(len(known)) if found[j]}
-                todo = [i for i in range(n) if i not in done]
-        if todo:
-            fresh = self.embedder.embed([images[i] for i in todo])  # (len(todo), D)
-            out[todo] = fresh
-            if self.cache is not None and hashes is not None:
-                new = [(hashes[i], fresh[j]) for j, i in enumerate(todo) if hashes[i]]
-                if new:
-                    self.cache.put([h for h, _ in new], np.stack([e for _, e in new]))
-        return out
+        emb, _ = embed_through_cache(self.embedder, self.cache, images, hashes)  # (N, D)
+        return np.nan_to_num(emb)  # decoded images are always readable; NaN only if one failed the transform
 
     def level_logits(self, emb: np.ndarray) -> list[torch.Tensor]:
         """Head logits per level for embeddings ``(N, D)``: a list of ``(N, K_k)`` tensors."""
