@@ -19,6 +19,15 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+TWO_LEVEL_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Taxonomy name="taxonomy" toName="image" leafsOnly="true" maxUsages="1">
+    <Choice value="Animal"><Choice value="Cat"/><Choice value="Dog"/></Choice>
+    <Choice value="Plant"><Choice value="Tree"/><Choice value="Flower"/></Choice>
+  </Taxonomy>
+</View>"""
+"""A two-level taxonomy label config over an image, used by the tests that talk to Label Studio."""
+
 
 class ServerStartError(RuntimeError):
     """A test server did not come up; the message names the binary, the port and the log file."""

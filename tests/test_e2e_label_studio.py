@@ -19,17 +19,11 @@ import requests
 from PIL import Image
 
 from ml_backend.ls_client import LabelStudioClient
-from tests.servers import BackendServer, LabelStudioServer, free_port, wait_until
+from tests.servers import TWO_LEVEL_CONFIG, BackendServer, LabelStudioServer, free_port, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Taxonomy name="taxonomy" toName="image" leafsOnly="true" maxUsages="1">
-    <Choice value="Animal"><Choice value="Cat"/><Choice value="Dog"/></Choice>
-    <Choice value="Plant"><Choice value="Tree"/><Choice value="Flower"/></Choice>
-  </Taxonomy>
-</View>"""
+CONFIG = TWO_LEVEL_CONFIG
 LEAVES = {("Animal", "Cat"), ("Animal", "Dog"), ("Plant", "Tree"), ("Plant", "Flower")}
 TRAINING_TIMEOUT_S = 300
 

@@ -22,17 +22,11 @@ from ml_backend.ls_client import (
     TokenKind,
 )
 from model.errors import ConfigError
-from tests.servers import LabelStudioServer, free_port
+from tests.servers import TWO_LEVEL_CONFIG, LabelStudioServer, free_port
 
 pytestmark = pytest.mark.e2e
 
-TAXONOMY_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Taxonomy name="taxonomy" toName="image" leafsOnly="true" maxUsages="1">
-    <Choice value="Animal"><Choice value="Cat"/><Choice value="Dog"/></Choice>
-    <Choice value="Plant"><Choice value="Tree"/><Choice value="Flower"/></Choice>
-  </Taxonomy>
-</View>"""
+TAXONOMY_CONFIG = TWO_LEVEL_CONFIG
 
 
 def png(color: tuple[int, int, int], size: int = 16) -> bytes:
