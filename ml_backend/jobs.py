@@ -138,6 +138,23 @@ def labels_shortfall(labels: dict[int, tuple[str, ...]], min_labels: int) -> str
 # --------------------------------------------------------------------------------------------------------
 
 
+WARM_IMPORTS: tuple[str, ...] = (
+    "torch", "model.training", "model.bundle", "model.embed_cache", "model.encoder", "model.images",
+    "model.consensus", "model.pretrain", "ml_backend.images", "ml_backend.ls_client", "ml_backend.label_config",
+    "ml_backend.connections", "ml_backend.disagreements",
+)
+"""What a training run imports (seconds of CPU: torch, Lightning, scipy); see :func:`warm_up`."""
+
+
+def warm_up() -> None:
+    """Import everything a training run needs, so that a process waiting for its job starts it at once
+    (the embedded scheduler's spare child calls this while idle)."""
+    import importlib
+
+    for name in WARM_IMPORTS:
+        importlib.import_module(name)
+
+
 def current_job_id(project_id: int) -> str:
     """The RQ job id when run by an RQ worker, else a fresh local id."""
     try:
