@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from ml_backend import connections
 from ml_backend.auth import basic_auth_ok, needs_auth
-from ml_backend.images import LS_PREFIXES, TaskImage, load_task_images
+from ml_backend.images import LS_PREFIXES, TaskImage, fetch_task_images
 from ml_backend.label_config import LabelConfig, parse_label_config
 from ml_backend.ls_client import LabelStudioClient
 from ml_backend.ls_json import prediction_result, project_id_of
@@ -321,8 +321,9 @@ class PredictService:
         version = model.version
         values = [_image_value(task, config.image_key) for task in tasks]
         conn, headers = self._connection(project_id, values)
-        images = load_task_images(values, self.settings, conn, headers, executor=self._image_pool)
-        preds = self._run(model, images, config)
+        images = fetch_task_images(values, self.settings, conn, headers, executor=self._image_pool)
+        decoded = self._decode_uncached(model, images)  # updates images[i] where decoding failed
+        preds = self._run(model, decoded, images, config)
         pid = str(project_id)
         out: list[dict] = []
         for task, image, pred in zip(tasks, images, preds):
@@ -337,8 +338,20 @@ class PredictService:
             out.append(prediction_result(config, pred, version))
         return out, version
 
-    def _run(self, model: Any, images: list[TaskImage], config: LabelConfig) -> list[Any]:
-        batch = [t.image for t in images]
+    def _decode_uncached(self, model: Any, images: list[TaskImage]) -> list[Any]:
+        """Decoded images for the tasks whose embedding is not cached; None for the others (and for failures,
+        whose entry in ``images`` then says why)."""
+        cached = model.cached([t.content_hash for t in images])  # (N,) bool
+        decoded: list[Any] = []
+        for i, task_image in enumerate(images):
+            if cached[i]:
+                decoded.append(None)
+                continue
+            image, images[i] = task_image.decode(self.settings.image_max_pixels)
+            decoded.append(image)
+        return decoded
+
+    def _run(self, model: Any, batch: list[Any], images: list[TaskImage], config: LabelConfig) -> list[Any]:
         hashes = [t.content_hash for t in images]
         kwargs = {"leafs_only": config.leafs_only, "prefix_threshold": self.settings.prefix_threshold}
         try:
@@ -350,7 +363,7 @@ class PredictService:
             for image, h in zip(batch, hashes):
                 try:
                     with self._slots:
-                        preds.append(model.predict([image], [h], **kwargs)[0] if image is not None else None)
+                        preds.append(model.predict([image], [h], **kwargs)[0])
                 except Exception as exc:
                     log.warning("prediction of one image failed: %s: %s", exc.__class__.__name__, exc)
                     preds.append(None)

@@ -196,7 +196,7 @@ class EmbeddingCache:
 def embed_through_cache(
     embedder: Embedder,
     cache: EmbeddingCache | None,
-    images: Sequence[ImageSource],
+    images: Sequence[ImageSource | None],
     hashes: Sequence[str | None] | None,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +206,8 @@ def embed_through_cache(
     Args:
         embedder: the encoder whose version ``cache`` belongs to.
         cache: the embedding cache, or None to compute everything.
-        images: N image sources (paths, bytes, PIL images, uint8 arrays).
+        images: N image sources (paths, bytes, PIL images, uint8 arrays); None where the caller only has
+            the hash (such a row is ok only when its hash is cached).
         hashes: N content hashes (None where unknown: computed, not cached), or None.
         progress: show a progress bar while computing.
 
@@ -222,7 +223,7 @@ def embed_through_cache(
         rows = [i for i, hit in zip(keyed, found) if hit]
         out[rows] = got[found]
         ok[rows] = True
-    todo = [i for i in range(n) if not ok[i]]
+    todo = [i for i in range(n) if not ok[i] and images[i] is not None]
     if todo:
         new, new_ok = embedder.embed_with_mask([images[i] for i in todo], progress=progress)  # (M, D), (M,)
         rows = [i for i, good in zip(todo, new_ok) if good]

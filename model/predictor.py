@@ -47,10 +47,16 @@ class Predictor:
         )
         self._heads_lock = threading.Lock()
 
-    def embed(self, images: Sequence[Image.Image], hashes: Sequence[str | None] | None = None) -> np.ndarray:
-        """Embeddings of ``images``, from the cache where their hash is known. Shape ``(N, D)`` float32."""
-        emb, _ = embed_through_cache(self.embedder, self.cache, images, hashes)  # (N, D)
-        return np.nan_to_num(emb)  # decoded images are always readable; NaN only if one failed the transform
+    def cached(self, hashes: Sequence[str | None]) -> np.ndarray:
+        """Which of ``hashes`` have a cached embedding: ``(N,)`` bool (False for None).
+
+        A caller can skip decoding those images and pass None in their place to :meth:`predict`.
+        """
+        found = np.zeros(len(hashes), dtype=bool)
+        keyed = [i for i, h in enumerate(hashes) if h]
+        if self.cache is not None and keyed:
+            found[keyed] = self.cache.get([hashes[i] for i in keyed])[1]  # type: ignore[misc]
+        return found
 
     def level_logits(self, emb: np.ndarray) -> list[torch.Tensor]:
         """Head logits per level for embeddings ``(N, D)``: a list of ``(N, K_k)`` tensors."""
@@ -64,19 +70,25 @@ class Predictor:
         leafs_only: bool = True,
         prefix_threshold: float = 0.5,
     ) -> list[PathPrediction | None]:
-        """One prediction per image, in order; None where the image is None (unreadable upstream).
+        """One prediction per image, in order; None where there is neither an image nor a cached embedding.
 
         Args:
-            images: decoded RGB images, or None for an image the caller could not read.
+            images: decoded RGB images; None for an image the caller could not read, or did not decode
+                because its hash is cached (see :meth:`cached`).
             hashes: content hashes aligned with ``images`` (enables the embedding cache), or None.
             leafs_only: only full paths may be predicted (the label config's ``leafsOnly``).
             prefix_threshold: with ``leafs_only=False``, stop at the deepest prefix this probable.
         """
-        index = [i for i, im in enumerate(images) if im is not None]
         results: list[PathPrediction | None] = [None] * len(images)
+        index = [i for i, im in enumerate(images) if im is not None or (hashes is not None and hashes[i])]
         if not index:
             return results
-        emb = self.embed([images[i] for i in index], [hashes[i] for i in index] if hashes is not None else None)
+        emb, ok = embed_through_cache(self.embedder, self.cache, [images[i] for i in index],
+                                      [hashes[i] for i in index] if hashes is not None else None)  # (M, D), (M,)
+        index = [i for i, good in zip(index, ok) if good]  # a None image whose hash was not cached drops out
+        if not index:
+            return results
+        emb = emb[ok]
         preds = decode(
             self.level_logits(emb),
             self.taxonomy,
