@@ -5,6 +5,10 @@ runs each job in a fresh child process (``multiprocessing`` spawn), so training 
 GIL, its memory (GPU memory included) is returned when the job ends, and a crash of the job cannot take
 the server down. ``schedule`` only touches in-memory state under a lock (microseconds).
 
+Warm start: after a job ends, the next child is started at once and imports what jobs need (torch, the
+model code, the Label Studio client: seconds of CPU) while the line is idle, then waits for a job; a job
+handed to it starts immediately. Only the first job of a server pays that start-up.
+
 Coalescing: a project is in the line at most once. An event for a project that waits is folded into it;
 an event for the project that runs puts it in the line again, so exactly one follow-up run happens after
 the current one (the follow-up pulls all annotations from Label Studio, this event's included).
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -43,11 +48,15 @@ class _Waiting:
     coalesced: int = 0
 
 
-def _child_main(conn: Any, job_func: str, project_id: int, model_dir: str, force_pretrain: bool,
-                settings: Settings) -> None:
-    """Entry point of the training child process: run the job, send ("ok", result) or ("error", reason).
+def _child_main(conn: Any, job_func: str, settings: Settings) -> None:
+    """Entry point of a training child process: warm up, wait for one job, run it, send the outcome, exit.
 
-    The server's settings (CLI overrides included) are handed to the job (``ml_backend.jobs.use_settings``).
+    Warm-up imports the job's module and calls its ``warm_up()`` when it has one (``ml_backend.jobs`` imports
+    torch, the model code and the Label Studio client), so a job handed to a waiting child starts at once.
+    The job arrives as ``(project_id, model_dir, force_pretrain)``; the answer is ``("ok", result)``,
+    ``("error", reason)`` (the job recorded it) or ``("unrecorded-error", reason)`` (nothing ran). A child
+    whose scheduler goes away before a job arrives just exits. The server's settings (CLI overrides
+    included) are handed to the job (``ml_backend.jobs.use_settings``).
     """
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s [train %(process)d] %(name)s: %(message)s")
@@ -60,10 +69,20 @@ def _child_main(conn: Any, job_func: str, project_id: int, model_dir: str, force
         from ml_backend import jobs
 
         jobs.use_settings(settings)
+        func, import_error = None, None
         try:
             func = import_job_func(job_func)
+            warm_up = getattr(sys.modules.get(func.__module__), "warm_up", None)
+            if callable(warm_up):
+                warm_up()
         except BaseException as exc:  # nothing ran, so nothing was recorded: the parent records it
-            conn.send(("unrecorded-error", f"cannot import job {job_func!r}: {type(exc).__name__}: {exc}"))
+            import_error = f"cannot import job {job_func!r}: {type(exc).__name__}: {exc}"
+        try:
+            project_id, model_dir, force_pretrain = conn.recv()
+        except (EOFError, OSError):  # the scheduler closed before handing out a job
+            return
+        if func is None:
+            conn.send(("unrecorded-error", import_error))
             return
         try:
             result = func(project_id, model_dir, force_pretrain)
@@ -73,6 +92,14 @@ def _child_main(conn: Any, job_func: str, project_id: int, model_dir: str, force
         conn.send(("ok", result))
     finally:
         conn.close()
+
+
+@dataclass
+class _Child:
+    """A training process and the parent's end of its pipe."""
+
+    process: multiprocessing.process.BaseProcess
+    conn: Any
 
 
 class EmbeddedScheduler(Scheduler):
@@ -94,6 +121,7 @@ class EmbeddedScheduler(Scheduler):
         self._running: int | None = None
         self._running_since: str | None = None
         self._child: multiprocessing.process.BaseProcess | None = None
+        self._spare: _Child | None = None  # a warmed-up child waiting for the next job
         self._stopping = False
         self._runs = 0
         self._ctx = multiprocessing.get_context("spawn")
@@ -152,9 +180,15 @@ class EmbeddedScheduler(Scheduler):
         with self._cond:
             self._stopping = True
             child = self._child
+            spare, self._spare = self._spare, None
             self._cond.notify_all()
         if child is not None and child.is_alive():
             child.terminate()
+        if spare is not None:
+            spare.conn.close()  # a waiting child exits when its pipe closes
+            spare.process.join(1.0)
+            if spare.process.is_alive():
+                spare.process.terminate()
         self._thread.join(timeout)
 
     def wait_idle(self, timeout: float) -> bool:
@@ -192,26 +226,40 @@ class EmbeddedScheduler(Scheduler):
                     self._child = None
                     self._cond.notify_all()
 
+    def _start_child(self) -> _Child:
+        """Start a training process that warms up and waits for one job."""
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=_child_main, args=(child_conn, self.job_func, self.settings),
+                                    name="taxomoco-train", daemon=True)
+        process.start()
+        child_conn.close()
+        return _Child(process, parent_conn)
+
+    def _take_spare(self) -> _Child | None:
+        """The warmed-up child, if one waits and is alive (call with ``self._cond`` held)."""
+        spare, self._spare = self._spare, None
+        if spare is not None and not spare.process.is_alive():
+            spare.conn.close()
+            return None
+        return spare
+
     def _run_one(self, pid: int, waiting: _Waiting, job_id: str) -> None:
         records = JobRecords(self.settings.project_dir(pid), pid)
         stale = records.read()["running_job_id"]
         if stale is not None:  # only this thread runs this project's jobs: that run ended with its server
             records.mark_finished(JobOutcome.FAILED, 0.0, stale, reason="interrupted: the server stopped during the run")
         records.mark_queued(waiting.reason, coalesced=waiting.coalesced)
-        parent_conn, child_conn = self._ctx.Pipe(duplex=False)
-        child = self._ctx.Process(
-            target=_child_main,
-            args=(child_conn, self.job_func, pid, str(self.settings.model_dir), waiting.force_pretrain, self.settings),
-            name=f"taxomoco-train-{pid}",
-            daemon=True,
-        )
         start = time.monotonic()
         with self._cond:
             if self._stopping:
                 return
-            child.start()
-            self._child = child
-        child_conn.close()
+            spawned = self._take_spare() or self._start_child()
+            self._child = child = spawned.process
+        parent_conn = spawned.conn
+        try:
+            parent_conn.send((pid, str(self.settings.model_dir), waiting.force_pretrain))
+        except OSError:  # the child died while waiting: noticed below as a death without an answer
+            pass
         log.info("Training project %s in child process %s (%s).", pid, child.pid, waiting.reason)
         message = None
         while message is None:
@@ -238,4 +286,18 @@ class EmbeddedScheduler(Scheduler):
             log.error("Project %s: training failed: %s", pid, message[1])
         else:
             log.info("Project %s: training finished: %s", pid, message[1])
+        self._replenish()
+
+    def _replenish(self) -> None:
+        """Start a spare child that warms up while the line is idle, so that the next job starts at once."""
+        with self._cond:
+            if self._stopping or self._spare is not None:
+                return
+        spare = self._start_child()
+        with self._cond:
+            if not self._stopping and self._spare is None:
+                self._spare, spare = spare, None
+        if spare is not None:  # closed (or replenished) meanwhile
+            spare.conn.close()
+            spare.process.join(1.0)
 

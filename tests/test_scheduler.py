@@ -81,6 +81,15 @@ def _publish(model_dir: str, project_id: int, version: str, half_s: float) -> No
     os.replace(root / ".LIVE.tmp", root / "LIVE")
 
 
+_warmed_at: float | None = None
+
+
+def warm_up() -> None:
+    """Called by the embedded scheduler's child before it waits for a job (like ``ml_backend.jobs.warm_up``)."""
+    global _warmed_at
+    _warmed_at = time.time()
+
+
 def recording_job(project_id: int, model_dir: str, force_pretrain: bool = False) -> dict[str, Any]:
     """A job with train_project's signature and record keeping, steered by the control file."""
     settings = Settings.from_env(env={}, model_dir=model_dir)
@@ -96,7 +105,7 @@ def recording_job(project_id: int, model_dir: str, force_pretrain: bool = False)
     def work() -> dict[str, Any]:
         control = json.loads(control_path(model_dir, project_id).read_text()) if control_path(
             model_dir, project_id).exists() else {}
-        _log(model_dir, project_id, "start", os.getpid(), time.time(), job_id)
+        _log(model_dir, project_id, "start", os.getpid(), time.time(), job_id, _warmed_at)
         if control.get("die_once") and not (Path(model_dir) / f"died-{project_id}").exists():
             (Path(model_dir) / f"died-{project_id}").write_text("x")
             time.sleep(float(control.get("sleep", 0)))
@@ -235,6 +244,20 @@ def test_failure_is_recorded_with_its_reason_and_nothing_escapes(embedded, tmp_p
     embedded.schedule(7, "START_TRAINING")
     assert embedded.wait_idle(30)
     assert embedded.health()["ok"] and embedded.status(7)["last_outcome"] == "succeeded"
+
+
+def test_a_warmed_up_fresh_process_waits_for_the_next_job(embedded, tmp_path: Path) -> None:
+    set_control(tmp_path, 14)
+    embedded.schedule(14, "ANNOTATION_CREATED")
+    assert embedded.wait_idle(30)
+    time.sleep(1.0)  # the spare child warms up while the line is idle
+    second_scheduled_at = time.time()
+    embedded.schedule(14, "ANNOTATION_CREATED")
+    assert embedded.wait_idle(30)
+    first, second = [r for r in read_runs(tmp_path, 14) if r[0] == "start"]
+    assert first[1] != second[1]  # every job in its own process
+    assert float(second[4]) < second_scheduled_at  # warmed up before the job arrived
+    assert float(first[4]) <= float(first[2])  # the first job's child warmed up, then ran it
 
 
 def test_child_killed_mid_job_is_recorded_and_server_survives(embedded, tmp_path: Path) -> None:
