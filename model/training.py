@@ -1,8 +1,10 @@
 """Heads training on cached embeddings with out-of-fold calibration and evaluation.
 
-``fit`` runs k-fold cross-validation over the labelled images to get an honest (out-of-fold) prediction for
-every one of them, fits the calibration temperature and computes the metrics on those, then trains the final
-heads on all labelled images. The out-of-fold level probabilities also feed the disagreement detection.
+``fit`` runs k-fold cross-validation over the labelled images (:func:`cross_validate`) to get an honest
+(out-of-fold) prediction for every one of them, fits the calibration temperature and computes the metrics on
+those, then trains the final heads on all labelled images. The out-of-fold level probabilities also feed the
+disagreement detection. A retrain on nearly the same labels may reuse an earlier temperature
+(``fit(..., temperature=t)``): only the final heads train, and the cross-validation can run later.
 """
 
 from __future__ import annotations
@@ -97,6 +99,85 @@ def _softmax(a: np.ndarray, t: float) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+@dataclass
+class CrossValidation:
+    """Out-of-fold predictions of the labelled images and what they give (see :func:`cross_validate`).
+
+    Attributes: as the fields of the same name in :class:`FitResult`.
+    """
+
+    temperature: float
+    oof_level_probs: list[np.ndarray]
+    oof_level_logits: list[np.ndarray]
+    oof_predictions: list[PathPrediction]
+    metrics: dict
+    labelled_index: np.ndarray
+    targets: np.ndarray
+    fold_of: np.ndarray
+
+
+def _labelled(emb: np.ndarray, paths: Sequence[Sequence[str] | None], taxonomy: Taxonomy
+              ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Validated ``(labelled_index (N_lab,), targets (N_lab, L), x (N_lab, D))`` of the labelled rows."""
+    if emb.ndim != 2 or emb.shape[0] != len(paths):
+        raise DataError(
+            f"Got {emb.shape[0] if emb.ndim else 0} embeddings of shape {emb.shape} for {len(paths)} paths; pass "
+            "one (N, D) row per image and one path (or None) per image."
+        )
+    labelled_index = np.array([i for i, p in enumerate(paths) if p is not None], dtype=np.int64)
+    if len(labelled_index) == 0:
+        raise DataError("No image is labelled yet; label at least two images of two different classes.")
+    targets = taxonomy.encode_many([paths[i] for i in labelled_index])  # (N_lab, L)
+    _check_classes(targets, taxonomy, [paths[i] for i in labelled_index])
+    return labelled_index, targets, torch.from_numpy(emb[labelled_index])  # (N_lab, D)
+
+
+def cross_validate(
+    emb: np.ndarray,
+    paths: Sequence[Sequence[str] | None],
+    taxonomy: Taxonomy,
+    cfg: HeadsConfig | None = None,
+    folds: int = 5,
+    progress: bool = False,
+    device: str | torch.device = "cpu",
+) -> CrossValidation:
+    """k-fold cross-validation of the heads: an honest (out-of-fold) prediction for every labelled image, the
+    calibration temperature fitted on them, and their metrics.
+
+    Args: as for :func:`fit`. With fewer than 2 usable folds the temperature is 1.0 and nothing else is filled.
+
+    Raises:
+        DataError: misaligned inputs, an unknown path, or labels of fewer than two classes.
+    """
+    cfg = cfg or HeadsConfig()
+    emb = np.asarray(emb, dtype=np.float32)
+    labelled_index, targets, x = _labelled(emb, paths, taxonomy)
+    n = len(labelled_index)
+    k = min(folds, n)
+    cv = CrossValidation(1.0, [], [], [], {}, labelled_index, targets, np.zeros(0, dtype=np.int64))
+    if k < 2:
+        return cv
+    cv.fold_of = stratified_folds(targets[:, 0], k, cfg.seed)
+    level_logits = [np.zeros((n, taxonomy.num_classes(lv)), dtype=np.float32) for lv in range(taxonomy.depth)]
+    for f in tqdm(range(k), desc="cross-validation", disable=not progress):
+        held = cv.fold_of == f
+        heads = train_heads(x[~held], targets[~held], taxonomy, cfg, device=device)
+        for lv, out in enumerate(heads_logits(heads, x[held])):
+            level_logits[lv][held] = out
+    cv.temperature = float(fit_temperature(level_logits, targets, taxonomy))
+    cv.oof_level_logits = level_logits
+    cv.oof_predictions = decode(level_logits, taxonomy, leafs_only=True, temperature=cv.temperature)
+    metrics = evaluate(level_logits, targets, taxonomy, cv.temperature, predictions=cv.oof_predictions)
+    raw = evaluate(level_logits, targets, taxonomy, 1.0)
+    metrics["ece_uncalibrated"] = raw["calibration"]["ece"]
+    metrics["nll_uncalibrated"] = raw["nll"]
+    metrics["folds"] = k
+    metrics["n_labelled"] = n
+    cv.metrics = metrics
+    cv.oof_level_probs = [_softmax(a, cv.temperature) for a in level_logits]
+    return cv
+
+
 def fit(
     emb: np.ndarray,
     paths: Sequence[Sequence[str] | None],
@@ -105,6 +186,7 @@ def fit(
     folds: int = 5,
     progress: bool = False,
     device: str | torch.device = "cpu",
+    temperature: float | None = None,
 ) -> FitResult:
     """Train calibrated heads with out-of-fold evaluation.
 
@@ -117,6 +199,9 @@ def fit(
             With fewer than 2 usable folds the temperature stays 1.0 and ``metrics`` is empty.
         progress: show progress bars.
         device: where the heads train (see :func:`model.heads.train_heads`).
+        temperature: a calibration temperature to reuse (from an earlier :func:`cross_validate` on nearly the
+            same labels): no cross-validation runs, only the final heads train; the out-of-fold fields stay
+            empty and ``metrics`` holds ``n_labelled`` only.
 
     Returns:
         A :class:`FitResult`.
@@ -127,52 +212,26 @@ def fit(
     start = time.perf_counter()
     cfg = cfg or HeadsConfig()
     emb = np.asarray(emb, dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[0] != len(paths):
-        raise DataError(
-            f"Got {emb.shape[0] if emb.ndim else 0} embeddings of shape {emb.shape} for {len(paths)} paths; pass "
-            "one (N, D) row per image and one path (or None) per image."
-        )
-    labelled_index = np.array([i for i, p in enumerate(paths) if p is not None], dtype=np.int64)
-    if len(labelled_index) == 0:
-        raise DataError("No image is labelled yet; label at least two images of two different classes.")
-    targets = taxonomy.encode_many([paths[i] for i in labelled_index])  # (N_lab, L)
-    _check_classes(targets, taxonomy, [paths[i] for i in labelled_index])
-    x = torch.from_numpy(emb[labelled_index])  # (N_lab, D)
-    n = len(labelled_index)
-    k = min(folds, n)
-
-    level_logits: list[np.ndarray] = []
-    temperature, metrics, predictions, probs = 1.0, {}, [], []
-    fold_of = np.zeros(0, dtype=np.int64)
-    if k >= 2:
-        fold_of = stratified_folds(targets[:, 0], k, cfg.seed)
-        level_logits = [np.zeros((n, taxonomy.num_classes(lv)), dtype=np.float32) for lv in range(taxonomy.depth)]
-        for f in tqdm(range(k), desc="cross-validation", disable=not progress):
-            held = fold_of == f
-            heads = train_heads(x[~held], targets[~held], taxonomy, cfg, device=device)
-            for lv, out in enumerate(heads_logits(heads, x[held])):
-                level_logits[lv][held] = out
-        temperature = fit_temperature(level_logits, targets, taxonomy)
-        predictions = decode(level_logits, taxonomy, leafs_only=True, temperature=temperature)
-        metrics = evaluate(level_logits, targets, taxonomy, temperature, predictions=predictions)
-        raw = evaluate(level_logits, targets, taxonomy, 1.0)
-        metrics["ece_uncalibrated"] = raw["calibration"]["ece"]
-        metrics["nll_uncalibrated"] = raw["nll"]
-        metrics["folds"] = k
-        probs = [_softmax(a, temperature) for a in level_logits]
-    heads = train_heads(x, targets, taxonomy, cfg, progress=progress, device=device)
-    metrics["n_labelled"] = n
+    if temperature is None:
+        cv = cross_validate(emb, paths, taxonomy, cfg, folds, progress, device)
+    else:
+        labelled_index, targets, _ = _labelled(emb, paths, taxonomy)
+        cv = CrossValidation(float(temperature), [], [], [], {}, labelled_index, targets, np.zeros(0, dtype=np.int64))
+    x = torch.from_numpy(emb[cv.labelled_index])  # (N_lab, D)
+    heads = train_heads(x, cv.targets, taxonomy, cfg, progress=progress, device=device)
+    metrics = dict(cv.metrics)
+    metrics["n_labelled"] = len(cv.labelled_index)
     return FitResult(
         heads=heads,
-        temperature=float(temperature),
-        oof_level_probs=probs,
-        oof_level_logits=level_logits,
-        oof_predictions=predictions,
+        temperature=float(cv.temperature),
+        oof_level_probs=cv.oof_level_probs,
+        oof_level_logits=cv.oof_level_logits,
+        oof_predictions=cv.oof_predictions,
         metrics=metrics,
-        labelled_index=labelled_index,
-        targets=targets,
+        labelled_index=cv.labelled_index,
+        targets=cv.targets,
         seconds=time.perf_counter() - start,
-        fold_of=fold_of,
+        fold_of=cv.fold_of,
     )
 
 

@@ -11,7 +11,7 @@ import torch
 from model.errors import DataError, TaxonomyError
 from model.heads import HeadsConfig
 from model.taxonomy import Taxonomy
-from model.training import fit, predict, stratified_folds
+from model.training import cross_validate, fit, predict, stratified_folds
 
 TAX = Taxonomy.from_nested({"wild": ["bear", "zebra"], "pet": ["cat", "dog"], "bird": None})
 FAST = HeadsConfig(hidden=32, epochs=5, min_steps=60, batch_size=64)
@@ -53,6 +53,19 @@ def test_fit_gives_out_of_fold_predictions_and_good_final_heads() -> None:
     nodes = predict(result.heads, result.temperature, emb[::4], TAX, leafs_only=False, prefix_threshold=0.99)
     assert all(p.score >= 0.99 or len(p.path) == 1 for p in nodes)
     assert result.seconds > 0
+
+
+def test_a_reused_temperature_skips_cross_validation_and_gives_the_same_heads() -> None:
+    emb, paths = clustered(120)
+    full = fit(emb, paths, TAX, FAST, folds=3)
+    quick = fit(emb, paths, TAX, FAST, folds=3, temperature=full.temperature)
+    assert quick.temperature == full.temperature and quick.oof_level_probs == [] and quick.fold_of.size == 0
+    assert quick.metrics == {"n_labelled": 120}
+    for name, tensor in full.heads.state_dict().items():  # the final heads do not depend on the folds
+        assert torch.equal(tensor, quick.heads.state_dict()[name]), name
+    later = cross_validate(emb, paths, TAX, FAST, folds=3)  # what the quick fit left out, run afterwards
+    assert later.temperature == full.temperature and later.metrics == full.metrics
+    assert all(np.array_equal(a, b) for a, b in zip(later.oof_level_probs, full.oof_level_probs))
 
 
 def test_out_of_fold_accuracy_is_honest_on_random_labels() -> None:
