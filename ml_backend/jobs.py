@@ -41,6 +41,7 @@ from ml_backend.job_records import (
     run_recorded,
     write_pretrain_record,
 )
+from ml_backend.calibration import ReuseDecision, decide_reuse, label_digests, read_calibration, write_calibration
 from ml_backend.settings import Settings
 from model.errors import DataError, TaxomocoError
 
@@ -238,14 +239,19 @@ def _train_pulled(settings: Settings, pid: int, force_pretrain: bool, source: Pr
         emb, ok = embed_all(settings, pid, encoder, images)  # (N, D), (N,)
     counts["embedded"] = int(ok.sum())
     with _timed(durations, "fit"):
-        fit = fit_heads(source, labels, images, emb, ok)
+        fit, reuse = fit_heads(settings, pid, source, labels, images, emb, ok, encoder)
     counts["trained_on"] = len(fit.task_ids)
     with _timed(durations, "publish"):
-        version = publish_version(settings, pid, source, labels, images, encoder, fit, decision, counts)
+        version = publish_version(settings, pid, source, labels, images, encoder, fit, decision, counts, reuse)
     if decision.pretrain:  # only once the new encoder is live: a failed publish pretrains again
         write_pretrain_record(project_dir, len(images.paths), encoder.version)
         _pending_run(project_dir, clear=True)
         clear_pretrain_request(project_dir)
+    if reuse.reuse:  # the version is live; the cross-validation it skipped runs now
+        with _timed(durations, "cross_validation"):
+            fit = cross_validate_after_publish(fit, emb, source)
+    write_calibration(project_dir, fit.result.temperature, fit.result.metrics, encoder.version, version,
+                      label_digests(fit.pairs))
     try:
         with _timed(durations, "disagreements"):
             counts["flags"] = analyse_disagreements(settings, pid, source, labels, images, emb, ok, fit, version)
@@ -254,7 +260,7 @@ def _train_pulled(settings: Settings, pid: int, force_pretrain: bool, source: Pr
                   exc_info=not isinstance(exc, TaxomocoError))
         counts["flags"] = -1
     return {"status": "succeeded", "version": version, "counts": counts, "durations_s": durations,
-            "pretrain": decision.to_dict()}
+            "pretrain": decision.to_dict(), "calibration": reuse.to_dict()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -483,10 +489,17 @@ class Fit:
     result: Any  # model.training.FitResult
     task_ids: list[int]
     pairs: list[tuple[str, tuple[str, ...]]]  # (content hash, path) training pairs
+    rows: list[int]  # rows of the embeddings (images order) trained on
 
 
-def fit_heads(source: ProjectSource, labels: Labels, images: ProjectImages, emb: Any, ok: Any) -> Fit:
-    """Fit the heads on the consensus labels of readable images (out-of-fold probabilities included)."""
+def fit_heads(settings: Settings, pid: int, source: ProjectSource, labels: Labels, images: ProjectImages, emb: Any,
+              ok: Any, encoder: Encoder) -> tuple[Fit, ReuseDecision]:
+    """Fit the heads on the consensus labels of readable images.
+
+    With the encoder and nearly the same labels as the last cross-validation (``ml_backend.calibration``),
+    only the final heads train and the last temperature is reused; otherwise the out-of-fold
+    cross-validation runs first.
+    """
     from model.heads import HeadsConfig
     from model.training import fit
 
@@ -500,20 +513,48 @@ def fit_heads(source: ProjectSource, labels: Labels, images: ProjectImages, emb:
     skip = labels_shortfall(dict(zip(task_ids, paths)), 2)
     if skip is not None:
         raise DataError(f"after dropping tasks whose image is unavailable: {skip}.")
-    result = fit(emb[rows], paths, source.config.taxonomy, HeadsConfig())
     pairs = [(images.hashes[i], p) for i, p in zip(rows, paths)]
-    return Fit(result, task_ids, pairs)
+    record = read_calibration(settings.project_dir(pid))
+    reuse = decide_reuse(record, encoder.version, label_digests(pairs), settings.calibration_reuse_fraction)
+    log.info("Project %s: calibration %s (%s).", pid, "reused" if reuse.reuse else "cross-validated first",
+             reuse.reason)
+    if reuse.reuse:
+        assert record is not None
+        result = fit(emb[rows], paths, source.config.taxonomy, HeadsConfig(), temperature=record.temperature)
+        result.metrics = {**record.metrics, "n_labelled": len(rows),
+                          "calibration": {"from_version": record.model_version, "n_labelled": record.n_labelled,
+                                          "changed_fraction": reuse.changed_fraction}}
+    else:
+        result = fit(emb[rows], paths, source.config.taxonomy, HeadsConfig())
+    return Fit(result, task_ids, pairs, rows), reuse
+
+
+def cross_validate_after_publish(fit: Fit, emb: Any, source: ProjectSource) -> Fit:
+    """The cross-validation a reused calibration skipped: out-of-fold probabilities for the disagreement flags
+    and the temperature and metrics the next retrain reuses. The published heads stay as they are."""
+    from model.heads import HeadsConfig
+    from model.training import cross_validate
+
+    paths = [p for _, p in fit.pairs]
+    cv = cross_validate(emb[fit.rows], paths, source.config.taxonomy, HeadsConfig())
+    result = dataclasses.replace(fit.result, temperature=cv.temperature, oof_level_probs=cv.oof_level_probs,
+                                 oof_level_logits=cv.oof_level_logits, oof_predictions=cv.oof_predictions,
+                                 metrics=dict(cv.metrics), labelled_index=cv.labelled_index, targets=cv.targets,
+                                 fold_of=cv.fold_of)
+    return dataclasses.replace(fit, result=result)
 
 
 def publish_version(settings: Settings, pid: int, source: ProjectSource, labels: Labels, images: ProjectImages,
-                    encoder: Encoder, fit: Fit, decision: PretrainDecision, counts: dict[str, int]) -> str:
+                    encoder: Encoder, fit: Fit, decision: PretrainDecision, counts: dict[str, int],
+                    reuse: ReuseDecision | None = None) -> str:
     """Publish the new model version atomically, prune old ones; returns the version."""
     from model.bundle import data_fingerprint, prune, publish
 
     root = settings.project_dir(pid) / "models"
     extra = {"consensus": labels.result.policy_record(), "excluded": len(labels.result.excluded),
              "pretrained": decision.pretrain, "pretrain_decision": decision.to_dict(), "counts": dict(counts),
-             "project_id": pid, "label_config_from_name": source.config.from_name}
+             "project_id": pid, "label_config_from_name": source.config.from_name,
+             "calibration": reuse.to_dict() if reuse is not None else None}
     manifest = publish(root, source.config.taxonomy, encoder.cfg, encoder.state, fit.result.heads,
                        fit.result.temperature, fit.result.metrics, data_fingerprint(fit.pairs), extra,
                        counts=dict(counts))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ml_backend import jobs
+from ml_backend.calibration import read_calibration
 from ml_backend.job_records import JobRecords, read_pretrain_record, write_pretrain_record
 from ml_backend.jobs import PretrainReason, decide_pretrain, labels_shortfall, lightning_device
 from ml_backend.settings import Settings
@@ -189,6 +190,22 @@ def test_train_project_end_to_end(label_studio, labelled_project, tmp_path: Path
     assert second["version"] != first["version"] and live_version(root) == second["version"]
     assert load_live(root).manifest.encoder_version == bundle.manifest.encoder_version
     assert "pretrain" not in second["durations_s"]
+
+    # calibration: the first run cross-validated before publishing; the second (same labels) reused that
+    # temperature, published, then cross-validated; a third with 1 of 10 labels new cross-validates first
+    assert first["calibration"]["reuse"] is False and "fit" in first["durations_s"]
+    assert second["calibration"]["reuse"] is True and second["calibration"]["changed_fraction"] == 0.0
+    assert load_live(root).temperature == pytest.approx(bundle.temperature)
+    assert "cross_validation" in second["durations_s"] and "cross_validation" not in first["durations_s"]
+    record = read_calibration(tmp_path / f"project-{pid}")
+    assert record is not None and record.model_version == second["version"] and record.n_labelled == 9
+    unlabelled = next(t for t in range(min(labels), min(labels) + 18) if t not in labels)
+    label_studio.annotate(unlabelled, [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy",
+                                        "value": {"taxonomy": [["Cold", "Blue"]]}}])
+    third = jobs.train_project(pid, str(tmp_path))
+    assert third["status"] == "succeeded" and third["calibration"]["reuse"] is False, third["calibration"]
+    assert third["calibration"]["changed_fraction"] == pytest.approx(0.1)
+    assert read_calibration(tmp_path / f"project-{pid}").n_labelled == 10
 
 
 @pytest.mark.e2e

@@ -1,0 +1,41 @@
+"""When a retrain may publish with the last calibration temperature (ml_backend.calibration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ml_backend.calibration import (
+    CALIBRATION_FILE,
+    decide_reuse,
+    label_digests,
+    read_calibration,
+    write_calibration,
+)
+
+PAIRS = [(f"{i:064x}", ("wild", "bear") if i % 2 else ("pet", "cat")) for i in range(100)]
+
+
+def test_record_round_trip_and_unreadable_record(tmp_path: Path) -> None:
+    assert read_calibration(tmp_path) is None
+    written = write_calibration(tmp_path, 1.7, {"path_accuracy": 0.9}, "enc1", "v1", label_digests(PAIRS))
+    assert read_calibration(tmp_path) == written and written.n_labelled == 100 and written.at
+    (tmp_path / "jobs" / CALIBRATION_FILE).write_text("{not json")
+    assert read_calibration(tmp_path) is None  # logged; the next retrain cross-validates first
+
+
+def test_reuse_only_for_the_same_encoder_and_small_changes(tmp_path: Path) -> None:
+    record = write_calibration(tmp_path, 1.2, {}, "enc1", "v1", label_digests(PAIRS))
+    same = decide_reuse(record, "enc1", label_digests(PAIRS), 0.02)
+    assert same.reuse and same.changed_fraction == 0.0
+    one_more = label_digests([*PAIRS, (f"{999:064x}", ("pet", "cat"))])
+    assert decide_reuse(record, "enc1", one_more, 0.02).changed_fraction == pytest.approx(1 / 101)
+    assert decide_reuse(record, "enc1", one_more, 0.02).reuse
+    relabelled = label_digests([(h, ("bird",)) for h, _ in PAIRS[:3]] + PAIRS[3:])  # 3 of 100 relabelled
+    decision = decide_reuse(record, "enc1", relabelled, 0.02)
+    assert not decision.reuse and decision.changed_fraction == pytest.approx(0.06)  # a relabelled pair counts twice
+    assert "changed" in decision.reason
+    assert not decide_reuse(record, "enc2", label_digests(PAIRS), 0.02).reuse  # a new encoder
+    assert not decide_reuse(None, "enc1", label_digests(PAIRS), 0.02).reuse
+    assert not decide_reuse(record, "enc1", label_digests(PAIRS), 0.0).reuse  # switched off
