@@ -141,10 +141,11 @@ def labels_shortfall(labels: dict[int, tuple[str, ...]], min_labels: int) -> str
 
 WARM_IMPORTS: tuple[str, ...] = (
     "torch", "model.training", "model.bundle", "model.embed_cache", "model.encoder", "model.images",
-    "model.consensus", "model.pretrain", "ml_backend.images", "ml_backend.ls_client", "ml_backend.label_config",
+    "model.consensus", "ml_backend.images", "ml_backend.ls_client", "ml_backend.label_config",
     "ml_backend.connections", "ml_backend.disagreements",
 )
-"""What a training run imports (seconds of CPU: torch, Lightning, scipy); see :func:`warm_up`."""
+"""What a heads-only run imports (about 4 CPU-seconds: torch, torchvision, scipy); see :func:`warm_up`.
+``model.pretrain`` (Lightning, 2-3 s more) is left to the runs that pretrain, which take minutes anyway."""
 
 
 def warm_up() -> None:
