@@ -167,6 +167,9 @@ def wait_up(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     raise RuntimeError("the benchmark server did not come up")
 
 
+LOAD_BEFORE = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
@@ -320,7 +323,7 @@ def report(reps, times, health, idle, quick) -> str:
     lines = [
         "# /predict latency vs the bare in-process model (bench/predict_latency.py)",
         "",
-        f"Machine: {os.cpu_count()} CPU cores shared with other work, torch {torch.__version__}, no GPU; "
+        f"Machine: {os.cpu_count()} CPU cores (load average before the run: {LOAD_BEFORE}), torch {torch.__version__}, no GPU; "
         f"{'quick run' if quick else 'full run'}; model ResNet-18-half @64 px + 3-level heads (model.bundle); "
         "synthetic 96x96 PNG shapes read via LOCAL_FILES_ROOT; "
         f"real gunicorn (1 worker x {HTTP_THREADS} gthreads, 2 concurrent model forwards) on loopback; "
@@ -344,7 +347,8 @@ def report(reps, times, health, idle, quick) -> str:
         "",
         "bare forward = Predictor.predict in this process on the already decoded images, no cache (encoder + heads).",
         "in-process same cache = the same call with the same cache state as the HTTP row (cold: no cache; warm: cached",
-        "embeddings, heads only). /predict adds HTTP + JSON + file read + PNG decode + sha256 + cache lookups.",
+        "embeddings, heads only). /predict adds HTTP + JSON + file read + sha256 + cache lookups, and the PNG decode",
+        "of the images whose embedding is not cached (all of them when cold, none when warm).",
         "",
         f"/health under 16 concurrent /predict clients (batches of 8) and a running training job "
         f"({health['seconds']:.0f} s, {len(lat)} probes, {health['predicts']} /predict answered, {health['errors']} errors, "
