@@ -24,13 +24,14 @@ import time
 import redis
 from rq import Queue, Worker
 
+from ml_backend.jobs import WARM_IMPORTS
 from ml_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-WARM_MODULES = ("torch", "torchvision", "lightly", "pytorch_lightning", "model.encoder", "model.pretrain",
-                "model.training", "model.bundle", "model.embed_cache", "ml_backend.jobs")
-"""Imported once in the worker before forking, so each work-horse inherits them."""
+WARM_MODULES = ("ml_backend.jobs", *WARM_IMPORTS, "lightly", "pytorch_lightning", "model.pretrain")
+"""Imported once in the worker before forking, so each work-horse inherits them: what every run imports, and
+pretraining's Lightning and lightly (a fork inherits them for free)."""
 
 JOB_MONITORING_INTERVAL_S = 10
 """How often the worker heartbeats a running job; an abandoned job is retried ~60 s after its last beat."""
