@@ -74,7 +74,7 @@ def _tensors(cfg, images: list[np.ndarray]) -> torch.Tensor:
 
 def run_forward(args: argparse.Namespace, which: str) -> dict:
     """Bare no_grad forward, Embedder on tensors, or Embedder from images, ``--repeat`` passes, best kept."""
-    from model.encoder import Embedder
+    from model.embedder import Embedder
 
     cfg, net = _setup(args)
     images = synthetic_images(args.n, args.image_px)
@@ -100,7 +100,8 @@ def run_forward(args: argparse.Namespace, which: str) -> dict:
 def run_cache(args: argparse.Namespace) -> dict:
     """Fill a cache, then time ``get`` from a fresh cache object against recomputing from images."""
     from model.embed_cache import EmbeddingCache
-    from model.encoder import Embedder, encoder_version
+    from model.embedder import Embedder
+    from model.encoder import encoder_version
     from model.images import content_hash
 
     cfg, net = _setup(args)
@@ -143,7 +144,7 @@ class RenderedImages(Dataset):
 def run_stream(args: argparse.Namespace, n: int) -> dict:
     """``embed_into`` a memmap of (n, D) while a thread samples RSS every 20 ms."""
     from model.augment import eval_transform
-    from model.encoder import Embedder
+    from model.embedder import Embedder
 
     cfg, net = _setup(args)
     emb = Embedder(net, cfg, device="cpu", batch_size=args.batch)

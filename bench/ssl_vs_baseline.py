@@ -6,7 +6,7 @@ two-level taxonomy of :mod:`model.datasets`), at 1 %, 5 % and 10 % of the images
 
 Methods:
     moco+heads        ``model.pretrain.pretrain`` on the 8,000 non-test images (labels unused), then the frozen
-                      backbone's embeddings (``model.encoder.Embedder``) and ``model.heads.train_heads``.
+                      backbone's embeddings (``model.embedder.Embedder``) and ``model.heads.train_heads``.
     random-init+heads the same backbone with random weights, the same embeddings and heads (the source
                       method's baseline).
     pixels+logreg     scikit-learn logistic regression on the standardised 784 raw pixels (leaf classes).
@@ -50,7 +50,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model.datasets import ANIMAL_TAXONOMY, content_groups, load_animal_mnist
-from model.encoder import Arch, EncoderConfig, Embedder, build_backbone, cpu_has_bf16
+from model.embedder import Embedder
+from model.encoder import Arch, EncoderConfig, build_backbone, cpu_has_bf16
 from model.augment import AugmentConfig
 from model.heads import HeadsConfig, train_heads
 from model.pretrain import PretrainConfig, pretrain
@@ -440,7 +441,7 @@ def pretrained_backbone(images: np.ndarray, cfg: BenchConfig, out_dir: Path, ret
 
 
 def embed_all(backbone: nn.Module, images: np.ndarray, cfg: EncoderConfig, cache: Path | None = None) -> np.ndarray:
-    """Embeddings ``(N, D)`` of every image through the product's :class:`~model.encoder.Embedder`.
+    """Embeddings ``(N, D)`` of every image through the product's :class:`~model.embedder.Embedder`.
 
     Args:
         backbone: the encoder.

@@ -472,7 +472,8 @@ def embed_all(settings: Settings, pid: int, encoder: Encoder, images: ProjectIma
         ``(emb (N, D) float32, ok (N,) bool)`` in ``images`` order; ``ok`` is False for unreadable images.
     """
     from model.embed_cache import EmbeddingCache, embed_through_cache
-    from model.encoder import Embedder, build_backbone
+    from model.embedder import Embedder
+    from model.encoder import build_backbone
 
     backbone = build_backbone(encoder.cfg)
     backbone.load_state_dict(encoder.state)

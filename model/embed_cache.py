@@ -29,7 +29,7 @@ import numpy as np
 from model.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from model.encoder import Embedder
+    from model.embedder import Embedder
     from model.images import ImageSource
 
 _KEY_BYTES = 32

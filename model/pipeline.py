@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file, save_file
 
-from model.encoder import Embedder, EncoderConfig, build_backbone, encoder_version
+from model.embedder import Embedder
+from model.encoder import EncoderConfig, build_backbone, encoder_version
 from model.errors import BundleError, DataError
 from model.images import content_hash, scan_images, scan_labelled_folder
 from model.taxonomy import Taxonomy

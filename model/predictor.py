@@ -18,7 +18,8 @@ from PIL import Image
 from model.bundle import ModelBundle
 from model.decode import PathPrediction, decode
 from model.embed_cache import EmbeddingCache, embed_through_cache
-from model.encoder import Embedder, build_backbone
+from model.embedder import Embedder
+from model.encoder import build_backbone
 
 
 class Predictor:

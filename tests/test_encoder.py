@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from model.augment import AugmentConfig, eval_transform, moco_v2_transform
-from model.encoder import Arch, Embedder, EncoderConfig, build_backbone, encoder_version
+from model.embedder import Embedder
+from model.encoder import Arch, EncoderConfig, build_backbone, encoder_version
 from model.errors import ConfigError, ResourceError
 
 
