@@ -335,10 +335,11 @@ def sync_images(settings: Settings, pid: int, source: ProjectSource, chunk: int 
     """Download the images of all tasks that are not stored yet (an image value is fetched once).
 
     The index ``images/index.json`` maps an image value to its content hash; an image changed behind an
-    unchanged URL is therefore not seen again (re-import the task to change it).
+    unchanged URL is therefore not seen again (re-import the task to change it). A download that is not an
+    image, or has more pixels than ``IMAGE_MAX_PIXELS``, is refused from its header, as /predict refuses it.
     """
     from ml_backend.images import fetch_many
-    from model.images import content_hash
+    from model.images import check_image_header, content_hash
 
     root = settings.project_dir(pid) / "images"
     root.mkdir(parents=True, exist_ok=True)
@@ -368,6 +369,11 @@ def sync_images(settings: Settings, pid: int, source: ProjectSource, chunk: int 
         for (tid, value), got in zip(part, fetch_many([v for _, v in part], settings, source.conn, headers)):
             if isinstance(got, Exception):
                 failed[tid] = str(got)
+                continue
+            try:  # the serving limits apply to training too: such an image is neither trained on nor cached
+                check_image_header(got, settings.image_max_pixels, name=f"the image of task {tid}")
+            except DataError as exc:
+                failed[tid] = str(exc)
                 continue
             digest = content_hash(got)
             path = root / digest

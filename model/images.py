@@ -12,12 +12,13 @@ results up with the input, also when the data loader runs in worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -122,20 +123,48 @@ def load_image(src: str | Path | bytes, max_pixels: int = 50_000_000) -> Image.I
         raise DataError(f"load_image got a {type(src).__name__}; pass a path or encoded bytes.")
     if not data:
         raise DataError(f"{name} is empty (0 bytes); re-upload or re-export the image.")
+    with _image_errors(name):
+        img = _open_checked(data, name, max_pixels)
+        img = ImageOps.exif_transpose(img) or img
+        img.load()
+    return _flatten_to_rgb(img, name)
+
+
+def check_image_header(data: bytes, max_pixels: int = 50_000_000, name: str = "the image") -> tuple[int, int]:
+    """Checks that ``data`` is an image of a known format within ``max_pixels`` from its header alone
+    (nothing is decoded); returns ``(width, height)``.
+
+    Raises:
+        DataError: as :func:`load_image` for a bad format, a zero or too large size.
+    """
+    if not data:
+        raise DataError(f"{name} is empty (0 bytes); re-upload or re-export the image.")
+    with _image_errors(name):
+        return _open_checked(data, name, max_pixels).size
+
+
+def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """``Image.open`` (lazy: the header only) with the size checks of :func:`load_image`; call it inside
+    :func:`_image_errors`."""
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise DataError(f"{name} has zero size ({width}x{height}); re-export the image.")
+    if width * height > max_pixels:
+        raise DataError(
+            f"{name} has {width}x{height} = {width * height} pixels, more than the limit of "
+            f"{max_pixels} (decompression bomb guard); downscale it or raise max_pixels."
+        )
+    return img
+
+
+@contextlib.contextmanager
+def _image_errors(name: str) -> Iterator[None]:
+    """PIL's exceptions as DataErrors that name the image and the remedy."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise DataError(f"{name} has zero size ({width}x{height}); re-export the image.")
-            if width * height > max_pixels:
-                raise DataError(
-                    f"{name} has {width}x{height} = {width * height} pixels, more than the limit of "
-                    f"{max_pixels} (decompression bomb guard); downscale it or raise max_pixels."
-                )
-            img = ImageOps.exif_transpose(img) or img
-            img.load()
+            yield
     except DataError:
         raise
     except Image.DecompressionBombError as exc:
@@ -145,7 +174,6 @@ def load_image(src: str | Path | bytes, max_pixels: int = 50_000_000) -> Image.I
     except (OSError, SyntaxError, ValueError) as exc:
         reason = "is truncated" if "truncated" in str(exc) else f"is not a readable image ({exc})"
         raise DataError(f"{name} {reason}; re-upload or re-export it.") from None
-    return _flatten_to_rgb(img, name)
 
 
 def to_rgb_image(src: ImageSource, max_pixels: int = 50_000_000) -> Image.Image:

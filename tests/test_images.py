@@ -15,6 +15,7 @@ from model.errors import DataError
 from model.images import (
     ImageListDataset,
     Skipped,
+    check_image_header,
     collate_skipping,
     content_hash,
     load_image,
@@ -98,6 +99,21 @@ def test_decompression_bomb_limit_is_per_call() -> None:
         load_image(data, max_pixels=9_999)
     assert load_image(data, max_pixels=10_000).size == (100, 100)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's global default is left alone
+
+
+def test_header_check_reads_size_and_refuses_without_decoding() -> None:
+    data = _encode(Image.new("RGB", (100, 80)))
+    assert check_image_header(data, max_pixels=8_000) == (100, 80)
+    with pytest.raises(DataError, match="task 7.*decompression bomb"):
+        check_image_header(data, max_pixels=7_999, name="the image of task 7")
+    with pytest.raises(DataError, match="not in a recognised image format"):
+        check_image_header(b"GIF89a? not really", name="x")
+    with pytest.raises(DataError, match="empty"):
+        check_image_header(b"")
+    truncated = data[: len(data) // 2]  # the header is intact: only a full decode finds the rest missing
+    assert check_image_header(truncated) == (100, 80)
+    with pytest.raises(DataError, match="truncated"):
+        load_image(truncated)
 
 
 def test_unsupported_mode() -> None:
