@@ -4,7 +4,8 @@
 scheduler's child process and an RQ worker on another machine run exactly the same code. Steps:
 
 1. pull the project from Label Studio (label config + every task with every annotation: Label Studio is
-   the source of truth, a lost webhook only delays training);
+   the source of truth, a lost webhook only delays training; only changed tasks are read when a local copy
+   allows, ``ml_backend.task_snapshot``);
 2. consensus labels (``model.consensus``); too few labels or classes → *skipped* (recorded, not a failure);
 3. images of all tasks, labelled or not, downloaded once into ``project_dir/images/<content hash>``;
 4. the pretraining policy (:func:`decide_pretrain`): MoCo v2 pretraining on all images → a new encoder, or
@@ -142,7 +143,7 @@ def labels_shortfall(labels: dict[int, tuple[str, ...]], min_labels: int) -> str
 WARM_IMPORTS: tuple[str, ...] = (
     "torch", "model.training", "model.bundle", "model.embed_cache", "model.encoder", "model.images",
     "model.consensus", "ml_backend.images", "ml_backend.ls_client", "ml_backend.label_config",
-    "ml_backend.connections", "ml_backend.disagreements",
+    "ml_backend.connections", "ml_backend.disagreements", "ml_backend.task_snapshot",
 )
 """What a heads-only run imports (about 4 CPU-seconds: torch, torchvision, scipy); see :func:`warm_up`.
 ``model.pretrain`` (Lightning, 2-3 s more) is left to the runs that pretrain, which take minutes anyway."""
@@ -280,18 +281,22 @@ class ProjectSource:
 
 
 def pull_project(settings: Settings, pid: int) -> ProjectSource:
-    """Label config and all tasks with all annotations (Label Studio is the source of truth)."""
+    """Label config and all tasks with all annotations (Label Studio is the source of truth; only the tasks
+    changed since the last pull are read when the local copy allows, see ``ml_backend.task_snapshot``)."""
     from ml_backend.connections import resolve
     from ml_backend.label_config import parse_label_config
     from ml_backend.ls_client import LabelStudioClient
+    from ml_backend.task_snapshot import SNAPSHOT_FILE, pull_tasks
 
     conn = resolve(settings, pid)
     client = LabelStudioClient(conn.url, conn.api_key)
     project = client.get_project(pid)
     config = parse_label_config(project.label_config)
-    tasks = list(client.iter_tasks(pid))
-    log.info("Project %s (%s): %d tasks pulled from %s.", pid, project.title, len(tasks), conn.url)
-    return ProjectSource(conn, client, config, tasks)
+    pull = pull_tasks(client, pid, settings.project_dir(pid) / SNAPSHOT_FILE, project.label_config,
+                      settings.tasks_full_pull_every_s)
+    log.info("Project %s (%s): %d tasks (%s pull) from %s.", pid, project.title, len(pull.tasks), pull.kind.value,
+             conn.url)
+    return ProjectSource(conn, client, config, pull.tasks)
 
 
 @dataclass

@@ -105,6 +105,7 @@ class TaskRecord:
     data: dict
     annotations: list[dict] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
+    updated_at: str = ""  # Label Studio's ISO time of the task's last change (an annotation's too)
 
 
 def _jwt_claims(token: str) -> dict | None:
@@ -301,20 +302,33 @@ class LabelStudioClient:
             raise self._unreachable(url, exc) from None
         return ProjectInfo(id=int(project.id), title=str(project.title or ""), label_config=str(project.label_config or ""))
 
-    def iter_tasks(self, project_id: int, page_size: int = TASK_PAGE_SIZE) -> Iterator[TaskRecord]:
+    def iter_tasks(self, project_id: int, page_size: int = TASK_PAGE_SIZE,
+                   updated_after: str | None = None) -> Iterator[TaskRecord]:
         """Every task of the project in id order, with all annotations of all annotators and predictions.
 
         Uses ``GET /api/tasks?project=ID&fields=all`` page by page (without ``fields=all`` Label Studio
         leaves the annotations out). Cancelled (skipped) annotations are included, with ``was_cancelled``.
 
+        Args:
+            project_id: the project.
+            page_size: tasks per request.
+            updated_after: only tasks whose ``updated_at`` is later than this ISO time (a Data Manager filter;
+                Label Studio updates a task's ``updated_at`` when one of its annotations is created, updated
+                or deleted).
+
         Raises:
             LabelStudioError: a page could not be read.
         """
         page, seen = 1, 0
+        extra: dict[str, Any] = {}
+        if updated_after:
+            extra["query"] = json.dumps({"filters": {"conjunction": "and", "items": [{
+                "filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
+                "value": updated_after}]}})
         while True:
             answer = self.request("GET", "/api/tasks", f"list the tasks of project {project_id}", params={
                 "project": int(project_id), "fields": "all", "page": page, "page_size": int(page_size),
-                "ordering": "id",
+                "ordering": "id", **extra,
             }).json()
             tasks = answer.get("tasks", []) if isinstance(answer, Mapping) else answer
             for task in tasks:
@@ -324,6 +338,15 @@ class LabelStudioClient:
             if not tasks or len(tasks) < page_size or (total is not None and seen >= int(total)):
                 return
             page += 1
+
+    def count_tasks(self, project_id: int) -> int:
+        """The number of tasks of the project (one small request)."""
+        answer = self.request("GET", "/api/tasks", f"count the tasks of project {project_id}", params={
+            "project": int(project_id), "fields": "task_only", "page": 1, "page_size": 1}).json()
+        if not isinstance(answer, Mapping) or "total" not in answer:
+            raise LabelStudioError(f"Label Studio's task list of project {project_id} carries no total; "
+                                   "is this Label Studio 1.x?")
+        return int(answer["total"])
 
     def get_task(self, task_id: int) -> TaskRecord:
         """One task with its annotations and predictions."""
@@ -431,6 +454,7 @@ def _task_record(task: Mapping[str, Any]) -> TaskRecord:
         data=dict(task.get("data") or {}),
         annotations=[dict(a) for a in task.get("annotations") or []],
         predictions=[dict(p) for p in task.get("predictions") or []],
+        updated_at=str(task.get("updated_at") or ""),
     )
 
 

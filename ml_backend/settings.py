@@ -68,6 +68,7 @@ class Settings:
     repretrain_fraction: float = field(default=0.5, metadata={"env": "REPRETRAIN_NEW_FRACTION", "help": "Pretrain again when the project gained this fraction of new images since the last pretraining."})
     min_labels_to_train: int = field(default=4, metadata={"env": "MIN_LABELS_TO_TRAIN", "help": "Labelled tasks needed before the first training."})
     prefix_threshold: float = field(default=0.5, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this."})
+    tasks_full_pull_every_s: float = field(default=3600.0, metadata={"env": "TASKS_FULL_PULL_EVERY_S", "help": "A training run reads only the tasks changed since the last run; every this many seconds it reads all of them again."})
     calibration_reuse_fraction: float = field(default=0.02, metadata={"env": "CALIBRATION_REUSE_FRACTION", "help": "A heads-only retrain whose labels differ from the last cross-validated ones by at most this fraction publishes at once with the last calibration temperature (the cross-validation runs after publishing); 0 = always cross-validate first."})
     keep_versions: int = field(default=5, metadata={"env": "KEEP_VERSIONS", "help": "Model versions kept per project (the live one always)."})
 
@@ -120,6 +121,9 @@ class Settings:
             raise ConfigError(f"PRETRAIN_DEVICES={self.pretrain_devices!r}: use a number of devices or `all`.")
         if not 0.0 <= self.prefix_threshold <= 1.0:
             raise ConfigError("PREFIX_THRESHOLD must lie in [0, 1].")
+        if self.tasks_full_pull_every_s < 0:
+            raise ConfigError(f"TASKS_FULL_PULL_EVERY_S={self.tasks_full_pull_every_s} must be >= 0 (0 = always read "
+                              "every task).")
         if not 0.0 <= self.calibration_reuse_fraction < 1.0:
             raise ConfigError(f"CALIBRATION_REUSE_FRACTION={self.calibration_reuse_fraction} must lie in [0, 1); "
                               "0.02 reuses the calibration for changes of up to 2 % of the labels, 0 never.")

@@ -1,0 +1,107 @@
+"""Incremental task pulls against a real Label Studio: the merged copy always equals a full pull."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ml_backend.ls_client import LabelStudioClient
+from ml_backend.task_snapshot import SNAPSHOT_FILE, PullKind, pull_tasks
+from tests.servers import TWO_LEVEL_CONFIG, LabelStudioServer
+
+pytestmark = pytest.mark.e2e
+
+HOUR = 3600.0
+OVERLAP = 0.0  # seconds re-read before the newest change; the product's 10 s would re-read all of this fast test
+
+
+def png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10 * i, 200 - 10 * i, 50)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def result(*path: str) -> list[dict]:
+    return [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy", "value": {"taxonomy": [list(path)]}}]
+
+
+def full(client: LabelStudioClient, pid: int) -> list[tuple[int, list]]:
+    """What a full pull sees: (task id, annotation ids and results) per task."""
+    return [(t.id, sorted((a["id"], json.dumps(a["result"])) for a in t.annotations)) for t in client.iter_tasks(pid)]
+
+
+def seen(tasks) -> list[tuple[int, list]]:
+    return [(t.id, sorted((a["id"], json.dumps(a["result"])) for a in t.annotations)) for t in tasks]
+
+
+@pytest.fixture
+def project(label_studio: LabelStudioServer) -> tuple[int, list[int]]:
+    pid = label_studio.create_project(TWO_LEVEL_CONFIG, title="snapshot test project")
+    ids = label_studio.import_images(pid, {f"s{i}.png": png(i) for i in range(6)})
+    label_studio.annotate(ids[0], result("Animal", "Cat"))
+    return pid, ids
+
+
+def test_incremental_pulls_equal_full_pulls_through_every_kind_of_change(
+        label_studio: LabelStudioServer, project: tuple[int, list[int]], tmp_path: Path) -> None:
+    pid, ids = project
+    client = LabelStudioClient(label_studio.url, label_studio.admin.token)
+    path = tmp_path / SNAPSHOT_FILE
+    first = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
+    assert first.kind is PullKind.FULL and first.read == 6 and seen(first.tasks) == full(client, pid)
+    assert all(t.predictions == [] for t in first.tasks)
+
+    unchanged = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
+    assert unchanged.kind is PullKind.INCREMENTAL and seen(unchanged.tasks) == full(client, pid)
+    assert unchanged.read == 0  # nothing changed: nothing read but the count
+    window = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, overlap_s=60.0)
+    assert window.kind is PullKind.INCREMENTAL and window.read == 6  # the last minute's changes are read again
+
+    created = label_studio.annotate(ids[3], result("Plant", "Tree"))
+    step = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
+    assert step.kind is PullKind.INCREMENTAL and seen(step.tasks) == full(client, pid)
+    assert step.read == 1 and any(a["id"] == created for t in step.tasks for a in t.annotations)
+
+    label_studio.api("PATCH", f"/api/annotations/{created}/", json={"result": result("Plant", "Flower")})
+    step = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
+    assert step.kind is PullKind.INCREMENTAL and seen(step.tasks) == full(client, pid)
+    assert "Flower" in json.dumps([t.annotations for t in step.tasks if t.id == ids[3]])
+
+    label_studio.api("DELETE", f"/api/annotations/{created}/")
+    step = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
+    assert step.kind is PullKind.INCREMENTAL and seen(step.tasks) == full(client, pid)
+    assert next(t for t in step.tasks if t.id == ids[3]).annotations == []
+
+    new = label_studio.import_images(pid, {"new.png": png(9)})[0]
+    step = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
+    assert step.kind is PullKind.INCREMENTAL and new in [t.id for t in step.tasks]
+    assert seen(step.tasks) == full(client, pid)
+
+    label_studio.api("DELETE", f"/api/tasks/{ids[5]}/")
+    step = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
+    assert step.kind is PullKind.FULL and "deleted" in step.reason
+    assert seen(step.tasks) == full(client, pid) and ids[5] not in [t.id for t in step.tasks]
+
+
+def test_full_pull_on_config_change_age_and_a_corrupt_copy(
+        label_studio: LabelStudioServer, project: tuple[int, list[int]], tmp_path: Path) -> None:
+    pid, _ = project
+    client = LabelStudioClient(label_studio.url, label_studio.admin.token)
+    path = tmp_path / SNAPSHOT_FILE
+    assert pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP).kind is PullKind.FULL
+    changed = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG.replace("Tree", "Shrub"), HOUR)
+    assert changed.kind is PullKind.FULL and "label config" in changed.reason
+    time.sleep(0.2)
+    old = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG.replace("Tree", "Shrub"), 0.1)
+    assert old.kind is PullKind.FULL and "TASKS_FULL_PULL_EVERY_S" in old.reason
+    path.write_text('{"format": 1, "tasks": [{"id": "x"}], "newest": "2026-01-01T00:00:00Z"}')
+    broken = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
+    assert broken.kind is PullKind.FULL and seen(broken.tasks) == full(client, pid)
+    path.write_text("{not json")
+    assert pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP).kind is PullKind.FULL
+    assert pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP).kind is PullKind.INCREMENTAL
