@@ -156,6 +156,9 @@ def warm_up() -> None:
 
     for name in WARM_IMPORTS:
         importlib.import_module(name)
+    from ml_backend.ls_client import preload_sdk
+
+    preload_sdk()
 
 
 def current_job_id(project_id: int) -> str:

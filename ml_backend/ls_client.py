@@ -25,6 +25,8 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any
 from urllib.parse import urljoin
@@ -339,14 +341,20 @@ class LabelStudioClient:
                 return
             page += 1
 
-    def count_tasks(self, project_id: int) -> int:
-        """The number of tasks of the project (one small request)."""
-        answer = self.request("GET", "/api/tasks", f"count the tasks of project {project_id}", params={
-            "project": int(project_id), "fields": "task_only", "page": 1, "page_size": 1}).json()
+    def count_tasks(self, project_id: int) -> tuple[int, datetime | None]:
+        """The number of tasks of the project, and Label Studio's clock when it answered (its HTTP ``Date``
+        header, to the second; None without one): one small request."""
+        response = self.request("GET", "/api/tasks", f"count the tasks of project {project_id}", params={
+            "project": int(project_id), "fields": "task_only", "page": 1, "page_size": 1})
+        answer = response.json()
         if not isinstance(answer, Mapping) or "total" not in answer:
             raise LabelStudioError(f"Label Studio's task list of project {project_id} carries no total; "
                                    "is this Label Studio 1.x?")
-        return int(answer["total"])
+        try:
+            server_time = parsedate_to_datetime(response.headers["Date"])
+        except (KeyError, TypeError, ValueError):
+            server_time = None
+        return int(answer["total"]), server_time
 
     def get_task(self, task_id: int) -> TaskRecord:
         """One task with its annotations and predictions."""
@@ -446,6 +454,16 @@ class LabelStudioClient:
         answer = self.request("GET", "/api/tasks", f"list the tasks of tab {tab_id}",
                               params={"project": int(project_id), "view": int(tab_id), "page_size": 1000}).json()
         return [int(t["id"]) for t in answer.get("tasks", [])]
+
+
+def preload_sdk() -> None:
+    """Import the parts of label-studio-sdk the client uses (over a second of CPU on first use) without any
+    request, for a process that waits for its job (``ml_backend.jobs.warm_up``)."""
+    import httpx  # noqa: F401
+    from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError  # noqa: F401
+
+    LabelStudio(base_url="http://127.0.0.1:9", api_key="preload").projects  # the projects client loads lazily
 
 
 def _task_record(task: Mapping[str, Any]) -> TaskRecord:

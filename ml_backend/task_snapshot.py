@@ -6,8 +6,9 @@ updated or deleted) and merges them into the local copy, so a retrain of a 1,000
 tasks instead of all of them. A full pull replaces the copy when there is none (or it is unreadable), when it
 came from another Label Studio or another label config, when its last full pull is older than
 ``TASKS_FULL_PULL_EVERY_S``, or when the merged copy does not have as many tasks as Label Studio (tasks were
-deleted). The changed-since time is the newest ``updated_at`` seen minus :data:`OVERLAP_S`, so that a change
-whose transaction committed late is still read.
+deleted). An incremental pull reads the tasks changed since Label Studio's clock (its HTTP ``Date``) at the
+start of the previous pull, minus :data:`OVERLAP_S` so that a change whose transaction committed late is
+still read (without a ``Date`` header: since the newest ``updated_at`` seen, minus the same overlap).
 
 The copy, ``project_dir/tasks.json`` (atomic replace), keeps each task's id, data, annotations and
 ``updated_at`` (predictions are not kept: training does not read them).
@@ -79,15 +80,15 @@ def pull_tasks(client: LabelStudioClient, project_id: int, path: Path, label_con
     config_hash = hashlib.sha256(label_config.encode()).hexdigest()
     snapshot = _read(path)
     now = time.time()
+    total, server_time = client.count_tasks(project_id)  # Label Studio's clock: this pull reads what changed later
     reason = _full_pull_reason(snapshot, client.url, config_hash, now, full_every_s)
     pull = None
     if reason is None:
         assert snapshot is not None
-        since = _minus_seconds(snapshot["newest"], overlap_s)
+        since = _minus_seconds(snapshot.get("pulled_at") or snapshot["newest"], overlap_s)
         changed = [_stripped(t) for t in client.iter_tasks(project_id, updated_after=since)]
         merged = {t.id: t for t in snapshot["records"]}
         merged.update((t.id, t) for t in changed)
-        total = client.count_tasks(project_id)
         if total == len(merged):
             pull = Pull(sorted(merged.values(), key=lambda t: t.id), PullKind.INCREMENTAL, "", len(changed))
         else:
@@ -97,8 +98,9 @@ def pull_tasks(client: LabelStudioClient, project_id: int, path: Path, label_con
         tasks = [_stripped(t) for t in client.iter_tasks(project_id)]
         pull = Pull(tasks, PullKind.FULL, reason or "", len(tasks))
     newest = max((t.updated_at for t in pull.tasks if t.updated_at), key=_parse, default="")
+    pulled_at = server_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if server_time else None
     _write(path, {"format": FORMAT, "url": client.url, "config_hash": config_hash, "full_at": full_at,
-                  "newest": newest, "tasks": [_as_dict(t) for t in pull.tasks]})
+                  "pulled_at": pulled_at, "newest": newest, "tasks": [_as_dict(t) for t in pull.tasks]})
     if pull.kind is PullKind.FULL:
         log.info("Project %s: full pull of %d tasks (%s).", project_id, pull.read, pull.reason)
     else:
@@ -117,8 +119,8 @@ def _full_pull_reason(snapshot: dict[str, Any] | None, url: str, config_hash: st
         return "the label config changed"
     if now - float(snapshot.get("full_at", 0.0)) > full_every_s:
         return f"the last full pull is older than TASKS_FULL_PULL_EVERY_S={full_every_s:g} s"
-    if not snapshot.get("newest"):
-        return "the snapshot has no update time"
+    if not snapshot.get("pulled_at") and not snapshot.get("newest"):
+        return "the snapshot has no time to read changes from"
     return None
 
 
@@ -127,7 +129,7 @@ def _read(path: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT or not isinstance(data.get("tasks"), list):
             raise ValueError(f"format {data.get('format')!r}")
-        _parse(data.get("newest") or "1970-01-01T00:00:00Z")
+        _parse(data.get("pulled_at") or data.get("newest") or "1970-01-01T00:00:00Z")
         data["records"] = [_record(d) for d in data["tasks"]]
         return data
     except FileNotFoundError:

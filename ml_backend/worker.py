@@ -51,6 +51,11 @@ def warm_imports() -> dict[str, float]:
             log.warning("Worker warm-up: %s not importable (%s); jobs will import what they need.", name, exc)
             continue
         took[name] = round(time.monotonic() - start, 2)
+    start = time.monotonic()
+    from ml_backend.ls_client import preload_sdk
+
+    preload_sdk()
+    took["label_studio_sdk"] = round(time.monotonic() - start, 2)
     return took
 
 

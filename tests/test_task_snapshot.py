@@ -52,6 +52,7 @@ def test_incremental_pulls_equal_full_pulls_through_every_kind_of_change(
     pid, ids = project
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)
     path = tmp_path / SNAPSHOT_FILE
+    time.sleep(1.1)  # Label Studio's clock (HTTP Date) has whole seconds: the set-up lies in an earlier one
     first = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
     assert first.kind is PullKind.FULL and first.read == 6 and seen(first.tasks) == full(client, pid)
     assert all(t.predictions == [] for t in first.tasks)
@@ -61,6 +62,7 @@ def test_incremental_pulls_equal_full_pulls_through_every_kind_of_change(
     assert unchanged.read == 0  # nothing changed: nothing read but the count
     window = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, overlap_s=60.0)
     assert window.kind is PullKind.INCREMENTAL and window.read == 6  # the last minute's changes are read again
+    assert json.loads(path.read_text())["pulled_at"].endswith("Z")
 
     created = label_studio.annotate(ids[3], result("Plant", "Tree"))
     step = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
