@@ -283,7 +283,7 @@ def run_cli(settings: Any, project_id: int, out_dir: Path | None = None, max_thu
     """
     from ml_backend.disagreement_report import thumbnail_png, write_csvs, write_html
     from ml_backend.images import fetch_many
-    from ml_backend.jobs import pull_project
+    from ml_backend.job_data import pull_project
     from model.consensus import ConsensusPolicy, consensus
     from model.images import load_image
 

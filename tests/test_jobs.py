@@ -12,7 +12,8 @@ import pytest
 from ml_backend import jobs
 from ml_backend.calibration import read_calibration
 from ml_backend.job_records import JobRecords, read_pretrain_record, write_pretrain_record
-from ml_backend.jobs import PretrainReason, decide_pretrain, labels_shortfall, lightning_device
+from ml_backend.job_model import lightning_device, pending_run
+from ml_backend.jobs import PretrainReason, decide_pretrain, labels_shortfall
 from ml_backend.settings import Settings
 from model.errors import ConfigError
 
@@ -301,8 +302,8 @@ def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_stud
 
 
 def test_interrupted_pretraining_resumes_in_the_same_run_directory(tmp_path: Path) -> None:
-    first = jobs._pending_run(tmp_path)
+    first = pending_run(tmp_path)
     assert first.parent == tmp_path / "pretrain" and first.name.startswith("run-")
-    assert jobs._pending_run(tmp_path) == first  # a crashed pretraining is resumed where it stopped
-    jobs._pending_run(tmp_path, clear=True)
+    assert pending_run(tmp_path) == first  # a crashed pretraining is resumed where it stopped
+    pending_run(tmp_path, clear=True)
     assert not (tmp_path / "jobs" / "pretrain_pending.json").exists()
