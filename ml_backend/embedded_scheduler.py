@@ -72,11 +72,15 @@ def _child_main(conn: Any, job_func: str, settings: Settings) -> None:
         func, import_error = None, None
         try:
             func = import_job_func(job_func)
-            warm_up = getattr(sys.modules.get(func.__module__), "warm_up", None)
-            if callable(warm_up):
-                warm_up()
         except BaseException as exc:  # nothing ran, so nothing was recorded: the parent records it
             import_error = f"cannot import job {job_func!r}: {type(exc).__name__}: {exc}"
+        warm_up = getattr(sys.modules.get(getattr(func, "__module__", "")), "warm_up", None)
+        if callable(warm_up):
+            try:
+                warm_up()
+            except Exception as exc:  # the job imports what it needs itself; only its start is slower
+                logging.getLogger(__name__).warning("Training process warm-up failed: %s: %s",
+                                                    type(exc).__name__, exc)
         try:
             project_id, model_dir, force_pretrain = conn.recv()
         except (EOFError, OSError):  # the scheduler closed before handing out a job

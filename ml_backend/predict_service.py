@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml_backend import connections
-from ml_backend.images import LS_PREFIXES, TaskImage, fetch_task_images
+from ml_backend.images import TaskImage, fetch_task_images, is_remote
 from ml_backend.label_config import LabelConfig, parse_label_config
 from ml_backend.ls_client import LabelStudioClient
 from ml_backend.ls_json import prediction_result
@@ -153,7 +153,7 @@ class PredictService:
             return None
 
     def _connection(self, project_id: int, values: list[str | None]) -> tuple[connections.LSConnection | None, dict]:
-        if not any(isinstance(v, str) and (v.startswith(LS_PREFIXES) or v.startswith("http")) for v in values):
+        if not any(is_remote(v) for v in values):
             return None, {}
         try:
             conn = connections.resolve(self.settings, project_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import stat
 import threading
 import time
@@ -84,7 +85,8 @@ class Models:
         d = self.root / f"project-{pid}" / "models" / "versions" / version
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").write_text("{}")
-        (d.parent.parent / "LIVE").write_text(version)
+        (d.parent.parent / ".LIVE.tmp").write_text(version)  # switched atomically, as model.bundle.publish does
+        os.replace(d.parent.parent / ".LIVE.tmp", d.parent.parent / "LIVE")
 
     def probe(self, pid: int):
         p = self.root / f"project-{pid}" / "models" / "LIVE"

@@ -1,5 +1,6 @@
 """ModelStore: background loads, version reporting, hot reload, failed loads."""
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ class Files:
         self.fail: set[str] = set()
 
     def set_live(self, pid, version):
+        """Switch LIVE atomically, as model.bundle.publish does (a plain write_text can be read half done)."""
         d = self.root / f"project-{pid}" / "models"
         d.mkdir(parents=True, exist_ok=True)
-        (d / "LIVE").write_text(version)
+        (d / ".LIVE.tmp").write_text(version)
+        os.replace(d / ".LIVE.tmp", d / "LIVE")
 
     def probe(self, pid):
         p = self.root / f"project-{pid}" / "models" / "LIVE"
