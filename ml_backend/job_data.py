@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class ProjectSource:
     client: Any  # ml_backend.ls_client.LabelStudioClient
     config: Any  # ml_backend.label_config.LabelConfig
     tasks: list[Any]  # ls_client.TaskRecord
+    pull: dict[str, Any] = field(default_factory=dict)  # {"kind": full|incremental, "read": n, "reason": ...}
 
 
 def pull_project(settings: Settings, pid: int) -> ProjectSource:
@@ -61,7 +62,8 @@ def pull_project(settings: Settings, pid: int) -> ProjectSource:
                       settings.tasks_full_pull_every_s)
     log.info("Project %s (%s): %d tasks (%s pull) from %s.", pid, project.title, len(pull.tasks), pull.kind.value,
              conn.url)
-    return ProjectSource(conn, client, config, pull.tasks)
+    return ProjectSource(conn, client, config, pull.tasks,
+                         {"kind": pull.kind.value, "read": pull.read, "reason": pull.reason})
 
 
 @dataclass

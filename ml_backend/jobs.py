@@ -174,7 +174,8 @@ def train_project(project_id: int, model_dir: str, force_pretrain: bool = False)
         force_pretrain: pretrain the encoder whatever the policy says.
 
     Returns:
-        ``{"status": "succeeded"|"skipped", "version", "reason", "counts", "durations_s", "pretrain"}``.
+        ``{"status": "succeeded"|"skipped", "version", "reason", "counts", "durations_s", "pretrain",
+        "calibration" (reused or cross-validated first, and why), "pull" (full or incremental, tasks read)}``.
 
     Raises:
         TaxomocoError: subclasses naming the cause (no Label Studio connection, bad label config, no
@@ -258,4 +259,4 @@ def _train_pulled(settings: Settings, pid: int, force_pretrain: bool, source: Pr
                   exc_info=not isinstance(exc, TaxomocoError))
         counts["flags"] = -1
     return {"status": "succeeded", "version": version, "counts": counts, "durations_s": durations,
-            "pretrain": decision.to_dict(), "calibration": reuse.to_dict()}
+            "pretrain": decision.to_dict(), "calibration": reuse.to_dict(), "pull": source.pull}

@@ -191,6 +191,8 @@ def test_train_project_end_to_end(label_studio, labelled_project, tmp_path: Path
     assert second["version"] != first["version"] and live_version(root) == second["version"]
     assert load_live(root).manifest.encoder_version == bundle.manifest.encoder_version
     assert "pretrain" not in second["durations_s"]
+    assert first["pull"]["kind"] == "full" and first["pull"]["read"] == 18
+    assert second["pull"]["kind"] == "incremental"  # only the tasks Label Studio changed since the first pull
 
     # calibration: the first run cross-validated before publishing; the second (same labels) reused that
     # temperature, published, then cross-validated; a third with 1 of 10 labels new cross-validates first
