@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -117,7 +118,7 @@ def _full_pull_reason(snapshot: dict[str, Any] | None, url: str, config_hash: st
         return f"the snapshot came from {snapshot.get('url')}, the project is now on {url}"
     if snapshot.get("config_hash") != config_hash:
         return "the label config changed"
-    if now - float(snapshot.get("full_at", 0.0)) > full_every_s:
+    if now - snapshot["full_at"] > full_every_s:
         return f"the last full pull is older than TASKS_FULL_PULL_EVERY_S={full_every_s:g} s"
     if not snapshot.get("pulled_at") and not snapshot.get("newest"):
         return "the snapshot has no time to read changes from"
@@ -130,6 +131,9 @@ def _read(path: Path) -> dict[str, Any] | None:
         if data.get("format") != FORMAT or not isinstance(data.get("tasks"), list):
             raise ValueError(f"format {data.get('format')!r}")
         _parse(data.get("pulled_at") or data.get("newest") or "1970-01-01T00:00:00Z")
+        data["full_at"] = float(data["full_at"])
+        if not math.isfinite(data["full_at"]):
+            raise ValueError(f"full_at {data['full_at']!r}")
         data["records"] = [_record(d) for d in data["tasks"]]
         return data
     except FileNotFoundError:
@@ -166,4 +170,8 @@ def _as_dict(task: TaskRecord) -> dict[str, Any]:
 
 
 def _record(data: dict[str, Any]) -> TaskRecord:
-    return TaskRecord(int(data["id"]), dict(data["data"]), list(data["annotations"]), [], str(data["updated_at"]))
+    annotations = data["annotations"]
+    if not isinstance(data["data"], dict) or not isinstance(annotations, list) \
+            or not all(isinstance(a, dict) for a in annotations):
+        raise ValueError(f"task {data.get('id')!r} has no data dict or no list of annotation dicts")
+    return TaskRecord(int(data["id"]), data["data"], annotations, [], str(data["updated_at"]))

@@ -104,6 +104,12 @@ def test_full_pull_on_config_change_age_and_a_corrupt_copy(
     path.write_text('{"format": 1, "tasks": [{"id": "x"}], "newest": "2026-01-01T00:00:00Z"}')
     broken = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
     assert broken.kind is PullKind.FULL and seen(broken.tasks) == full(client, pid)
+    for key, value in (("full_at", "soon"), ("full_at", None), ("tasks", [{"id": 1, "data": {}, "annotations": "ab",
+                                                                         "updated_at": ""}])):
+        valid = json.loads(path.read_text())  # a copy that is right but for one field
+        path.write_text(json.dumps({**valid, key: value}))
+        tampered = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
+        assert tampered.kind is PullKind.FULL and seen(tampered.tasks) == full(client, pid), key
     path.write_text("{not json")
     assert pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP).kind is PullKind.FULL
     assert pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP).kind is PullKind.INCREMENTAL
