@@ -12,7 +12,7 @@ Compared, on the same annotations and probabilities:
       annotation error score = 1 - fraction of the item's annotators giving that label; annotator quality =
       agreement with the majority.
     * ``crowdlab``: ``cleanlab.multiannotator.get_label_quality_multiannotator`` run flat on each level.
-    * ``ours``: ``model.consensus.consensus`` (per-level Dawid–Skene with the model as an annotator,
+    * ``ours``: ``model.crowd.consensus.consensus`` (per-level Dawid–Skene with the model as an annotator,
       decoded to consistent paths).
 
 Run: ``.venv/bin/python bench/disagreements.py`` (about a minute on two CPU cores). Prints a markdown table and
@@ -34,8 +34,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from model.consensus import Annotation, ConsensusPolicy, consensus
-from model.datasets import ANIMAL_CLASSES, ANIMAL_TAXONOMY, animal_path, load_animal_mnist_arrays
+from model.crowd.consensus import Annotation, ConsensusPolicy, consensus
+from bench.datasets import ANIMAL_CLASSES, ANIMAL_TAXONOMY, animal_path, load_animal_mnist_arrays
 
 LEVELS = ("group", "animal")
 OURS = "ours (Dawid-Skene per level + model, path-decoded)"

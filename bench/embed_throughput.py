@@ -58,7 +58,7 @@ def _status_mib(field: str) -> float:
 
 
 def _setup(args: argparse.Namespace):
-    from model.encoder import EncoderConfig, build_backbone
+    from model.encoder.backbone import EncoderConfig, build_backbone
 
     torch.manual_seed(0)
     cfg = EncoderConfig(arch=args.arch, input_size=args.size)
@@ -66,7 +66,7 @@ def _setup(args: argparse.Namespace):
 
 
 def _tensors(cfg, images: list[np.ndarray]) -> torch.Tensor:
-    from model.augment import eval_transform
+    from model.ssl.augment import eval_transform
 
     t = eval_transform(cfg)
     return torch.stack([t(Image.fromarray(a)) for a in images])  # (N, 3, S, S)
@@ -74,7 +74,7 @@ def _tensors(cfg, images: list[np.ndarray]) -> torch.Tensor:
 
 def run_forward(args: argparse.Namespace, which: str) -> dict:
     """Bare no_grad forward, Embedder on tensors, or Embedder from images, ``--repeat`` passes, best kept."""
-    from model.embedder import Embedder
+    from model.encoder.embedder import Embedder
 
     cfg, net = _setup(args)
     images = synthetic_images(args.n, args.image_px)
@@ -99,9 +99,9 @@ def run_forward(args: argparse.Namespace, which: str) -> dict:
 
 def run_cache(args: argparse.Namespace) -> dict:
     """Fill a cache, then time ``get`` from a fresh cache object against recomputing from images."""
-    from model.embed_cache import EmbeddingCache
-    from model.embedder import Embedder
-    from model.encoder import encoder_version
+    from model.encoder.cache import EmbeddingCache
+    from model.encoder.embedder import Embedder
+    from model.encoder.backbone import encoder_version
     from model.images import content_hash
 
     cfg, net = _setup(args)
@@ -143,8 +143,8 @@ class RenderedImages(Dataset):
 
 def run_stream(args: argparse.Namespace, n: int) -> dict:
     """``embed_into`` a memmap of (n, D) while a thread samples RSS every 20 ms."""
-    from model.augment import eval_transform
-    from model.embedder import Embedder
+    from model.ssl.augment import eval_transform
+    from model.encoder.embedder import Embedder
 
     cfg, net = _setup(args)
     emb = Embedder(net, cfg, device="cpu", batch_size=args.batch)
@@ -219,7 +219,7 @@ def main() -> None:
     small_n = max(args.batch, args.stream_n // 10)
     streams = [_child(argv, f"stream:{small_n}"), _child(argv, f"stream:{args.stream_n}")]
 
-    from model.encoder import cpu_has_bf16
+    from model.encoder.backbone import cpu_has_bf16
 
     best = {k: max(r["images_per_s"] for r in v) for k, v in fwd.items()}
     cpu = {k: max(r["images_per_cpu_s"] for r in v) for k, v in fwd.items()}

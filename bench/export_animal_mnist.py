@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.datasets import load_animal_mnist
+from bench.datasets import load_animal_mnist
 
 
 def labelled_indices(paths: list[tuple[str, str]], fraction: float, rng: np.random.Generator) -> np.ndarray:

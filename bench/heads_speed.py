@@ -26,9 +26,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from model.heads import HeadsConfig, train_heads
+from model.heads.heads import HeadsConfig, train_heads
 from model.taxonomy import Taxonomy
-from model.training import fit, predict
+from model.heads.training import fit, predict
 
 
 def make_data(n: int, dim: int, noise: float, seed: int = 0) -> tuple[Taxonomy, np.ndarray, np.ndarray]:

@@ -59,10 +59,10 @@ HTTP_THREADS = 32
 def publish_model(models_root: Path) -> str:
     """Publish the benchmark's model through model.bundle: a seeded ResNet-18-half encoder at 64 px and
     per-level heads of the config (untrained: latency does not depend on the weights)."""
-    from ml_backend.label_config import parse_label_config
+    from ml_backend.labelstudio.label_config import parse_label_config
     from model.bundle import publish
-    from model.encoder import EncoderConfig, build_backbone
-    from model.heads import TaxonomyHeads
+    from model.encoder.backbone import EncoderConfig, build_backbone
+    from model.heads.heads import TaxonomyHeads
 
     taxonomy = parse_label_config(CONFIG).taxonomy
     torch.manual_seed(SEED)
@@ -81,7 +81,7 @@ def load_predictor(models_root: Path, cache_dir: Path | None):
 
 def training_job(project_id: int, model_dir: str, force_pretrain: bool = False) -> dict:
     """A stand-in training run with the CPU profile of one: ResNet-18-half SGD steps on 64 px batches."""
-    from model.encoder import EncoderConfig, build_backbone
+    from model.encoder.backbone import EncoderConfig, build_backbone
 
     net = build_backbone(EncoderConfig(arch="resnet18-half", input_size=64))
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
@@ -101,9 +101,9 @@ def training_job(project_id: int, model_dir: str, force_pretrain: bool = False) 
 def serve_main(model_dir: Path, images: Path, port: int) -> None:
     """The server process: real gunicorn (gthread), the default store over the published bundle, the embedded
     trainer running :func:`training_job`."""
-    from ml_backend.app import create_app
-    from ml_backend.scheduler import make_scheduler
-    from ml_backend.server import TaxomocoServer
+    from ml_backend.http.app import create_app
+    from ml_backend.queue.base import make_scheduler
+    from ml_backend.http.server import TaxomocoServer
     from ml_backend.settings import Settings
 
     settings = Settings(

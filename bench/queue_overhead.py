@@ -46,7 +46,7 @@ def marker_job(project_id: int, model_dir: str, force_pretrain: bool = False) ->
     started = time.time()
     with open(Path(model_dir) / "starts.log", "a") as out:
         out.write(f"{project_id} {started}\n")
-    from ml_backend.job_records import JobRecords, run_recorded
+    from ml_backend.training.records import JobRecords, run_recorded
 
     sleep_s = float((Path(model_dir) / "job_sleep").read_text()) if (Path(model_dir) / "job_sleep").exists() else 0.0
     records = JobRecords(Path(model_dir) / f"project-{int(project_id)}", project_id)
@@ -87,9 +87,9 @@ def child_env() -> dict[str, str]:
 def start_server(model_dir: Path, port: int, redis_url: str | None, log: Path) -> subprocess.Popen:
     code = (
         "from ml_backend.settings import Settings\n"
-        "from ml_backend.server import TaxomocoServer\n"
-        "from ml_backend.app import create_app\n"
-        "from ml_backend.scheduler import make_scheduler\n"
+        "from ml_backend.http.server import TaxomocoServer\n"
+        "from ml_backend.http.app import create_app\n"
+        "from ml_backend.queue.base import make_scheduler\n"
         f"s = Settings.from_env(model_dir={str(model_dir)!r}, port={port}, host='127.0.0.1', "
         f"redis_url={redis_url!r}, http_workers=1, http_threads=8)\n"
         f"TaxomocoServer(s, app_factory=lambda st: create_app(st, scheduler=make_scheduler(st, job_func={JOB!r}))).run()\n"
@@ -102,7 +102,7 @@ def start_worker(model_dir: Path, redis_url: str, log: Path) -> subprocess.Popen
     code = (
         "import logging; logging.basicConfig(level=logging.WARNING)\n"
         "from ml_backend.settings import Settings\n"
-        "from ml_backend.worker import run_worker\n"
+        "from ml_backend.queue.worker import run_worker\n"
         f"run_worker(Settings.from_env(model_dir={str(model_dir)!r}, redis_url={redis_url!r}, log_level='WARNING'))\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=child_env(), stdout=open(log, "w"),
@@ -253,7 +253,7 @@ def schedule_calls(workdir: Path, calls: int = 2000) -> list[tuple[str, float, f
     first event's job runs (sleeping), the second queues the follow-up; RQ: no worker, the first queues."""
     import redis
 
-    from ml_backend.scheduler import make_scheduler
+    from ml_backend.queue.base import make_scheduler
     from ml_backend.settings import Settings
 
     out = []

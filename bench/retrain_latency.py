@@ -14,9 +14,9 @@ job's own step durations from ``/job_status`` (the remainder is webhook delivery
 the hot reload and /setup polling).
 
 Baselines, side by side in the same run on the same 1,000 labelled tasks and cached embeddings, in this process:
-- ``model.training.fit``: 5-fold cross-validation (calibration temperature) + the final heads: what a retrain
+- ``model.heads.training.fit``: 5-fold cross-validation (calibration temperature) + the final heads: what a retrain
   that cross-validates before publishing needs at least;
-- ``model.heads.train_heads``: the final heads alone: the floor of a retrain that reuses the last temperature
+- ``model.heads.heads.train_heads``: the final heads alone: the floor of a retrain that reuses the last temperature
   (``CALIBRATION_REUSE_FRACTION``; the cross-validation then runs after publishing).
 
 Usage: ``.venv/bin/python bench/retrain_latency.py [--tasks 1000] [--rounds 5] [--reuse-fraction 0.02]
@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ml_backend.label_config import parse_label_config  # noqa: E402
-from model.datasets import ANIMAL_TAXONOMY_TREE, load_animal_mnist  # noqa: E402
+from ml_backend.labelstudio.label_config import parse_label_config  # noqa: E402
+from bench.datasets import ANIMAL_TAXONOMY_TREE, load_animal_mnist  # noqa: E402
 from tests.servers import BackendServer, LabelStudioServer, label_studio_binary, wait_until  # noqa: E402
 
 STEPS = ("pull", "labels", "images", "embed", "fit", "publish")
@@ -171,10 +171,10 @@ class Bench:
         import torch
 
         from model.bundle import load_live
-        from model.embed_cache import EmbeddingCache
-        from model.heads import HeadsConfig, train_heads
+        from model.encoder.cache import EmbeddingCache
+        from model.heads.heads import HeadsConfig, train_heads
         from model.images import content_hash
-        from model.training import fit
+        from model.heads.training import fit
 
         torch.set_num_threads(1)
         project_dir = self.backend.model_dir / f"project-{self.pid}"
@@ -232,7 +232,7 @@ def report(args: argparse.Namespace, first: float, rounds: list[dict], base: dic
         "| | median s | max s |",
         "|---|---|---|",
         f"| **annotation -> new version (ours, end to end)** | {med(totals):.2f} | {max(totals):.2f} |",
-        f"| baseline: `model.training.fit` in-process on the same embeddings (5-fold calibration + final heads) | "
+        f"| baseline: `model.heads.training.fit` in-process on the same embeddings (5-fold calibration + final heads) | "
         f"{med(base['fit']):.2f} | {max(base['fit']):.2f} |",
         f"| baseline: `train_heads` alone in-process (the final heads only: the floor with a reused temperature) | "
         f"{med(base['train_heads']):.2f} | {max(base['train_heads']):.2f} |",

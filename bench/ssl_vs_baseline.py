@@ -2,11 +2,11 @@
 
 The product's premise (MoCo v2 pretrained on all of a project's images, frozen, plus one head per taxonomy
 level trained on the few labelled ones) reproduced offline on animal-mnist (10,000 real 28×28 silhouettes,
-two-level taxonomy of :mod:`model.datasets`), at 1 %, 5 % and 10 % of the images labelled, over several seeds.
+two-level taxonomy of :mod:`bench.datasets`), at 1 %, 5 % and 10 % of the images labelled, over several seeds.
 
 Methods:
-    moco+heads        ``model.pretrain.pretrain`` on the 8,000 non-test images (labels unused), then the frozen
-                      backbone's embeddings (``model.embedder.Embedder``) and ``model.heads.train_heads``.
+    moco+heads        ``model.ssl.pretrain.pretrain`` on the 8,000 non-test images (labels unused), then the frozen
+                      backbone's embeddings (``model.encoder.embedder.Embedder``) and ``model.heads.heads.train_heads``.
     random-init+heads the same backbone with random weights, the same embeddings and heads (the source
                       method's baseline).
     pixels+logreg     scikit-learn logistic regression on the standardised 784 raw pixels (leaf classes).
@@ -49,12 +49,12 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm.auto import tqdm
 
-from model.datasets import ANIMAL_TAXONOMY, content_groups, load_animal_mnist
-from model.embedder import Embedder
-from model.encoder import Arch, EncoderConfig, build_backbone, cpu_has_bf16
-from model.augment import AugmentConfig
-from model.heads import HeadsConfig, train_heads
-from model.pretrain import PretrainConfig, pretrain
+from bench.datasets import ANIMAL_TAXONOMY, content_groups, load_animal_mnist
+from model.encoder.embedder import Embedder
+from model.encoder.backbone import Arch, EncoderConfig, build_backbone, cpu_has_bf16
+from model.ssl.augment import AugmentConfig
+from model.heads.heads import HeadsConfig, train_heads
+from model.ssl.pretrain import PretrainConfig, pretrain
 from model.taxonomy import Taxonomy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_split(labels: np.ndarray, groups: np.ndarray, size: int, seed: int) -> 
 
     Args:
         labels: leaf class per image ``(N,)``.
-        groups: content id per image ``(N,)`` (:func:`model.datasets.content_groups`).
+        groups: content id per image ``(N,)`` (:func:`bench.datasets.content_groups`).
         size: number of test images (about ``size / K`` per class).
         seed: split seed.
 
@@ -259,7 +259,7 @@ def pixel_logreg_predict(
 
 
 def to_tensor_images(images: np.ndarray, cfg: EncoderConfig) -> torch.Tensor:
-    """uint8 ``(N, 28, 28)`` -> normalised float ``(N, 3, S, S)``, like :func:`model.augment.eval_transform`."""
+    """uint8 ``(N, 28, 28)`` -> normalised float ``(N, 3, S, S)``, like :func:`model.ssl.augment.eval_transform`."""
     x = torch.from_numpy(images).float().div(255.0).unsqueeze(1)  # (N, 1, 28, 28)
     x = F.interpolate(x, size=cfg.input_size, mode="bilinear", align_corners=False, antialias=True)
     x = x.expand(-1, 3, -1, -1)  # (N, 3, S, S)
@@ -441,7 +441,7 @@ def pretrained_backbone(images: np.ndarray, cfg: BenchConfig, out_dir: Path, ret
 
 
 def embed_all(backbone: nn.Module, images: np.ndarray, cfg: EncoderConfig, cache: Path | None = None) -> np.ndarray:
-    """Embeddings ``(N, D)`` of every image through the product's :class:`~model.embedder.Embedder`.
+    """Embeddings ``(N, D)`` of every image through the product's :class:`~model.encoder.embedder.Embedder`.
 
     Args:
         backbone: the encoder.

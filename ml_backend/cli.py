@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command in ("pretrain", "train", "evaluate", "predict"):
-        from model import pipeline
+        from ml_backend import cli_folders as pipeline
 
         return pipeline.run_command(args)
     from ml_backend.settings import Settings
@@ -101,15 +101,15 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "model_dir", "redis_url", "device")}
     settings = Settings.from_env(**overrides)
     if args.command == "serve":
-        from ml_backend.server import serve
+        from ml_backend.http.server import serve
 
         serve(settings)
     elif args.command == "worker":
-        from ml_backend.worker import run_worker
+        from ml_backend.queue.worker import run_worker
 
         run_worker(settings, queues=args.queues, burst=args.burst)
     elif args.command == "disagreements":
-        from ml_backend.disagreements import run_cli
+        from ml_backend.training.disagreements import run_cli
 
         report = run_cli(settings, args.project, args.out)
         print(json.dumps(report, indent=2) if isinstance(report, dict) else report)

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.errors import BundleError, ConfigError, TaxonomyError
-from model.heads import TaxonomyHeads
+from model.heads.heads import TaxonomyHeads
 from model.taxonomy import Taxonomy
 
 LIVE = "LIVE"
@@ -101,7 +101,7 @@ class ModelBundle:
 
     manifest: Manifest
     taxonomy: Taxonomy
-    encoder_cfg: Any  # model.encoder.EncoderConfig
+    encoder_cfg: Any  # model.encoder.backbone.EncoderConfig
     backbone_state: dict[str, torch.Tensor]
     heads: TaxonomyHeads
     temperature: float
@@ -214,7 +214,7 @@ def publish(
     Raises:
         BundleError: heads that do not fit the taxonomy or the encoder (nothing is written then).
     """
-    from model.encoder import encoder_version
+    from model.encoder.backbone import encoder_version
 
     root = Path(root)
     num_classes = [taxonomy.num_classes(k) for k in range(taxonomy.depth)]
@@ -341,14 +341,14 @@ def _check_heads(state: Mapping[str, torch.Tensor], manifest: Manifest, where: P
 @lru_cache(maxsize=8)
 def _backbone_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
     """Parameter and buffer shapes of the backbone ``cfg`` describes (built once per config, on the meta device)."""
-    from model.encoder import build_backbone
+    from model.encoder.backbone import build_backbone
 
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in build_backbone(cfg).state_dict().items()}
 
 
 def _check_encoder(state: dict[str, torch.Tensor], manifest: Manifest, where: Path) -> Any:
-    from model.encoder import EncoderConfig, encoder_version
+    from model.encoder.backbone import EncoderConfig, encoder_version
 
     actual = encoder_version(state)
     if actual != manifest.encoder_version:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from model.decode import LevelLogits, PathPrediction, decode, path_nll
+from model.heads.decode import LevelLogits, PathPrediction, decode, path_nll
 from model.errors import DataError
 from model.taxonomy import IGNORE, Path, Taxonomy
 

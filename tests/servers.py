@@ -218,7 +218,7 @@ class LabelStudioServer:
 
     Also a small administration client for test set-up (users, projects, imports, annotations, ML
     backends) that speaks plain REST with ``requests``; the product's own client is
-    :class:`ml_backend.ls_client.LabelStudioClient`, which the tests exercise separately.
+    :class:`ml_backend.labelstudio.client.LabelStudioClient`, which the tests exercise separately.
 
     Args:
         workdir: directory for the SQLite database, uploads, local files and the server log.

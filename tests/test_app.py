@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml_backend.app import create_app
-from ml_backend.label_config import parse_label_config
-from ml_backend.scheduler import make_scheduler
+from ml_backend.http.app import create_app
+from ml_backend.labelstudio.label_config import parse_label_config
+from ml_backend.queue.base import make_scheduler
 from ml_backend.settings import Settings
-from ml_backend.store import ModelStore
+from ml_backend.serving.store import ModelStore
 
 CONFIG = """<View><Image name="image" value="$image"/>
   <Taxonomy name="taxonomy" toName="image" leafsOnly="true">
@@ -33,7 +33,7 @@ TAXONOMY = parse_label_config(CONFIG).taxonomy
 
 
 def sleeping_job(project_id: int, model_dir: str, force_pretrain: bool = False) -> dict:
-    """A training job (signature of ml_backend.jobs.train_project) that only takes its time."""
+    """A training job (signature of ml_backend.training.jobs.train_project) that only takes its time."""
     time.sleep(3.0)
     return {"version": None}
 
@@ -396,7 +396,7 @@ def test_gunicorn_server_serves_the_app(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = (
-        "from pathlib import Path; from ml_backend.settings import Settings; from ml_backend.server import serve; "
+        "from pathlib import Path; from ml_backend.settings import Settings; from ml_backend.http.server import serve; "
         f"serve(Settings(host='127.0.0.1', port={port}, http_threads=4, model_dir=Path({str(tmp_path)!r})))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -427,7 +427,7 @@ def test_gunicorn_server_serves_the_app(tmp_path):
 
 
 def test_connection_resolution_prefers_settings_field_by_field(tmp_path):
-    from ml_backend import connections
+    from ml_backend.labelstudio import connections
     from model.errors import ConfigError
 
     plain = Settings(model_dir=tmp_path)
@@ -449,7 +449,7 @@ def test_connection_resolution_prefers_settings_field_by_field(tmp_path):
 
 
 def test_metrics_exposition_format():
-    from ml_backend.metrics import Registry, Sample
+    from ml_backend.http.metrics import Registry, Sample
 
     reg = Registry()
     for v in (0.003, 0.02, 0.02, 7.0):
@@ -524,7 +524,7 @@ def test_predict_fetches_label_studio_uploads_with_the_setup_token(label_studio,
         # a wrong token: the images are refused by Label Studio, every task still gets its (empty) item
         connections_file = settings.project_dir(pid) / "connection.json"
         connections_file.unlink()
-        from ml_backend import connections
+        from ml_backend.labelstudio import connections
 
         connections.forget_all()
         post(client, "/setup", {**body, "access_token": "wrong-token-123"})
@@ -536,7 +536,7 @@ def test_predict_fetches_label_studio_uploads_with_the_setup_token(label_studio,
 
 
 def test_which_paths_need_auth():
-    from ml_backend.auth import needs_auth
+    from ml_backend.http.auth import needs_auth
 
     assert not needs_auth("/predict", None, False)
     assert needs_auth("/predict", "u", False) and needs_auth("/metrics", "u", False)

@@ -26,9 +26,9 @@ from model.bundle import (
     prune,
     publish,
 )
-from model.encoder import Arch, EncoderConfig, build_backbone, encoder_version
+from model.encoder.backbone import Arch, EncoderConfig, build_backbone, encoder_version
 from model.errors import BundleError
-from model.heads import HeadsConfig, TaxonomyHeads, train_heads
+from model.heads.heads import HeadsConfig, TaxonomyHeads, train_heads
 from model.taxonomy import Taxonomy
 
 TAX = Taxonomy.from_nested({"wild": ["bear", "zebra"], "pet": ["cat", "dog"], "bird": None})
@@ -235,7 +235,7 @@ def test_concurrent_reader_always_sees_a_complete_version(tmp_path: Path, backbo
 
 
 def test_fit_publish_load_predict_agree(tmp_path: Path, backbone_state) -> None:
-    from model.training import fit, predict
+    from model.heads.training import fit, predict
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(5)

@@ -1,4 +1,4 @@
-"""When a retrain may publish with the last calibration temperature (ml_backend.calibration)."""
+"""When a retrain may publish with the last calibration temperature (ml_backend.training.calibration)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend.calibration import (
+from ml_backend.training.calibration import (
     CALIBRATION_FILE,
     decide_reuse,
     label_digests,

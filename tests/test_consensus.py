@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.consensus import Annotation, ConsensusPolicy, Source, consensus
-from model.crowd import CrowdConfig, Observations, fit_crowd
+from model.crowd.consensus import Annotation, ConsensusPolicy, Source, consensus
+from model.crowd.dawid_skene import CrowdConfig, Observations, fit_crowd
 from model.errors import ConfigError, TaxonomyError
 from model.taxonomy import Taxonomy
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import datasets
-from model.datasets import ANIMAL_CLASSES, ANIMAL_TAXONOMY, content_groups, load_animal_mnist
+from bench import datasets
+from bench.datasets import ANIMAL_CLASSES, ANIMAL_TAXONOMY, content_groups, load_animal_mnist
 from model.errors import DataError
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.decode import decode, fit_temperature, path_log_probs, path_nll
+from model.heads.decode import decode, fit_temperature, path_log_probs, path_nll
 from model.errors import DataError
 from model.taxonomy import IGNORE, Taxonomy
 

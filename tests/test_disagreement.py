@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml_backend import disagreements as dis
-from ml_backend.disagreement_report import thumbnail_png, write_csvs, write_html
-from ml_backend.label_config import parse_label_config
-from ml_backend.ls_client import LabelStudioClient, TaskRecord
+from ml_backend.training import disagreements as dis
+from ml_backend.reports.disagreement_html import thumbnail_png, write_csvs, write_html
+from ml_backend.labelstudio.label_config import parse_label_config
+from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
 from ml_backend.settings import Settings
-from model.consensus import Annotation, ConsensusPolicy, consensus
-from model.disagreement import FlagKind
+from model.crowd.consensus import Annotation, ConsensusPolicy, consensus
+from model.crowd.flags import FlagKind
 from model.errors import DataError
 from model.taxonomy import Taxonomy
 
@@ -227,9 +227,9 @@ def test_flags_reach_label_studio_and_the_cli_writes_the_report(label_studio, tm
 
 
 def test_http_endpoint_serves_the_saved_report(tmp_path: Path) -> None:
-    from ml_backend.app import create_app
-    from ml_backend.scheduler import make_scheduler
-    from ml_backend.store import ModelStore
+    from ml_backend.http.app import create_app
+    from ml_backend.queue.base import make_scheduler
+    from ml_backend.serving.store import ModelStore
 
     settings = _settings(tmp_path)
     scheduler = make_scheduler(settings)

@@ -99,15 +99,15 @@ def test_commands_name_real_cli_commands(compose: dict) -> None:
 
 
 def test_worker_healthcheck_calls_a_real_function(compose: dict) -> None:
-    from ml_backend import worker
+    from ml_backend.queue import worker
 
     test = " ".join(compose["services"]["worker"]["healthcheck"]["test"])
-    assert "ml_backend.worker import healthcheck" in test and callable(worker.healthcheck)
+    assert "ml_backend.queue.worker import healthcheck" in test and callable(worker.healthcheck)
     assert worker.healthcheck(Settings.from_env(env={})) == 1  # no REDIS_URL: unhealthy, not a crash
 
 
 def test_worker_healthcheck_against_real_redis(redis_url: str, tmp_path: Path) -> None:
-    from ml_backend.worker import build_worker, healthcheck
+    from ml_backend.queue.worker import build_worker, healthcheck
 
     settings = Settings.from_env(env={}, redis_url=redis_url, model_dir=tmp_path)
     assert healthcheck(settings) == 1  # no worker registered yet

@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from ml_backend.ls_client import LabelStudioClient
+from ml_backend.labelstudio.client import LabelStudioClient
 from tests.servers import TWO_LEVEL_CONFIG, BackendServer, LabelStudioServer, free_port, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.embed_cache import EmbeddingCache
+from model.encoder.cache import EmbeddingCache
 from model.errors import ConfigError, DataError
 from model.images import content_hash
 

@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from model.augment import AugmentConfig, eval_transform, moco_v2_transform
-from model.embedder import Embedder
-from model.encoder import Arch, EncoderConfig, build_backbone, encoder_version
+from model.ssl.augment import AugmentConfig, eval_transform, moco_v2_transform
+from model.encoder.embedder import Embedder
+from model.encoder.backbone import Arch, EncoderConfig, build_backbone, encoder_version
 from model.errors import ConfigError, ResourceError
 
 

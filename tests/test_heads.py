@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.decode import decode
-from model.encoder import Arch, EncoderConfig, build_backbone
+from model.heads.decode import decode
+from model.encoder.backbone import Arch, EncoderConfig, build_backbone
 from model.errors import ConfigError, DataError
-from model.heads import HeadsConfig, Normalization, TaxonomyHeads, changed_state, frozen, snapshot_state, train_heads
+from model.heads.heads import HeadsConfig, Normalization, TaxonomyHeads, changed_state, frozen, snapshot_state, train_heads
 from model.taxonomy import IGNORE, Taxonomy
 
 TAX = Taxonomy.from_nested({"wild": ["bear", "zebra"], "pet": ["cat", "dog", "fish"], "bird": None})

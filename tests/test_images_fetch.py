@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from ml_backend.connections import LSConnection
-from ml_backend.images import ImageFetchError, fetch_image_bytes, fetch_many
+from ml_backend.labelstudio.connections import LSConnection
+from ml_backend.net.images import ImageFetchError, fetch_image_bytes, fetch_many
 from ml_backend.settings import Settings
 from model.errors import DataError
 from model.images import load_image

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend import jobs
-from ml_backend.calibration import read_calibration
-from ml_backend.job_records import JobRecords, read_pretrain_record, write_pretrain_record
-from ml_backend.job_model import lightning_device, pending_run
-from ml_backend.jobs import PretrainReason, decide_pretrain, labels_shortfall
+from ml_backend.training import jobs
+from ml_backend.training.calibration import read_calibration
+from ml_backend.training.records import JobRecords, read_pretrain_record, write_pretrain_record
+from ml_backend.training.steps import lightning_device, pending_run
+from ml_backend.training.jobs import PretrainReason, decide_pretrain, labels_shortfall
 from ml_backend.settings import Settings
 from model.errors import ConfigError
 
@@ -233,9 +233,9 @@ def test_real_job_through_rq_worker_is_picked_up_by_the_store(label_studio, labe
                                                               tmp_path: Path) -> None:
     import torch
 
-    from ml_backend.rq_scheduler import RQScheduler
-    from ml_backend.store import ModelStore
-    from ml_backend.worker import build_worker
+    from ml_backend.queue.rq_queue import RQScheduler
+    from ml_backend.serving.store import ModelStore
+    from ml_backend.queue.worker import build_worker
     from tests.servers import wait_until
 
     torch.set_num_threads(1)
@@ -261,7 +261,7 @@ def test_real_job_through_rq_worker_is_picked_up_by_the_store(label_studio, labe
 
 
 def test_pretrain_request_survives_until_cleared(tmp_path: Path) -> None:
-    from ml_backend.job_records import clear_pretrain_request, pretrain_requested, request_pretrain
+    from ml_backend.training.records import clear_pretrain_request, pretrain_requested, request_pretrain
 
     assert not pretrain_requested(tmp_path)
     request_pretrain(tmp_path)
@@ -277,8 +277,8 @@ def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_stud
                                                                      tmp_path: Path) -> None:
     """The default deployment: no REDIS_URL, no LABEL_STUDIO_URL; the token comes from /setup's connection file,
     and the server's settings reach the spawned training child."""
-    from ml_backend import connections
-    from ml_backend.scheduler import make_scheduler
+    from ml_backend.labelstudio import connections
+    from ml_backend.queue.base import make_scheduler
     from tests.servers import FAST_TRAINING_ENV
 
     pid, _ = labelled_project

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ml_backend.label_config import ConfigKind, parse_label_config
+from ml_backend.labelstudio.label_config import ConfigKind, parse_label_config
 from model.errors import ConfigError
 
 TAXONOMY = """

@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from ml_backend.ls_client import (
+from ml_backend.labelstudio.client import (
     LabelStudioAuthError,
     LabelStudioClient,
     LabelStudioError,

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.encoder import EncoderConfig, build_backbone, encoder_version
+from model.encoder.backbone import EncoderConfig, build_backbone, encoder_version
 from model.errors import ConfigError, DataError
-from model.moco import MoCoV2
-from model.pretrain import PretrainConfig, pretrain
+from model.ssl.moco import MoCoV2
+from model.ssl.pretrain import PretrainConfig, pretrain
 
 ENC = EncoderConfig(input_size=32)
 TINY = PretrainConfig(epochs=1, batch_size=8, memory_bank_size=32, proj_hidden_dim=32, proj_out_dim=16)
@@ -190,7 +190,7 @@ def test_time_budget_stops_early_and_the_run_can_continue(tmp_path: Path) -> Non
 
 
 def test_backbone_weights_from_a_whole_moco_state_dict() -> None:
-    from model.encoder import load_backbone_weights
+    from model.encoder.backbone import load_backbone_weights
 
     module = MoCoV2(build_backbone(ENC), memory_bank_size=16, proj_hidden_dim=32, proj_out_dim=8)
     target = build_backbone(ENC)
@@ -200,8 +200,8 @@ def test_backbone_weights_from_a_whole_moco_state_dict() -> None:
 
 def test_batchnorm_statistics_are_recomputed_on_the_images_after_pretraining() -> None:
     """A short pretraining leaves running statistics near their initial values; they must describe the data."""
-    from model.augment import eval_transform
-    from model.pretrain import recalibrate_batchnorm
+    from model.ssl.augment import eval_transform
+    from model.ssl.pretrain import recalibrate_batchnorm
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(150, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(8)]

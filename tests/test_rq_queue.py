@@ -19,11 +19,11 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from ml_backend.job_records import write_pretrain_record
-from ml_backend.rq_scheduler import RQScheduler, job_ids
-from ml_backend.scheduler import make_scheduler
+from ml_backend.training.records import write_pretrain_record
+from ml_backend.queue.rq_queue import RQScheduler, job_ids
+from ml_backend.queue.base import make_scheduler
 from ml_backend.settings import Settings
-from ml_backend.worker import build_worker
+from ml_backend.queue.worker import build_worker
 from tests.servers import REPO_ROOT, stop_process, wait_until
 from tests.test_scheduler import live_version, read_runs, set_control
 
@@ -60,7 +60,7 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen:
     code = (
         "import logging; logging.basicConfig(level=logging.INFO)\n"
         "from ml_backend.settings import Settings\n"
-        "from ml_backend.worker import run_worker\n"
+        "from ml_backend.queue.worker import run_worker\n"
         f"run_worker(Settings.from_env(env={{}}, model_dir={str(settings.model_dir)!r}, "
         f"redis_url={settings.redis_url!r}), warm=False)\n"
     )
@@ -246,7 +246,7 @@ def test_both_queues_are_listened_to_pretrain_first(settings: Settings) -> None:
 
 
 def test_forced_pretraining_folded_into_a_waiting_job_is_kept(scheduler, settings: Settings, tmp_path: Path) -> None:
-    from ml_backend.job_records import clear_pretrain_request, pretrain_requested
+    from ml_backend.training.records import clear_pretrain_request, pretrain_requested
 
     write_pretrain_record(settings.project_dir(9), 10, "enc")
     assert scheduler.schedule(9, "ANNOTATION_CREATED")["queue"] == settings.heads_queue
@@ -258,7 +258,7 @@ def test_forced_pretraining_folded_into_a_waiting_job_is_kept(scheduler, setting
 
 
 def test_health_warns_without_workers_and_run_worker_burst_returns(settings: Settings, scheduler) -> None:
-    from ml_backend.worker import run_worker
+    from ml_backend.queue.worker import run_worker
 
     assert "no `taxomoco worker`" in scheduler.health()["warning"]
     assert run_worker(settings, burst=True) is False  # warm imports (torch, lightly, model), empty queues

@@ -1,6 +1,6 @@
 """The embedded scheduler and the job records: coalescing, follow-up runs, failures recorded, crashes.
 
-The jobs here are small importable functions with the signature of ``ml_backend.jobs.train_project``
+The jobs here are small importable functions with the signature of ``ml_backend.training.jobs.train_project``
 (``tests.test_scheduler.recording_job``) that log their start and end to a file, sleep, fail or die as a
 per-project control file says, and publish a "version" directory the way a model bundle is published
 (written whole under a temporary name, then one pointer replaced). The RQ tests reuse them.
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from ml_backend.job_records import JobOutcome, JobRecords, run_recorded
-from ml_backend.scheduler import ScheduleAction, make_scheduler
+from ml_backend.training.records import JobOutcome, JobRecords, run_recorded
+from ml_backend.queue.base import ScheduleAction, make_scheduler
 from ml_backend.settings import Settings
 
 JOB = "tests.test_scheduler.recording_job"
@@ -85,7 +85,7 @@ _warmed_at: float | None = None
 
 
 def warm_up() -> None:
-    """Called by the embedded scheduler's child before it waits for a job (like ``ml_backend.jobs.warm_up``)."""
+    """Called by the embedded scheduler's child before it waits for a job (like ``ml_backend.training.jobs.warm_up``)."""
     global _warmed_at
     _warmed_at = time.time()
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from ml_backend.settings import Settings
-from ml_backend.store import UNTRAINED, ModelStore
+from ml_backend.serving.store import UNTRAINED, ModelStore
 
 
 @dataclass
@@ -158,8 +158,8 @@ def publish_tiny_bundle(models_root, taxonomy, seed=0):
     import torch
 
     from model.bundle import publish
-    from model.encoder import EncoderConfig, build_backbone
-    from model.heads import TaxonomyHeads
+    from model.encoder.backbone import EncoderConfig, build_backbone
+    from model.heads.heads import TaxonomyHeads
 
     torch.manual_seed(seed)
     cfg = EncoderConfig(arch="resnet18-half", input_size=32)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ml_backend.ls_client import LabelStudioClient
-from ml_backend.task_snapshot import SNAPSHOT_FILE, PullKind, pull_tasks
+from ml_backend.labelstudio.client import LabelStudioClient
+from ml_backend.labelstudio.snapshot import SNAPSHOT_FILE, PullKind, pull_tasks
 from tests.servers import TWO_LEVEL_CONFIG, LabelStudioServer
 
 pytestmark = pytest.mark.e2e

@@ -1,0 +1,241 @@
+"""The method on folders of images, without Label Studio: what ``taxomoco pretrain|train|evaluate|predict`` run.
+
+A labelled folder tree names taxonomy paths (``IMAGES/wild/Bear/001.png`` → ``("wild", "Bear")``). An encoder
+directory (written by ``pretrain``) holds ``encoder.safetensors`` + ``encoder.json``; a model directory holds
+published versions (``model.bundle``) and the embedding cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+
+from model.encoder.embedder import Embedder
+from model.encoder.backbone import EncoderConfig, build_backbone, encoder_version
+from model.errors import BundleError, DataError
+from model.images import content_hash, scan_images, scan_labelled_folder
+from model.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+ENCODER_WEIGHTS = "encoder.safetensors"
+ENCODER_META = "encoder.json"
+
+
+def save_encoder(out_dir: Path, cfg: EncoderConfig, state: dict) -> str:
+    """Write an encoder directory; returns its version (content hash of the weights)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    version = encoder_version(state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / ENCODER_WEIGHTS))
+    (out_dir / ENCODER_META).write_text(json.dumps({"config": cfg.to_dict(), "version": version}, indent=2))
+    return version
+
+
+def load_encoder(enc_dir: Path) -> tuple[EncoderConfig, dict, str]:
+    """Read an encoder directory written by :func:`save_encoder` (safetensors only, version checked)."""
+    meta_file, weights = enc_dir / ENCODER_META, enc_dir / ENCODER_WEIGHTS
+    if not meta_file.exists() or not weights.exists():
+        raise BundleError(
+            f"{enc_dir} is not an encoder directory (needs {ENCODER_META} and {ENCODER_WEIGHTS}); "
+            "create one with `taxomoco pretrain IMAGES_DIR --out DIR`."
+        )
+    meta = json.loads(meta_file.read_text())
+    state = load_file(str(weights))
+    if encoder_version(state) != meta["version"]:
+        raise BundleError(f"{weights} does not match the version in {meta_file}: the directory is corrupt; pretrain again.")
+    return EncoderConfig.from_dict(meta["config"]), state, meta["version"]
+
+
+def _file_hashes(files: Sequence[Path]) -> list[str]:
+    return [content_hash(f.read_bytes()) for f in files]
+
+
+def _unlabelled(args: argparse.Namespace) -> list[Path]:
+    files: list[Path] = []
+    if getattr(args, "unlabelled", None):
+        files += scan_images(args.unlabelled)
+    if getattr(args, "unlabelled_list", None):
+        lines = [ln.strip() for ln in args.unlabelled_list.read_text().splitlines()]
+        files += [Path(ln) for ln in lines if ln and not ln.startswith("#")]
+    return files
+
+
+def _encoder_cfg(args: argparse.Namespace) -> EncoderConfig:
+    init = str(args.init_weights) if getattr(args, "init_weights", None) else None
+    return EncoderConfig(arch=args.arch, input_size=args.input_size, init_weights=init)
+
+
+def _pretrain_cfg(args: argparse.Namespace):  # -> PretrainConfig
+    from model.ssl.pretrain import PretrainConfig
+
+    accelerator = "cpu" if args.device == "cpu" else ("gpu" if str(args.device).startswith("cuda") else "auto")
+    return PretrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        memory_bank_size=max(args.memory_bank, args.batch_size),
+        temperature=args.temperature,
+        max_minutes=args.max_minutes,
+        accelerator=accelerator,
+    )
+
+
+def pretrain_folder(args: argparse.Namespace, files: Sequence[Path] | None = None) -> Path:
+    """``taxomoco pretrain``: MoCo v2 on every image under ``images_dir`` → an encoder directory."""
+    from model.ssl.pretrain import pretrain
+
+    files = list(files) if files is not None else scan_images(args.images_dir)
+    if not files:
+        raise DataError(f"No images found under {args.images_dir}; point the command at a folder of .png/.jpg files.")
+    out: Path = args.out
+    cfg = _encoder_cfg(args)
+    result = pretrain(files, cfg, _pretrain_cfg(args), out, resume=not getattr(args, "no_resume", False))
+    version = save_encoder(out, cfg, result.backbone_state)
+    print(
+        f"pretrained encoder {version}: {result.epochs_done} epochs, {result.images_per_second:.0f} images/s, "
+        f"{len(result.skipped)} unreadable images skipped; loss curve {out / 'loss.png'}"
+    )
+    return out
+
+
+def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path | None, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of image files through the cache. Returns ``(N, D)`` float32 and an ``(N,)`` readable mask."""
+    from model.encoder.cache import EmbeddingCache, embed_through_cache
+
+    backbone = build_backbone(cfg)
+    backbone.load_state_dict(state)
+    cache = EmbeddingCache(cache_dir, encoder_version(state), backbone.out_dim) if cache_dir else None
+    embedder = Embedder(backbone, cfg, device=device)
+    return embed_through_cache(embedder, cache, list(files), _file_hashes(files), progress=True)
+
+
+def train_folder(args: argparse.Namespace) -> str:
+    """``taxomoco train``: heads on a labelled folder tree (optionally pretraining first) → a published version."""
+    from model.bundle import data_fingerprint, publish
+    from model.heads.heads import HeadsConfig
+    from model.heads.training import fit
+
+    labelled = scan_labelled_folder(args.images_dir)
+    files = [f for f, _ in labelled]
+    paths = [p for _, p in labelled]
+    taxonomy = Taxonomy.from_paths(sorted(set(paths)))
+    if args.encoder is not None:
+        cfg, state, _ = load_encoder(args.encoder)
+    elif args.pretrain:
+        args.out = args.models / "pretrain"
+        pretrain_folder(args, files + _unlabelled(args))
+        cfg, state, _ = load_encoder(args.out)
+    else:
+        log.warning("No --encoder and no --pretrain: the heads train on a randomly initialised encoder (a baseline).")
+        cfg = _encoder_cfg(args)
+        state = build_backbone(cfg).state_dict()
+    emb, ok = embed_files(files, cfg, state, args.models / "cache", args.device)
+    if not ok.all():
+        print(f"{int((~ok).sum())} unreadable images skipped")
+    keep = np.flatnonzero(ok)
+    result = fit(emb[keep], [paths[i] for i in keep], taxonomy, HeadsConfig(), progress=True)
+    hashes = _file_hashes([files[i] for i in keep])
+    fingerprint = data_fingerprint(zip(hashes, [paths[i] for i in keep]))
+    manifest = publish(
+        args.models,
+        taxonomy=taxonomy,
+        encoder_cfg=cfg,
+        backbone_state=state,
+        heads=result.heads,
+        temperature=result.temperature,
+        metrics=result.metrics,
+        data_fingerprint=fingerprint,
+        extra={"source": str(args.images_dir), "n_images": len(files), "skipped_images": int((~ok).sum())},
+    )
+    _print_metrics(result.metrics, "cross-validated")
+    if args.report is not None:
+        from model.report import write_report
+
+        loss_csv = args.models / "pretrain" / "loss.csv"
+        page = write_report(args.report, result.metrics, taxonomy, loss_csv=loss_csv if loss_csv.exists() else None)
+        print(f"report: {page}")
+    print(f"published model version {manifest.version} in {args.models}")
+    return manifest.version
+
+
+def evaluate_folder(args: argparse.Namespace) -> dict:
+    """``taxomoco evaluate``: the live model on a labelled folder tree → JSON + PNG + HTML report."""
+    from model.bundle import load_live
+    from model.evaluation import evaluate
+    from model.report import write_report
+    from model.heads.training import heads_logits
+    import torch
+
+    bundle = load_live(args.models)
+    labelled = scan_labelled_folder(args.images_dir)
+    files = [f for f, _ in labelled]
+    emb, ok = embed_files(files, bundle.encoder_cfg, bundle.backbone_state, args.models / "cache", args.device)
+    keep = np.flatnonzero(ok)
+    targets = bundle.taxonomy.encode_many([labelled[i][1] for i in keep])
+    logits = heads_logits(bundle.heads, torch.from_numpy(emb[keep]))
+    metrics = evaluate(logits, targets, bundle.taxonomy, bundle.temperature)
+    metrics["model_version"] = bundle.manifest.version
+    metrics["skipped_images"] = int((~ok).sum())
+    page = write_report(args.out, metrics, bundle.taxonomy)
+    _print_metrics(metrics, f"model {bundle.manifest.version} on {len(keep)} images")
+    print(f"report: {page}")
+    return metrics
+
+
+def predict_files(args: argparse.Namespace) -> list[dict]:
+    """``taxomoco predict``: one JSON line per image (path, score, per-level scores) on stdout."""
+    from model.bundle import load_live
+    from model.images import load_image
+    from model.predictor import Predictor
+
+    bundle = load_live(args.models)
+    predictor = Predictor(bundle, args.models / "cache", device=args.device)
+    images, hashes, errors = [], [], {}
+    for f in args.images:
+        try:
+            data = f.read_bytes()
+            images.append(load_image(data))
+            hashes.append(content_hash(data))
+        except (OSError, DataError) as exc:
+            images.append(None)
+            hashes.append(None)
+            errors[str(f)] = str(exc)
+    preds = predictor.predict(images, hashes, leafs_only=not args.all_levels, prefix_threshold=args.prefix_threshold)
+    rows = []
+    for f, pred in zip(args.images, preds):
+        row: dict = {"image": str(f), "model_version": predictor.version}
+        if pred is None:
+            row["error"] = errors.get(str(f), "unreadable")
+        else:
+            row.update(path=list(pred.path), score=round(pred.score, 4), level_scores=[round(s, 4) for s in pred.level_scores])
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    levels = metrics.get("levels") or []
+    if not levels:
+        print(f"{title}: too few labels for an evaluation")
+        return
+    print(f"{title}:")
+    for k, lv in enumerate(levels):
+        print(f"  level {k + 1}: accuracy {lv['accuracy']:.3f}  macro-F1 {lv['macro']['f1']:.3f}")
+    if "hierarchical" in metrics:
+        print(f"  hierarchical F1 {metrics['hierarchical']['hF']:.3f}")
+    if "calibration" in metrics:
+        print(f"  expected calibration error {metrics['calibration']['ece']:.3f}")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Dispatch a model command of the CLI."""
+    {"pretrain": pretrain_folder, "train": train_folder, "evaluate": evaluate_folder, "predict": predict_files}[
+        args.command
+    ](args)
+    return 0

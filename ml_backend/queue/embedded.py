@@ -1,0 +1,307 @@
+"""The embedded scheduler: training inside the server's machine without Redis.
+
+One background thread per server process takes projects from an in-memory line, one job at a time, and
+runs each job in a fresh child process (``multiprocessing`` spawn), so training never holds the server's
+GIL, its memory (GPU memory included) is returned when the job ends, and a crash of the job cannot take
+the server down. ``schedule`` only touches in-memory state under a lock (microseconds).
+
+Warm start: after a job ends, the next child is started at once and imports what jobs need (torch, the
+model code, the Label Studio client: seconds of CPU) while the line is idle, then waits for a job; a job
+handed to it starts immediately. Only the first job of a server pays that start-up.
+
+Coalescing: a project is in the line at most once. An event for a project that waits is folded into it;
+an event for the project that runs puts it in the line again, so exactly one follow-up run happens after
+the current one (the follow-up pulls all annotations from Label Studio, this event's included).
+
+The line lives in memory: a server restart forgets waiting jobs. Label Studio is the source of truth, so
+the next annotation (or the Train button) trains on everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from ml_backend.training.records import JobOutcome, JobRecords, request_pretrain, utc_now
+from ml_backend.queue.base import DEFAULT_JOB_FUNC, ScheduleAction, Scheduler, import_job_func
+from ml_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.2
+
+
+@dataclass
+class _Waiting:
+    """A project in the line: when it entered, why, and how many later events were folded into it."""
+
+    since: str
+    reason: str
+    force_pretrain: bool
+    coalesced: int = 0
+
+
+def _child_main(conn: Any, job_func: str, settings: Settings) -> None:
+    """Entry point of a training child process: warm up, wait for one job, run it, send the outcome, exit.
+
+    Warm-up imports the job's module and calls its ``warm_up()`` when it has one (``ml_backend.training.jobs`` imports
+    torch, the model code and the Label Studio client), so a job handed to a waiting child starts at once.
+    The job arrives as ``(project_id, model_dir, force_pretrain)``; the answer is ``("ok", result)``,
+    ``("error", reason)`` (the job recorded it) or ``("unrecorded-error", reason)`` (nothing ran). A child
+    whose scheduler goes away before a job arrives just exits. The server's settings (CLI overrides
+    included) are handed to the job (``ml_backend.training.jobs.use_settings``).
+    """
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s [train %(process)d] %(name)s: %(message)s")
+    try:
+        os.nice(10)  # serving keeps priority over training on a shared machine
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        from ml_backend.training import jobs
+
+        jobs.use_settings(settings)
+        func, import_error = None, None
+        try:
+            func = import_job_func(job_func)
+        except BaseException as exc:  # nothing ran, so nothing was recorded: the parent records it
+            import_error = f"cannot import job {job_func!r}: {type(exc).__name__}: {exc}"
+        warm_up = getattr(sys.modules.get(getattr(func, "__module__", "")), "warm_up", None)
+        if callable(warm_up):
+            try:
+                warm_up()
+            except Exception as exc:  # the job imports what it needs itself; only its start is slower
+                logging.getLogger(__name__).warning("Training process warm-up failed: %s: %s",
+                                                    type(exc).__name__, exc)
+        try:
+            project_id, model_dir, force_pretrain = conn.recv()
+        except (EOFError, OSError):  # the scheduler closed before handing out a job
+            return
+        if func is None:
+            conn.send(("unrecorded-error", import_error))
+            return
+        try:
+            result = func(project_id, model_dir, force_pretrain)
+        except BaseException as exc:  # the job boundary: the job recorded it; tell the parent, never hang it
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(("ok", result))
+    finally:
+        conn.close()
+
+
+@dataclass
+class _Child:
+    """A training process and the parent's end of its pipe."""
+
+    process: multiprocessing.process.BaseProcess
+    conn: Any
+
+
+class EmbeddedScheduler(Scheduler):
+    """Runs training jobs in child processes driven by one background thread of this process.
+
+    Args:
+        settings: process settings (``model_dir`` is passed to the job).
+        job_func: dotted path of the job (signature of :func:`ml_backend.training.jobs.train_project`); the job
+            records its own start and outcome in the project's job record (``job_records.run_recorded``).
+    """
+
+    kind = "embedded"
+
+    def __init__(self, settings: Settings, job_func: str = DEFAULT_JOB_FUNC) -> None:
+        self.settings = settings
+        self.job_func = job_func
+        self._cond = threading.Condition()
+        self._line: OrderedDict[int, _Waiting] = OrderedDict()
+        self._running: int | None = None
+        self._running_since: str | None = None
+        self._child: multiprocessing.process.BaseProcess | None = None
+        self._spare: _Child | None = None  # a warmed-up child waiting for the next job
+        self._stopping = False
+        self._runs = 0
+        self._ctx = multiprocessing.get_context("spawn")
+        self._thread = threading.Thread(target=self._loop, name="taxomoco-embedded-trainer", daemon=True)
+        self._thread.start()
+
+    # --- the caller's side (fast, in-memory only) ----------------------------------------------------
+    def schedule(self, project_id: int, reason: str, force_pretrain: bool = False) -> dict[str, Any]:
+        pid = int(project_id)
+        if force_pretrain:
+            try:
+                request_pretrain(self.settings.project_dir(pid))  # kept until a pretraining is published
+            except OSError as exc:
+                log.warning("Project %s: pretraining request not written (%s).", pid, exc)
+        with self._cond:
+            waiting = self._line.get(pid)
+            if waiting is not None:
+                waiting.coalesced += 1
+                waiting.force_pretrain = waiting.force_pretrain or force_pretrain
+                action = ScheduleAction.COALESCED
+            else:
+                self._line[pid] = _Waiting(since=utc_now(), reason=reason, force_pretrain=force_pretrain)
+                action = ScheduleAction.FOLLOW_UP if self._running == pid else ScheduleAction.QUEUED
+                self._cond.notify()
+        return {"project_id": pid, "scheduler": self.kind, "action": action.value, "reason": reason}
+
+    def status(self, project_id: int) -> dict[str, Any]:
+        pid = int(project_id)
+        record = JobRecords(self.settings.project_dir(pid), pid).read()
+        with self._cond:
+            waiting = self._line.get(pid)
+            running = self._running == pid
+            running_since = self._running_since
+        record.update(scheduler=self.kind, queued=waiting is not None, running=running)
+        if waiting is not None:
+            record["queued_since"] = waiting.since
+            record["queued_reason"] = waiting.reason
+        if running and record.get("running_since") is None:
+            record["running_since"] = running_since
+        if not running:  # only this process runs the project's jobs: a recorded run without it is over
+            record["running_since"] = record["running_job_id"] = None
+        return record
+
+    def health(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "scheduler": self.kind,
+                "ok": self._thread.is_alive() and not self._stopping,
+                "waiting_projects": len(self._line),
+                "running_project": self._running,
+                "runs": self._runs,
+            }
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread; a running training child is terminated (its partial work is never published)."""
+        with self._cond:
+            self._stopping = True
+            child = self._child
+            spare, self._spare = self._spare, None
+            self._cond.notify_all()
+        if child is not None and child.is_alive():
+            child.terminate()
+        if spare is not None:
+            spare.conn.close()  # a waiting child exits when its pipe closes
+            spare.process.join(1.0)
+            if spare.process.is_alive():
+                spare.process.terminate()
+        self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing waits or runs (for tests and benchmarks); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._line or self._running is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, _POLL_S))
+        return True
+
+    # --- the background thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._line and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                pid, waiting = self._line.popitem(last=False)
+                self._running = pid
+                self._running_since = utc_now()
+                self._runs += 1
+                n = self._runs
+            try:
+                self._run_one(pid, waiting, job_id=f"embedded-{pid}-{n}")
+            except Exception:  # the thread must survive anything a run does; the failure is recorded
+                log.exception("Embedded training of project %s failed outside the job.", pid)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._running_since = None
+                    self._child = None
+                    self._cond.notify_all()
+
+    def _start_child(self) -> _Child:
+        """Start a training process that warms up and waits for one job."""
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=_child_main, args=(child_conn, self.job_func, self.settings),
+                                    name="taxomoco-train", daemon=True)
+        process.start()
+        child_conn.close()
+        return _Child(process, parent_conn)
+
+    def _take_spare(self) -> _Child | None:
+        """The warmed-up child, if one waits and is alive (call with ``self._cond`` held)."""
+        spare, self._spare = self._spare, None
+        if spare is not None and not spare.process.is_alive():
+            spare.conn.close()
+            return None
+        return spare
+
+    def _run_one(self, pid: int, waiting: _Waiting, job_id: str) -> None:
+        records = JobRecords(self.settings.project_dir(pid), pid)
+        stale = records.read()["running_job_id"]
+        if stale is not None:  # only this thread runs this project's jobs: that run ended with its server
+            records.mark_finished(JobOutcome.FAILED, 0.0, stale, reason="interrupted: the server stopped during the run")
+        records.mark_queued(waiting.reason, coalesced=waiting.coalesced)
+        start = time.monotonic()
+        with self._cond:
+            if self._stopping:
+                return
+            spawned = self._take_spare() or self._start_child()
+            self._child = child = spawned.process
+        parent_conn = spawned.conn
+        try:
+            parent_conn.send((pid, str(self.settings.model_dir), waiting.force_pretrain))
+        except OSError:  # the child died while waiting: noticed below as a death without an answer
+            pass
+        log.info("Training project %s in child process %s (%s).", pid, child.pid, waiting.reason)
+        message = None
+        while message is None:
+            if parent_conn.poll(_POLL_S):
+                try:
+                    message = parent_conn.recv()
+                except EOFError:
+                    break
+            elif not child.is_alive():
+                if parent_conn.poll(0):
+                    continue
+                break
+        child.join()
+        parent_conn.close()
+        if message is None or message[0] == "unrecorded-error":
+            reason = (
+                message[1]
+                if message is not None
+                else f"training process died with exit code {child.exitcode} (killed, out of memory, or crashed)"
+            )
+            log.error("Project %s: %s.", pid, reason)
+            records.mark_finished(JobOutcome.FAILED, time.monotonic() - start, None, reason=reason)
+        elif message[0] == "error":
+            log.error("Project %s: training failed: %s", pid, message[1])
+        else:
+            log.info("Project %s: training finished: %s", pid, message[1])
+        self._replenish()
+
+    def _replenish(self) -> None:
+        """Start a spare child that warms up while the line is idle, so that the next job starts at once."""
+        with self._cond:
+            if self._stopping or self._spare is not None:
+                return
+        spare = self._start_child()
+        with self._cond:
+            if not self._stopping and self._spare is None:
+                self._spare, spare = spare, None
+        if spare is not None:  # closed (or replenished) meanwhile
+            spare.conn.close()
+            spare.process.join(1.0)
+

@@ -1,0 +1,105 @@
+"""Reusing a project's last calibration so that a small heads-only retrain publishes in seconds.
+
+Every published model's scores are calibrated by a temperature fitted on out-of-fold logits
+(``model.heads.training.cross_validate``: k extra heads trainings, most of a retrain's time). When a retrain's
+labels differ from those of the last cross-validation by at most ``CALIBRATION_REUSE_FRACTION`` (one new
+annotation among a thousand) and the encoder is the same, the job trains the final heads only, publishes them
+with the last temperature, and runs the cross-validation *after* publishing (for the disagreement flags and
+the record the next retrain compares against). Any larger change, a new encoder or no record → the
+cross-validation runs before publishing, as always.
+
+The record, ``project_dir/jobs/calibration.json`` (atomic replace)::
+
+    {"temperature": 1.3, "metrics": {...}, "encoder_version": "...", "model_version": "...",
+     "n_labelled": 1000, "labels": ["<16 hex digits per (image hash, path) pair>", ...], "at": "..."}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ml_backend.training.records import utc_now
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """The last cross-validation of a project: its temperature and metrics, and the labels it saw."""
+
+    temperature: float
+    metrics: dict[str, Any]
+    encoder_version: str
+    model_version: str
+    n_labelled: int
+    labels: list[str] = field(default_factory=list)  # label_digests() of the labelled pairs
+    at: str = ""
+
+
+@dataclass(frozen=True)
+class ReuseDecision:
+    """Whether a retrain may publish with the recorded temperature, and why."""
+
+    reuse: bool
+    reason: str
+    changed_fraction: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reuse": self.reuse, "reason": self.reason, "changed_fraction": self.changed_fraction}
+
+
+def label_digests(pairs: Iterable[tuple[str, Sequence[str]]]) -> set[str]:
+    """A short digest per ``(image content hash, label path)`` training pair."""
+    return {hashlib.sha256(f"{h}|{'/'.join(p)}".encode()).hexdigest()[:16] for h, p in pairs}
+
+
+def decide_reuse(record: CalibrationRecord | None, encoder_version: str, labels: set[str],
+                 max_fraction: float) -> ReuseDecision:
+    """Reuse the recorded temperature when the encoder is the same and the labels changed by at most
+    ``max_fraction`` (pairs added, removed or relabelled, over the current number of pairs)."""
+    if max_fraction <= 0:
+        return ReuseDecision(False, "reuse is off (CALIBRATION_REUSE_FRACTION=0)")
+    if record is None:
+        return ReuseDecision(False, "no earlier cross-validation")
+    if record.encoder_version != encoder_version:
+        return ReuseDecision(False, "the encoder changed since the last cross-validation")
+    changed = len(labels.symmetric_difference(record.labels)) / max(len(labels), 1)
+    if changed > max_fraction:
+        return ReuseDecision(False, f"{changed:.1%} of the labels changed (reuse up to {max_fraction:.1%})", changed)
+    return ReuseDecision(True, f"{changed:.1%} of the labels changed since the last cross-validation", changed)
+
+
+def read_calibration(project_dir: Path) -> CalibrationRecord | None:
+    """The project's calibration record, or None (none yet, or unreadable: then logged)."""
+    path = Path(project_dir) / "jobs" / CALIBRATION_FILE
+    try:
+        return CalibrationRecord(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("Calibration record %s unreadable (%s); the next retrain cross-validates first.", path, exc)
+        return None
+
+
+def write_calibration(project_dir: Path, temperature: float, metrics: dict[str, Any], encoder_version: str,
+                      model_version: str, labels: set[str]) -> CalibrationRecord:
+    """Record a cross-validation (atomic replace) and return the record."""
+    record = CalibrationRecord(float(temperature), dict(metrics), encoder_version, model_version, len(labels),
+                               sorted(labels), utc_now())
+    jobs = Path(project_dir) / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=jobs, prefix=".calibration-", suffix=".json")
+    with os.fdopen(fd, "w") as out:
+        json.dump(asdict(record), out)
+    os.replace(tmp, jobs / CALIBRATION_FILE)
+    return record

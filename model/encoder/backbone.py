@@ -1,0 +1,257 @@
+"""The image encoder: a ResNet-family backbone without its classifier, its config, weights and version.
+
+``build_backbone(cfg)`` maps ``(N, 3, S, S)`` images to ``(N, D)`` embeddings (``D = backbone.out_dim``);
+``model.encoder.embedder.Embedder`` runs it over many images. Also: which device and precision to run on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from enum import Enum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from model.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Arch(str, Enum):
+    """Backbone architectures."""
+
+    RESNET18 = "resnet18"
+    """torchvision ResNet-18, widths 64/128/256/512, D = 512."""
+    RESNET18_HALF = "resnet18-half"
+    """ResNet-18 at half width (32/64/128/256), same stem, D = 256; ~4x fewer FLOPs."""
+
+
+_WIDTHS = {Arch.RESNET18: (64, 128, 256, 512), Arch.RESNET18_HALF: (32, 64, 128, 256)}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What defines an encoder besides its weights.
+
+    Attributes:
+        arch: Backbone architecture.
+        input_size: Side in pixels of the square images the encoder sees.
+        init_weights: Optional local ``.safetensors`` or ``.pth`` file with backbone weights to start from
+            (loaded with ``weights_only=True``; a classifier ``fc.*`` is dropped). Never downloaded.
+        mean: Per-channel normalisation mean (RGB).
+        std: Per-channel normalisation std (RGB).
+    """
+
+    arch: Arch = Arch.RESNET18_HALF
+    input_size: int = 64
+    init_weights: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "arch", Arch(self.arch))
+        except ValueError:
+            choices = ", ".join(a.value for a in Arch)
+            raise ConfigError(f"unknown encoder arch {self.arch!r}; choose one of: {choices}.") from None
+        if not 16 <= int(self.input_size) <= 1024:
+            raise ConfigError(f"input_size={self.input_size} is outside 16..1024 pixels; use e.g. 64 or 96.")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError("mean and std must have 3 entries (RGB) and std must be positive.")
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    @property
+    def out_dim(self) -> int:
+        """Embedding dimension D of this architecture."""
+        return _WIDTHS[self.arch][-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        d = asdict(self)
+        d["arch"] = self.arch.value
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ConfigError(f"unknown EncoderConfig keys {sorted(unknown)}; remove them.")
+        d = dict(d)
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision-style ResNet with BasicBlocks and no classifier.
+
+    State-dict keys equal torchvision's ``resnet18`` keys without ``fc.*``, so its weights load directly.
+
+    Args:
+        widths: Channels of the four stages; the stem has ``widths[0]`` channels.
+        layers: Blocks per stage.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int], layers: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+        super().__init__()
+        self.out_dim = widths[-1]
+        self._inplanes = widths[0]
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(widths[0], layers[0], stride=1)
+        self.layer2 = self._make_layer(widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(widths[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self._inplanes != planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(self._inplanes, planes, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+        # torchvision's BasicBlock only checks its width for the "base_width" argument, which we leave at 64.
+        seq = [BasicBlock(self._inplanes, planes, stride, downsample)]
+        self._inplanes = planes
+        seq += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*seq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: images ``(N, 3, S, S)``. Returns: embeddings ``(N, D)``."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)  # (N, D)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConfigError(f"init_weights file {str(path)!r} does not exist; give a local .safetensors/.pth file.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle; all mean the same to the user
+        raise ConfigError(f"init_weights file {str(path)!r} cannot be loaded safely ({exc}); "
+                          "export a plain state_dict (.pth) or .safetensors.") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConfigError(f"init_weights file {str(path)!r} holds a {type(obj).__name__}, not a state_dict.")
+    return obj
+
+
+def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Loads a backbone state dict strictly, after removing ``module.``/``backbone.`` prefixes and ``fc.*``.
+
+    From a whole MoCo state dict (keys ``backbone.*``, ``projection_head.*``, ``backbone_momentum.*`` …)
+    only the query backbone ``backbone.*`` is taken.
+
+    Args:
+        backbone: The module to load into.
+        state: Parameter and buffer tensors by name.
+        source: Names where the weights come from, for messages.
+
+    Raises:
+        ConfigError: Keys are missing or unexpected, or shapes differ (listing the first few).
+    """
+    if any(k.startswith("backbone.") for k in state):  # a whole MoCo module: keep its query backbone
+        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if not key.startswith("fc."):
+            cleaned[key] = value
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(cleaned))
+    unexpected = sorted(set(cleaned) - set(own))
+    wrong = sorted(k for k in set(own) & set(cleaned) if tuple(own[k].shape) != tuple(cleaned[k].shape))
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"weights from {source} do not fit the backbone: missing keys {missing[:5]} ({len(missing)}), "
+            f"unexpected keys {unexpected[:5]} ({len(unexpected)}), shape mismatches {wrong[:5]} ({len(wrong)}); "
+            "check that EncoderConfig.arch matches the file."
+        )
+    backbone.load_state_dict(cleaned, strict=True)
+
+
+def build_backbone(cfg: EncoderConfig) -> ResNetBackbone:
+    """Builds the backbone (randomly initialised, or from ``cfg.init_weights``); never downloads.
+
+    Args:
+        cfg: Architecture and optional initial weights.
+
+    Returns:
+        A module mapping ``(N, 3, S, S)`` to ``(N, D)`` with ``out_dim == D``.
+    """
+    backbone = ResNetBackbone(_WIDTHS[cfg.arch])
+    if cfg.init_weights:
+        load_backbone_weights(backbone, _read_weights(Path(cfg.init_weights)), repr(cfg.init_weights))
+    return backbone
+
+
+def encoder_version(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short content address of a set of weights: equal weights give equal ids on every machine.
+
+    Args:
+        state_dict: Parameter and buffer tensors by name.
+
+    Returns:
+        16 hex characters of a sha256 over names, dtypes, shapes and bytes.
+    """
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is worth using on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` → the first CUDA GPU if present, else CPU; other strings are passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,406 @@
+"""Self-supervised pretraining of the encoder: MoCo v2 through the Lightning ``Trainer``.
+
+``pretrain(images, encoder_cfg, cfg, out_dir)`` writes into ``out_dir``:
+
+- ``checkpoints/last.ckpt``: resumable Lightning checkpoint (a pickle: only resume your own);
+- ``loss.csv`` (``epoch,step,loss`` per optimiser step) and ``loss.png`` (the loss curve);
+- ``pretrain_config.json``: the encoder and pretraining configs of the run.
+
+Re-running with ``resume=True`` continues after the last epoch of ``last.ckpt`` (weights, optimiser and
+LR-scheduler state, memory bank). A run stopped by ``max_minutes`` ends its current epoch early; that
+epoch is checkpointed and counts as done (Lightning's semantics), so the next call starts a new epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from model.ssl.augment import AugmentConfig, eval_transform, moco_v2_transform
+from model.encoder.backbone import EncoderConfig, bf16_supported, build_backbone, encoder_version, load_backbone_weights
+from model.errors import ConfigError, DataError
+from model.images import ImageListDataset, ImageSource, collate_skipping
+from model.ssl.moco import MoCoV2
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Hyper-parameters and hardware settings of a pretraining run.
+
+    Attributes:
+        epochs: Planned epochs (also the length of the cosine LR schedule).
+        batch_size: Images per step (per device).
+        lr: Initial SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        memory_bank_size: Negatives kept in the MoCo memory bank.
+        temperature: InfoNCE temperature.
+        proj_hidden_dim: Projection head hidden width.
+        proj_out_dim: Projection head output width.
+        ema_start: Key-encoder momentum at the first step (cosine schedule to ``ema_end``).
+        ema_end: Key-encoder momentum at the last planned step.
+        max_minutes: Time budget of this call (Lightning ``max_time``); None = no limit.
+        num_workers: Data loader processes decoding and augmenting images.
+        seed: Seed for weights, augmentations and shuffling.
+        accelerator: Lightning accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``.
+        devices: Lightning devices: ``"auto"``, a count, or a list of ids.
+        strategy: Lightning strategy: ``"auto"``, ``"ddp"`` … (DDP gathers keys and syncs BatchNorm).
+        precision: Lightning precision; None = ``"bf16-mixed"`` where supported, else ``"32-true"``.
+        channels_last: Channels-last memory format for convolutions.
+        augment: MoCo v2 augmentation strengths.
+        bn_recalibration_images: Images used to recompute BatchNorm statistics after training (0 = off).
+    """
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 6e-2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    memory_bank_size: int = 2048
+    temperature: float = 0.2
+    proj_hidden_dim: int = 512
+    proj_out_dim: int = 128
+    ema_start: float = 0.996
+    ema_end: float = 1.0
+    max_minutes: float | None = None
+    num_workers: int = 0
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str | tuple[int, ...] = "auto"
+    strategy: str = "auto"
+    precision: str | None = None
+    channels_last: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    bn_recalibration_images: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ConfigError(f"epochs={self.epochs} must be >= 1 and batch_size={self.batch_size} >= 2.")
+        if self.memory_bank_size < self.batch_size:
+            raise ConfigError(
+                f"memory_bank_size={self.memory_bank_size} is smaller than batch_size={self.batch_size}; "
+                "use a bank of at least one batch (MoCo uses many batches)."
+            )
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"max_minutes={self.max_minutes} must be positive or None.")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ConfigError("temperature and lr must be positive.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        if isinstance(self.devices, tuple):
+            d["devices"] = list(self.devices)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        if "augment" in d:
+            d["augment"] = AugmentConfig.from_dict(d["augment"])
+        if isinstance(d.get("devices"), list):
+            d["devices"] = tuple(d["devices"])
+        return cls(**d)
+
+
+@dataclass
+class PretrainResult:
+    """The outcome of :func:`pretrain`.
+
+    Attributes:
+        backbone_state: The query backbone's weights (CPU tensors).
+        encoder_version: Content address of ``backbone_state``.
+        epoch_losses: Mean loss of each epoch trained in this call.
+        step_losses: Loss of each optimiser step trained in this call.
+        epochs_done: Completed epochs in total (including resumed ones).
+        images_per_second: Training throughput of this call (0 when nothing was trained).
+        skipped: ``(index, reason)`` of unreadable images (each listed once).
+        checkpoint: Path of ``last.ckpt``.
+        resumed_from_epoch: Completed epochs of the checkpoint this call resumed from, or None.
+    """
+
+    backbone_state: dict[str, torch.Tensor]
+    encoder_version: str
+    epoch_losses: list[float]
+    step_losses: list[float]
+    epochs_done: int
+    images_per_second: float
+    skipped: list[tuple[int, str]]
+    checkpoint: Path
+    resumed_from_epoch: int | None = None
+
+
+class _Recorder(Callback):
+    """Records step losses, throughput and skipped images; appends ``loss.csv`` at each epoch end."""
+
+    def __init__(self, csv_path: Path) -> None:
+        self.csv_path = csv_path
+        self.step_losses: list[float] = []
+        self.epoch_losses: list[float] = []
+        self._epoch_rows: list[tuple[int, int, float]] = []
+        self.skipped: dict[int, str] = {}
+        self.images = 0
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_rows = []
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        _views, indices, skipped = batch
+        for index, reason in skipped:
+            self.skipped.setdefault(int(index), reason)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.images += len(indices)
+            value = float(loss.detach())
+            self.step_losses.append(value)
+            self._epoch_rows.append((trainer.current_epoch, trainer.global_step, value))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds += time.perf_counter() - self._t0
+        if self._epoch_rows:
+            self.epoch_losses.append(sum(r[2] for r in self._epoch_rows) / len(self._epoch_rows))
+        if trainer.is_global_zero:
+            new_file = not self.csv_path.exists()
+            with self.csv_path.open("a", newline="") as f:
+                writer = csv.writer(f)
+                if new_file:
+                    writer.writerow(["epoch", "step", "loss"])
+                writer.writerows((e, s, f"{v:.6f}") for e, s, v in self._epoch_rows)
+
+
+def write_loss_plot(csv_path: Path, png_path: Path) -> None:
+    """Plots ``loss.csv`` (per-step loss and per-epoch mean) into a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps, losses, epochs = [], [], []
+    if csv_path.exists():
+        with csv_path.open() as f:
+            for row in csv.DictReader(f):
+                epochs.append(int(row["epoch"]))
+                steps.append(int(row["step"]))
+                losses.append(float(row["loss"]))
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, losses, lw=0.8, alpha=0.6, label="step")
+    means = {}
+    for e, s, v in zip(epochs, steps, losses):
+        means.setdefault(e, []).append((s, v))
+    if means:
+        ax.plot([max(s for s, _ in r) for r in means.values()],
+                [sum(v for _, v in r) / len(r) for r in means.values()], "o-", lw=1.5, label="epoch mean")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("InfoNCE loss")
+    ax.set_title("MoCo v2 pretraining loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+
+
+def _truncate_loss_csv(csv_path: Path, global_step: int) -> None:
+    """Drops rows of steps the checkpoint does not hold (a run stopped after its last checkpoint)."""
+    if not csv_path.exists():
+        return
+    with csv_path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0]] + [r for r in rows[1:] if int(r[1]) <= global_step]
+    if len(kept) != len(rows):
+        with csv_path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
+def _precision(cfg: PretrainConfig) -> str:
+    if cfg.precision is not None:
+        return cfg.precision
+    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if on_gpu else "cpu")
+    return "bf16-mixed" if bf16_supported(device) else "32-true"
+
+
+def _check_resume(config_path: Path, encoder_cfg: EncoderConfig) -> None:
+    if not config_path.exists():
+        return
+    saved = json.loads(config_path.read_text())["encoder"]
+    now = encoder_cfg.to_dict()
+    diff = {k for k in ("arch", "input_size", "mean", "std") if saved.get(k) != now.get(k)}
+    if diff:
+        raise ConfigError(
+            f"the checkpoint in {config_path.parent} was trained with another encoder config ({sorted(diff)} "
+            "differ); use a new out_dir or resume=False."
+        )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    backbone: torch.nn.Module, images: Sequence[ImageSource], encoder_cfg: EncoderConfig, max_images: int,
+    batch_size: int,
+) -> int:
+    """Recompute every BatchNorm's running statistics on plain (eval-transformed) views of the images.
+
+    Training updates the running statistics with momentum on augmented views; after a short pretraining they
+    are still near their initial values and embeddings of the frozen encoder explode. A cumulative average over
+    up to ``max_images`` evenly spaced images fixes both. Returns the number of images used (0 = nothing done).
+    """
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or max_images <= 0:
+        return 0
+    step = max(1, len(images) // max_images)
+    subset = [images[i] for i in range(0, len(images), step)][:max_images]
+    loader = DataLoader(ImageListDataset(subset, eval_transform(encoder_cfg)), batch_size=max(2, batch_size),
+                        shuffle=False, collate_fn=collate_skipping)
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches seen
+    was_training = backbone.training
+    backbone.train()
+    used = 0
+    device = next(backbone.parameters()).device
+    for x, _, _ in loader:
+        if x is not None and len(x) > 1:
+            backbone(x.to(device))
+            used += len(x)
+    backbone.train(was_training)
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+    return used
+
+
+def pretrain(
+    images: Sequence[ImageSource],
+    encoder_cfg: EncoderConfig,
+    cfg: PretrainConfig,
+    out_dir: Path,
+    resume: bool = True,
+    init_state: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> PretrainResult:
+    """Pretrains an encoder with MoCo v2 on unlabelled images.
+
+    Args:
+        images: The project's images (paths, bytes, PIL images or uint8 arrays); unreadable ones are
+            skipped and reported.
+        encoder_cfg: Architecture, input size, normalisation (and optional ``init_weights``).
+        cfg: Hyper-parameters, time budget and hardware.
+        out_dir: Where checkpoints, ``loss.csv`` and ``loss.png`` go (created).
+        resume: Continue from ``out_dir/checkpoints/last.ckpt`` when it exists.
+        init_state: Backbone weights to start from (e.g. the live encoder); ignored when resuming.
+        progress: Show a progress bar.
+        callbacks: Extra Lightning callbacks (e.g. to report progress to a job queue or to cancel).
+
+    Returns:
+        The trained backbone weights, their version, losses, epochs done, throughput, skipped images.
+
+    Raises:
+        DataError: Fewer than 2 images.
+        ConfigError: Bad settings, or the checkpoint was made for another encoder config.
+    """
+    if len(images) < 2:
+        raise DataError(f"pretraining got {len(images)} image(s) but needs at least 2 (a contrastive batch); "
+                        "add unlabelled images to the project (or the folder) first.")
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    config_path = out_dir / "pretrain_config.json"
+    csv_path = out_dir / "loss.csv"
+    resuming = resume and last.exists()
+    if resuming:
+        _check_resume(config_path, encoder_cfg)
+    else:
+        for stale in (csv_path, last):
+            stale.unlink(missing_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps({"encoder": encoder_cfg.to_dict(), "pretrain": cfg.to_dict()}, indent=2))
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dataset = ImageListDataset(images, moco_v2_transform(encoder_cfg, cfg.augment))
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= 2 * cfg.batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available() and cfg.accelerator != "cpu",
+        collate_fn=collate_skipping,
+    )
+    recorder = _Recorder(csv_path)
+    checkpointing = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="epoch{epoch:04d}", auto_insert_metric_name=False,
+        save_top_k=1, monitor=None, save_last=True, every_n_epochs=1, save_on_train_epoch_end=True,
+    )
+    trainer = pl.Trainer(
+        max_epochs=cfg.epochs,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
+        accelerator=cfg.accelerator,
+        devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
+        strategy=cfg.strategy,
+        precision=_precision(cfg),
+        sync_batchnorm="ddp" in cfg.strategy,
+        callbacks=[recorder, *callbacks, checkpointing],
+        logger=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=str(out_dir),
+        log_every_n_steps=1,
+    )
+    backbone = build_backbone(encoder_cfg)
+    if init_state is not None and not resuming:
+        load_backbone_weights(backbone, init_state, "init_state")
+    module = MoCoV2(
+        backbone,
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        memory_bank_size=cfg.memory_bank_size, temperature=cfg.temperature,
+        proj_hidden_dim=cfg.proj_hidden_dim, proj_out_dim=cfg.proj_out_dim, max_epochs=cfg.epochs,
+        ema_start=cfg.ema_start, ema_end=cfg.ema_end, channels_last=cfg.channels_last,
+        gather_distributed=trainer.world_size > 1,
+    )
+    if cfg.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    resumed_from = None
+    if resuming:
+        saved = torch.load(last, map_location="cpu", weights_only=False)
+        resumed_from = int(saved["epoch"]) + 1
+        _truncate_loss_csv(csv_path, int(saved["global_step"]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*exceeds max_steps.*")
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resuming else None)
+
+    if trainer.is_global_zero:
+        write_loss_plot(csv_path, out_dir / "loss.png")
+    backbone = module.backbone
+    recalibrate_batchnorm(backbone, images, encoder_cfg, cfg.bn_recalibration_images, cfg.batch_size)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}
+    return PretrainResult(
+        backbone_state=state,
+        encoder_version=encoder_version(state),
+        epoch_losses=recorder.epoch_losses,
+        step_losses=recorder.step_losses,
+        epochs_done=int(trainer.current_epoch),
+        images_per_second=recorder.images / recorder.seconds if recorder.seconds > 0 else 0.0,
+        skipped=sorted(recorder.skipped.items()),
+        checkpoint=last,
+        resumed_from_epoch=resumed_from,
+    )
