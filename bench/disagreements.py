@@ -34,8 +34,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from model.crowd.consensus import Annotation, ConsensusPolicy, consensus
 from bench.datasets import ANIMAL_CLASSES, ANIMAL_TAXONOMY, animal_path, load_animal_mnist_arrays
+from model.crowd.consensus import consensus
+from model.crowd.report import result_to_json
+from model.crowd.types import Annotation, ConsensusPolicy
 
 LEVELS = ("group", "animal")
 OURS = "ours (Dawid-Skene per level + model, path-decoded)"
@@ -241,7 +243,7 @@ def main() -> None:
     text = _table(rows, names, true_acc, res, model_acc, len(ann), ann_wrong.mean(), n)
     kept = [i for i in res.labels]
     kept_acc = np.mean([leaf_index(res.labels[i]) == truth_leaf[i] for i in kept])
-    counts_by_kind = res.to_json()["summary"]["flags"]
+    counts_by_kind = result_to_json(res)["summary"]["flags"]
     name_index = {a: j for j, a in enumerate(names)}
     wrong_of = {(i, a): c != truth_leaf[i] for i, a, c in ann}
     err_flags = [f for f in res.flags if f.kind.value == "label_error_candidate"]

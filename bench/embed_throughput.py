@@ -40,9 +40,8 @@ for path in (ROOT, Path(__file__).resolve().parent):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-
 from pretrain_throughput import _cpu_s, synthetic_images  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
@@ -58,7 +57,8 @@ def _status_mib(field: str) -> float:
 
 
 def _setup(args: argparse.Namespace):
-    from model.encoder.backbone import EncoderConfig, build_backbone
+    from model.encoder.backbone import build_backbone
+    from model.encoder.config import EncoderConfig
 
     torch.manual_seed(0)
     cfg = EncoderConfig(arch=args.arch, input_size=args.size)
@@ -66,7 +66,7 @@ def _setup(args: argparse.Namespace):
 
 
 def _tensors(cfg, images: list[np.ndarray]) -> torch.Tensor:
-    from model.ssl.augment import eval_transform
+    from model.encoder.config import eval_transform
 
     t = eval_transform(cfg)
     return torch.stack([t(Image.fromarray(a)) for a in images])  # (N, 3, S, S)
@@ -99,9 +99,9 @@ def run_forward(args: argparse.Namespace, which: str) -> dict:
 
 def run_cache(args: argparse.Namespace) -> dict:
     """Fill a cache, then time ``get`` from a fresh cache object against recomputing from images."""
+    from model.encoder.backbone import encoder_version
     from model.encoder.cache import EmbeddingCache
     from model.encoder.embedder import Embedder
-    from model.encoder.backbone import encoder_version
     from model.images import content_hash
 
     cfg, net = _setup(args)
@@ -143,7 +143,7 @@ class RenderedImages(Dataset):
 
 def run_stream(args: argparse.Namespace, n: int) -> dict:
     """``embed_into`` a memmap of (n, D) while a thread samples RSS every 20 ms."""
-    from model.ssl.augment import eval_transform
+    from model.encoder.config import eval_transform
     from model.encoder.embedder import Embedder
 
     cfg, net = _setup(args)
@@ -219,7 +219,7 @@ def main() -> None:
     small_n = max(args.batch, args.stream_n // 10)
     streams = [_child(argv, f"stream:{small_n}"), _child(argv, f"stream:{args.stream_n}")]
 
-    from model.encoder.backbone import cpu_has_bf16
+    from model.encoder.device import cpu_has_bf16
 
     best = {k: max(r["images_per_s"] for r in v) for k, v in fwd.items()}
     cpu = {k: max(r["images_per_cpu_s"] for r in v) for k, v in fwd.items()}

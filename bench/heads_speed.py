@@ -27,8 +27,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from model.heads.heads import HeadsConfig, train_heads
-from model.taxonomy import Taxonomy
 from model.heads.training import fit, predict
+from model.taxonomy import Taxonomy
 
 
 def make_data(n: int, dim: int, noise: float, seed: int = 0) -> tuple[Taxonomy, np.ndarray, np.ndarray]:

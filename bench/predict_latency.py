@@ -40,6 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from ml_backend.paths import ProjectPaths  # noqa: E402
+
 CONFIG = """<View><Image name="image" value="$image"/>
   <Taxonomy name="taxonomy" toName="image" leafsOnly="true">
     <Choice value="Shape"><Choice value="Round"><Choice value="Circle"/><Choice value="Ellipse"/></Choice>
@@ -61,7 +63,8 @@ def publish_model(models_root: Path) -> str:
     per-level heads of the config (untrained: latency does not depend on the weights)."""
     from ml_backend.labelstudio.label_config import parse_label_config
     from model.bundle import publish
-    from model.encoder.backbone import EncoderConfig, build_backbone
+    from model.encoder.backbone import build_backbone
+    from model.encoder.config import EncoderConfig
     from model.heads.heads import TaxonomyHeads
 
     taxonomy = parse_label_config(CONFIG).taxonomy
@@ -81,7 +84,8 @@ def load_predictor(models_root: Path, cache_dir: Path | None):
 
 def training_job(project_id: int, model_dir: str, force_pretrain: bool = False) -> dict:
     """A stand-in training run with the CPU profile of one: ResNet-18-half SGD steps on 64 px batches."""
-    from model.encoder.backbone import EncoderConfig, build_backbone
+    from model.encoder.backbone import build_backbone
+    from model.encoder.config import EncoderConfig
 
     net = build_backbone(EncoderConfig(arch="resnet18-half", input_size=64))
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
@@ -102,8 +106,8 @@ def serve_main(model_dir: Path, images: Path, port: int) -> None:
     """The server process: real gunicorn (gthread), the default store over the published bundle, the embedded
     trainer running :func:`training_job`."""
     from ml_backend.http.app import create_app
-    from ml_backend.queue.base import make_scheduler
     from ml_backend.http.server import TaxomocoServer
+    from ml_backend.queue.factory import make_scheduler
     from ml_backend.settings import Settings
 
     settings = Settings(
@@ -201,7 +205,7 @@ def main() -> None:
     from model.images import content_hash, load_image
 
     torch.set_num_threads(TORCH_THREADS)
-    models_root = model_dir / f"project-{PROJECT}" / "models"
+    models_root = ProjectPaths(model_dir, PROJECT).models
     version = publish_model(models_root)
     bare = load_predictor(models_root, None)  # in-process, no cache: a bare forward
     cached = load_predictor(models_root, work / "inproc-cache")  # in-process, warm cache: heads only

@@ -69,8 +69,9 @@ def run_ours(args: argparse.Namespace) -> dict:
     """``pretrain()`` for ``warmup + steps`` optimiser steps (epochs of ``images // batch`` steps)."""
     from pytorch_lightning.callbacks import Callback
 
-    from model.encoder.backbone import EncoderConfig
-    from model.ssl.pretrain import PretrainConfig, pretrain
+    from model.encoder.config import EncoderConfig
+    from model.ssl.config import PretrainConfig
+    from model.ssl.pretrain import pretrain
 
     class Timer(Callback):
         """Times the optimiser steps after the warm-up, data loading included."""
@@ -124,8 +125,10 @@ def run_bare(args: argparse.Namespace, tuned: bool) -> dict:
     from lightly.utils.scheduler import cosine_schedule
     from torch.utils.data import DataLoader, Dataset
 
+    from model.encoder.backbone import build_backbone
+    from model.encoder.config import EncoderConfig
+    from model.encoder.device import cpu_has_bf16
     from model.ssl.augment import moco_v2_transform
-    from model.encoder.backbone import EncoderConfig, build_backbone, cpu_has_bf16
 
     torch.manual_seed(0)
     enc = EncoderConfig(arch=args.arch, input_size=args.size)
@@ -225,7 +228,7 @@ def main() -> None:
             results[name].append(json.loads(line[0][7:]))
             print(f"repeat {rep + 1} {name}: {results[name][-1]}", flush=True)
 
-    from model.encoder.backbone import cpu_has_bf16
+    from model.encoder.device import cpu_has_bf16
 
     best = {k: max(r["images_per_s"] for r in v) for k, v in results.items()}
     cpu = {k: max(r["images_per_cpu_s"] for r in v) for k, v in results.items()}

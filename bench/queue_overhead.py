@@ -46,10 +46,11 @@ def marker_job(project_id: int, model_dir: str, force_pretrain: bool = False) ->
     started = time.time()
     with open(Path(model_dir) / "starts.log", "a") as out:
         out.write(f"{project_id} {started}\n")
+    from ml_backend.paths import ProjectPaths
     from ml_backend.training.records import JobRecords, run_recorded
 
     sleep_s = float((Path(model_dir) / "job_sleep").read_text()) if (Path(model_dir) / "job_sleep").exists() else 0.0
-    records = JobRecords(Path(model_dir) / f"project-{int(project_id)}", project_id)
+    records = JobRecords(ProjectPaths(Path(model_dir), int(project_id)))
     return run_recorded(records, f"bench-{project_id}-{os.getpid()}",
                         lambda: (time.sleep(sleep_s), {"status": "succeeded", "version": "v"})[1])
 
@@ -253,7 +254,7 @@ def schedule_calls(workdir: Path, calls: int = 2000) -> list[tuple[str, float, f
     first event's job runs (sleeping), the second queues the follow-up; RQ: no worker, the first queues."""
     import redis
 
-    from ml_backend.queue.base import make_scheduler
+    from ml_backend.queue.factory import make_scheduler
     from ml_backend.settings import Settings
 
     out = []

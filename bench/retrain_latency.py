@@ -45,8 +45,9 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ml_backend.labelstudio.label_config import parse_label_config  # noqa: E402
 from bench.datasets import ANIMAL_TAXONOMY_TREE, load_animal_mnist  # noqa: E402
+from ml_backend.labelstudio.label_config import parse_label_config  # noqa: E402
+from ml_backend.paths import ProjectPaths  # noqa: E402
 from tests.servers import BackendServer, LabelStudioServer, label_studio_binary, wait_until  # noqa: E402
 
 STEPS = ("pull", "labels", "images", "embed", "fit", "publish")
@@ -173,13 +174,13 @@ class Bench:
         from model.bundle import load_live
         from model.encoder.cache import EmbeddingCache
         from model.heads.heads import HeadsConfig, train_heads
-        from model.images import content_hash
         from model.heads.training import fit
+        from model.images import content_hash
 
         torch.set_num_threads(1)
-        project_dir = self.backend.model_dir / f"project-{self.pid}"
-        manifest = load_live(project_dir / "models").manifest
-        cache = EmbeddingCache(project_dir / "cache", manifest.encoder_version, manifest.embedding_dim)
+        paths = ProjectPaths(self.backend.model_dir, self.pid)
+        manifest = load_live(paths.models).manifest
+        cache = EmbeddingCache(paths.cache, manifest.encoder_version, manifest.embedding_dim)
         hashes = [content_hash(f.read_bytes()) for f in self.files]
         emb, found = cache.get(hashes)  # (N, D), (N,)
         assert found.all(), f"{int((~found).sum())} embeddings missing from the backend's cache"

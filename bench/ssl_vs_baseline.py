@@ -50,11 +50,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench.datasets import ANIMAL_TAXONOMY, content_groups, load_animal_mnist
+from model.encoder.backbone import build_backbone
+from model.encoder.config import Arch, EncoderConfig
+from model.encoder.device import cpu_has_bf16
 from model.encoder.embedder import Embedder
-from model.encoder.backbone import Arch, EncoderConfig, build_backbone, cpu_has_bf16
-from model.ssl.augment import AugmentConfig
 from model.heads.heads import HeadsConfig, train_heads
-from model.ssl.pretrain import PretrainConfig, pretrain
+from model.ssl.config import AugmentConfig, PretrainConfig
+from model.ssl.pretrain import pretrain
 from model.taxonomy import Taxonomy
 
 ROOT = Path(__file__).resolve().parents[1]

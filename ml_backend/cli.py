@@ -15,6 +15,8 @@ from pathlib import Path
 
 from model.errors import TaxomocoError
 
+__all__ = ["build_parser", "main"]
+
 log = logging.getLogger("taxomoco")
 
 
@@ -109,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
 
         run_worker(settings, queues=args.queues, burst=args.burst)
     elif args.command == "disagreements":
-        from ml_backend.training.disagreements import run_cli
+        from ml_backend.reports.disagreements import run_cli
 
         report = run_cli(settings, args.project, args.out)
         print(json.dumps(report, indent=2) if isinstance(report, dict) else report)

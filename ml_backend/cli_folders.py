@@ -14,13 +14,37 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
+from model.bundle import data_fingerprint, load_live, publish
+from model.data import scan_images, scan_labelled_folder
+from model.encoder.backbone import build_backbone, encoder_version
+from model.encoder.cache import EmbeddingCache, embed_through_cache
+from model.encoder.config import EncoderConfig
 from model.encoder.embedder import Embedder
-from model.encoder.backbone import EncoderConfig, build_backbone, encoder_version
 from model.errors import BundleError, DataError
-from model.images import content_hash, scan_images, scan_labelled_folder
+from model.evaluation import evaluate
+from model.heads.heads import HeadsConfig
+from model.heads.training import fit, heads_logits
+from model.images import content_hash, load_image
+from model.predictor import Predictor
+from model.report import write_report
+from model.ssl.config import PretrainConfig
 from model.taxonomy import Taxonomy
+
+__all__ = [
+    "ENCODER_META",
+    "ENCODER_WEIGHTS",
+    "embed_files",
+    "evaluate_folder",
+    "load_encoder",
+    "predict_files",
+    "pretrain_folder",
+    "run_command",
+    "save_encoder",
+    "train_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +96,6 @@ def _encoder_cfg(args: argparse.Namespace) -> EncoderConfig:
 
 
 def _pretrain_cfg(args: argparse.Namespace):  # -> PretrainConfig
-    from model.ssl.pretrain import PretrainConfig
 
     accelerator = "cpu" if args.device == "cpu" else ("gpu" if str(args.device).startswith("cuda") else "auto")
     return PretrainConfig(
@@ -106,8 +129,6 @@ def pretrain_folder(args: argparse.Namespace, files: Sequence[Path] | None = Non
 
 def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path | None, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of image files through the cache. Returns ``(N, D)`` float32 and an ``(N,)`` readable mask."""
-    from model.encoder.cache import EmbeddingCache, embed_through_cache
-
     backbone = build_backbone(cfg)
     backbone.load_state_dict(state)
     cache = EmbeddingCache(cache_dir, encoder_version(state), backbone.out_dim) if cache_dir else None
@@ -117,10 +138,6 @@ def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_di
 
 def train_folder(args: argparse.Namespace) -> str:
     """``taxomoco train``: heads on a labelled folder tree (optionally pretraining first) → a published version."""
-    from model.bundle import data_fingerprint, publish
-    from model.heads.heads import HeadsConfig
-    from model.heads.training import fit
-
     labelled = scan_labelled_folder(args.images_dir)
     files = [f for f, _ in labelled]
     paths = [p for _, p in labelled]
@@ -155,7 +172,6 @@ def train_folder(args: argparse.Namespace) -> str:
     )
     _print_metrics(result.metrics, "cross-validated")
     if args.report is not None:
-        from model.report import write_report
 
         loss_csv = args.models / "pretrain" / "loss.csv"
         page = write_report(args.report, result.metrics, taxonomy, loss_csv=loss_csv if loss_csv.exists() else None)
@@ -166,12 +182,6 @@ def train_folder(args: argparse.Namespace) -> str:
 
 def evaluate_folder(args: argparse.Namespace) -> dict:
     """``taxomoco evaluate``: the live model on a labelled folder tree → JSON + PNG + HTML report."""
-    from model.bundle import load_live
-    from model.evaluation import evaluate
-    from model.report import write_report
-    from model.heads.training import heads_logits
-    import torch
-
     bundle = load_live(args.models)
     labelled = scan_labelled_folder(args.images_dir)
     files = [f for f, _ in labelled]
@@ -190,10 +200,6 @@ def evaluate_folder(args: argparse.Namespace) -> dict:
 
 def predict_files(args: argparse.Namespace) -> list[dict]:
     """``taxomoco predict``: one JSON line per image (path, score, per-level scores) on stdout."""
-    from model.bundle import load_live
-    from model.images import load_image
-    from model.predictor import Predictor
-
     bundle = load_live(args.models)
     predictor = Predictor(bundle, args.models / "cache", device=args.device)
     images, hashes, errors = [], [], {}

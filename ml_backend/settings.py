@@ -12,7 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ml_backend.paths import ProjectPaths
 from model.errors import ConfigError
+
+__all__ = ["Settings"]
 
 
 def _env_name(name: str) -> str:
@@ -133,9 +136,9 @@ class Settings:
                 "Set REDIS_URL (and start `taxomoco worker`) or keep one worker with more threads."
             )
 
-    def project_dir(self, project_id: int) -> Path:
-        """Directory of one Label Studio project's models, caches and job records."""
-        return self.model_dir / f"project-{int(project_id)}"
+    def project(self, project_id: int) -> ProjectPaths:
+        """The files and folders of one Label Studio project under ``model_dir``."""
+        return ProjectPaths(self.model_dir, int(project_id))
 
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:

@@ -1,1 +1,17 @@
 """taxomoco model core: taxonomy, encoder, MoCo pretraining, heads, bundles, evaluation (pure ML)."""
+
+__all__ = [
+    "atomic",
+    "bundle",
+    "crowd",
+    "data",
+    "encoder",
+    "errors",
+    "evaluation",
+    "heads",
+    "images",
+    "predictor",
+    "report",
+    "ssl",
+    "taxonomy",
+]

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,29 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.encoder.backbone import build_backbone, encoder_version
+from model.encoder.config import EncoderConfig
 from model.errors import BundleError, ConfigError, TaxonomyError
 from model.heads.heads import TaxonomyHeads
 from model.taxonomy import Taxonomy
+
+__all__ = [
+    "ENCODERS",
+    "FORMAT",
+    "HEADS",
+    "LIVE",
+    "MANIFEST",
+    "Manifest",
+    "ModelBundle",
+    "VERSIONS",
+    "data_fingerprint",
+    "list_versions",
+    "live_version",
+    "load_bundle",
+    "load_live",
+    "prune",
+    "publish",
+]
 
 LIVE = "LIVE"
 VERSIONS = "versions"
@@ -119,7 +140,6 @@ def _json_default(obj: object) -> object:
 
 
 def _library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {}
     for name in ("torch", "torchvision", "lightly", "taxomoco"):
@@ -214,8 +234,6 @@ def publish(
     Raises:
         BundleError: heads that do not fit the taxonomy or the encoder (nothing is written then).
     """
-    from model.encoder.backbone import encoder_version
-
     root = Path(root)
     num_classes = [taxonomy.num_classes(k) for k in range(taxonomy.depth)]
     if list(heads.num_classes) != num_classes:
@@ -341,14 +359,11 @@ def _check_heads(state: Mapping[str, torch.Tensor], manifest: Manifest, where: P
 @lru_cache(maxsize=8)
 def _backbone_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
     """Parameter and buffer shapes of the backbone ``cfg`` describes (built once per config, on the meta device)."""
-    from model.encoder.backbone import build_backbone
-
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in build_backbone(cfg).state_dict().items()}
 
 
 def _check_encoder(state: dict[str, torch.Tensor], manifest: Manifest, where: Path) -> Any:
-    from model.encoder.backbone import EncoderConfig, encoder_version
 
     actual = encoder_version(state)
     if actual != manifest.encoder_version:

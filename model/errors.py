@@ -4,6 +4,8 @@ Every message names the thing that is wrong and what to do about it. Code raises
 request and job boundaries catch :class:`TaxomocoError` and record it.
 """
 
+__all__ = ["BundleError", "ConfigError", "DataError", "ResourceError", "TaxomocoError", "TaxonomyError"]
+
 
 class TaxomocoError(Exception):
     """Base of every error the product raises on purpose."""

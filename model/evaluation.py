@@ -17,9 +17,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from model.heads.decode import LevelLogits, PathPrediction, decode, path_nll
 from model.errors import DataError
+from model.heads.calibration import path_nll
+from model.heads.decode import LevelLogits, PathPrediction, decode
 from model.taxonomy import IGNORE, Path, Taxonomy
+
+__all__ = ["calibration", "evaluate", "hierarchical_prf", "level_metrics"]
 
 
 def level_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:

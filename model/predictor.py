@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 
 from model.bundle import ModelBundle
-from model.heads.decode import PathPrediction, decode
+from model.encoder.backbone import build_backbone
 from model.encoder.cache import EmbeddingCache, embed_through_cache
 from model.encoder.embedder import Embedder
-from model.encoder.backbone import build_backbone
+from model.heads.decode import PathPrediction, decode
+
+__all__ = ["Predictor"]
 
 
 class Predictor:

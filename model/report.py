@@ -20,6 +20,16 @@ import numpy as np
 from model.errors import DataError
 from model.taxonomy import Taxonomy
 
+__all__ = [
+    "curve_points",
+    "plot_confusion",
+    "plot_label_curve",
+    "plot_loss",
+    "plot_reliability",
+    "read_loss_csv",
+    "write_report",
+]
+
 _MAX_TICKS = 40  # above this many classes, confusion matrices drop their tick labels
 
 

@@ -25,6 +25,8 @@ import numpy as np
 
 from model.errors import TaxonomyError
 
+__all__ = ["END_NAME", "IGNORE", "Node", "Path", "Taxonomy"]
+
 IGNORE = -1
 """Level index meaning "no label at this level" (below a prefix path); heads skip it in the loss."""
 
@@ -119,7 +121,6 @@ class Taxonomy:
     @classmethod
     def from_nested(cls, tree: Mapping[str, object] | Sequence[str]) -> Taxonomy:
         """Build from nested mappings: ``{"wild": {"Bear": None, "Zebra": {}}, "pet": ["Cat", "Dog"]}``."""
-
         def build(spec: Mapping[str, object] | Sequence[str] | None) -> list[Node]:
             if spec is None:
                 return []

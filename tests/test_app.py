@@ -20,9 +20,10 @@ from PIL import Image
 
 from ml_backend.http.app import create_app
 from ml_backend.labelstudio.label_config import parse_label_config
-from ml_backend.queue.base import make_scheduler
-from ml_backend.settings import Settings
+from ml_backend.paths import ProjectPaths
+from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.store import ModelStore
+from ml_backend.settings import Settings
 
 CONFIG = """<View><Image name="image" value="$image"/>
   <Taxonomy name="taxonomy" toName="image" leafsOnly="true">
@@ -82,14 +83,14 @@ class Models:
         self.built: list[ColourModel] = []
 
     def publish(self, pid: int, version: str) -> None:
-        d = self.root / f"project-{pid}" / "models" / "versions" / version
+        d = ProjectPaths(self.root, pid).models / "versions" / version
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").write_text("{}")
         (d.parent.parent / ".LIVE.tmp").write_text(version)  # switched atomically, as model.bundle.publish does
         os.replace(d.parent.parent / ".LIVE.tmp", d.parent.parent / "LIVE")
 
     def probe(self, pid: int):
-        p = self.root / f"project-{pid}" / "models" / "LIVE"
+        p = ProjectPaths(self.root, pid).models / "LIVE"
         return p.read_text() if p.exists() else None
 
     def load(self, pid: int):
@@ -172,7 +173,7 @@ def test_setup_reports_untrained_then_live_version_and_remembers_connection(env)
     client, models, settings, _ = env
     r = post(client, "/setup", setup_body())
     assert r.status_code == 200 and r.get_json() == {"model_version": "untrained"}
-    conn_file = settings.project_dir(7) / "connection.json"
+    conn_file = settings.project(7).connection
     assert json.loads(conn_file.read_text()) == {"url": "http://127.0.0.1:1", "api_key": "tok123"}
     assert stat.S_IMODE(conn_file.stat().st_mode) == 0o600
     models.publish(7, "v1")
@@ -522,7 +523,7 @@ def test_predict_fetches_label_studio_uploads_with_the_setup_token(label_studio,
         assert [item["result"][0]["value"]["taxonomy"] for item in results] == [[["Animal", "Cat"]], [["Plant"]]]
         assert {item["model_version"] for item in results} == {"e2e-1"}
         # a wrong token: the images are refused by Label Studio, every task still gets its (empty) item
-        connections_file = settings.project_dir(pid) / "connection.json"
+        connections_file = settings.project(pid).connection
         connections_file.unlink()
         from ml_backend.labelstudio import connections
 

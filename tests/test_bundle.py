@@ -26,7 +26,8 @@ from model.bundle import (
     prune,
     publish,
 )
-from model.encoder.backbone import Arch, EncoderConfig, build_backbone, encoder_version
+from model.encoder.backbone import build_backbone, encoder_version
+from model.encoder.config import Arch, EncoderConfig
 from model.errors import BundleError
 from model.heads.heads import HeadsConfig, TaxonomyHeads, train_heads
 from model.taxonomy import Taxonomy

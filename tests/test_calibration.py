@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from ml_backend.paths import ProjectPaths
 from ml_backend.training.calibration import (
-    CALIBRATION_FILE,
     decide_reuse,
     label_digests,
     read_calibration,
@@ -18,15 +18,16 @@ PAIRS = [(f"{i:064x}", ("wild", "bear") if i % 2 else ("pet", "cat")) for i in r
 
 
 def test_record_round_trip_and_unreadable_record(tmp_path: Path) -> None:
-    assert read_calibration(tmp_path) is None
-    written = write_calibration(tmp_path, 1.7, {"path_accuracy": 0.9}, "enc1", "v1", label_digests(PAIRS))
-    assert read_calibration(tmp_path) == written and written.n_labelled == 100 and written.at
-    (tmp_path / "jobs" / CALIBRATION_FILE).write_text("{not json")
-    assert read_calibration(tmp_path) is None  # logged; the next retrain cross-validates first
+    paths = ProjectPaths(tmp_path, 1)
+    assert read_calibration(paths) is None
+    written = write_calibration(paths, 1.7, {"path_accuracy": 0.9}, "enc1", "v1", label_digests(PAIRS))
+    assert read_calibration(paths) == written and written.n_labelled == 100 and written.at
+    paths.calibration.write_text("{not json")
+    assert read_calibration(paths) is None  # logged; the next retrain cross-validates first
 
 
 def test_reuse_only_for_the_same_encoder_and_small_changes(tmp_path: Path) -> None:
-    record = write_calibration(tmp_path, 1.2, {}, "enc1", "v1", label_digests(PAIRS))
+    record = write_calibration(ProjectPaths(tmp_path, 1), 1.2, {}, "enc1", "v1", label_digests(PAIRS))
     same = decide_reuse(record, "enc1", label_digests(PAIRS), 0.02)
     assert same.reuse and same.changed_fraction == 0.0
     one_more = label_digests([*PAIRS, (f"{999:064x}", ("pet", "cat"))])

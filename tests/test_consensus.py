@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.crowd.consensus import Annotation, ConsensusPolicy, Source, consensus
+from model.crowd.consensus import consensus
 from model.crowd.dawid_skene import CrowdConfig, Observations, fit_crowd
+from model.crowd.types import Annotation, ConsensusPolicy, Source
 from model.errors import ConfigError, TaxonomyError
 from model.taxonomy import Taxonomy
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.heads.decode import decode, fit_temperature, path_log_probs, path_nll
 from model.errors import DataError
+from model.heads.calibration import fit_temperature, path_nll
+from model.heads.decode import decode, path_log_probs
 from model.taxonomy import IGNORE, Taxonomy
 
 TWO_BY_TWO = Taxonomy.from_nested({"A": ["a1", "a2"], "B": ["b1", "b2"]})

@@ -10,13 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml_backend.training import disagreements as dis
-from ml_backend.reports.disagreement_html import thumbnail_png, write_csvs, write_html
-from ml_backend.labelstudio.label_config import parse_label_config
+from ml_backend.labelstudio import flags as lsflags
+from ml_backend.labelstudio.annotations import annotations_from_tasks
 from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.label_config import parse_label_config
+from ml_backend.reports.disagreement_html import thumbnail_png, write_csvs, write_html
+from ml_backend.reports.disagreements import run_cli
 from ml_backend.settings import Settings
-from model.crowd.consensus import Annotation, ConsensusPolicy, consensus
-from model.crowd.flags import FlagKind
+from ml_backend.training import disagreements as dis
+from model.crowd.consensus import consensus
+from model.crowd.report import result_to_json, review_list
+from model.crowd.types import Annotation, ConsensusPolicy, FlagKind
 from model.errors import DataError
 from model.taxonomy import Taxonomy
 
@@ -63,7 +67,7 @@ def test_flags_have_kind_level_and_rank_by_score() -> None:
     assert level[(0, FlagKind.ANNOTATORS_DISAGREE)] == 0 and level[(1, FlagKind.ANNOTATORS_DISAGREE)] == 1
     scores = [f.score for f in res.flags]
     assert scores == sorted(scores, reverse=True)
-    review = res.review_list()
+    review = review_list(res)
     assert review[0]["item"] == 0 and "low_quality_consensus" in review[0]["kinds"]
     assert [e["score"] for e in review] == sorted((e["score"] for e in review), reverse=True)
     assert review[0]["excluded"] and 0 in res.excluded and 1 in res.labels
@@ -85,7 +89,7 @@ def test_annotator_stats_name_the_level_and_classes_of_disagreement() -> None:
 
 def test_to_json_is_plain_json_with_summary_review_and_items() -> None:
     res = consensus(_scenario(), TREE, ConsensusPolicy(), level_probs={1: [np.ones(3) / 3, np.ones(5) / 5]})
-    data = json.loads(json.dumps(res.to_json()))
+    data = json.loads(json.dumps(result_to_json(res)))
     assert data["summary"]["items"] == 30 and data["summary"]["trained"] == len(res.labels)
     assert data["summary"]["flags"]["annotators_disagree"] >= 2 and data["summary"]["used_model"] is True
     assert data["policy"]["policy"]["min_quality"] == 0.6
@@ -108,7 +112,7 @@ def test_annotations_from_tasks_reads_every_annotation_kind() -> None:
         ]),
         {"id": 2, "data": {}, "annotations": [{"id": 15, "completed_by": 5, "was_cancelled": True, "result": []}]},
     ]
-    anns, problems = dis.annotations_from_tasks(tasks, config)
+    anns, problems = annotations_from_tasks(tasks, config)
     got = {(a.item, a.annotator): a for a in anns}
     assert got[(1, "5")].paths == (("Animal", "Cat"),)
     assert got[(1, "6")].paths == (("Animal", "dog"),)
@@ -124,7 +128,7 @@ def test_annotations_from_tasks_reads_every_annotation_kind() -> None:
 def test_annotations_from_tasks_with_flat_choices() -> None:
     config = parse_label_config(CHOICES_XML)
     result = [{"from_name": "kind", "to_name": "img", "type": "choices", "value": {"choices": ["Dog"]}}]
-    anns, problems = dis.annotations_from_tasks([{"id": 3, "annotations": [{"completed_by": 1, "result": result}]}], config)
+    anns, problems = annotations_from_tasks([{"id": 3, "annotations": [{"completed_by": 1, "result": result}]}], config)
     assert anns == [Annotation(3, "1", (("Dog",),))] and problems == []
 
 
@@ -136,15 +140,14 @@ def _settings(tmp_path: Path, **over: object) -> Settings:
 def test_report_is_saved_and_loaded_with_the_model_probabilities(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     with pytest.raises(DataError, match="taxomoco disagreements --project 4"):
-        dis.load_report(settings, 4)
+        dis.load_report(settings.project(4))
     probs = {i: [np.full(3, 1 / 3), np.full(5, 0.2)] for i in range(30)}
     res = consensus(_scenario(), TREE, ConsensusPolicy(), level_probs=probs)
-    path = dis.save_report(settings, 4, res, model_version="v7", problems=["one problem"])
-    assert path == settings.project_dir(4) / "disagreements" / "report.json"
-    report = dis.load_report(settings, 4)
+    dis.save_report(settings.project(4), res, model_version="v7", problems=["one problem"])
+    report = dis.load_report(settings.project(4))
     assert report["project"] == 4 and report["model_version"] == "v7" and report["problems"][0] == "one problem"
     assert report == json.loads(json.dumps(dis.build_report(res, 4, "v7", ["one problem"])))
-    loaded = dis.load_model_probs(path.parent / dis.MODEL_PROBS_FILE)
+    loaded = dis.load_model_probs(settings.project(4))
     assert loaded is not None and sorted(loaded) == list(range(30))
     np.testing.assert_allclose(loaded[3][1], probs[3][1], rtol=1e-6)
 
@@ -168,8 +171,8 @@ def test_csv_and_html_files(tmp_path: Path) -> None:
 def test_comment_markers_round_trip() -> None:
     res = consensus(_scenario(), TREE, ConsensusPolicy())
     flags = [f for f in res.flags if f.item == 0]
-    text = dis.comment_text(flags)
-    assert dis._keys_in([text, "unrelated comment"]) == {f.key for f in flags}
+    text = lsflags.comment_text(flags)
+    assert lsflags._keys_in([text, "unrelated comment"]) == {f.key for f in flags}
     assert all(f.message in text for f in flags)
 
 
@@ -196,12 +199,12 @@ def test_flags_reach_label_studio_and_the_cli_writes_the_report(label_studio, tm
     ls.annotate(ids[4], [], user=ann2, was_cancelled=True)
 
     settings = _settings(tmp_path, label_studio_url=ls.url, label_studio_api_key=ls.admin.token)
-    summary = dis.run_cli(settings, pid, None)
+    summary = run_cli(settings, pid, None)
     out = Path(summary["out_dir"])
-    assert out == settings.project_dir(pid) / "disagreements"
+    assert out == settings.project(pid).disagreements
     assert {Path(f).name for f in summary["files"]} == {
         "report.json", "review.csv", "flags.csv", "items.csv", "annotators.csv", "report.html"}
-    report = dis.load_report(settings, pid)
+    report = dis.load_report(settings.project(pid))
     assert report["summary"]["items"] == 5 and report["summary"]["items_with_disagreement"] == 2
     assert {e["item"] for e in report["review"]} == {ids[0], ids[2]}
     assert "cancelled" in report["excluded"][str(ids[4])]
@@ -211,12 +214,12 @@ def test_flags_reach_label_studio_and_the_cli_writes_the_report(label_studio, tm
 
     client = LabelStudioClient(ls.url, ls.admin.token)
     tasks = list(client.iter_tasks(pid))
-    anns, _ = dis.annotations_from_tasks(tasks, parse_label_config(TAXONOMY_XML))
+    anns, _ = annotations_from_tasks(tasks, parse_label_config(TAXONOMY_XML))
     res = consensus(anns, parse_label_config(TAXONOMY_XML).taxonomy, ConsensusPolicy())
-    posted = dis.post_flags(settings, client, pid, res)
+    posted = lsflags.post_flags(settings.project(pid), client, res)
     tab = posted["tabs"]["taxomoco: annotators disagree"]
     assert client.tab_task_ids(pid, tab) == sorted([ids[0], ids[2]])
-    again = dis.post_flags(settings, client, pid, res)
+    again = lsflags.post_flags(settings.project(pid), client, res)
     assert again["tabs"] == posted["tabs"]  # updated in place, never duplicated
     titles = [t["data"]["title"] for t in client.list_tabs(pid)]
     assert titles.count("taxomoco: annotators disagree") == 1
@@ -228,7 +231,7 @@ def test_flags_reach_label_studio_and_the_cli_writes_the_report(label_studio, tm
 
 def test_http_endpoint_serves_the_saved_report(tmp_path: Path) -> None:
     from ml_backend.http.app import create_app
-    from ml_backend.queue.base import make_scheduler
+    from ml_backend.queue.factory import make_scheduler
     from ml_backend.serving.store import ModelStore
 
     settings = _settings(tmp_path)
@@ -241,9 +244,9 @@ def test_http_endpoint_serves_the_saved_report(tmp_path: Path) -> None:
         missing = client.get("/disagreements?project=5")
         assert missing.status_code == 404 and "Train the project" in missing.get_json()["error"]
         res = consensus(_scenario(), TREE, ConsensusPolicy())
-        dis.save_report(settings, 5, res, model_version="v1")
+        dis.save_report(settings.project(5), res, model_version="v1")
         full = client.get("/disagreements?project=5.1712345678").get_json()
-        assert full == dis.load_report(settings, 5)
+        assert full == dis.load_report(settings.project(5))
         short = client.get("/disagreements?project=5&limit=1").get_json()
         assert len(short["review"]) == 1 and len(short["items"]) == 1 and short["summary"] == full["summary"]
     finally:

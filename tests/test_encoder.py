@@ -12,10 +12,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from model.ssl.augment import AugmentConfig, eval_transform, moco_v2_transform
+from model.encoder.backbone import build_backbone, encoder_version
+from model.encoder.config import Arch, EncoderConfig, eval_transform
 from model.encoder.embedder import Embedder
-from model.encoder.backbone import Arch, EncoderConfig, build_backbone, encoder_version
 from model.errors import ConfigError, ResourceError
+from model.ssl.augment import moco_v2_transform
+from model.ssl.config import AugmentConfig
 
 
 @pytest.fixture(autouse=True)

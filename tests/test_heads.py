@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.heads.decode import decode
-from model.encoder.backbone import Arch, EncoderConfig, build_backbone
+from model.encoder.backbone import build_backbone
+from model.encoder.config import Arch, EncoderConfig
 from model.errors import ConfigError, DataError
+from model.heads.decode import decode
 from model.heads.heads import HeadsConfig, Normalization, TaxonomyHeads, changed_state, frozen, snapshot_state, train_heads
 from model.taxonomy import IGNORE, Taxonomy
 

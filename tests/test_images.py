@@ -11,18 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from model.data import ImageListDataset, Skipped, collate_skipping, scan_images, scan_labelled_folder
 from model.errors import DataError
-from model.images import (
-    ImageListDataset,
-    Skipped,
-    check_image_header,
-    collate_skipping,
-    content_hash,
-    load_image,
-    scan_images,
-    scan_labelled_folder,
-    to_rgb_image,
-)
+from model.images import check_image_header, content_hash, load_image, to_rgb_image
 
 
 def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:

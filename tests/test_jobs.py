@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from ml_backend.paths import ProjectPaths
+from ml_backend.settings import Settings
 from ml_backend.training import jobs
 from ml_backend.training.calibration import read_calibration
-from ml_backend.training.records import JobRecords, read_pretrain_record, write_pretrain_record
-from ml_backend.training.steps import lightning_device, pending_run
-from ml_backend.training.jobs import PretrainReason, decide_pretrain, labels_shortfall
-from ml_backend.settings import Settings
+from ml_backend.training.encoder import pending_run
+from ml_backend.training.labels import labels_shortfall
+from ml_backend.training.policy import PretrainReason, decide_pretrain, read_pretrain_record, write_pretrain_record
+from ml_backend.training.records import JobRecords
+from model.encoder.device import lightning_device
 from model.errors import ConfigError
 
 
@@ -52,9 +55,10 @@ def test_missing_live_encoder_pretrains_again() -> None:
 
 
 def test_pretrain_record_round_trip(tmp_path: Path) -> None:
-    assert read_pretrain_record(tmp_path) is None
-    write_pretrain_record(tmp_path, 42, "abc123")
-    record = read_pretrain_record(tmp_path)
+    paths = ProjectPaths(tmp_path, 1)
+    assert read_pretrain_record(paths) is None
+    write_pretrain_record(paths, 42, "abc123")
+    record = read_pretrain_record(paths)
     assert record["n_images"] == 42 and record["encoder_version"] == "abc123"
     d = decide_pretrain(62, record, has_live_encoder=True, force=False, repretrain_fraction=0.5)
     assert not d.pretrain and decide_pretrain(63, record, True, False, 0.5).pretrain
@@ -86,7 +90,7 @@ def test_job_without_label_studio_connection_fails_with_reason_recorded(tmp_path
     jobs.use_settings(Settings.from_env(env={}))  # no LABEL_STUDIO_URL, nothing remembered from /setup
     with pytest.raises(ConfigError) as err:
         jobs.train_project(3, str(tmp_path))
-    record = JobRecords(tmp_path / "project-3", 3).read()
+    record = JobRecords(ProjectPaths(tmp_path, 3)).read()
     assert record["last_outcome"] == "failed" and record["last_failure"]["reason"] == str(err.value)
     assert "LABEL_STUDIO_URL" in record["last_failure"]["reason"]
     assert record["running_job_id"] is None and record["counts"]["failed"] == 1
@@ -100,7 +104,7 @@ def test_job_against_unreachable_label_studio_is_recorded(tmp_path: Path) -> Non
     jobs.use_settings(Settings.from_env(env={}, label_studio_url=url, label_studio_api_key="0123456789abcdef"))
     with pytest.raises(Exception):
         jobs.train_project(4, str(tmp_path))
-    record = JobRecords(tmp_path / "project-4", 4).read()
+    record = JobRecords(ProjectPaths(tmp_path, 4)).read()
     assert record["last_outcome"] == "failed" and "127.0.0.1" in record["last_failure"]["reason"]
 
 
@@ -176,14 +180,14 @@ def test_train_project_end_to_end(label_studio, labelled_project, tmp_path: Path
     assert first["pretrain"]["pretrain"] is True and first["pretrain"]["reason"] == PretrainReason.FIRST.value
     assert first["counts"]["tasks"] == 18 and first["counts"]["labelled"] == 9 and first["counts"]["images"] == 18
     assert first["counts"]["trained_on"] == 9 and first["counts"]["embedded"] == 18
-    root = tmp_path / f"project-{pid}" / "models"
+    root = ProjectPaths(tmp_path, pid).models
     assert live_version(root) == first["version"]
     bundle = load_live(root)
     assert bundle.manifest.extra["pretrained"] is True and bundle.manifest.extra["excluded"] == 0
-    assert read_pretrain_record(tmp_path / f"project-{pid}")["n_images"] == 18
-    record = JobRecords(tmp_path / f"project-{pid}", pid).read()
+    assert read_pretrain_record(ProjectPaths(tmp_path, pid))["n_images"] == 18
+    record = JobRecords(ProjectPaths(tmp_path, pid)).read()
     assert record["last_success"]["version"] == first["version"] and record["counts"]["succeeded"] == 1
-    assert (tmp_path / f"project-{pid}" / "disagreements" / "report.json").exists()
+    assert (ProjectPaths(tmp_path, pid).disagreement_report).exists()
 
     # a second run: heads only on the live encoder, every embedding from the cache, no image downloaded again
     second = jobs.train_project(pid, str(tmp_path))
@@ -200,7 +204,7 @@ def test_train_project_end_to_end(label_studio, labelled_project, tmp_path: Path
     assert second["calibration"]["reuse"] is True and second["calibration"]["changed_fraction"] == 0.0
     assert load_live(root).temperature == pytest.approx(bundle.temperature)
     assert "cross_validation" in second["durations_s"] and "cross_validation" not in first["durations_s"]
-    record = read_calibration(tmp_path / f"project-{pid}")
+    record = read_calibration(ProjectPaths(tmp_path, pid))
     assert record is not None and record.model_version == second["version"] and record.n_labelled == 9
     unlabelled = next(t for t in range(min(labels), min(labels) + 18) if t not in labels)
     label_studio.annotate(unlabelled, [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy",
@@ -208,7 +212,7 @@ def test_train_project_end_to_end(label_studio, labelled_project, tmp_path: Path
     third = jobs.train_project(pid, str(tmp_path))
     assert third["status"] == "succeeded" and third["calibration"]["reuse"] is False, third["calibration"]
     assert third["calibration"]["changed_fraction"] == pytest.approx(0.1)
-    assert read_calibration(tmp_path / f"project-{pid}").n_labelled == 10
+    assert read_calibration(ProjectPaths(tmp_path, pid)).n_labelled == 10
 
 
 @pytest.mark.e2e
@@ -221,9 +225,9 @@ def test_too_few_labels_is_a_recorded_skip(label_studio, tmp_path: Path) -> None
     jobs.use_settings(_fast_settings(tmp_path, label_studio, min_labels_to_train=4))
     out = jobs.train_project(pid, str(tmp_path))
     assert out["status"] == "skipped" and out["reason"].startswith("need 3 more labels")
-    record = JobRecords(tmp_path / f"project-{pid}", pid).read()
+    record = JobRecords(ProjectPaths(tmp_path, pid)).read()
     assert record["last_outcome"] == "skipped" and record["last_skip"]["reason"] == out["reason"]
-    assert not (tmp_path / f"project-{pid}" / "models").exists()
+    assert not (ProjectPaths(tmp_path, pid).models).exists()
 
 
 @pytest.mark.e2e
@@ -234,8 +238,8 @@ def test_real_job_through_rq_worker_is_picked_up_by_the_store(label_studio, labe
     import torch
 
     from ml_backend.queue.rq_queue import RQScheduler
-    from ml_backend.serving.store import ModelStore
     from ml_backend.queue.worker import build_worker
+    from ml_backend.serving.store import ModelStore
     from tests.servers import wait_until
 
     torch.set_num_threads(1)
@@ -261,14 +265,15 @@ def test_real_job_through_rq_worker_is_picked_up_by_the_store(label_studio, labe
 
 
 def test_pretrain_request_survives_until_cleared(tmp_path: Path) -> None:
-    from ml_backend.training.records import clear_pretrain_request, pretrain_requested, request_pretrain
+    from ml_backend.training.policy import clear_pretrain_request, pretrain_requested, request_pretrain
 
-    assert not pretrain_requested(tmp_path)
-    request_pretrain(tmp_path)
-    request_pretrain(tmp_path)
-    assert pretrain_requested(tmp_path)
-    clear_pretrain_request(tmp_path)
-    assert not pretrain_requested(tmp_path)
+    paths = ProjectPaths(tmp_path, 1)
+    assert not pretrain_requested(paths)
+    request_pretrain(paths)
+    request_pretrain(paths)
+    assert pretrain_requested(paths)
+    clear_pretrain_request(paths)
+    assert not pretrain_requested(paths)
 
 
 @pytest.mark.e2e
@@ -278,7 +283,7 @@ def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_stud
     """The default deployment: no REDIS_URL, no LABEL_STUDIO_URL; the token comes from /setup's connection file,
     and the server's settings reach the spawned training child."""
     from ml_backend.labelstudio import connections
-    from ml_backend.queue.base import make_scheduler
+    from ml_backend.queue.factory import make_scheduler
     from tests.servers import FAST_TRAINING_ENV
 
     pid, _ = labelled_project
@@ -296,7 +301,7 @@ def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_stud
         assert result["counts"]["trained_on"] == 9 and result["pretrain"]["pretrain"] is True
         from model.bundle import load_live
 
-        bundle = load_live(tmp_path / f"project-{pid}" / "models")
+        bundle = load_live(ProjectPaths(tmp_path, pid).models)
         assert bundle.encoder_cfg.input_size == 32  # FAST_TRAINING_ENV's size, not the environment's default
     finally:
         scheduler.close()
@@ -304,8 +309,9 @@ def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_stud
 
 
 def test_interrupted_pretraining_resumes_in_the_same_run_directory(tmp_path: Path) -> None:
-    first = pending_run(tmp_path)
-    assert first.parent == tmp_path / "pretrain" and first.name.startswith("run-")
-    assert pending_run(tmp_path) == first  # a crashed pretraining is resumed where it stopped
-    pending_run(tmp_path, clear=True)
-    assert not (tmp_path / "jobs" / "pretrain_pending.json").exists()
+    paths = ProjectPaths(tmp_path, 1)
+    first = pending_run(paths)
+    assert first.parent == paths.pretrain_runs and first.name.startswith("run-")
+    assert pending_run(paths) == first  # a crashed pretraining is resumed where it stopped
+    pending_run(paths, clear=True)
+    assert not paths.pretrain_pending.exists()

@@ -11,15 +11,14 @@ import pytest
 import requests
 from PIL import Image
 
-from ml_backend.labelstudio.client import (
+from ml_backend.labelstudio.auth import TokenKind
+from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.errors import (
     LabelStudioAuthError,
-    LabelStudioClient,
     LabelStudioError,
     LabelStudioNotFound,
     LabelStudioUnreachable,
     NotSupportedByServer,
-    TaskRecord,
-    TokenKind,
 )
 from model.errors import ConfigError
 from tests.servers import TWO_LEVEL_CONFIG, LabelStudioServer, free_port

@@ -4,8 +4,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from ml_backend.labelstudio.annotations import annotation_paths, parse_annotation
+from ml_backend.labelstudio.ids import project_id_of
 from ml_backend.labelstudio.label_config import parse_label_config
-from ml_backend.labelstudio.results import annotation_paths, parse_annotation, prediction_result, project_id_of
+from ml_backend.labelstudio.results import prediction_result
 from model.errors import DataError
 
 TAX = """<View><Image name="image" value="$image"/>

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.encoder.backbone import EncoderConfig, build_backbone, encoder_version
+from model.encoder.backbone import build_backbone, encoder_version
+from model.encoder.config import EncoderConfig
 from model.errors import ConfigError, DataError
+from model.ssl.config import PretrainConfig
 from model.ssl.moco import MoCoV2
-from model.ssl.pretrain import PretrainConfig, pretrain
+from model.ssl.pretrain import pretrain
 
 ENC = EncoderConfig(input_size=32)
 TINY = PretrainConfig(epochs=1, batch_size=8, memory_bank_size=32, proj_hidden_dim=32, proj_out_dim=16)
@@ -200,7 +202,7 @@ def test_backbone_weights_from_a_whole_moco_state_dict() -> None:
 
 def test_batchnorm_statistics_are_recomputed_on_the_images_after_pretraining() -> None:
     """A short pretraining leaves running statistics near their initial values; they must describe the data."""
-    from model.ssl.augment import eval_transform
+    from model.encoder.config import eval_transform
     from model.ssl.pretrain import recalibrate_batchnorm
 
     rng = np.random.default_rng(0)

@@ -19,11 +19,12 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from ml_backend.training.records import write_pretrain_record
+from ml_backend.paths import ProjectPaths
+from ml_backend.queue.factory import make_scheduler
 from ml_backend.queue.rq_queue import RQScheduler, job_ids
-from ml_backend.queue.base import make_scheduler
-from ml_backend.settings import Settings
 from ml_backend.queue.worker import build_worker
+from ml_backend.settings import Settings
+from ml_backend.training.policy import write_pretrain_record
 from tests.servers import REPO_ROOT, stop_process, wait_until
 from tests.test_scheduler import live_version, read_runs, set_control
 
@@ -73,7 +74,7 @@ def starts(model_dir: Path, pid: int) -> list[list[str]]:
 
 
 def complete_versions(model_dir: Path, pid: int) -> list[str]:
-    versions = model_dir / f"project-{pid}" / "models" / "versions"
+    versions = ProjectPaths(model_dir, pid).models / "versions"
     names = [p.name for p in versions.iterdir() if not p.name.startswith(".")] if versions.exists() else []
     for name in names:  # a visible version is always whole
         assert (versions / name / "manifest.json").exists(), f"half-written version {name}"
@@ -98,7 +99,7 @@ def test_enqueue_worker_runs_job_and_publishes(scheduler, settings: Settings, tm
     assert status["last_success"]["job_id"] == job_ids(1)[0]
     assert live_version(tmp_path, 1) == status["last_success"]["version"]
     # the slot id is reused for the next run (its finished job is replaced), now on the heads queue
-    write_pretrain_record(settings.project_dir(1), 10, "enc1")
+    write_pretrain_record(settings.project(1), 10, "enc1")
     again = scheduler.schedule(1, "ANNOTATION_UPDATED")
     assert again["action"] == "queued" and again["queue"] == settings.heads_queue
     burst(settings)
@@ -246,14 +247,14 @@ def test_both_queues_are_listened_to_pretrain_first(settings: Settings) -> None:
 
 
 def test_forced_pretraining_folded_into_a_waiting_job_is_kept(scheduler, settings: Settings, tmp_path: Path) -> None:
-    from ml_backend.training.records import clear_pretrain_request, pretrain_requested
+    from ml_backend.training.policy import clear_pretrain_request, pretrain_requested
 
-    write_pretrain_record(settings.project_dir(9), 10, "enc")
+    write_pretrain_record(settings.project(9), 10, "enc")
     assert scheduler.schedule(9, "ANNOTATION_CREATED")["queue"] == settings.heads_queue
     out = scheduler.schedule(9, "TRAIN", force_pretrain=True)
     assert out["action"] == "coalesced"
-    assert pretrain_requested(settings.project_dir(9))  # the waiting job's train_project will see it
-    clear_pretrain_request(settings.project_dir(9))
+    assert pretrain_requested(settings.project(9))  # the waiting job's train_project will see it
+    clear_pretrain_request(settings.project(9))
     assert scheduler.queue_for(9, force_pretrain=False) == settings.heads_queue
 
 

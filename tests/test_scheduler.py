@@ -18,9 +18,12 @@ from typing import Any
 
 import pytest
 
-from ml_backend.training.records import JobOutcome, JobRecords, run_recorded
-from ml_backend.queue.base import ScheduleAction, make_scheduler
+from ml_backend.paths import ProjectPaths
+from ml_backend.queue.base import ScheduleAction
+from ml_backend.queue.factory import make_scheduler
 from ml_backend.settings import Settings
+from ml_backend.training.records import JobOutcome, JobRecords, run_recorded
+from tests.servers import wait_until
 
 JOB = "tests.test_scheduler.recording_job"
 
@@ -54,7 +57,7 @@ def read_runs(model_dir: str | Path, project_id: int) -> list[list[str]]:
 
 def live_version(model_dir: str | Path, project_id: int) -> str | None:
     """The published version (read the way a model store reads LIVE)."""
-    live = Path(model_dir) / f"project-{project_id}" / "models" / "LIVE"
+    live = ProjectPaths(Path(model_dir), project_id).models / "LIVE"
     try:
         return live.read_text().strip()
     except FileNotFoundError:
@@ -70,7 +73,7 @@ def _log(model_dir: str, project_id: int, *words: object) -> None:
 
 def _publish(model_dir: str, project_id: int, version: str, half_s: float) -> None:
     """Write versions/<version>/ whole under a temporary name, then swap LIVE (like model.bundle.publish)."""
-    root = Path(model_dir) / f"project-{project_id}" / "models"
+    root = ProjectPaths(Path(model_dir), project_id).models
     tmp = root / "versions" / f".tmp-{version}"
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "part1").write_text(version)
@@ -93,7 +96,7 @@ def warm_up() -> None:
 def recording_job(project_id: int, model_dir: str, force_pretrain: bool = False) -> dict[str, Any]:
     """A job with train_project's signature and record keeping, steered by the control file."""
     settings = Settings.from_env(env={}, model_dir=model_dir)
-    records = JobRecords(settings.project_dir(project_id), project_id)
+    records = JobRecords(settings.project(project_id))
     try:
         from rq import get_current_job
 
@@ -128,14 +131,14 @@ def recording_job(project_id: int, model_dir: str, force_pretrain: bool = False)
 
 
 def test_records_start_empty_and_do_not_create_dirs(tmp_path: Path) -> None:
-    records = JobRecords(tmp_path / "project-3", 3)
+    records = JobRecords(ProjectPaths(tmp_path, 3))
     record = records.read()
     assert record["project_id"] == 3 and record["last_outcome"] is None and record["counts"]["started"] == 0
-    assert not (tmp_path / "project-3").exists()
+    assert not (ProjectPaths(tmp_path, 3).root).exists()
 
 
 def test_run_recorded_success_skip_and_failure(tmp_path: Path) -> None:
-    records = JobRecords(tmp_path, 1)
+    records = JobRecords(ProjectPaths(tmp_path, 1))
     out = run_recorded(records, "j1", lambda: {"version": "v1"})
     assert out["status"] == "succeeded" and out["duration_s"] >= 0
     r = records.read()
@@ -155,15 +158,15 @@ def test_run_recorded_success_skip_and_failure(tmp_path: Path) -> None:
     assert r["last_outcome"] == "failed" and "no Taxonomy tag" in r["last_failure"]["reason"]
     assert r["last_failure"]["job_id"] == "j3" and r["counts"] == {
         "scheduled": 0, "coalesced": 0, "started": 3, "succeeded": 1, "skipped": 1, "failed": 1}
-    assert json.loads((tmp_path / "jobs" / "status.json").read_text())["counts"]["failed"] == 1
+    assert json.loads(records.path.read_text())["counts"]["failed"] == 1
 
 
 def test_records_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
-    records = JobRecords(tmp_path, 1)
+    records = JobRecords(ProjectPaths(tmp_path, 1))
 
     def add() -> None:
         for _ in range(50):
-            JobRecords(tmp_path, 1).add_coalesced(1)
+            JobRecords(ProjectPaths(tmp_path, 1)).add_coalesced(1)
 
     threads = [threading.Thread(target=add) for _ in range(4)]
     for t in threads:
@@ -250,7 +253,7 @@ def test_a_warmed_up_fresh_process_waits_for_the_next_job(embedded, tmp_path: Pa
     set_control(tmp_path, 14)
     embedded.schedule(14, "ANNOTATION_CREATED")
     assert embedded.wait_idle(30)
-    time.sleep(1.0)  # the spare child warms up while the line is idle
+    assert wait_until(lambda: embedded.health()["spare_ready"], 60)  # the spare child warms up while idle
     second_scheduled_at = time.time()
     embedded.schedule(14, "ANNOTATION_CREATED")
     assert embedded.wait_idle(30)
@@ -290,7 +293,7 @@ def test_projects_do_not_block_each_others_queue_entry(embedded, tmp_path: Path)
 
 def test_run_left_running_by_a_stopped_server_is_closed_as_interrupted(embedded, tmp_path: Path) -> None:
     settings = Settings.from_env(env={}, model_dir=tmp_path)
-    JobRecords(settings.project_dir(14), 14).mark_started("embedded-14-1")  # the server died mid-run
+    JobRecords(settings.project(14)).mark_started("embedded-14-1")  # the server died mid-run
     before = embedded.status(14)
     assert before["running"] is False and before["running_since"] is None and before["running_job_id"] is None
     set_control(tmp_path, 14)

@@ -18,7 +18,7 @@ def test_env_and_overrides_are_parsed() -> None:
         port="4321",
     )
     assert s.port == 4321 and s.allowed_image_hosts == ("a.com", "b.com")
-    assert s.post_flags_to_label_studio is False and s.project_dir(7) == Path("/tmp/m/project-7")
+    assert s.post_flags_to_label_studio is False and s.project(7).root == Path("/tmp/m/project-7")
 
 
 @pytest.mark.parametrize(

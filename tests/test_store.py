@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from ml_backend.settings import Settings
+from ml_backend.paths import ProjectPaths
 from ml_backend.serving.store import UNTRAINED, ModelStore
+from ml_backend.settings import Settings
 
 
 @dataclass
@@ -26,13 +27,13 @@ class Files:
 
     def set_live(self, pid, version):
         """Switch LIVE atomically, as model.bundle.publish does (a plain write_text can be read half done)."""
-        d = self.root / f"project-{pid}" / "models"
+        d = ProjectPaths(self.root, pid).models
         d.mkdir(parents=True, exist_ok=True)
         (d / ".LIVE.tmp").write_text(version)
         os.replace(d / ".LIVE.tmp", d / "LIVE")
 
     def probe(self, pid):
-        p = self.root / f"project-{pid}" / "models" / "LIVE"
+        p = ProjectPaths(self.root, pid).models / "LIVE"
         return p.read_text() if p.exists() else None
 
     def load(self, pid):
@@ -126,7 +127,7 @@ def test_projects_are_separate_and_versions_listed(store, files, tmp_path):
     files.set_live(2, "y1")
     assert store.get(1, wait_s=5).version == "x1" and store.get(2, wait_s=5).version == "y1"
     assert store.projects() == [1, 2]
-    vdir = tmp_path / "project-1" / "models" / "versions"
+    vdir = ProjectPaths(tmp_path, 1).models / "versions"
     for name in ("20260101T000000-a", "20260102T000000-b", ".tmp-partial"):
         (vdir / name).mkdir(parents=True)
         (vdir / name / "manifest.json").write_text("{}")
@@ -158,7 +159,8 @@ def publish_tiny_bundle(models_root, taxonomy, seed=0):
     import torch
 
     from model.bundle import publish
-    from model.encoder.backbone import EncoderConfig, build_backbone
+    from model.encoder.backbone import build_backbone
+    from model.encoder.config import EncoderConfig
     from model.heads.heads import TaxonomyHeads
 
     torch.manual_seed(seed)
@@ -180,20 +182,20 @@ def test_real_bundles_are_loaded_and_hot_reloaded(tmp_path):
     store = ModelStore(settings, check_interval_s=0.05)
     try:
         assert store.version(5) == UNTRAINED and store.get(5, wait_s=1) is None
-        first = publish_tiny_bundle(settings.project_dir(5) / "models", taxonomy, seed=0)
+        first = publish_tiny_bundle(settings.project(5).models, taxonomy, seed=0)
         predictor = store.get(5, wait_s=60)
         assert predictor is not None and predictor.version == first.version == store.version(5)
         images = [Image.new("RGB", (20, 24), (200, 30, 30)), None]
         preds = predictor.predict(images, ["a" * 64, None], leafs_only=True)
         assert preds[1] is None and preds[0].path in {("Animal", "Cat"), ("Animal", "Dog"), ("Plant",)}
         assert 0.0 < preds[0].score <= 1.0
-        assert any((tmp_path / "project-5" / "cache").iterdir())  # the embedding cache of the project
+        assert any((ProjectPaths(tmp_path, 5).cache).iterdir())  # the embedding cache of the project
         # a cached image needs no pixels; an uncached one without pixels gets no prediction
         assert predictor.cached(["a" * 64, "b" * 64, None]).tolist() == [True, False, False]
         again = predictor.predict([None, None], ["a" * 64, "b" * 64], leafs_only=True)
         assert again[0] == preds[0] and again[1] is None
         time.sleep(1.1)  # versions are named by the second
-        second = publish_tiny_bundle(settings.project_dir(5) / "models", taxonomy, seed=1)
+        second = publish_tiny_bundle(settings.project(5).models, taxonomy, seed=1)
         assert second.version != first.version
         assert wait_for(lambda: store.version(5) == second.version, timeout=60)
         assert store.get(5).version == second.version

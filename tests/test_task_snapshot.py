@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from ml_backend.labelstudio.client import LabelStudioClient
-from ml_backend.labelstudio.snapshot import SNAPSHOT_FILE, PullKind, pull_tasks
+from ml_backend.labelstudio.snapshot import PullKind, pull_tasks
+from ml_backend.paths import ProjectPaths
 from tests.servers import TWO_LEVEL_CONFIG, LabelStudioServer
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +52,7 @@ def test_incremental_pulls_equal_full_pulls_through_every_kind_of_change(
         label_studio: LabelStudioServer, project: tuple[int, list[int]], tmp_path: Path) -> None:
     pid, ids = project
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)
-    path = tmp_path / SNAPSHOT_FILE
+    path = ProjectPaths(tmp_path, 1).tasks_snapshot
     time.sleep(1.1)  # Label Studio's clock (HTTP Date) has whole seconds: the set-up lies in an earlier one
     first = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
     assert first.kind is PullKind.FULL and first.read == 6 and seen(first.tasks) == full(client, pid)
@@ -94,7 +95,7 @@ def test_full_pull_on_config_change_age_and_a_corrupt_copy(
         label_studio: LabelStudioServer, project: tuple[int, list[int]], tmp_path: Path) -> None:
     pid, _ = project
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)
-    path = tmp_path / SNAPSHOT_FILE
+    path = ProjectPaths(tmp_path, 1).tasks_snapshot
     assert pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP).kind is PullKind.FULL
     changed = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG.replace("Tree", "Shrub"), HOUR)
     assert changed.kind is PullKind.FULL and "label config" in changed.reason

@@ -10,8 +10,8 @@ import torch
 
 from model.errors import DataError, TaxonomyError
 from model.heads.heads import HeadsConfig
-from model.taxonomy import Taxonomy
 from model.heads.training import cross_validate, fit, predict, stratified_folds
+from model.taxonomy import Taxonomy
 
 TAX = Taxonomy.from_nested({"wild": ["bear", "zebra"], "pet": ["cat", "dog"], "bird": None})
 FAST = HeadsConfig(hidden=32, epochs=5, min_steps=60, batch_size=64)

@@ -8,60 +8,34 @@ task order, and never fails as a batch: a task whose image cannot be read gets a
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from enum import Enum
 from typing import Any
 
+import torch
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ml_backend.labelstudio import connections
 from ml_backend.http.auth import basic_auth_ok, needs_auth
-from ml_backend.labelstudio.label_config import parse_label_config
-from ml_backend.labelstudio.results import project_id_of
+from ml_backend.http.data_routes import register_routes as register_data_routes
+from ml_backend.http.health import SchedulerHealth
 from ml_backend.http.metrics import Registry, project_collector
+from ml_backend.labelstudio import connections
+from ml_backend.labelstudio.ids import project_id_of
+from ml_backend.labelstudio.label_config import parse_label_config
+from ml_backend.labelstudio.webhooks import TRAINING_EVENTS, WebhookEvent
+from ml_backend.paths import ProjectPaths
+from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.predict import PredictService
-from ml_backend.settings import Settings
 from ml_backend.serving.store import ModelStore
+from ml_backend.settings import Settings
 from model.errors import ConfigError, DataError, TaxomocoError
+
+__all__ = ["MODEL_CLASS", "create_app"]
 
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "taxomoco"
-HEALTH_DETAIL_TIMEOUT_S = 0.4
-"""Longest a /health call waits for the scheduler's own health check."""
-HEALTH_DETAIL_MAX_AGE_S = 1.0
-"""A scheduler health answer younger than this is reused as is; an older one triggers a new check."""
-HEALTH_DETAIL_STALE_S = 5.0
-"""An answer older than this is not shown any more: /health waits (within the budget) for a new one."""
-
-ROUTE_EXTENSIONS: tuple[str, ...] = ("ml_backend.training.disagreements",)
-"""Modules that add endpoints of their own: each may define ``register_routes(app: Flask, settings: Settings)``
-(e.g. ``GET /disagreements?project=ID``); Basic auth and request metrics apply to them as well."""
-
-
-class WebhookEvent(str, Enum):
-    """Label Studio webhook actions the backend knows; the first four schedule training."""
-
-    ANNOTATION_CREATED = "ANNOTATION_CREATED"
-    ANNOTATION_UPDATED = "ANNOTATION_UPDATED"
-    ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
-    START_TRAINING = "START_TRAINING"
-    ANNOTATIONS_CREATED = "ANNOTATIONS_CREATED"
-    TASKS_CREATED = "TASKS_CREATED"
-    TASKS_DELETED = "TASKS_DELETED"
-    PROJECT_CREATED = "PROJECT_CREATED"
-    PROJECT_UPDATED = "PROJECT_UPDATED"
-    PROJECT_DELETED = "PROJECT_DELETED"
-
-
-TRAINING_EVENTS = frozenset(
-    {WebhookEvent.ANNOTATION_CREATED, WebhookEvent.ANNOTATION_UPDATED, WebhookEvent.ANNOTATIONS_DELETED, WebhookEvent.START_TRAINING}
-)
 
 
 def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | None = None) -> Flask:
@@ -73,19 +47,14 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         store: the model store; default ``ModelStore(settings)`` (bundles + Predictor, hot reload).
     """
     if scheduler is None:
-        from ml_backend.queue.base import make_scheduler
-
         scheduler = make_scheduler(settings)
     if settings.torch_threads:
-        import torch
-
         torch.set_num_threads(settings.torch_threads)
     store = store or ModelStore(settings)
     scheduled: set[int] = set()  # projects this process scheduled training for
     metrics = Registry()
     service = PredictService(settings, store, metrics)
-    health_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")
-    health_state: dict[str, Any] = {"future": None}
+    scheduler_health = SchedulerHealth(scheduler)
     webhook_auth = settings.webhook_requires_auth
 
     app = Flask("taxomoco")
@@ -135,36 +104,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     @app.get("/")
     @app.get("/health")
     def health() -> Response:
-        return jsonify(status="UP", model_class=MODEL_CLASS, scheduler=_scheduler_health(), models=_models())
-
-    def _scheduler_health() -> dict[str, Any]:
-        # the last answer is reused for up to HEALTH_DETAIL_MAX_AGE_S: most /health calls hand nothing to
-        # another thread (a hand-off waits for the GIL twice behind busy /predict threads)
-        now = time.monotonic()
-        future = health_state["future"]
-        if future is not None and future.done():
-            try:
-                health_state["last"] = dict(future.result())
-            except Exception as exc:  # health must always answer
-                health_state["last"] = {"ok": False, "reason": f"{exc.__class__.__name__}: {exc}"}
-            health_state["last_at"], health_state["future"], future = health_state["since"], None, None
-        last_at = health_state.get("last_at")
-        if future is None and (last_at is None or now - last_at > HEALTH_DETAIL_MAX_AGE_S):
-            health_state["since"] = now
-            health_state["future"] = future = health_pool.submit(scheduler.health)
-        if last_at is not None and now - last_at <= HEALTH_DETAIL_STALE_S:
-            return {**health_state["last"], "checked_s_ago": round(now - last_at, 3)}
-        # no recent answer: wait for the running check, never longer than the budget since it started
-        assert future is not None
-        wait = max(0.0, HEALTH_DETAIL_TIMEOUT_S - (now - health_state["since"]))
-        try:
-            answer = dict(future.result(timeout=wait))
-        except FutureTimeout:
-            return {"ok": False, "reason": f"the scheduler did not answer within {HEALTH_DETAIL_TIMEOUT_S} s"}
-        except Exception as exc:  # health must always answer
-            return {"ok": False, "reason": f"{exc.__class__.__name__}: {exc}"}
-        health_state["last"], health_state["last_at"], health_state["future"] = answer, health_state["since"], None
-        return {**answer, "checked_s_ago": round(time.monotonic() - health_state["since"], 3)}
+        return jsonify(status="UP", model_class=MODEL_CLASS, scheduler=scheduler_health.get(), models=_models())
 
     def _models() -> dict[str, Any]:
         return {str(pid): store.status(pid)["served_version"] for pid in store.projects()}
@@ -248,21 +188,12 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
 
     def _all_projects() -> list[int]:
-        found = set(store.projects()) | scheduled  # a project whose first job is still queued has no directory yet
-        try:
-            for p in settings.model_dir.iterdir():
-                if p.name.startswith("project-") and p.name[8:].isdigit():
-                    found.add(int(p.name[8:]))
-        except FileNotFoundError:
-            pass
-        return sorted(found)
+        # a project whose first job is still queued has no directory yet
+        return sorted(set(store.projects()) | scheduled | set(ProjectPaths.project_ids(settings.model_dir)))
 
     metrics.add_collector(project_collector(store, scheduler, _all_projects))
 
-    for name in ROUTE_EXTENSIONS:
-        register = getattr(importlib.import_module(name), "register_routes", None)
-        if register is not None:
-            register(app, settings)
+    register_data_routes(app, settings)
     return app
 
 

@@ -15,6 +15,8 @@ import base64
 import binascii
 import hmac
 
+__all__ = ["OPEN_PATHS", "basic_auth_ok", "needs_auth"]
+
 OPEN_PATHS: frozenset[str] = frozenset({"/health", "/"})
 """Paths answered without credentials."""
 

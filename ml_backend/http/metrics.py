@@ -16,6 +16,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+__all__ = [
+    "Collector",
+    "Counter",
+    "GaugeFamily",
+    "Histogram",
+    "LATENCY_BUCKETS",
+    "Labels",
+    "PROJECT_FAMILIES",
+    "Registry",
+    "Sample",
+    "project_collector",
+]
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 100.0)
@@ -185,7 +198,6 @@ def project_collector(store: Any, scheduler: Any, projects: Callable[[], Iterabl
         scheduler: the ``Scheduler`` (``status(pid)``: the job record of ``ml_backend.training.records``).
         projects: the project ids to report.
     """
-
     def collect() -> Iterator[Sample]:
         for pid in projects():
             p = str(pid)

@@ -13,7 +13,10 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from ml_backend.http.app import create_app
 from ml_backend.settings import Settings
+
+__all__ = ["SWITCH_INTERVAL_S", "TaxomocoServer", "WORKER_TIMEOUT_S", "gunicorn_options", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,6 @@ class TaxomocoServer(BaseApplication):
     def load(self) -> Any:
         if self.app_factory is not None:
             return self.app_factory(self.settings)
-        from ml_backend.http.app import create_app
 
         return create_app(self.settings)
 

@@ -19,7 +19,6 @@ Every failure is a :class:`LabelStudioError` that names the URL, the HTTP status
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -27,59 +26,29 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from enum import Enum
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from model.errors import ConfigError, TaxomocoError
+from ml_backend.labelstudio.auth import ACCESS_TOKEN_MARGIN_S, TokenKind, _jwt_claims, token_kind
+from ml_backend.labelstudio.errors import (
+    LabelStudioAuthError,
+    LabelStudioError,
+    LabelStudioNotFound,
+    LabelStudioUnreachable,
+    NotSupportedByServer,
+)
+from model.errors import ConfigError
 
-#: Renew a JWT access token this many seconds before it expires.
-ACCESS_TOKEN_MARGIN_S = 60.0
+__all__ = ["LabelStudioClient", "ProjectInfo", "TASK_PAGE_SIZE", "TaskRecord", "preload_sdk"]
+
 #: Tasks per page when listing a project.
 TASK_PAGE_SIZE = 100
 #: The ``filter`` value of a Data Manager tab filter on the task id.
 _TASK_ID_FILTER = "filter:tasks:id"
-
-
-class LabelStudioError(TaxomocoError):
-    """A call to Label Studio failed; the message names the URL, the status and the fix.
-
-    Attributes:
-        url: the URL that was called.
-        status: the HTTP status, or None when no answer came.
-    """
-
-    def __init__(self, message: str, url: str = "", status: int | None = None) -> None:
-        super().__init__(message)
-        self.url = url
-        self.status = status
-
-
-class LabelStudioUnreachable(LabelStudioError, ConfigError):
-    """No HTTP answer from Label Studio (refused, timed out, DNS)."""
-
-
-class LabelStudioAuthError(LabelStudioError, ConfigError):
-    """Label Studio refused the API key (401) or its permissions (403)."""
-
-
-class LabelStudioNotFound(LabelStudioError):
-    """The project, task or endpoint does not exist on this server (404)."""
-
-
-class NotSupportedByServer(LabelStudioError):
-    """This Label Studio edition has no such API (e.g. comments in the Community edition)."""
-
-
-class TokenKind(str, Enum):
-    """How an API key authenticates."""
-
-    LEGACY = "legacy"  # Authorization: Token <key>
-    PERSONAL_ACCESS = "personal_access"  # JWT refresh token -> Authorization: Bearer <access>
 
 
 @dataclass(frozen=True)
@@ -108,41 +77,6 @@ class TaskRecord:
     annotations: list[dict] = field(default_factory=list)
     predictions: list[dict] = field(default_factory=list)
     updated_at: str = ""  # Label Studio's ISO time of the task's last change (an annotation's too)
-
-
-def _jwt_claims(token: str) -> dict | None:
-    """The unverified claims of a JWT, or None when ``token`` is not one."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        padded = parts[1] + "=" * (-len(parts[1]) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(padded))
-    except (ValueError, json.JSONDecodeError):
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-def token_kind(api_key: str) -> TokenKind:
-    """Whether ``api_key`` is a legacy token or a personal access (JWT refresh) token.
-
-    Raises:
-        ConfigError: a JWT that is not a refresh token, or one that has expired.
-    """
-    claims = _jwt_claims(api_key)
-    if claims is None:
-        return TokenKind.LEGACY
-    if claims.get("token_type") != "refresh":
-        raise ConfigError(
-            f"The Label Studio API key is a JWT of type {claims.get('token_type')!r}; use a personal access "
-            "token (Account & Settings > Personal Access Token) or a legacy token in LABEL_STUDIO_API_KEY."
-        )
-    if float(claims.get("exp", 0)) <= time.time():
-        raise ConfigError(
-            "The Label Studio personal access token in LABEL_STUDIO_API_KEY has expired; create a new one "
-            "under Account & Settings > Personal Access Token."
-        )
-    return TokenKind.PERSONAL_ACCESS
 
 
 class LabelStudioClient:
@@ -372,8 +306,6 @@ class LabelStudioClient:
 
     def is_own_url(self, url: str) -> bool:
         """Whether ``url`` points at this Label Studio server (so its auth headers may be sent there)."""
-        from urllib.parse import urlsplit
-
         a, b = urlsplit(self.url), urlsplit(url)
         return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
 

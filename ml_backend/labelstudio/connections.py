@@ -1,7 +1,7 @@
 """Where Label Studio is and how to authenticate to it, per project.
 
 Label Studio sends ``hostname`` and ``access_token`` in every ``/setup`` call. :func:`remember` keeps them in
-memory and in ``project_dir/connection.json`` (mode 0600) so that training workers in other processes can
+memory and in ``ProjectPaths.connection`` (mode 0600) so that training workers in other processes can
 read them; :func:`resolve` prefers the operator's ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``.
 """
 
@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from ml_backend.settings import Settings
+from model.atomic import atomic_write_json
 from model.errors import ConfigError
 
-log = logging.getLogger(__name__)
+__all__ = ["LSConnection", "forget_all", "remember", "remembered", "resolve"]
 
-CONNECTION_FILE = "connection.json"
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _memory: dict[tuple[str, int], LSConnection] = {}
@@ -63,8 +62,8 @@ def remember(settings: Settings, project_id: int, hostname: str | None, access_t
     with _lock:
         if _memory.get(key) == conn:
             return False
-        path = settings.project_dir(project_id) / CONNECTION_FILE
-        _write_private(path, {"url": conn.url, "api_key": conn.api_key})
+        atomic_write_json(settings.project(project_id).connection, {"url": conn.url, "api_key": conn.api_key},
+                          mode=0o600)
         _memory[key] = conn
     return True
 
@@ -75,7 +74,7 @@ def remembered(settings: Settings, project_id: int) -> LSConnection | None:
     with _lock:
         if key in _memory:
             return _memory[key]
-    path = settings.project_dir(project_id) / CONNECTION_FILE
+    path = settings.project(project_id).connection
     try:
         data = json.loads(path.read_text())
         conn = LSConnection(url=str(data["url"]), api_key=str(data["api_key"]))
@@ -111,16 +110,3 @@ def forget_all() -> None:
     """Drop the in-memory connections (the files stay); used when settings change in one process."""
     with _lock:
         _memory.clear()
-
-
-def _write_private(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".connection-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from model.errors import ConfigError, TaxonomyError
 from model.taxonomy import Node, Taxonomy
 
+__all__ = ["ConfigKind", "LabelConfig", "config_hash", "parse_label_config"]
+
 
 class ConfigKind(enum.Enum):
     """Which control tag the served config uses."""

@@ -10,7 +10,7 @@ deleted). An incremental pull reads the tasks changed since Label Studio's clock
 start of the previous pull, minus :data:`OVERLAP_S` so that a change whose transaction committed late is
 still read (without a ``Date`` header: since the newest ``updated_at`` seen, minus the same overlap).
 
-The copy, ``project_dir/tasks.json`` (atomic replace), keeps each task's id, data, annotations and
+The copy, ``ProjectPaths.tasks_snapshot`` (atomic replace), keeps each task's id, data, annotations and
 ``updated_at`` (predictions are not kept: training does not read them).
 """
 
@@ -20,8 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -30,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from model.atomic import atomic_write_json
+
+__all__ = ["FORMAT", "OVERLAP_S", "Pull", "PullKind", "pull_tasks"]
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FILE = "tasks.json"
 FORMAT = 1
 OVERLAP_S = 10.0
 """Seconds before the newest ``updated_at`` seen that an incremental pull reads again."""
@@ -100,7 +100,7 @@ def pull_tasks(client: LabelStudioClient, project_id: int, path: Path, label_con
         pull = Pull(tasks, PullKind.FULL, reason or "", len(tasks))
     newest = max((t.updated_at for t in pull.tasks if t.updated_at), key=_parse, default="")
     pulled_at = server_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if server_time else None
-    _write(path, {"format": FORMAT, "url": client.url, "config_hash": config_hash, "full_at": full_at,
+    atomic_write_json(path, {"format": FORMAT, "url": client.url, "config_hash": config_hash, "full_at": full_at,
                   "pulled_at": pulled_at, "newest": newest, "tasks": [_as_dict(t) for t in pull.tasks]})
     if pull.kind is PullKind.FULL:
         log.info("Project %s: full pull of %d tasks (%s).", project_id, pull.read, pull.reason)
@@ -141,14 +141,6 @@ def _read(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
         log.warning("Task snapshot %s unreadable (%s); pulling every task again.", path, exc)
         return None
-
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tasks-", suffix=".json")
-    with os.fdopen(fd, "w") as out:
-        json.dump(data, out)
-    os.replace(tmp, path)
 
 
 def _parse(iso: str) -> datetime:

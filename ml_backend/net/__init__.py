@@ -1,0 +1,5 @@
+"""Outbound fetching of task images with guards."""
+
+__all__ = [
+    "images",
+]

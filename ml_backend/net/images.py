@@ -37,6 +37,19 @@ from ml_backend.settings import Settings
 from model.errors import DataError
 from model.images import content_hash, load_image
 
+__all__ = [
+    "CHUNK",
+    "CLOUD_SCHEMES",
+    "ImageFetchError",
+    "LS_PREFIXES",
+    "MAX_REDIRECTS",
+    "TaskImage",
+    "fetch_image_bytes",
+    "fetch_many",
+    "fetch_task_images",
+    "is_remote",
+]
+
 LS_PREFIXES = ("/data/upload/", "/data/local-files", "/storage-data/", "/tasks/")
 """Relative URLs Label Studio serves itself (a local path starting like this is read as Label Studio's)."""
 

@@ -1,0 +1,9 @@
+"""Schedulers that turn Label Studio events into training jobs: embedded (child processes) or RQ (workers), and the RQ worker."""
+
+__all__ = [
+    "base",
+    "embedded",
+    "factory",
+    "rq_queue",
+    "worker",
+]

@@ -15,10 +15,13 @@ Label Studio when it starts), an event that arrives while one runs gets exactly 
 from __future__ import annotations
 
 import abc
+import importlib
 from enum import Enum
 from typing import Any
 
-from ml_backend.settings import Settings
+from model.errors import ConfigError
+
+__all__ = ["DEFAULT_JOB_FUNC", "ScheduleAction", "Scheduler", "import_job_func"]
 
 DEFAULT_JOB_FUNC = "ml_backend.training.jobs.train_project"
 """Dotted path of the job every scheduler runs (importable in a child process or an RQ worker)."""
@@ -66,30 +69,10 @@ class Scheduler(abc.ABC):
         """Stop background work and release connections (idempotent)."""
 
 
-def make_scheduler(settings: Settings, job_func: str = DEFAULT_JOB_FUNC) -> Scheduler:
-    """The scheduler the settings ask for: RQ when ``settings.redis_url`` is set, else embedded.
-
-    Args:
-        settings: the process settings.
-        job_func: dotted path of the job function (tests substitute small importable jobs with the
-            signature of :func:`ml_backend.training.jobs.train_project`).
-    """
-    if settings.redis_url:
-        from ml_backend.queue.rq_queue import RQScheduler
-
-        return RQScheduler(settings, job_func=job_func)
-    from ml_backend.queue.embedded import EmbeddedScheduler
-
-    return EmbeddedScheduler(settings, job_func=job_func)
-
-
 def import_job_func(dotted: str) -> Any:
     """Import ``package.module.function`` and return the function."""
-    import importlib
-
     module_name, _, func_name = dotted.rpartition(".")
     if not module_name:
-        from model.errors import ConfigError
 
         raise ConfigError(f"Job function {dotted!r} is not a dotted path such as 'ml_backend.training.jobs.train_project'.")
     return getattr(importlib.import_module(module_name), func_name)

@@ -29,9 +29,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from ml_backend.training.records import JobOutcome, JobRecords, request_pretrain, utc_now
 from ml_backend.queue.base import DEFAULT_JOB_FUNC, ScheduleAction, Scheduler, import_job_func
 from ml_backend.settings import Settings
+from ml_backend.training.policy import request_pretrain
+from ml_backend.training.records import JobOutcome, JobRecords, utc_now
+
+__all__ = ["EmbeddedScheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -51,36 +54,39 @@ class _Waiting:
 def _child_main(conn: Any, job_func: str, settings: Settings) -> None:
     """Entry point of a training child process: warm up, wait for one job, run it, send the outcome, exit.
 
-    Warm-up imports the job's module and calls its ``warm_up()`` when it has one (``ml_backend.training.jobs`` imports
-    torch, the model code and the Label Studio client), so a job handed to a waiting child starts at once.
+    Warm-up imports the job's module (``ml_backend.training.jobs`` imports torch, the model code and the Label
+    Studio client) and calls its ``warm_up()`` when it has one, so a job handed to a waiting child starts at once.
     The job arrives as ``(project_id, model_dir, force_pretrain)``; the answer is ``("ok", result)``,
     ``("error", reason)`` (the job recorded it) or ``("unrecorded-error", reason)`` (nothing ran). A child
     whose scheduler goes away before a job arrives just exits. The server's settings (CLI overrides
-    included) are handed to the job (``ml_backend.training.jobs.use_settings``).
+    included) are handed to the job module's ``use_settings()`` when it has one
+    (``ml_backend.training.jobs.use_settings``).
     """
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s [train %(process)d] %(name)s: %(message)s")
     try:
         os.nice(10)  # serving keeps priority over training on a shared machine
         if settings.torch_threads:
-            import torch
+            import torch  # heavy: only when the setting asks (a real job imports it with its module anyway)
 
             torch.set_num_threads(settings.torch_threads)
-        from ml_backend.training import jobs
-
-        jobs.use_settings(settings)
         func, import_error = None, None
         try:
             func = import_job_func(job_func)
         except BaseException as exc:  # nothing ran, so nothing was recorded: the parent records it
             import_error = f"cannot import job {job_func!r}: {type(exc).__name__}: {exc}"
-        warm_up = getattr(sys.modules.get(getattr(func, "__module__", "")), "warm_up", None)
+        module = sys.modules.get(getattr(func, "__module__", ""))
+        use_settings = getattr(module, "use_settings", None)
+        if callable(use_settings):
+            use_settings(settings)
+        warm_up = getattr(module, "warm_up", None)
         if callable(warm_up):
             try:
                 warm_up()
             except Exception as exc:  # the job imports what it needs itself; only its start is slower
                 logging.getLogger(__name__).warning("Training process warm-up failed: %s: %s",
                                                     type(exc).__name__, exc)
+        conn.send(("ready", None))  # the scheduler's health shows a warm spare
         try:
             project_id, model_dir, force_pretrain = conn.recv()
         except (EOFError, OSError):  # the scheduler closed before handing out a job
@@ -104,6 +110,17 @@ class _Child:
 
     process: multiprocessing.process.BaseProcess
     conn: Any
+    ready: bool = False  # its warm-up finished (it sent "ready")
+
+    def poll_ready(self) -> bool:
+        """Whether the child finished warming up (reads its "ready" message when it has arrived)."""
+        if not self.ready and self.process.is_alive():
+            try:
+                if self.conn.poll(0) and self.conn.recv()[0] == "ready":
+                    self.ready = True
+            except (EOFError, OSError):
+                pass
+        return self.ready
 
 
 class EmbeddedScheduler(Scheduler):
@@ -137,7 +154,7 @@ class EmbeddedScheduler(Scheduler):
         pid = int(project_id)
         if force_pretrain:
             try:
-                request_pretrain(self.settings.project_dir(pid))  # kept until a pretraining is published
+                request_pretrain(self.settings.project(pid))  # kept until a pretraining is published
             except OSError as exc:
                 log.warning("Project %s: pretraining request not written (%s).", pid, exc)
         with self._cond:
@@ -154,7 +171,7 @@ class EmbeddedScheduler(Scheduler):
 
     def status(self, project_id: int) -> dict[str, Any]:
         pid = int(project_id)
-        record = JobRecords(self.settings.project_dir(pid), pid).read()
+        record = JobRecords(self.settings.project(pid)).read()
         with self._cond:
             waiting = self._line.get(pid)
             running = self._running == pid
@@ -177,6 +194,7 @@ class EmbeddedScheduler(Scheduler):
                 "waiting_projects": len(self._line),
                 "running_project": self._running,
                 "runs": self._runs,
+                "spare_ready": self._spare is not None and self._spare.poll_ready(),
             }
 
     def close(self, timeout: float = 5.0) -> None:
@@ -248,7 +266,7 @@ class EmbeddedScheduler(Scheduler):
         return spare
 
     def _run_one(self, pid: int, waiting: _Waiting, job_id: str) -> None:
-        records = JobRecords(self.settings.project_dir(pid), pid)
+        records = JobRecords(self.settings.project(pid))
         stale = records.read()["running_job_id"]
         if stale is not None:  # only this thread runs this project's jobs: that run ended with its server
             records.mark_finished(JobOutcome.FAILED, 0.0, stale, reason="interrupted: the server stopped during the run")
@@ -272,6 +290,8 @@ class EmbeddedScheduler(Scheduler):
                     message = parent_conn.recv()
                 except EOFError:
                     break
+                if message[0] == "ready":  # warm-up done; the outcome comes next
+                    message = None
             elif not child.is_alive():
                 if parent_conn.poll(0):
                     continue

@@ -40,9 +40,23 @@ from rq import Callback, Queue, Retry, Worker
 from rq.exceptions import AbandonedJobError
 from rq.job import Job, JobStatus
 
-from ml_backend.training.records import JobOutcome, JobRecords, pretrain_requested, read_pretrain_record, request_pretrain
+from ml_backend.paths import ProjectPaths
 from ml_backend.queue.base import DEFAULT_JOB_FUNC, ScheduleAction, Scheduler
 from ml_backend.settings import Settings
+from ml_backend.training.policy import pretrain_requested, read_pretrain_record, request_pretrain
+from ml_backend.training.records import JobOutcome, JobRecords
+
+__all__ = [
+    "FAILURE_TTL_S",
+    "RESULT_TTL_S",
+    "RQScheduler",
+    "WAITING",
+    "coalesced_key",
+    "connect",
+    "job_ids",
+    "on_job_failure",
+    "record_lost_run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +119,8 @@ class RQScheduler(Scheduler):
     # --- scheduling ------------------------------------------------------------------------------------
     def queue_for(self, project_id: int, force_pretrain: bool) -> str:
         """The queue a job of this project goes to (cheap: small file reads)."""
-        project_dir = self.settings.project_dir(project_id)
-        if force_pretrain or pretrain_requested(project_dir) or read_pretrain_record(project_dir) is None:
+        paths = self.settings.project(project_id)
+        if force_pretrain or pretrain_requested(paths) or read_pretrain_record(paths) is None:
             return self.settings.pretrain_queue
         return self.settings.heads_queue
 
@@ -115,7 +129,7 @@ class RQScheduler(Scheduler):
         out: dict[str, Any] = {"project_id": pid, "scheduler": self.kind, "reason": reason}
         if force_pretrain:
             try:
-                request_pretrain(self.settings.project_dir(pid))  # also reaches a job that already waits
+                request_pretrain(self.settings.project(pid))  # also reaches a job that already waits
             except OSError as exc:
                 log.warning("Project %s: pretraining request not written (%s).", pid, exc)
         try:
@@ -134,7 +148,7 @@ class RQScheduler(Scheduler):
             return out
         if out["action"] != ScheduleAction.COALESCED.value:
             try:
-                JobRecords(self.settings.project_dir(pid), pid).mark_queued(reason)
+                JobRecords(self.settings.project(pid)).mark_queued(reason)
             except OSError as exc:  # the job is queued; only its record could not be written
                 log.warning("Project %s: job record not written (%s).", pid, exc)
         return out
@@ -190,7 +204,7 @@ class RQScheduler(Scheduler):
     # --- status --------------------------------------------------------------------------------------
     def status(self, project_id: int) -> dict[str, Any]:
         pid = int(project_id)
-        record = JobRecords(self.settings.project_dir(pid), pid).read()
+        record = JobRecords(self.settings.project(pid)).read()
         record["scheduler"] = self.kind
         try:
             jobs = Job.fetch_many(list(job_ids(pid)), connection=self.redis)
@@ -248,7 +262,7 @@ def record_lost_run(job: Job, what: str) -> None:
     reason = f"{what} (out of memory, or the process was killed); " + (
         f"retried ({left} retries left)" if left > 0 else "no retries left")
     duration = (time.time() - job.started_at.timestamp()) if job.started_at else 0.0
-    records = JobRecords(Settings(model_dir=Path(model_dir)).project_dir(pid), pid)
+    records = JobRecords(ProjectPaths(Path(model_dir), pid))
     records.mark_finished(JobOutcome.FAILED, duration, None, reason=reason)
     log.error("Project %s, job %s: %s", pid, job.id, reason)
 

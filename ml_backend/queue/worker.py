@@ -18,18 +18,34 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import socket
 import time
 
 import redis
+import torch
 from rq import Queue, Worker
 
-from ml_backend.training.jobs import WARM_IMPORTS
+from ml_backend.labelstudio.client import preload_sdk
+from ml_backend.queue.rq_queue import record_lost_run
 from ml_backend.settings import Settings
+from ml_backend.training import jobs
+from model.errors import ConfigError
+
+__all__ = [
+    "JOB_MONITORING_INTERVAL_S",
+    "MAINTENANCE_INTERVAL_S",
+    "WARM_MODULES",
+    "build_worker",
+    "describe_device",
+    "healthcheck",
+    "run_worker",
+    "warm_imports",
+]
 
 log = logging.getLogger(__name__)
 
-WARM_MODULES = ("ml_backend.training.jobs", *WARM_IMPORTS, "lightly", "pytorch_lightning", "model.ssl.pretrain")
+WARM_MODULES = ("ml_backend.training.jobs", "lightly", "pytorch_lightning", "model.ssl.pretrain")
 """Imported once in the worker before forking, so each work-horse inherits them: what every run imports, and
 pretraining's Lightning and lightly (a fork inherits them for free)."""
 
@@ -52,7 +68,6 @@ def warm_imports() -> dict[str, float]:
             continue
         took[name] = round(time.monotonic() - start, 2)
     start = time.monotonic()
-    from ml_backend.labelstudio.client import preload_sdk
 
     preload_sdk()
     took["label_studio_sdk"] = round(time.monotonic() - start, 2)
@@ -61,8 +76,6 @@ def warm_imports() -> dict[str, float]:
 
 def describe_device(settings: Settings) -> str:
     """The device jobs of this worker will use, in words (``auto`` resolved)."""
-    import torch
-
     if settings.device != "auto":
         return settings.device
     if torch.cuda.is_available():
@@ -76,8 +89,6 @@ def build_worker(settings: Settings, queues: list[str] | None = None, name: str 
     Raises:
         ConfigError: no ``REDIS_URL`` is set.
     """
-    from model.errors import ConfigError
-
     if not settings.redis_url:
         raise ConfigError("`taxomoco worker` needs REDIS_URL (the same Redis as the server's REDIS_URL).")
     queue_names = queues or [settings.pretrain_queue, settings.heads_queue]
@@ -94,10 +105,6 @@ def build_worker(settings: Settings, queues: list[str] | None = None, name: str 
 
 def _record_killed_horse(job, retpid: int, ret_val: int, rusage: object) -> None:  # type: ignore[no-untyped-def]
     """Record a job whose work-horse died (SIGKILL by the OOM killer or a person) in its project's record."""
-    import os
-
-    from ml_backend.queue.rq_queue import record_lost_run
-
     what = f"work-horse killed by signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) \
         else f"work-horse exited with status {ret_val}"
     record_lost_run(job, what)
@@ -115,12 +122,9 @@ def run_worker(settings: Settings, queues: list[str] | None = None, burst: bool 
     Returns:
         True when the worker performed at least one job.
     """
-    from ml_backend.training import jobs
-
     jobs.use_settings(settings)
     took = warm_imports() if warm else {}
     if settings.torch_threads:
-        import torch
 
         torch.set_num_threads(settings.torch_threads)
     worker = build_worker(settings, queues)

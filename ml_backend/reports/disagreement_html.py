@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+__all__ = ["THUMB_PX", "thumbnail_png", "write_csvs", "write_html"]
+
 THUMB_PX = 96
 
 

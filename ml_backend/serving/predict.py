@@ -14,15 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ml_backend.labelstudio import connections
-from ml_backend.net.images import TaskImage, fetch_task_images, is_remote
-from ml_backend.labelstudio.label_config import LabelConfig, parse_label_config
-from ml_backend.labelstudio.client import LabelStudioClient
-from ml_backend.labelstudio.results import prediction_result
 from ml_backend.http.metrics import Registry
-from ml_backend.settings import Settings
+from ml_backend.labelstudio import connections
+from ml_backend.labelstudio.client import LabelStudioClient
+from ml_backend.labelstudio.label_config import LabelConfig, parse_label_config
+from ml_backend.labelstudio.results import prediction_result
+from ml_backend.net.images import TaskImage, fetch_task_images, is_remote
 from ml_backend.serving.store import ModelStore
+from ml_backend.settings import Settings
 from model.errors import ConfigError, TaxomocoError
+
+__all__ = ["PredictService"]
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from ml_backend.settings import Settings
+from model.bundle import list_versions, live_version, load_live
+from model.predictor import Predictor
+
+__all__ = ["Loader", "ModelStore", "Probe", "ServedModel", "UNTRAINED", "default_loader", "default_probe"]
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +45,19 @@ Loader = Callable[[int], ServedModel]
 Probe = Callable[[int], "str | None"]
 
 
-def models_root(settings: Settings, project_id: int) -> Path:
-    """The ``model.bundle`` root of a project (``LIVE``, ``versions/``, ``encoders/``)."""
-    return settings.project_dir(project_id) / "models"
-
-
 def default_probe(settings: Settings) -> Probe:
     """The live version of a project according to ``model.bundle.live_version`` (None before any)."""
-
-    from model.bundle import live_version  # imported with the store (torch), never inside a request
-
     def probe(project_id: int) -> str | None:
-        return live_version(models_root(settings, project_id))
+        return live_version(settings.project(project_id).models)
 
     return probe
 
 
 def default_loader(settings: Settings) -> Loader:
     """Build a ``model.predictor.Predictor`` of the project's live bundle and its embedding cache."""
-
-    from model.bundle import load_live
-    from model.predictor import Predictor
-
     def load(project_id: int) -> ServedModel:
-        bundle = load_live(models_root(settings, project_id))
-        return Predictor(bundle, cache_dir=settings.project_dir(project_id) / "cache", device=settings.device)
+        bundle = load_live(settings.project(project_id).models)
+        return Predictor(bundle, cache_dir=settings.project(project_id).cache, device=settings.device)
 
     return load
 
@@ -108,7 +99,6 @@ class ModelStore:
         watch: bool = True,
     ) -> None:
         self.settings = settings
-        from model.bundle import list_versions  # imported with the store (torch), never inside a request
 
         self._list_versions = list_versions
         self._loader = loader or default_loader(settings)
@@ -178,7 +168,7 @@ class ModelStore:
 
     def versions(self, project_id: int) -> list[str]:
         """Complete versions on disk for ``project_id`` (``model.bundle.list_versions``), newest first."""
-        return list(reversed(self._list_versions(models_root(self.settings, project_id))))
+        return list(reversed(list_versions(self.settings.project(project_id).models)))
 
     def refresh(self, project_id: int) -> None:
         """Probe ``project_id`` now (ignoring the interval), e.g. right after a training published."""

@@ -8,7 +8,7 @@ with the last temperature, and runs the cross-validation *after* publishing (for
 the record the next retrain compares against). Any larger change, a new encoder or no record → the
 cross-validation runs before publishing, as always.
 
-The record, ``project_dir/jobs/calibration.json`` (atomic replace)::
+The record, ``ProjectPaths.calibration`` (``jobs/calibration.json``, atomic replace)::
 
     {"temperature": 1.3, "metrics": {...}, "encoder_version": "...", "model_version": "...",
      "n_labelled": 1000, "labels": ["<16 hex digits per (image hash, path) pair>", ...], "at": "..."}
@@ -19,19 +19,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from ml_backend.paths import ProjectPaths
 from ml_backend.training.records import utc_now
+from model.atomic import atomic_write_json
+
+__all__ = [
+    "CalibrationRecord",
+    "ReuseDecision",
+    "decide_reuse",
+    "label_digests",
+    "read_calibration",
+    "write_calibration",
+]
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_FILE = "calibration.json"
-
 
 @dataclass(frozen=True)
 class CalibrationRecord:
@@ -79,9 +84,9 @@ def decide_reuse(record: CalibrationRecord | None, encoder_version: str, labels:
     return ReuseDecision(True, f"{changed:.1%} of the labels changed since the last cross-validation", changed)
 
 
-def read_calibration(project_dir: Path) -> CalibrationRecord | None:
+def read_calibration(paths: ProjectPaths) -> CalibrationRecord | None:
     """The project's calibration record, or None (none yet, or unreadable: then logged)."""
-    path = Path(project_dir) / "jobs" / CALIBRATION_FILE
+    path = paths.calibration
     try:
         return CalibrationRecord(**json.loads(path.read_text()))
     except FileNotFoundError:
@@ -91,15 +96,10 @@ def read_calibration(project_dir: Path) -> CalibrationRecord | None:
         return None
 
 
-def write_calibration(project_dir: Path, temperature: float, metrics: dict[str, Any], encoder_version: str,
+def write_calibration(paths: ProjectPaths, temperature: float, metrics: dict[str, Any], encoder_version: str,
                       model_version: str, labels: set[str]) -> CalibrationRecord:
     """Record a cross-validation (atomic replace) and return the record."""
     record = CalibrationRecord(float(temperature), dict(metrics), encoder_version, model_version, len(labels),
                                sorted(labels), utc_now())
-    jobs = Path(project_dir) / "jobs"
-    jobs.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=jobs, prefix=".calibration-", suffix=".json")
-    with os.fdopen(fd, "w") as out:
-        json.dump(asdict(record), out)
-    os.replace(tmp, jobs / CALIBRATION_FILE)
+    atomic_write_json(paths.calibration, asdict(record))
     return record

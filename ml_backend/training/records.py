@@ -1,6 +1,6 @@
 """Per-project training job records: what is queued or running, and how the last runs ended.
 
-One JSON file per project, ``project_dir/jobs/status.json``, shared by every process that touches the
+One JSON file per project, ``ProjectPaths.job_status`` (``jobs/status.json``), shared by every process that touches the
 project (the server's scheduler, the embedded training child, RQ workers on other machines through the
 shared ``MODEL_DIR`` volume). Every change is a read-modify-write under an exclusive ``flock`` on
 ``jobs/status.lock`` followed by an atomic ``os.replace``, so readers (``/job_status``, ``/metrics``) never
@@ -26,21 +26,19 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
+from ml_backend.paths import ProjectPaths
+from model.atomic import atomic_write_text
 from model.errors import TaxomocoError
 
-log = logging.getLogger(__name__)
+__all__ = ["Counter", "JobOutcome", "JobRecords", "empty_record", "run_recorded", "utc_now"]
 
-STATUS_FILE = "status.json"
-LOCK_FILE = "status.lock"
+log = logging.getLogger(__name__)
 
 
 class JobOutcome(str, Enum):
@@ -84,18 +82,17 @@ def empty_record(project_id: int) -> dict[str, Any]:
 
 
 class JobRecords:
-    """The job record of one project, stored in ``<project_dir>/jobs/status.json``.
+    """The job record of one project, stored in ``paths.job_status``.
 
     Args:
-        project_dir: the project's directory (``settings.project_dir(pid)``); ``jobs/`` is created on the
-            first write, never on read.
-        project_id: the Label Studio project id the record belongs to.
+        paths: the project's files (``settings.project(pid)``); ``jobs/`` is created on the first write, never
+            on read.
     """
 
-    def __init__(self, project_dir: Path, project_id: int) -> None:
-        self.project_id = int(project_id)
-        self.dir = Path(project_dir) / "jobs"
-        self.path = self.dir / STATUS_FILE
+    def __init__(self, paths: ProjectPaths) -> None:
+        self.project_id = int(paths.project_id)
+        self.paths = paths
+        self.path = paths.job_status
 
     def read(self) -> dict[str, Any]:
         """The current record; an empty one when the file does not exist or cannot be parsed."""
@@ -114,21 +111,13 @@ class JobRecords:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
         """Yield the record for modification under an exclusive file lock; written back atomically."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / LOCK_FILE, "a+") as lock:
+        self.paths.jobs.mkdir(parents=True, exist_ok=True)
+        with open(self.paths.job_lock, "a+") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 record = self.read()
                 yield record
-                fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".status-", suffix=".json")
-                try:
-                    with os.fdopen(fd, "w") as out:
-                        json.dump(record, out, indent=1, sort_keys=True)
-                    os.replace(tmp, self.path)
-                except BaseException:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
-                    raise
+                atomic_write_text(self.path, json.dumps(record, indent=1, sort_keys=True))
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
@@ -233,50 +222,3 @@ def run_recorded(records: JobRecords, job_id: str, run: Callable[[], dict[str, A
     )
     log.info("Training job %s %s in %.1f s.", job_id, outcome.value, duration)
     return result
-
-
-PRETRAIN_RECORD_FILE = "pretrain.json"
-
-
-def read_pretrain_record(project_dir: Path) -> dict[str, Any] | None:
-    """The last successful pretraining of a project (``{"n_images", "encoder_version", "finished_at"}``),
-    or None when the project's encoder was never pretrained (or the record is unreadable)."""
-    try:
-        return json.loads((Path(project_dir) / "jobs" / PRETRAIN_RECORD_FILE).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("Pretrain record of %s unreadable (%s); treating the project as never pretrained.", project_dir, exc)
-        return None
-
-
-def write_pretrain_record(project_dir: Path, n_images: int, encoder_version: str) -> None:
-    """Remember that an encoder was pretrained on ``n_images`` images (atomic replace)."""
-    jobs = Path(project_dir) / "jobs"
-    jobs.mkdir(parents=True, exist_ok=True)
-    payload = {"n_images": int(n_images), "encoder_version": encoder_version, "finished_at": utc_now()}
-    fd, tmp = tempfile.mkstemp(dir=jobs, prefix=".pretrain-", suffix=".json")
-    with os.fdopen(fd, "w") as out:
-        json.dump(payload, out)
-    os.replace(tmp, jobs / PRETRAIN_RECORD_FILE)
-
-
-PRETRAIN_REQUEST_FILE = "pretrain_requested"
-
-
-def request_pretrain(project_dir: Path) -> None:
-    """Ask the project's next training run to pretrain (kept until a pretraining is published), so that a
-    forced pretraining folded into an already waiting job is not lost."""
-    jobs = Path(project_dir) / "jobs"
-    jobs.mkdir(parents=True, exist_ok=True)
-    (jobs / PRETRAIN_REQUEST_FILE).write_text(utc_now())
-
-
-def pretrain_requested(project_dir: Path) -> bool:
-    """Whether a pretraining was asked for and not yet published."""
-    return (Path(project_dir) / "jobs" / PRETRAIN_REQUEST_FILE).exists()
-
-
-def clear_pretrain_request(project_dir: Path) -> None:
-    """A pretraining was published: the request is fulfilled."""
-    (Path(project_dir) / "jobs" / PRETRAIN_REQUEST_FILE).unlink(missing_ok=True)

@@ -1,0 +1,11 @@
+"""Annotator consensus per taxonomy level: votes, Dawid-Skene with the model as a witness, path decoding, flags, report."""
+
+__all__ = [
+    "consensus",
+    "dawid_skene",
+    "flags",
+    "path_decode",
+    "report",
+    "types",
+    "votes",
+]

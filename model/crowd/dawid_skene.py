@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
+from scipy.special import log_softmax, softmax
+
+__all__ = ["CrowdConfig", "CrowdFit", "Observations", "fit_crowd"]
 
 
 @dataclass(frozen=True)
@@ -114,12 +117,6 @@ def _normalise_rows(counts: np.ndarray) -> np.ndarray:
     return counts / counts.sum(axis=-1, keepdims=True)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def fit_crowd(
     obs: Observations,
     n_items: int,
@@ -189,12 +186,12 @@ def fit_crowd(
                 log_conf = np.log(confusion).transpose(0, 2, 1).reshape(A * K, K)  # [a*K + given, true]
                 logits = np.asarray(G @ log_conf) + np.log(prior)  # (N, K) the annotators' view
             if P is not None:
-                beta = _fit_temperature(log_p[fit_rows], _softmax(logits[fit_rows]), beta or 1.0)
-                model_term = _log_softmax(beta * log_p) - np.log(prior)
+                beta = _fit_temperature(log_p[fit_rows], softmax(logits[fit_rows], axis=1), beta or 1.0)
+                model_term = log_softmax(beta * log_p, axis=1) - np.log(prior)
                 logits = logits + np.where(has_model[:, None], model_term, 0.0)
             z = logits.max(axis=1, keepdims=True)
             loglik = float((z[:, 0] + np.log(np.exp(logits - z).sum(axis=1)))[labelled].sum())
-            T_new = _softmax(logits)
+            T_new = softmax(logits, axis=1)
             delta = float(np.abs(T_new - T).max()) if N else 0.0
             T = T_new
             if delta < config.tol:
@@ -225,11 +222,6 @@ def fit_crowd(
     return CrowdFit(T, confusion, prior, beta, full, acc, iterations)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
 def _fit_temperature(log_p: np.ndarray, target: np.ndarray, beta: float, steps: int = 20) -> float:
     """``beta >= 0`` maximising sum ``target * log softmax(beta * log_p)`` (Newton steps; the objective is concave).
 
@@ -242,7 +234,7 @@ def _fit_temperature(log_p: np.ndarray, target: np.ndarray, beta: float, steps: 
         return 1.0
     expected = (target * log_p).sum()
     for _ in range(steps):
-        q = np.exp(_log_softmax(beta * log_p))  # (R, K)
+        q = np.exp(log_softmax(beta * log_p, axis=1))  # (R, K)
         mean = (q * log_p).sum(axis=1)  # (R,)
         grad = expected - mean.sum()
         hess = -((q * log_p**2).sum(axis=1) - mean**2).sum()

@@ -1,4 +1,4 @@
-"""Disagreement flags, annotator statistics, the training policy and the review list of a consensus.
+"""Disagreement flags, annotator statistics and the training policy of a consensus.
 
 Flag kinds (:class:`FlagKind`), each at one taxonomy level:
     * ``annotators_disagree``: two or more annotators gave different labels; the level is the first where
@@ -15,88 +15,14 @@ resolved: only label-error candidates about other annotations remain for them.
 
 from __future__ import annotations
 
-import enum
 from collections import Counter
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model.crowd.consensus import ConsensusResult, ItemConsensus, Source
+from model.crowd.types import BLOCKING, AnnotatorStats, ConsensusResult, Flag, FlagKind, ItemConsensus, Source
 from model.taxonomy import Path, Taxonomy
 
-
-class FlagKind(str, enum.Enum):
-    """What a flag says about an item."""
-
-    ANNOTATORS_DISAGREE = "annotators_disagree"
-    LABEL_ERROR_CANDIDATE = "label_error_candidate"
-    LOW_QUALITY_CONSENSUS = "low_quality_consensus"
-
-
-BLOCKING: frozenset[FlagKind] = frozenset({FlagKind.LOW_QUALITY_CONSENSUS})
-"""Kinds that keep an item out of training (with ``policy.exclude_flagged``) until it is resolved."""
-
-
-@dataclass(frozen=True)
-class Flag:
-    """One finding about one item.
-
-    Attributes:
-        kind: what was found.
-        item: the item id.
-        level: the taxonomy level concerned (0-based).
-        score: in [0, 1], how likely a label involved is wrong (review priority).
-        message: one line for people, naming labels and annotators.
-        annotator: the annotator concerned (label-error candidates), else None.
-        given: the label concerned (label-error candidates: the annotator's paths), else None.
-        suggested: the consensus path at the time of flagging.
-    """
-
-    kind: FlagKind
-    item: int
-    level: int
-    score: float
-    message: str
-    annotator: str | None = None
-    given: tuple[Path, ...] | None = None
-    suggested: Path | None = None
-
-    @property
-    def key(self) -> str:
-        """Stable identity of the finding (the same finding on a later run has the same key)."""
-        labels = "|".join("/".join(p) for p in self.given or ())
-        return f"{self.kind.value}:{self.item}:{self.level}:{self.annotator or ''}:{labels}"
-
-    def to_json(self) -> dict:
-        return {
-            "kind": self.kind.value, "item": self.item, "level": self.level, "score": round(self.score, 6),
-            "message": self.message, "annotator": self.annotator,
-            "given": None if self.given is None else [list(p) for p in self.given],
-            "suggested": None if self.suggested is None else list(self.suggested), "key": self.key,
-        }
-
-
-@dataclass(frozen=True)
-class AnnotatorStats:
-    """How one annotator labels.
-
-    Attributes:
-        annotator: the annotator id.
-        quality: mean estimated probability that their labels are right, in [0, 1].
-        level_accuracy: per level, the estimated accuracy from their confusion matrix (None: no labels there).
-        n_labeled: items they labelled.
-        agreement_with_consensus: fraction of their labels compatible with the consensus path.
-        worst_level: the level where they disagree with the consensus most, or None.
-        confusions: their most frequent disagreements at ``worst_level``: ``(given, consensus, count)``.
-    """
-
-    annotator: str
-    quality: float
-    level_accuracy: tuple[float | None, ...]
-    n_labeled: int
-    agreement_with_consensus: float
-    worst_level: int | None
-    confusions: tuple[tuple[str, str, int], ...]
+__all__ = ["annotator_stats", "apply_policy", "find_flags"]
 
 
 def _fmt(path: Path | None) -> str:
@@ -221,65 +147,3 @@ def _exclusion(ic: ItemConsensus, policy, flag: Flag | None) -> str | None:
     return None
 
 
-def review_list(result: ConsensusResult) -> list[dict]:
-    """Items to review, most urgent first: ``{"item", "score", "kinds", "level", "consensus", "quality", "messages"}``."""
-    by_item: dict[int, list[Flag]] = {}
-    for f in result.flags:
-        by_item.setdefault(f.item, []).append(f)
-    entries = []
-    for item, flags in by_item.items():
-        ic = result.items[item]
-        top = max(flags, key=lambda f: f.score)
-        entries.append({
-            "item": item, "score": round(top.score, 6), "kinds": sorted({f.kind.value for f in flags}),
-            "level": top.level, "consensus": None if ic.path is None else list(ic.path),
-            "quality": round(ic.quality, 6), "excluded": result.excluded.get(item),
-            "messages": [f.message for f in sorted(flags, key=lambda f: -f.score)],
-        })
-    entries.sort(key=lambda e: (-e["score"], e["item"]))
-    return entries
-
-
-def _item_json(ic: ItemConsensus) -> dict:
-    return {
-        "item": ic.item, "consensus": None if ic.path is None else list(ic.path), "quality": round(ic.quality, 6),
-        "level_quality": [round(q, 6) for q in ic.level_quality], "source": ic.source.value,
-        "n_annotators": ic.n_annotators,
-        "given": [
-            {"annotator": g.annotator, "paths": [list(p) for p in g.paths], "quality": round(g.quality, 6),
-             "model_prob": None if g.model_prob is None else round(g.model_prob, 6),
-             "first_wrong_level": g.first_wrong_level, "ground_truth": g.ground_truth, "reviewed": g.reviewed}
-            for g in ic.given
-        ],
-        "level_votes": list(ic.level_votes),
-        "pairwise_agreement": [None if x is None else round(x, 6) for x in ic.pairwise_agreement],
-        "agreement": [None if x is None else round(x, 6) for x in ic.agreement],
-        "agreement_overall": None if ic.agreement_overall is None else round(ic.agreement_overall, 6),
-        "first_divergence": ic.first_divergence,
-        "model_path": None if ic.model_path is None else list(ic.model_path),
-        "model_prob": None if ic.model_prob is None else round(ic.model_prob, 6),
-    }
-
-
-def result_to_json(result: ConsensusResult) -> dict:
-    """The whole result as JSON-ready dicts (the report's data)."""
-    counts = Counter(f.kind.value for f in result.flags)
-    return {
-        "summary": {
-            "items": len(result.items), "trained": len(result.labels), "excluded": len(result.excluded),
-            "annotators": len(result.annotators), "flags": dict(counts), "used_model": result.used_model,
-            "items_with_disagreement": sum(1 for ic in result.items.values() if ic.first_divergence is not None),
-        },
-        "policy": result.policy_record(),
-        "review": review_list(result),
-        "flags": [f.to_json() for f in result.flags],
-        "annotators": [
-            {**asdict(s), "quality": round(s.quality, 6),
-             "agreement_with_consensus": round(s.agreement_with_consensus, 6),
-             "confusions": [{"given": g, "consensus": c, "count": n} for g, c, n in s.confusions]}
-            for s in sorted(result.annotators.values(), key=lambda s: s.quality)  # type: ignore[attr-defined]
-        ],
-        "items": [_item_json(ic) for ic in result.items.values()],
-        "excluded": {str(k): v for k, v in result.excluded.items()},
-        "problems": list(result.problems),
-    }

@@ -13,18 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy.special import softmax
 
-from model.crowd.consensus import (
-    ConsensusPolicy,
-    GivenLabel,
-    ItemConsensus,
-    Source,
-    Vote,
-    level_weights,
-    vote_tier,
-)
 from model.crowd.dawid_skene import CrowdFit
+from model.crowd.types import ConsensusPolicy, GivenLabel, ItemConsensus, Source, Vote
+from model.crowd.votes import level_weights, vote_tier
 from model.taxonomy import IGNORE, Path, Taxonomy
+
+__all__ = ["CHUNK", "PathDecoder", "first_wrong", "plurality_path"]
 
 CHUNK = 1024
 """Items per block when scoring full paths: ``(CHUNK, P)`` floats at a time."""
@@ -66,13 +62,13 @@ class PathDecoder:
         score = np.zeros((len(rows), P))
         for k, log_post in enumerate(self.log_post):
             score += self.evidence[rows, k][:, None] * log_post[rows][:, self.index[:, k]]
-        crowd = softmax_rows(score)
+        crowd = softmax(score, axis=1)
         if self.model_log is None:
             return crowd, None
         mscore = np.zeros((len(rows), P))
         for k, log_m in enumerate(self.model_log):
             mscore += log_m[rows][:, self.index[:, k]]
-        return crowd, softmax_rows(mscore)
+        return crowd, softmax(mscore, axis=1)
 
     def _mass(self, probs: Sequence[float], path: Path) -> float:
         """Probability mass of the full paths under ``path`` (the path itself when it is a leaf)."""
@@ -153,12 +149,6 @@ class PathDecoder:
             agreement_overall=sum(compatible) / len(compatible), first_divergence=first_div,
             model_path=model_path, model_prob=model_prob,
         )
-
-
-def softmax_rows(score: np.ndarray) -> np.ndarray:
-    score = score - score.max(axis=1, keepdims=True)
-    e = np.exp(score)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def first_wrong(paths: Sequence[Path], target: Path) -> int | None:

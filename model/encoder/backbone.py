@@ -1,4 +1,4 @@
-"""The image encoder: a ResNet-family backbone without its classifier, its config, weights and version.
+"""The image encoder's network: a ResNet-family backbone without its classifier, its start weights and version.
 
 ``build_backbone(cfg)`` maps ``(N, 3, S, S)`` images to ``(N, D)`` embeddings (``D = backbone.out_dim``);
 ``model.encoder.embedder.Embedder`` runs it over many images. Also: which device and precision to run on.
@@ -7,89 +7,17 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
-from enum import Enum
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from model.encoder.config import _WIDTHS, EncoderConfig
 from model.errors import ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Arch(str, Enum):
-    """Backbone architectures."""
-
-    RESNET18 = "resnet18"
-    """torchvision ResNet-18, widths 64/128/256/512, D = 512."""
-    RESNET18_HALF = "resnet18-half"
-    """ResNet-18 at half width (32/64/128/256), same stem, D = 256; ~4x fewer FLOPs."""
-
-
-_WIDTHS = {Arch.RESNET18: (64, 128, 256, 512), Arch.RESNET18_HALF: (32, 64, 128, 256)}
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """What defines an encoder besides its weights.
-
-    Attributes:
-        arch: Backbone architecture.
-        input_size: Side in pixels of the square images the encoder sees.
-        init_weights: Optional local ``.safetensors`` or ``.pth`` file with backbone weights to start from
-            (loaded with ``weights_only=True``; a classifier ``fc.*`` is dropped). Never downloaded.
-        mean: Per-channel normalisation mean (RGB).
-        std: Per-channel normalisation std (RGB).
-    """
-
-    arch: Arch = Arch.RESNET18_HALF
-    input_size: int = 64
-    init_weights: str | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "arch", Arch(self.arch))
-        except ValueError:
-            choices = ", ".join(a.value for a in Arch)
-            raise ConfigError(f"unknown encoder arch {self.arch!r}; choose one of: {choices}.") from None
-        if not 16 <= int(self.input_size) <= 1024:
-            raise ConfigError(f"input_size={self.input_size} is outside 16..1024 pixels; use e.g. 64 or 96.")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError("mean and std must have 3 entries (RGB) and std must be positive.")
-        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
-        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
-
-    @property
-    def out_dim(self) -> int:
-        """Embedding dimension D of this architecture."""
-        return _WIDTHS[self.arch][-1]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        d = asdict(self)
-        d["arch"] = self.arch.value
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        unknown = set(d) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ConfigError(f"unknown EncoderConfig keys {sorted(unknown)}; remove them.")
-        d = dict(d)
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+__all__ = ["ResNetBackbone", "build_backbone", "encoder_version", "load_backbone_weights"]
 
 
 class ResNetBackbone(nn.Module):
@@ -146,7 +74,6 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"init_weights file {str(path)!r} does not exist; give a local .safetensors/.pth file.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
         return load_file(str(path))
     try:
@@ -229,29 +156,3 @@ def encoder_version(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast is worth using on ``device``."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_bf16()
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → the first CUDA GPU if present, else CPU; other strings are passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -19,14 +19,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
 from model.errors import ConfigError, DataError
+
+__all__ = ["EmbeddingCache", "embed_through_cache"]
 
 if TYPE_CHECKING:
     from model.encoder.embedder import Embedder

@@ -17,9 +17,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from model.encoder.backbone import EncoderConfig, bf16_supported, resolve_device
+from model.data import ImageListDataset, collate_skipping
+from model.encoder.config import EncoderConfig, eval_transform
+from model.encoder.device import bf16_supported, resolve_device
 from model.errors import ConfigError, ResourceError
-from model.images import ImageListDataset, ImageSource, collate_skipping
+from model.images import ImageSource
+
+__all__ = ["EmbedStats", "Embedder"]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -71,7 +75,6 @@ class Embedder:
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be >= 1.")
-        from model.ssl.augment import eval_transform  # augment imports EncoderConfig from here
 
         self.cfg = cfg
         self.device = resolve_device(device)

@@ -1,4 +1,4 @@
-"""Consistent best-path decoding of per-level logits, and temperature calibration of path probabilities.
+"""Consistent best-path decoding of per-level logits into calibrated path probabilities.
 
 Each level head gives a softmax over its classes. The probability of a full path (root to leaf, END classes
 below a leaf of a ragged tree) is the product of its level probabilities, renormalised over all valid full
@@ -16,9 +16,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.special import log_softmax, logsumexp
 
 from model.errors import DataError
 from model.taxonomy import IGNORE, Path, Taxonomy
+
+__all__ = [
+    "LevelLogits",
+    "PathPrediction",
+    "as_float64",
+    "decode",
+    "full_path_log_probs",
+    "path_log_probs",
+    "target_membership",
+]
 
 LevelLogits = Sequence[np.ndarray | torch.Tensor]
 
@@ -40,7 +51,7 @@ class PathPrediction:
     alternatives: list[PathPrediction] = field(default_factory=list)
 
 
-def _as_float64(level_logits: LevelLogits, taxonomy: Taxonomy) -> list[np.ndarray]:
+def as_float64(level_logits: LevelLogits, taxonomy: Taxonomy) -> list[np.ndarray]:
     arrays = [
         (t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64))
         for t in level_logits
@@ -60,18 +71,6 @@ def _as_float64(level_logits: LevelLogits, taxonomy: Taxonomy) -> list[np.ndarra
     return arrays
 
 
-def _log_softmax(a: np.ndarray) -> np.ndarray:
-    m = a.max(axis=1, keepdims=True)
-    return a - m - np.log(np.exp(a - m).sum(axis=1, keepdims=True))
-
-
-def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
-    m = a.max(axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.squeeze(m, axis) + np.log(np.exp(a - m).sum(axis=axis))
-
-
 def full_path_log_probs(level_logits: LevelLogits, taxonomy: Taxonomy, temperature: float = 1.0) -> np.ndarray:
     """Log-probabilities of every full path (``taxonomy.candidate_paths(True)`` order), renormalised.
 
@@ -85,18 +84,26 @@ def full_path_log_probs(level_logits: LevelLogits, taxonomy: Taxonomy, temperatu
     """
     if not temperature > 0:
         raise DataError(f"The temperature must be positive, got {temperature}; fit it with fit_temperature.")
-    arrays = _as_float64(level_logits, taxonomy)
+    arrays = as_float64(level_logits, taxonomy)
     _, index = taxonomy.candidate_paths(leafs_only=True)  # (P_full, L), no IGNORE
     logp = np.zeros((arrays[0].shape[0], index.shape[0]))  # (N, P_full)
     for k, a in enumerate(arrays):
-        logp += _log_softmax(a / temperature)[:, index[:, k]]
-    return logp - _logsumexp(logp, axis=1)[:, None]
+        logp += log_softmax(a / temperature, axis=1)[:, index[:, k]]
+    return logp - logsumexp(logp, axis=1)[:, None]
+
+
+def target_membership(targets: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
+    """``(N, P_full)`` bool: full path j agrees with every known (non-IGNORE) level of row i."""
+    _, index = taxonomy.candidate_paths(leafs_only=True)  # (P_full, L)
+    known = targets != IGNORE  # (N, L)
+    agree = (index[None, :, :] == targets[:, None, :]) | ~known[:, None, :]  # (N, P_full, L)
+    return np.asarray(agree.all(axis=2))
 
 
 def _membership(taxonomy: Taxonomy, leafs_only: bool) -> np.ndarray:
     """``(P, P_full)`` bool: full path j lies under (or is) candidate path i of ``candidate_paths(leafs_only)``."""
     _, index = taxonomy.candidate_paths(leafs_only=leafs_only)  # (P, L), IGNORE below inner nodes
-    return _target_membership(index, taxonomy)
+    return target_membership(index, taxonomy)
 
 
 def _marginals(logp_full: np.ndarray, member: np.ndarray) -> np.ndarray:
@@ -185,90 +192,3 @@ def decode(
     return out
 
 
-def _target_membership(targets: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
-    """``(N, P_full)`` bool: full path j agrees with every known (non-IGNORE) level of row i."""
-    _, index = taxonomy.candidate_paths(leafs_only=True)  # (P_full, L)
-    known = targets != IGNORE  # (N, L)
-    agree = (index[None, :, :] == targets[:, None, :]) | ~known[:, None, :]  # (N, P_full, L)
-    return agree.all(axis=2)
-
-
-def path_nll(
-    level_logits: LevelLogits, targets: np.ndarray, taxonomy: Taxonomy, temperature: float = 1.0
-) -> np.ndarray:
-    """Negative log-likelihood of each row's known (prefix of its) path, ``(N,)``; NaN for unlabelled rows."""
-    logp_full = full_path_log_probs(level_logits, taxonomy, temperature)
-    targets = np.asarray(targets)
-    member = _target_membership(targets, taxonomy)  # (N, P_full)
-    labelled = (targets != IGNORE).any(axis=1)
-    masked = np.where(member, logp_full, -np.inf)
-    nll = -_logsumexp(masked, axis=1)
-    return np.where(labelled, nll, np.nan)
-
-
-def fit_temperature(
-    level_logits: LevelLogits,
-    targets: np.ndarray,
-    taxonomy: Taxonomy,
-    bounds: tuple[float, float] = (0.05, 20.0),
-    prior_std: float = 1.0,
-) -> float:
-    """The temperature minimising the mean NLL of the true paths on held-out (out-of-fold) logits.
-
-    Rows known only down to a prefix contribute the NLL of that prefix (the sum over the full paths under it).
-    A Gaussian prior on log T (mean 0, std ``prior_std``) keeps T near 1 when only a handful of rows are
-    labelled (a few confident hits must not sharpen every later score); with hundreds of rows it is negligible.
-    A grid over log T followed by golden-section refinement; no gradients needed.
-
-    Args:
-        level_logits: L arrays ``(N, K_k)`` of held-out predictions.
-        targets: ``(N, L)`` from ``Taxonomy.encode_many``; all-IGNORE rows are skipped.
-        taxonomy: the taxonomy of the heads.
-        bounds: the search range of T.
-        prior_std: standard deviation of the prior on log T.
-
-    Returns:
-        T > 0 (1.0 when no row is labelled).
-    """
-    targets = np.asarray(targets)
-    arrays = _as_float64(level_logits, taxonomy)
-    if targets.shape != (arrays[0].shape[0], taxonomy.depth):
-        raise DataError(
-            f"Targets have shape {targets.shape}, expected ({arrays[0].shape[0]}, {taxonomy.depth}); pass "
-            "Taxonomy.encode_many of the same rows as the logits."
-        )
-    rows = (targets != IGNORE).any(axis=1)
-    if not rows.any():
-        return 1.0
-    arrays = [a[rows] for a in arrays]
-    member = _target_membership(targets[rows], taxonomy)
-    _, index = taxonomy.candidate_paths(leafs_only=True)
-
-    def loss(log_t: float) -> float:
-        t = float(np.exp(log_t))
-        logp = np.zeros((arrays[0].shape[0], index.shape[0]))
-        for k, a in enumerate(arrays):
-            logp += _log_softmax(a / t)[:, index[:, k]]
-        logp -= _logsumexp(logp, axis=1)[:, None]
-        nll = -_logsumexp(np.where(member, logp, -np.inf), axis=1)  # (n,)
-        return float(nll.mean() + 0.5 * (log_t / prior_std) ** 2 / len(nll))
-
-    lo, hi = np.log(bounds[0]), np.log(bounds[1])
-    grid = np.linspace(lo, hi, 25)
-    values = [loss(g) for g in grid]
-    b = int(np.argmin(values))
-    a, c = grid[max(b - 1, 0)], grid[min(b + 1, len(grid) - 1)]
-    ratio = (np.sqrt(5) - 1) / 2
-    x1, x2 = c - ratio * (c - a), a + ratio * (c - a)
-    f1, f2 = loss(x1), loss(x2)
-    for _ in range(30):
-        if f1 < f2:
-            c, x2, f2 = x2, x1, f1
-            x1 = c - ratio * (c - a)
-            f1 = loss(x1)
-        else:
-            a, x1, f1 = x1, x2, f2
-            x2 = a + ratio * (c - a)
-            f2 = loss(x2)
-    best = min([(values[b], grid[b]), (f1, x1), (f2, x2)])
-    return float(np.exp(best[1]))

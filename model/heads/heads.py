@@ -23,6 +23,16 @@ from tqdm.auto import tqdm
 from model.errors import ConfigError, DataError
 from model.taxonomy import IGNORE, Taxonomy
 
+__all__ = [
+    "HeadsConfig",
+    "Normalization",
+    "TaxonomyHeads",
+    "changed_state",
+    "frozen",
+    "snapshot_state",
+    "train_heads",
+]
+
 
 class Normalization(str, Enum):
     """How embeddings are normalised before the heads."""

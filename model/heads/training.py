@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from tqdm.auto import tqdm
 
-from model.heads.decode import PathPrediction, decode, fit_temperature
 from model.errors import DataError
 from model.evaluation import evaluate
+from model.heads.calibration import fit_temperature
+from model.heads.decode import PathPrediction, decode
 from model.heads.heads import HeadsConfig, TaxonomyHeads, train_heads
 from model.taxonomy import IGNORE, Taxonomy
+
+__all__ = ["CrossValidation", "FitResult", "cross_validate", "fit", "heads_logits", "predict", "stratified_folds"]
 
 
 @dataclass
@@ -90,13 +94,6 @@ def heads_logits(heads: TaxonomyHeads, emb: torch.Tensor, batch: int = 8192) -> 
     with torch.inference_mode():
         parts = [heads(emb[i : i + batch]) for i in range(0, max(len(emb), 1), batch)]  # one part when empty
     return [torch.cat([p[k] for p in parts]).numpy() for k in range(len(heads.num_classes))]
-
-
-def _softmax(a: np.ndarray, t: float) -> np.ndarray:
-    z = a.astype(np.float64) / t
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 @dataclass
@@ -174,7 +171,7 @@ def cross_validate(
     metrics["folds"] = k
     metrics["n_labelled"] = n
     cv.metrics = metrics
-    cv.oof_level_probs = [_softmax(a, cv.temperature) for a in level_logits]
+    cv.oof_level_probs = [softmax(a.astype(np.float64) / cv.temperature, axis=1).astype(np.float32) for a in level_logits]
     return cv
 
 

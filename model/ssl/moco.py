@@ -21,6 +21,8 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
+__all__ = ["MoCoV2"]
+
 
 class MoCoV2(pl.LightningModule):
     """MoCo v2: query encoder + momentum key encoder + InfoNCE over a memory bank.

@@ -13,107 +13,30 @@ epoch is checkpointed and counts as done (Lightning's semantics), so the next ca
 
 from __future__ import annotations
 
-import csv
 import json
-import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from model.ssl.augment import AugmentConfig, eval_transform, moco_v2_transform
-from model.encoder.backbone import EncoderConfig, bf16_supported, build_backbone, encoder_version, load_backbone_weights
+from model.data import ImageListDataset, collate_skipping
+from model.encoder.backbone import build_backbone, encoder_version, load_backbone_weights
+from model.encoder.config import EncoderConfig, eval_transform
+from model.encoder.device import bf16_supported
 from model.errors import ConfigError, DataError
-from model.images import ImageListDataset, ImageSource, collate_skipping
+from model.images import ImageSource
+from model.ssl.augment import moco_v2_transform
+from model.ssl.config import PretrainConfig
+from model.ssl.loss_log import _Recorder, _truncate_loss_csv, write_loss_plot
 from model.ssl.moco import MoCoV2
 
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Hyper-parameters and hardware settings of a pretraining run.
-
-    Attributes:
-        epochs: Planned epochs (also the length of the cosine LR schedule).
-        batch_size: Images per step (per device).
-        lr: Initial SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        memory_bank_size: Negatives kept in the MoCo memory bank.
-        temperature: InfoNCE temperature.
-        proj_hidden_dim: Projection head hidden width.
-        proj_out_dim: Projection head output width.
-        ema_start: Key-encoder momentum at the first step (cosine schedule to ``ema_end``).
-        ema_end: Key-encoder momentum at the last planned step.
-        max_minutes: Time budget of this call (Lightning ``max_time``); None = no limit.
-        num_workers: Data loader processes decoding and augmenting images.
-        seed: Seed for weights, augmentations and shuffling.
-        accelerator: Lightning accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``.
-        devices: Lightning devices: ``"auto"``, a count, or a list of ids.
-        strategy: Lightning strategy: ``"auto"``, ``"ddp"`` … (DDP gathers keys and syncs BatchNorm).
-        precision: Lightning precision; None = ``"bf16-mixed"`` where supported, else ``"32-true"``.
-        channels_last: Channels-last memory format for convolutions.
-        augment: MoCo v2 augmentation strengths.
-        bn_recalibration_images: Images used to recompute BatchNorm statistics after training (0 = off).
-    """
-
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 6e-2
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    memory_bank_size: int = 2048
-    temperature: float = 0.2
-    proj_hidden_dim: int = 512
-    proj_out_dim: int = 128
-    ema_start: float = 0.996
-    ema_end: float = 1.0
-    max_minutes: float | None = None
-    num_workers: int = 0
-    seed: int = 0
-    accelerator: str = "auto"
-    devices: int | str | tuple[int, ...] = "auto"
-    strategy: str = "auto"
-    precision: str | None = None
-    channels_last: bool = True
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    bn_recalibration_images: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ConfigError(f"epochs={self.epochs} must be >= 1 and batch_size={self.batch_size} >= 2.")
-        if self.memory_bank_size < self.batch_size:
-            raise ConfigError(
-                f"memory_bank_size={self.memory_bank_size} is smaller than batch_size={self.batch_size}; "
-                "use a bank of at least one batch (MoCo uses many batches)."
-            )
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ConfigError(f"max_minutes={self.max_minutes} must be positive or None.")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise ConfigError("temperature and lr must be positive.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        d = asdict(self)
-        d["augment"] = self.augment.to_dict()
-        if isinstance(self.devices, tuple):
-            d["devices"] = list(self.devices)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
-        """Inverse of :meth:`to_dict`."""
-        d = dict(d)
-        if "augment" in d:
-            d["augment"] = AugmentConfig.from_dict(d["augment"])
-        if isinstance(d.get("devices"), list):
-            d["devices"] = tuple(d["devices"])
-        return cls(**d)
+__all__ = ["PretrainResult", "pretrain", "recalibrate_batchnorm"]
 
 
 @dataclass
@@ -141,90 +64,6 @@ class PretrainResult:
     skipped: list[tuple[int, str]]
     checkpoint: Path
     resumed_from_epoch: int | None = None
-
-
-class _Recorder(Callback):
-    """Records step losses, throughput and skipped images; appends ``loss.csv`` at each epoch end."""
-
-    def __init__(self, csv_path: Path) -> None:
-        self.csv_path = csv_path
-        self.step_losses: list[float] = []
-        self.epoch_losses: list[float] = []
-        self._epoch_rows: list[tuple[int, int, float]] = []
-        self.skipped: dict[int, str] = {}
-        self.images = 0
-        self.seconds = 0.0
-        self._t0 = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_rows = []
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        _views, indices, skipped = batch
-        for index, reason in skipped:
-            self.skipped.setdefault(int(index), reason)
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.images += len(indices)
-            value = float(loss.detach())
-            self.step_losses.append(value)
-            self._epoch_rows.append((trainer.current_epoch, trainer.global_step, value))
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds += time.perf_counter() - self._t0
-        if self._epoch_rows:
-            self.epoch_losses.append(sum(r[2] for r in self._epoch_rows) / len(self._epoch_rows))
-        if trainer.is_global_zero:
-            new_file = not self.csv_path.exists()
-            with self.csv_path.open("a", newline="") as f:
-                writer = csv.writer(f)
-                if new_file:
-                    writer.writerow(["epoch", "step", "loss"])
-                writer.writerows((e, s, f"{v:.6f}") for e, s, v in self._epoch_rows)
-
-
-def write_loss_plot(csv_path: Path, png_path: Path) -> None:
-    """Plots ``loss.csv`` (per-step loss and per-epoch mean) into a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    steps, losses, epochs = [], [], []
-    if csv_path.exists():
-        with csv_path.open() as f:
-            for row in csv.DictReader(f):
-                epochs.append(int(row["epoch"]))
-                steps.append(int(row["step"]))
-                losses.append(float(row["loss"]))
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps, losses, lw=0.8, alpha=0.6, label="step")
-    means = {}
-    for e, s, v in zip(epochs, steps, losses):
-        means.setdefault(e, []).append((s, v))
-    if means:
-        ax.plot([max(s for s, _ in r) for r in means.values()],
-                [sum(v for _, v in r) / len(r) for r in means.values()], "o-", lw=1.5, label="epoch mean")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("InfoNCE loss")
-    ax.set_title("MoCo v2 pretraining loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-
-
-def _truncate_loss_csv(csv_path: Path, global_step: int) -> None:
-    """Drops rows of steps the checkpoint does not hold (a run stopped after its last checkpoint)."""
-    if not csv_path.exists():
-        return
-    with csv_path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    kept = [rows[0]] + [r for r in rows[1:] if int(r[1]) <= global_step]
-    if len(kept) != len(rows):
-        with csv_path.open("w", newline="") as f:
-            csv.writer(f).writerows(kept)
 
 
 def _precision(cfg: PretrainConfig) -> str:

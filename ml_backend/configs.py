@@ -1,0 +1,31 @@
+"""The one mapping from :class:`~ml_backend.settings.Settings` to the model's config dataclasses.
+
+The server, the training job, RQ workers and the CLI all build their encoder / pretraining configs here, so a
+setting means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from ml_backend.settings import Settings
+from model.encoder.config import EncoderConfig
+from model.encoder.device import lightning_device
+from model.ssl.config import PretrainConfig
+
+__all__ = ["encoder_config", "pretrain_config"]
+
+
+def encoder_config(settings: Settings) -> EncoderConfig:
+    """The encoder the settings ask for (``ENCODER_ARCH``, ``ENCODER_INPUT_SIZE``, ``ENCODER_INIT_WEIGHTS``)."""
+    init = str(settings.init_weights) if settings.init_weights else None
+    return EncoderConfig(arch=settings.arch, input_size=settings.input_size, init_weights=init)
+
+
+def pretrain_config(settings: Settings, n_images: int) -> PretrainConfig:
+    """The pretraining run the settings ask for on ``n_images`` images (batch clipped to the data)."""
+    accelerator, devices = lightning_device(settings.device)
+    if settings.pretrain_devices != "1":  # several GPUs for one pretraining (DDP through Lightning)
+        devices = -1 if settings.pretrain_devices == "all" else int(settings.pretrain_devices)
+    batch = max(2, min(settings.pretrain_batch_size, n_images))
+    return PretrainConfig(epochs=settings.pretrain_epochs, batch_size=batch, max_minutes=settings.pretrain_max_minutes,
+                          memory_bank_size=max(2048, batch), accelerator=accelerator, devices=devices,
+                          strategy=settings.pretrain_strategy)

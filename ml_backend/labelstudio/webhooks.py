@@ -1,0 +1,27 @@
+"""Label Studio webhook events the backend knows, and which of them schedule a training run."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = ["TRAINING_EVENTS", "WebhookEvent"]
+
+
+class WebhookEvent(str, Enum):
+    """Label Studio webhook actions the backend knows; the first four schedule training."""
+
+    ANNOTATION_CREATED = "ANNOTATION_CREATED"
+    ANNOTATION_UPDATED = "ANNOTATION_UPDATED"
+    ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
+    START_TRAINING = "START_TRAINING"
+    ANNOTATIONS_CREATED = "ANNOTATIONS_CREATED"
+    TASKS_CREATED = "TASKS_CREATED"
+    TASKS_DELETED = "TASKS_DELETED"
+    PROJECT_CREATED = "PROJECT_CREATED"
+    PROJECT_UPDATED = "PROJECT_UPDATED"
+    PROJECT_DELETED = "PROJECT_DELETED"
+
+
+TRAINING_EVENTS = frozenset(
+    {WebhookEvent.ANNOTATION_CREATED, WebhookEvent.ANNOTATION_UPDATED, WebhookEvent.ANNOTATIONS_DELETED, WebhookEvent.START_TRAINING}
+)
