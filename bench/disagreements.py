@@ -23,9 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+if str(ROOT_DIR) not in sys.path:  # run as `python bench/<script>.py` from anywhere
+    sys.path.insert(0, str(ROOT_DIR))
 
 import numpy as np
 from scipy.stats import spearmanr

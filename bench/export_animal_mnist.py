@@ -14,6 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+ROOT_DIR = Path(__file__).resolve().parents[1]
+if str(ROOT_DIR) not in sys.path:  # run as `python bench/<script>.py` from anywhere
+    sys.path.insert(0, str(ROOT_DIR))
+
 import numpy as np
 from PIL import Image
 from tqdm import tqdm

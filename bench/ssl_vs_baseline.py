@@ -40,6 +40,10 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
+ROOT_DIR = Path(__file__).resolve().parents[1]
+if str(ROOT_DIR) not in sys.path:  # run as `python bench/<script>.py` from anywhere
+    sys.path.insert(0, str(ROOT_DIR))
+
 import numpy as np
 import torch
 import torch.nn.functional as F
