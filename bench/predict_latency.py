@@ -1,4 +1,4 @@
-"""Latency of /predict against the real gunicorn server, side by side with the bare in-process model.
+"""Latency of /predict against the real server (waitress), side by side with the bare in-process model.
 
 One run measures, on the same model (ResNet-18-half encoder + taxonomy heads, fixed seed) and the same
 synthetic images (rendered colour shapes, 96x96 PNG, read through LOCAL_FILES_ROOT):
@@ -54,7 +54,7 @@ TRAIN_SECONDS = 600.0
 TORCH_THREADS = 1
 """torch intra-op threads on both sides: on 2 cores shared with other processes, 2 OpenMP threads stall."""
 HTTP_THREADS = 32
-"""gunicorn threads of the benchmark server: more than the 16 clients, so /health never queues behind /predict."""
+"""Server threads of the benchmark server: more than the 16 clients, so /health never queues behind /predict."""
 
 
 # ----- the model ----------------------------------------------------------------------------------------
@@ -103,10 +103,10 @@ def training_job(project_id: int, model_dir: str, force_pretrain: bool = False) 
 
 
 def serve_main(model_dir: Path, images: Path, port: int) -> None:
-    """The server process: real gunicorn (gthread), the default store over the published bundle, the embedded
+    """The server process: the real server (waitress), the default store over the published bundle, the embedded
     trainer running :func:`training_job`."""
     from ml_backend.http.app import create_app
-    from ml_backend.http.server import TaxomocoServer
+    from ml_backend.http.server import serve
     from ml_backend.queue.factory import make_scheduler
     from ml_backend.settings import Settings
 
@@ -118,7 +118,7 @@ def serve_main(model_dir: Path, images: Path, port: int) -> None:
     def factory(s: Settings):
         return create_app(s, scheduler=make_scheduler(s, job_func="bench.predict_latency.training_job"))
 
-    TaxomocoServer(settings, app_factory=factory).run()
+    serve(settings, app_factory=factory)
 
 
 # ----- data ----------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def report(reps, times, health, idle, quick) -> str:
         f"Machine: {os.cpu_count()} CPU cores (load average before the run: {LOAD_BEFORE}), torch {torch.__version__}, no GPU; "
         f"{'quick run' if quick else 'full run'}; model ResNet-18-half @64 px + 3-level heads (model.bundle); "
         "synthetic 96x96 PNG shapes read via LOCAL_FILES_ROOT; "
-        f"real gunicorn (1 worker x {HTTP_THREADS} gthreads, 2 concurrent model forwards) on loopback; "
+        f"real waitress server ({HTTP_THREADS} threads, 2 concurrent model forwards) on loopback; "
         f"torch threads {TORCH_THREADS} on both sides.",
         "",
         "| batch | cache | /predict p50 ms | /predict p95 ms | tasks/s | bare forward p50 ms | vs bare forward | in-process same cache p50 ms | vs in-process same cache |",

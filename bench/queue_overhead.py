@@ -1,7 +1,7 @@
 """Queue overhead of the training schedulers, through the real HTTP server on loopback.
 
 For each scheduler (embedded: no REDIS_URL; RQ: a private redis-server + one ``taxomoco worker``), the
-backend runs as ``taxomoco serve`` does (gunicorn gthread, 1 process x 8 threads) with a tiny job function
+backend runs as ``taxomoco serve`` does (waitress, 8 threads) with a tiny job function
 that only records when it started (plus the job record writes every job does) and sleeps a little:
 
 1. latency: one ``POST /webhook`` for an idle project, then the time until the job function starts
@@ -88,12 +88,12 @@ def child_env() -> dict[str, str]:
 def start_server(model_dir: Path, port: int, redis_url: str | None, log: Path) -> subprocess.Popen:
     code = (
         "from ml_backend.settings import Settings\n"
-        "from ml_backend.http.server import TaxomocoServer\n"
+        "from ml_backend.http.server import serve\n"
         "from ml_backend.http.app import create_app\n"
-        "from ml_backend.queue.base import make_scheduler\n"
+        "from ml_backend.queue.factory import make_scheduler\n"
         f"s = Settings.from_env(model_dir={str(model_dir)!r}, port={port}, host='127.0.0.1', "
-        f"redis_url={redis_url!r}, http_workers=1, http_threads=8)\n"
-        f"TaxomocoServer(s, app_factory=lambda st: create_app(st, scheduler=make_scheduler(st, job_func={JOB!r}))).run()\n"
+        f"redis_url={redis_url!r}, http_threads=8)\n"
+        f"serve(s, app_factory=lambda st: create_app(st, scheduler=make_scheduler(st, job_func={JOB!r})))\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=child_env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -285,7 +285,7 @@ def schedule_calls(workdir: Path, calls: int = 2000) -> list[tuple[str, float, f
 
 def table(results: list[dict[str, Any]], trials: int, seconds: float) -> str:
     rows = [
-        f"Queue overhead on loopback ({os.cpu_count()} shared CPU cores; gunicorn gthread 1 process x 8 threads; "
+        f"Queue overhead on loopback ({os.cpu_count()} shared CPU cores; waitress, 8 threads; "
         f"{trials} latency trials; absorption: 8 client threads for {seconds:.0f} s over 20 projects, "
         "job = record + sleep 0.5 s)",
         "",

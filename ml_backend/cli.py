@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn); settings from env vars, see README")
+    p = sub.add_parser("serve", help="run the Label Studio ML backend (waitress); settings from env vars, see README")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--model-dir", type=Path, default=None)

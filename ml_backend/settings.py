@@ -32,13 +32,15 @@ class Settings:
     # --- server -------------------------------------------------------------------------------------
     host: str = field(default="0.0.0.0", metadata={"env": "TAXOMOCO_HOST", "help": "Address the HTTP server binds."})
     port: int = field(default=9090, metadata={"env": "TAXOMOCO_PORT", "help": "HTTP port (Label Studio's ML backend URL)."})
-    http_workers: int = field(default=1, metadata={"env": "TAXOMOCO_HTTP_WORKERS", "help": "gunicorn worker processes (keep 1 without REDIS_URL: the embedded trainer lives in the server)."})
-    http_threads: int = field(default=32, metadata={"env": "TAXOMOCO_HTTP_THREADS", "help": "Threads per gunicorn worker."})
+    http_threads: int = field(default=32, metadata={"env": "TAXOMOCO_HTTP_THREADS", "help": "Application threads of the server (requests are read whole before a thread takes them)."})
     torch_threads: int = field(default=0, metadata={"env": "TORCH_THREADS", "help": "torch intra-op threads in the server and in training (0 = torch's default: all cores)."})
     predict_concurrency: int = field(default=2, metadata={"env": "PREDICT_CONCURRENCY", "help": "Model forwards run at once per server process (more requests wait)."})
     predict_load_wait_s: float = field(default=30.0, metadata={"env": "PREDICT_LOAD_WAIT_S", "help": "How long /predict waits for a project's model to finish loading before answering without predictions."})
-    max_request_bytes: int = field(default=200_000_000, metadata={"env": "MAX_REQUEST_BYTES", "help": "Largest request body accepted."})
-    webhook_requires_auth: bool = field(default=False, metadata={"env": "WEBHOOK_REQUIRE_AUTH", "help": "Require Basic auth on /webhook too (then replace Label Studio's auto-created webhook by one that sends the header)."})
+    max_request_bytes: int = field(default=200_000_000, metadata={"env": "MAX_REQUEST_BYTES", "help": "Largest /predict (and POST /similar) body accepted."})
+    small_request_max_bytes: int = field(default=5_000_000, metadata={"env": "SMALL_REQUEST_MAX_BYTES", "help": "Largest body of every other endpoint (/setup, /webhook, /train, ...): a label config and a webhook payload fit easily."})
+    predict_max_pixels: int = field(default=200_000_000, metadata={"env": "PREDICT_MAX_PIXELS", "help": "Decoded pixels one /predict request may hold at once; images are decoded and embedded in batches below this."})
+    webhook_requires_auth: bool | None = field(default=None, metadata={"env": "WEBHOOK_REQUIRE_AUTH", "help": "Require Basic auth on /webhook too; unset = on whenever Basic auth is set (the backend then registers its own Label Studio webhook with the header and removes the auto-created one)."})
+    train_queue_max_projects: int = field(default=100, metadata={"env": "TRAIN_QUEUE_MAX_PROJECTS", "help": "Projects that may wait for training at once; events beyond are answered and dropped (Label Studio stays the source of truth)."})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "Python logging level."})
     basic_auth_user: str | None = field(default=None, metadata={"env": "BASIC_AUTH_USER", "help": "HTTP Basic auth user required on every endpoint except /health (set the same in Label Studio's model connection)."})
     basic_auth_pass: str | None = field(default=None, metadata={"env": "BASIC_AUTH_PASS", "help": "HTTP Basic auth password."})
@@ -47,12 +49,14 @@ class Settings:
     model_dir: Path = field(default=Path("./taxomoco-data"), metadata={"env": "MODEL_DIR", "help": "Where model versions, embedding caches and job records live (per project sub-directory); a shared volume when workers run on other machines."})
 
     # --- Label Studio ---------------------------------------------------------------------------------
-    label_studio_url: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_URL", "help": "Base URL of Label Studio; else the hostname Label Studio sends in /setup."})
-    label_studio_api_key: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_API_KEY", "help": "Legacy token or personal access token (JWT refresh token); else the token Label Studio sends in /setup."})
+    label_studio_url: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_URL", "help": "Base URL of Label Studio (recommended: then /setup's hostname is never used); else the hostname /setup sends is verified and pinned per project."})
+    label_studio_api_key: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_API_KEY", "help": "Legacy token or personal access token (JWT refresh token), used with LABEL_STUDIO_URL only; else the token Label Studio sends in /setup."})
+    allow_private_setup_hosts: bool = field(default=False, metadata={"env": "ALLOW_PRIVATE_SETUP_HOSTS", "help": "Without LABEL_STUDIO_URL: accept a /setup hostname on a loopback or private address (off: such a backend should set LABEL_STUDIO_URL instead)."})
 
     # --- images ---------------------------------------------------------------------------------------
     allowed_image_hosts: tuple[str, ...] = field(default=(), metadata={"env": "ALLOWED_IMAGE_HOSTS", "help": "Comma-separated extra hosts images may be fetched from (Label Studio's own host is always allowed)."})
     local_files_root: Path | None = field(default=None, metadata={"env": "LOCAL_FILES_ROOT", "help": "Directory local image paths must lie under; unset forbids plain local paths."})
+    allow_private_image_hosts: bool = field(default=False, metadata={"env": "ALLOW_PRIVATE_IMAGE_HOSTS", "help": "Let ALLOWED_IMAGE_HOSTS entries resolve to loopback or private addresses (an image server inside your network)."})
     image_max_bytes: int = field(default=50_000_000, metadata={"env": "IMAGE_MAX_BYTES", "help": "Largest image download accepted."})
     image_max_pixels: int = field(default=50_000_000, metadata={"env": "IMAGE_MAX_PIXELS", "help": "Largest decoded image (decompression-bomb guard)."})
     image_timeout_s: float = field(default=10.0, metadata={"env": "IMAGE_TIMEOUT_S", "help": "Connect+read timeout per image download."})
@@ -114,6 +118,15 @@ class Settings:
     def validate(self) -> None:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
+        if self.label_studio_api_key and not self.label_studio_url:
+            raise ConfigError("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the key would go to whatever host "
+                              "/setup names. Set LABEL_STUDIO_URL to your Label Studio's base URL too.")
+        if self.webhook_requires_auth and not self.basic_auth_user:
+            raise ConfigError("WEBHOOK_REQUIRE_AUTH=true needs BASIC_AUTH_USER and BASIC_AUTH_PASS.")
+        if min(self.max_request_bytes, self.small_request_max_bytes, self.predict_max_pixels,
+               self.train_queue_max_projects) < 1:
+            raise ConfigError("MAX_REQUEST_BYTES, SMALL_REQUEST_MAX_BYTES, PREDICT_MAX_PIXELS and "
+                              "TRAIN_QUEUE_MAX_PROJECTS must be positive.")
         if self.arch not in ("resnet18", "resnet18-half"):
             raise ConfigError(f"ENCODER_ARCH={self.arch!r} is not supported; use resnet18 or resnet18-half.")
         if self.input_size < 16:
@@ -130,11 +143,11 @@ class Settings:
         if not 0.0 <= self.calibration_reuse_fraction < 1.0:
             raise ConfigError(f"CALIBRATION_REUSE_FRACTION={self.calibration_reuse_fraction} must lie in [0, 1); "
                               "0.02 reuses the calibration for changes of up to 2 % of the labels, 0 never.")
-        if self.redis_url is None and self.http_workers != 1:
-            raise ConfigError(
-                "TAXOMOCO_HTTP_WORKERS > 1 needs REDIS_URL: the embedded trainer runs inside one server process. "
-                "Set REDIS_URL (and start `taxomoco worker`) or keep one worker with more threads."
-            )
+
+    @property
+    def webhook_auth(self) -> bool:
+        """Whether /webhook requires Basic auth: WEBHOOK_REQUIRE_AUTH, by default on exactly when Basic auth is set."""
+        return bool(self.basic_auth_user) if self.webhook_requires_auth is None else self.webhook_requires_auth
 
     def project(self, project_id: int) -> ProjectPaths:
         """The files and folders of one Label Studio project under ``model_dir``."""

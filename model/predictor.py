@@ -3,6 +3,9 @@
 A :class:`Predictor` is built once per model version (the backend's store builds it in a background thread
 and swaps one reference), then serves any number of ``predict`` calls. Images whose content hash is in the
 embedding cache skip the encoder entirely, so re-predicting after a heads-only retrain is cheap.
+:meth:`Predictor.predict_encoded` takes encoded images with their content hashes, reads the cache once and decodes
+only the misses, in batches whose decoded pixels stay under a limit (a request of many huge images never holds
+them all in memory at once).
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from model.encoder.backbone import build_backbone
 from model.encoder.cache import EmbeddingCache, embed_through_cache
 from model.encoder.embedder import Embedder
 from model.heads.decode import PathPrediction, decode
+from model.images import check_image_header, load_image
 
-__all__ = ["Predictor"]
+__all__ = ["Encoded", "Predictor"]
+
+Encoded = tuple[bytes, str]
+"""An encoded image and its content hash (``model.images.content_hash``)."""
 
 
 class Predictor:
@@ -102,3 +109,81 @@ class Predictor:
         for i, pred in zip(index, preds):
             results[i] = pred
         return results
+
+    def predict_encoded(
+        self,
+        items: Sequence[Encoded | None],
+        leafs_only: bool = True,
+        prefix_threshold: float = 0.5,
+        max_pixels: int = 50_000_000,
+        batch_pixels: int = 200_000_000,
+    ) -> tuple[list[PathPrediction | None], dict[int, str]]:
+        """One prediction per item, in order, from encoded images: one cache read, only misses decoded.
+
+        Args:
+            items: ``(bytes, content hash)`` per image, or None where there is no image.
+            leafs_only: only full paths may be predicted (the label config's ``leafsOnly``).
+            prefix_threshold: with ``leafs_only=False``, stop at the deepest prefix this probable.
+            max_pixels: largest single image (decompression-bomb guard).
+            batch_pixels: decoded pixels held at once; misses are decoded and embedded in batches below this.
+
+        Returns:
+            ``(predictions, errors)``: None where there is no prediction, and why by item index.
+        """
+        n = len(items)
+        results: list[PathPrediction | None] = [None] * n
+        errors: dict[int, str] = {}
+        emb = np.full((n, self.bundle.manifest.embedding_dim), np.nan, dtype=np.float32)  # (N, D)
+        ok = np.zeros(n, dtype=bool)
+        keyed = [i for i, item in enumerate(items) if item is not None]
+        if self.cache is not None and keyed:
+            got, found = self.cache.get([items[i][1] for i in keyed])  # type: ignore[index]
+            hits = [i for i, hit in zip(keyed, found) if hit]
+            emb[hits] = got[found]
+            ok[hits] = True
+        batch: list[int] = []
+        held = 0
+        for i in [i for i in keyed if not ok[i]]:
+            data = items[i][0]  # type: ignore[index]
+            try:
+                width, height = check_image_header(data, max_pixels, name=f"image {i}")
+            except Exception as exc:  # per-image boundary: the caller reports it with its task
+                errors[i] = str(exc)
+                continue
+            if batch and held + width * height > batch_pixels:
+                self._embed_batch(items, batch, emb, ok, errors, max_pixels)
+                batch, held = [], 0
+            batch.append(i)
+            held += width * height
+        if batch:
+            self._embed_batch(items, batch, emb, ok, errors, max_pixels)
+        rows = np.flatnonzero(ok)
+        if len(rows):
+            preds = decode(self.level_logits(emb[rows]), self.taxonomy, leafs_only=leafs_only,
+                           prefix_threshold=prefix_threshold, temperature=self.temperature)
+            for i, pred in zip(rows.tolist(), preds):
+                results[i] = pred
+        return results, errors
+
+    def _embed_batch(self, items: Sequence[Encoded | None], batch: list[int], emb: np.ndarray, ok: np.ndarray,
+                     errors: dict[int, str], max_pixels: int) -> None:
+        """Decode ``batch`` (indices into ``items``), embed what decodes, store it in the cache."""
+        images, rows = [], []
+        for i in batch:
+            try:
+                images.append(load_image(items[i][0], max_pixels))  # type: ignore[index]
+                rows.append(i)
+            except Exception as exc:  # per-image boundary: corrupt or truncated
+                errors[i] = str(exc)
+        if not images:
+            return
+        new, new_ok = self.embedder.embed_with_mask(images)  # (M, D), (M,)
+        good = [i for i, fine in zip(rows, new_ok) if fine]
+        emb[good] = new[new_ok]
+        ok[good] = True
+        for i, fine in zip(rows, new_ok):
+            if not fine:
+                errors[i] = "the image could not be embedded"
+        if self.cache is not None and good:
+            self.cache.put([items[i][1] for i in good], emb[good])  # type: ignore[index]
+

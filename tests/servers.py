@@ -440,11 +440,14 @@ FAST_TRAINING_ENV: dict[str, str] = {
     "TAXOMOCO_HTTP_THREADS": "8",
     "LOG_LEVEL": "INFO",
     "OMP_NUM_THREADS": "1",
+    # the suite's Label Studio runs on 127.0.0.1: accept it when only /setup names it (a deployment on a private
+    # network sets LABEL_STUDIO_URL instead; see the README's Security section)
+    "ALLOW_PRIVATE_SETUP_HOSTS": "true",
 }
 
 
 class BackendServer:
-    """``taxomoco serve`` (gunicorn, in a subprocess) on a free port with its own MODEL_DIR.
+    """``taxomoco serve`` (in a subprocess) on a free port with its own MODEL_DIR.
 
     Args:
         workdir: holds ``models/`` (MODEL_DIR) and the server log.
@@ -507,3 +510,98 @@ class BackendServer:
     def log(self) -> str:
         """The server's log so far."""
         return log_tail(self.log_path, 200_000)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A stand-in Label Studio on loopback (for the HTTP contract; the real one is LabelStudioServer)
+# --------------------------------------------------------------------------------------------------------
+
+
+class FakeLabelStudio:
+    """A small HTTP server on 127.0.0.1 that answers the Label Studio API calls the backend makes, and records
+    every request it gets (path, headers, body). Plays Label Studio — or an attacker pretending to be one — in
+    tests of the HTTP contract and of the trust model; the real server is :class:`LabelStudioServer`.
+
+    Args:
+        projects: project id -> label config.
+        token: the legacy token it accepts (``Authorization: Token <token>``).
+        images: path -> bytes served (e.g. ``/data/upload/1/a.png``), token required.
+    """
+
+    def __init__(self, projects: Mapping[int, str], token: str = "tok123",
+                 images: Mapping[str, bytes] | None = None) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.projects = dict(projects)
+        self.token = token
+        self.images = dict(images or {})
+        self.requests: list[dict] = []
+        self.webhooks: list[dict] = []
+        self.ml_backends: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self, status: int, body: object) -> None:
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                fake.requests.append({"method": method, "path": self.path, "headers": dict(self.headers),
+                                      "body": raw})
+                if self.headers.get("Authorization") != f"Token {fake.token}":
+                    return self._answer(401, {"detail": "secret details an attacker wants echoed"})
+                path, _, query = self.path.partition("?")
+                parts = [p for p in path.split("/") if p]
+                if parts[:2] == ["api", "projects"] and len(parts) == 3 and parts[2].isdigit():
+                    pid = int(parts[2])
+                    if pid not in fake.projects:
+                        return self._answer(404, {"detail": "Not found."})
+                    return self._answer(200, {"id": pid, "title": f"project {pid}",
+                                              "label_config": fake.projects[pid], "task_number": 0})
+                if parts == ["api", "ml"]:
+                    return self._answer(200, fake.ml_backends)
+                if parts == ["api", "webhooks"] and method == "GET":
+                    return self._answer(200, fake.webhooks)
+                if parts == ["api", "webhooks"] and method == "POST":
+                    hook = {**json.loads(raw), "id": len(fake.webhooks) + 100}
+                    fake.webhooks.append(hook)
+                    return self._answer(201, hook)
+                if parts[:2] == ["api", "webhooks"] and method == "DELETE":
+                    fake.webhooks[:] = [h for h in fake.webhooks if str(h["id"]) != parts[2]]
+                    return self._answer(204, b"")
+                if path in fake.images:
+                    return self._answer(200, fake.images[path])
+                return self._answer(404, {"detail": "Not found."})
+
+            def do_GET(self) -> None:
+                self._handle("GET")
+
+            def do_POST(self) -> None:
+                self._handle("POST")
+
+            def do_DELETE(self) -> None:
+                self._handle("DELETE")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def saw(self, path_prefix: str) -> list[dict]:
+        """The requests whose path starts with ``path_prefix``."""
+        return [r for r in self.requests if r["path"].startswith(path_prefix)]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

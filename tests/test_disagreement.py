@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from ml_backend.labelstudio import flags as lsflags
+from ml_backend.labelstudio import tabs as ls_tabs
 from ml_backend.labelstudio.annotations import annotations_from_tasks
 from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
 from ml_backend.labelstudio.label_config import parse_label_config
@@ -218,10 +219,10 @@ def test_flags_reach_label_studio_and_the_cli_writes_the_report(label_studio, tm
     res = consensus(anns, parse_label_config(TAXONOMY_XML).taxonomy, ConsensusPolicy())
     posted = lsflags.post_flags(settings.project(pid), client, res)
     tab = posted["tabs"]["taxomoco: annotators disagree"]
-    assert client.tab_task_ids(pid, tab) == sorted([ids[0], ids[2]])
+    assert ls_tabs.tab_task_ids(client, pid, tab) == sorted([ids[0], ids[2]])
     again = lsflags.post_flags(settings.project(pid), client, res)
     assert again["tabs"] == posted["tabs"]  # updated in place, never duplicated
-    titles = [t["data"]["title"] for t in client.list_tabs(pid)]
+    titles = [t["data"]["title"] for t in ls_tabs.list_tabs(client, pid)]
     assert titles.count("taxomoco: annotators disagree") == 1
     if posted["comments_supported"]:  # Label Studio Enterprise: each flag commented exactly once
         assert posted["comments_posted"] >= 1 and again["comments_posted"] == 0
@@ -230,15 +231,19 @@ def test_flags_reach_label_studio_and_the_cli_writes_the_report(label_studio, tm
 
 
 def test_http_endpoint_serves_the_saved_report(tmp_path: Path) -> None:
+    import base64
+
     from ml_backend.http.app import create_app
     from ml_backend.queue.factory import make_scheduler
     from ml_backend.serving.store import ModelStore
 
-    settings = _settings(tmp_path)
+    settings = _settings(tmp_path, basic_auth_user="u", basic_auth_pass="p")
     scheduler = make_scheduler(settings)
     store = ModelStore(settings)
     try:
         client = create_app(settings, scheduler=scheduler, store=store).test_client()
+        assert client.get("/disagreements?project=5").status_code == 401  # project data: credentials first
+        client.environ_base["HTTP_AUTHORIZATION"] = "Basic " + base64.b64encode(b"u:p").decode()
         assert client.get("/disagreements").status_code == 400
         assert client.get("/disagreements?project=abc").status_code == 400
         missing = client.get("/disagreements?project=5")

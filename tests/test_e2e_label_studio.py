@@ -9,7 +9,9 @@ level 1, stripe direction = level 2), rendered here.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import random
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ import pytest
 import requests
 from PIL import Image
 
+from ml_backend.labelstudio import tabs as ls_tabs
 from ml_backend.labelstudio.client import LabelStudioClient
 from tests.servers import TWO_LEVEL_CONFIG, BackendServer, LabelStudioServer, free_port, wait_until
 
@@ -67,11 +70,18 @@ def predicted_path(prediction: dict) -> tuple[str, ...] | None:
     return tuple(paths[0])
 
 
+AUTH = ("ls-e2e", "e2e-pass-1234")
+"""The backend's Basic auth (the recommended deployment), set in Label Studio's model connection too."""
+LS_AUTH = {"auth_method": "BASIC_AUTH", "basic_auth_user": AUTH[0], "basic_auth_pass": AUTH[1]}
+
+
 class Stack:
     """Label Studio + backend + one connected project with labelled, unlabelled and broken image tasks."""
 
     def __init__(self, ls: LabelStudioServer, backend: BackendServer) -> None:
         self.ls, self.backend = ls, backend
+        self.http = requests.Session()  # what an operator's scripts and Label Studio send: Basic auth
+        self.http.auth = AUTH
         self.pid = ls.create_project(CONFIG, title="taxomoco e2e")
         self.truth: dict[int, tuple[str, str]] = {}
         images, paths = {}, []
@@ -102,7 +112,7 @@ class Stack:
         """
         if self.ml:
             return self.ml
-        body = {"project": self.pid, "url": self.backend.url, "title": "taxomoco"}
+        body = {"project": self.pid, "url": self.backend.url, "title": "taxomoco", **LS_AUTH}
         for _ in range(3):
             answer = self.ls.api("POST", "/api/ml", json=body, expect=(201, 400))
             if answer.status_code == 201:
@@ -119,7 +129,7 @@ class Stack:
         return self.ls.api("GET", f"/api/ml/{self.ml['id']}").json()
 
     def job_status(self) -> dict:
-        return requests.post(f"{self.backend.url}/job_status", json={"project": self.pid}, timeout=10).json()
+        return self.http.post(f"{self.backend.url}/job_status", json={"project": self.pid}, timeout=10).json()
 
     def wait_for_new_version(self, old: str) -> str:
         """Wait until training has caught up with every annotation, then return the version Label Studio sees.
@@ -161,7 +171,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # enough MoCo steps (3 per epoch) for the encoder's BatchNorm statistics to settle
-    env = {"IMAGE_MAX_PIXELS": "4000000", "MIN_LABELS_TO_TRAIN": "4", "PRETRAIN_EPOCHS": "4", "PRETRAIN_BATCH_SIZE": "8"}
+    env = {"IMAGE_MAX_PIXELS": "4000000", "MIN_LABELS_TO_TRAIN": "4", "PRETRAIN_EPOCHS": "4", "PRETRAIN_BATCH_SIZE": "8",
+           "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]}
     backend = BackendServer(tmp_path_factory.mktemp("e2e-backend"), env=env)
     backend.start()
     try:
@@ -176,13 +187,21 @@ def test_connecting_the_backend_reports_the_untrained_version(stack: Stack) -> N
     assert stack.first_connect_error is None, stack.first_connect_error
     state = stack.ml_state()
     assert state["state"] == "CO", state  # CONNECTED: /health and /setup answered
-    setup = requests.post(f"{stack.backend.url}/setup", json={"project": str(stack.pid), "schema": CONFIG}, timeout=10)
+    setup = stack.http.post(f"{stack.backend.url}/setup", json={"project": str(stack.pid), "schema": CONFIG}, timeout=10)
     assert state["model_version"] == setup.json()["model_version"] == "untrained"
     # nothing to predict with yet: Label Studio stores no prediction
     stack.retrieve_predictions(stack.good[:3])
     assert all(stack.predictions()[t] == [] for t in stack.good[:3])
-    hooks = stack.ls.api("GET", "/api/webhooks/", params={"project": stack.pid}).json()
-    assert any(h["url"].startswith(stack.backend.url) for h in hooks), hooks  # Label Studio's auto webhook
+    # with Basic auth on, the backend replaces Label Studio's header-less webhook by one that sends the header
+    header = "Basic " + base64.b64encode(f"{AUTH[0]}:{AUTH[1]}".encode()).decode()
+
+    def webhook_is_ours() -> bool:
+        stack.ml_state()  # Label Studio calls /setup on every read of the model connection
+        hooks = [h for h in stack.ls.api("GET", "/api/webhooks/", params={"project": stack.pid}).json()
+                 if h["url"].startswith(stack.backend.url)]
+        return len(hooks) == 1 and (hooks[0].get("headers") or {}).get("Authorization") == header
+
+    assert wait_until(webhook_is_ours, 90, interval_s=3.0)
 
 
 def test_annotations_from_several_users_train_a_model(stack: Stack) -> None:
@@ -209,11 +228,11 @@ def test_annotator_disagreement_is_flagged_in_a_data_manager_tab(stack: Stack) -
     tabs: dict[str, dict] = {}
 
     def tab_there() -> bool:  # flags are posted right after the model is published
-        tabs.update({t["data"].get("title"): t for t in client.list_tabs(stack.pid)})
+        tabs.update({t["data"].get("title"): t for t in ls_tabs.list_tabs(client, stack.pid)})
         return title in tabs
 
     assert tab_there(), (sorted(tabs), stack.backend.log()[-4000:])  # posted before the version went live
-    flagged = client.tab_task_ids(stack.pid, int(tabs[title]["id"]))
+    flagged = ls_tabs.tab_task_ids(client, stack.pid, int(tabs[title]["id"]))
     assert stack.good[0] in flagged, flagged  # ann and ben said one thing, cat another
     unanimous = [t for t in stack.good[1:8:2]]  # labelled by ann alone
     assert not set(unanimous) & set(flagged), flagged
@@ -250,7 +269,7 @@ def test_broken_images_get_an_empty_answer_and_do_not_break_the_batch(stack: Sta
     version = stack.ml["version"]
     batch = [stack.good[8], stack.corrupt, stack.unreachable, stack.one_pixel, stack.huge, stack.good[9]]
     tasks = [stack.ls.task(t) for t in batch]
-    answer = requests.post(f"{stack.backend.url}/predict", timeout=120, json={
+    answer = stack.http.post(f"{stack.backend.url}/predict", timeout=120, json={
         "tasks": tasks, "project": f"{stack.pid}.0", "label_config": CONFIG})
     assert answer.status_code == 200, answer.text
     results = answer.json()["results"]
@@ -271,6 +290,7 @@ def test_broken_images_get_an_empty_answer_and_do_not_break_the_batch(stack: Sta
 
 def test_malformed_requests_get_clear_answers_and_the_server_keeps_serving(stack: Stack) -> None:
     url = stack.backend.url
+    requests = stack.http  # noqa: F811 - authenticated, as Label Studio calls
     for path in ("/predict", "/setup", "/webhook"):
         bad = requests.post(url + path, data="{not json", headers={"Content-Type": "application/json"}, timeout=10)
         assert bad.status_code == 400, (path, bad.status_code, bad.text)
@@ -287,7 +307,7 @@ def test_a_label_config_we_cannot_serve_is_shown_in_label_studio(stack: Stack) -
     text_config = '<View><Text name="text" value="$text"/><Choices name="c" toName="text"><Choice value="a"/><Choice value="b"/></Choices></View>'
     pid = stack.ls.create_project(text_config, title="not an image project")
     answer = stack.ls.api("POST", "/api/ml", expect=(201, 400),
-                          json={"project": pid, "url": stack.backend.url, "title": "taxomoco"})
+                          json={"project": pid, "url": stack.backend.url, "title": "taxomoco", **LS_AUTH})
     if answer.status_code == 201:
         state = stack.ls.api("GET", f"/api/ml/{answer.json()['id']}").json()
         assert state["state"] == "ER", state
@@ -312,7 +332,7 @@ def test_more_annotations_retrain_and_predictions_follow_the_new_version(stack: 
         versions = [p["model_version"] for p in preds[tid]]
         assert versions.count(new) == 1, versions
         assert predicted_path(next(p for p in preds[tid] if p["model_version"] == new)) in LEAVES
-    versions = requests.get(f"{stack.backend.url}/versions", params={"project": stack.pid}, timeout=10).json()
+    versions = stack.http.get(f"{stack.backend.url}/versions", params={"project": stack.pid}, timeout=10).json()
     assert new in versions["versions"]
 
 
@@ -321,24 +341,25 @@ def test_a_backend_configured_with_a_personal_access_token_trains_and_predicts(
     """LABEL_STUDIO_URL + a JWT personal access token instead of what /setup sends: pull, download, predict."""
     pat = stack.ls.personal_access_token()
     env = {"LABEL_STUDIO_URL": stack.ls.url, "LABEL_STUDIO_API_KEY": pat, "MIN_LABELS_TO_TRAIN": "4",
-           "PRETRAIN_EPOCHS": "4", "PRETRAIN_BATCH_SIZE": "8"}
+           "PRETRAIN_EPOCHS": "4", "PRETRAIN_BATCH_SIZE": "8", "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]}
     other = BackendServer(tmp_path_factory.mktemp("e2e-pat-backend"), env=env)
     other.start()
     try:
-        started = requests.post(f"{other.url}/train", json={"project": stack.pid}, timeout=10)
+        started = stack.http.post(f"{other.url}/train", json={"project": stack.pid}, timeout=10)
         assert started.status_code == 200, started.text
         status: dict = {}
 
         def finished() -> bool:
-            status.update(requests.post(f"{other.url}/job_status", json={"project": stack.pid}, timeout=10).json())
+            status.update(stack.http.post(f"{other.url}/job_status", json={"project": stack.pid}, timeout=10).json())
             return status.get("last_outcome") in ("succeeded", "failed") and not status.get("running") \
                 and not status.get("queued")
 
         assert wait_until(finished, TRAINING_TIMEOUT_S, interval_s=2.0), status
         assert status["last_outcome"] == "succeeded", (status, other.log()[-4000:])
-        assert "connection.json" not in {p.name for p in other.model_dir.rglob("*")}  # /setup was never called
+        stored = json.loads(next(other.model_dir.rglob("connection.json")).read_text())
+        assert stored["url"] == stack.ls.url and stored["api_key"] == ""  # verified; the key stays in the settings
         tasks = [stack.ls.task(t) for t in stack.good[:4]]  # /data/upload/... images: need the Bearer token
-        answer = requests.post(f"{other.url}/predict", timeout=120,
+        answer = stack.http.post(f"{other.url}/predict", timeout=120,
                                json={"tasks": tasks, "project": stack.pid, "label_config": CONFIG}).json()
         assert [predicted_path(r) in LEAVES for r in answer["results"]] == [True] * 4, answer
     finally:

@@ -4,13 +4,14 @@ import base64
 import io
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
-from ml_backend.labelstudio.connections import LSConnection
-from ml_backend.net.images import ImageFetchError, fetch_image_bytes, fetch_many
+from ml_backend.labelstudio.client import LabelStudioClient
+from ml_backend.net.images import ImageFetcher, ImageFetchError
 from ml_backend.settings import Settings
 from model.errors import DataError
 from model.images import load_image
@@ -103,63 +104,68 @@ def settings(tmp_path):
     return Settings(model_dir=tmp_path / "models", image_max_bytes=2000, image_timeout_s=1.0, local_files_root=tmp_path)
 
 
+def fetcher(settings: Settings, ls_url: str | None = None, token: str = "secret") -> ImageFetcher:
+    """The images of a project whose Label Studio is ``ls_url`` (operator-configured: may be on loopback)."""
+    return ImageFetcher(settings, LabelStudioClient(ls_url, token) if ls_url else None)
+
+
 def test_label_studio_hosted_upload_gets_the_token(server, settings):
-    conn = LSConnection(server, "secret")
-    data = fetch_image_bytes("/data/upload/3/a.png", settings, conn, {"Authorization": "Token secret"})
+    data = fetcher(settings, server).fetch("/data/upload/3/a.png")
     assert load_image(data, 100).size == (1, 1)
     with pytest.raises(ImageFetchError, match="401.*token"):
-        fetch_image_bytes("/data/upload/3/a.png", settings, conn, {"Authorization": "Token wrong"})
+        fetcher(settings, server, token="wrong").fetch("/data/upload/3/a.png")
 
 
 def test_label_studio_relative_url_without_connection_says_what_to_set(settings):
     with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
-        fetch_image_bytes("/data/local-files/?d=x.png", settings, None, {})
+        fetcher(settings).fetch("/data/local-files/?d=x.png")
 
 
 def test_absolute_url_only_on_allowed_hosts_and_token_not_leaked(server, settings):
-    other = Settings(**{**settings.__dict__, "allowed_image_hosts": ("127.0.0.1",)})
+    other = replace(settings, allowed_image_hosts=("127.0.0.1",), allow_private_image_hosts=True)
     SEEN_HEADERS.clear()
-    conn = LSConnection("http://ls.invalid:8080", "secret")
-    assert fetch_image_bytes(f"{server}/pixel.png", other, conn, {"Authorization": "Token secret"}) == ONE_PIXEL
+    assert fetcher(other, "http://ls.invalid:8080").fetch(f"{server}/pixel.png") == ONE_PIXEL
     assert "Authorization" not in SEEN_HEADERS[-1]
     with pytest.raises(ImageFetchError, match="not allowed.*ALLOWED_IMAGE_HOSTS"):
-        fetch_image_bytes(f"{server}/pixel.png", settings, conn, {})
+        fetcher(settings, "http://ls.invalid:8080").fetch(f"{server}/pixel.png")
+
+
+def test_an_allowed_image_host_on_a_private_address_needs_the_explicit_setting(server, settings):
+    private = replace(settings, allowed_image_hosts=("127.0.0.1",))
+    with pytest.raises(ImageFetchError, match="non-public address 127.0.0.1.*ALLOW_PRIVATE_IMAGE_HOSTS"):
+        fetcher(private, "http://ls.invalid:8080").fetch(f"{server}/pixel.png")
 
 
 def test_redirects_same_host_followed_other_host_refused(server, settings):
-    conn = LSConnection(server, "secret")
-    assert fetch_image_bytes(f"{server}/redirect-same", settings, conn, {}) == ONE_PIXEL
-    with pytest.raises(ImageFetchError, match="'localhost:.*not allowed"):
-        fetch_image_bytes(f"{server}/redirect-other", settings, conn, {})
+    f = fetcher(settings, server)
+    assert f.fetch(f"{server}/redirect-same") == ONE_PIXEL
+    with pytest.raises(ImageFetchError, match="localhost:.*not allowed"):
+        f.fetch(f"{server}/redirect-other")
     with pytest.raises(ImageFetchError, match="redirected more than"):
-        fetch_image_bytes(f"{server}/loop", settings, conn, {})
+        f.fetch(f"{server}/loop")
 
 
 def test_size_limit_declared_and_streamed(server, settings):
-    conn = LSConnection(server, "secret")
-    with pytest.raises(ImageFetchError, match="5000 bytes, over IMAGE_MAX_BYTES=2000"):
-        fetch_image_bytes(f"{server}/huge-declared", settings, conn, {})
-    with pytest.raises(ImageFetchError, match="larger than IMAGE_MAX_BYTES=2000"):
-        fetch_image_bytes(f"{server}/huge-streamed", settings, conn, {})
+    f = fetcher(settings, server)
+    with pytest.raises(ImageFetchError, match="announces 5000 bytes, over the limit of 2000"):
+        f.fetch(f"{server}/huge-declared")
+    with pytest.raises(ImageFetchError, match="more than 2000 bytes"):
+        f.fetch(f"{server}/huge-streamed")
 
 
 def test_slow_and_stalled_responses_time_out(server, settings):
-    conn = LSConnection(server, "secret")
-    t0 = time.monotonic()
-    with pytest.raises(ImageFetchError, match="IMAGE_TIMEOUT_S"):
-        fetch_image_bytes(f"{server}/slow", settings, conn, {})
-    assert time.monotonic() - t0 < 2.5
-    t0 = time.monotonic()
-    with pytest.raises(ImageFetchError, match="Timed out"):
-        fetch_image_bytes(f"{server}/stall", settings, conn, {})
-    assert time.monotonic() - t0 < 2.5
+    f = fetcher(settings, server)
+    with pytest.raises(ImageFetchError, match="took too long.*IMAGE_TIMEOUT_S"):
+        f.fetch(f"{server}/slow")
+    with pytest.raises(ImageFetchError, match="did not answer.*IMAGE_TIMEOUT_S"):
+        f.fetch(f"{server}/stall")
 
 
 def test_http_errors_and_corrupt_image(server, settings):
-    conn = LSConnection(server, "secret")
+    f = fetcher(settings, server)
     with pytest.raises(ImageFetchError, match="HTTP 404"):
-        fetch_image_bytes(f"{server}/nope.png", settings, conn, {})
-    data = fetch_image_bytes(f"{server}/corrupt.png", settings, conn, {})
+        f.fetch(f"{server}/nope.png")
+    data = f.fetch(f"{server}/corrupt.png")
     with pytest.raises(DataError):
         load_image(data, 100)
 
@@ -167,9 +173,9 @@ def test_http_errors_and_corrupt_image(server, settings):
 def test_cloud_uris_are_refused_with_the_remedy(settings):
     for uri in ("s3://bucket/a.png", "gs://b/a.png", "azure-blob://c/a.png"):
         with pytest.raises(ImageFetchError, match="presigned"):
-            fetch_image_bytes(uri, settings, None, {})
+            fetcher(settings).fetch(uri)
     with pytest.raises(ImageFetchError, match="unsupported scheme"):
-        fetch_image_bytes("ftp://host/a.png", settings, None, {})
+        fetcher(settings).fetch("ftp://host/a.png")
 
 
 def test_local_files_under_root_only(tmp_path, settings):
@@ -179,35 +185,39 @@ def test_local_files_under_root_only(tmp_path, settings):
     outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
     outside.write_bytes(ONE_PIXEL)
     (tmp_path / "link.png").symlink_to(outside)
-    assert fetch_image_bytes(str(tmp_path / "imgs" / "a.png"), settings) == ONE_PIXEL
-    assert fetch_image_bytes("imgs/a.png", settings) == ONE_PIXEL
-    assert fetch_image_bytes(f"file://{tmp_path}/imgs/a.png", settings) == ONE_PIXEL
+    f = fetcher(settings)
+    assert f.fetch(str(tmp_path / "imgs" / "a.png")) == ONE_PIXEL
+    assert f.fetch("imgs/a.png") == ONE_PIXEL
+    assert f.fetch(f"file://{tmp_path}/imgs/a.png") == ONE_PIXEL
     for bad in ("imgs/../../etc/passwd", str(outside), "link.png"):
         with pytest.raises(ImageFetchError, match="outside LOCAL_FILES_ROOT"):
-            fetch_image_bytes(bad, settings)
+            f.fetch(bad)
     with pytest.raises(ImageFetchError, match="over IMAGE_MAX_BYTES"):
-        fetch_image_bytes("big.png", settings)
+        f.fetch("big.png")
     with pytest.raises(ImageFetchError, match="does not exist"):
-        fetch_image_bytes("imgs/none.png", settings)
-    off = Settings(model_dir=tmp_path)
+        f.fetch("imgs/none.png")
     with pytest.raises(ImageFetchError, match="set LOCAL_FILES_ROOT"):
-        fetch_image_bytes(str(tmp_path / "imgs" / "a.png"), off)
+        fetcher(Settings(model_dir=tmp_path)).fetch(str(tmp_path / "imgs" / "a.png"))
 
 
 def test_data_uri(settings):
     uri = "data:image/png;base64," + base64.b64encode(ONE_PIXEL).decode()
-    assert fetch_image_bytes(uri, settings) == ONE_PIXEL
+    assert fetcher(settings).fetch(uri) == ONE_PIXEL
     with pytest.raises(ImageFetchError, match="base64"):
-        fetch_image_bytes("data:image/png;base64,@@@", settings)
+        fetcher(settings).fetch("data:image/png;base64,@@@")
 
 
 def test_fetch_many_keeps_order_and_returns_errors(server, settings):
-    conn = LSConnection(server, "secret")
+    f = fetcher(replace(settings, image_fetch_threads=4), server)
     values = [f"{server}/pixel.png", f"{server}/nope.png", "", f"{server}/stall", f"{server}/pixel.png"]
-    t0 = time.monotonic()
-    out = fetch_many(values, Settings(**{**settings.__dict__, "image_fetch_threads": 4}), conn, {})
-    assert time.monotonic() - t0 < 2.5
+    out = f.fetch_many(values)
     assert out[0] == ONE_PIXEL and out[4] == ONE_PIXEL
     assert isinstance(out[1], ImageFetchError) and isinstance(out[2], ImageFetchError)
     assert isinstance(out[3], ImageFetchError)
-    assert fetch_many([], settings) == []
+    assert f.fetch_many([]) == []
+
+
+def test_the_index_key_of_a_label_studio_url_carries_its_origin(settings):
+    assert fetcher(settings, "http://ls-a:8080").key("/data/upload/1/x.png") == "http://ls-a:8080/data/upload/1/x.png"
+    assert fetcher(settings, "http://ls-b:8080").key("/data/upload/1/x.png") != \
+        fetcher(settings, "http://ls-a:8080").key("/data/upload/1/x.png")

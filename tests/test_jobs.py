@@ -289,7 +289,8 @@ def test_real_job_in_the_embedded_scheduler_with_the_setup_connection(label_stud
     pid, _ = labelled_project
     settings = Settings.from_env(env=FAST_TRAINING_ENV, model_dir=tmp_path)
     assert settings.label_studio_url is None and settings.redis_url is None
-    connections.remember(settings, pid, label_studio.url, label_studio.admin.token)
+    connections.accept_setup(settings, connections.SetupRequest(pid, label_studio.url, label_studio.admin.token, None,
+                                                                False))  # what /setup does: verify and pin
     scheduler = make_scheduler(settings)
     try:
         assert scheduler.kind == "embedded"

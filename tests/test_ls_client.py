@@ -11,6 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
+from ml_backend.labelstudio import comments, tabs
 from ml_backend.labelstudio.auth import TokenKind
 from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
 from ml_backend.labelstudio.errors import (
@@ -81,7 +82,7 @@ def test_get_project_returns_the_label_config(label_studio: LabelStudioServer, p
 def test_iter_tasks_returns_every_annotation_of_every_annotator(label_studio: LabelStudioServer, project: dict) -> None:
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)
     tasks = list(client.iter_tasks(project["id"], page_size=2))  # 3 pages
-    assert [t.id for t in tasks] == project["task_ids"]
+    assert sorted(t.id for t in tasks) == project["task_ids"]  # newest change first
     assert all(isinstance(t, TaskRecord) for t in tasks)
     assert all(t.data["image"].startswith("/data/upload/") for t in tasks)
 
@@ -114,7 +115,7 @@ def test_images_download_with_the_auth_headers(label_studio: LabelStudioServer, 
     task = client.get_task(project["task_ids"][0])
     url = client.absolute_url(task.data["image"])
     assert url.startswith(label_studio.url + "/data/upload/") and client.is_own_url(url)
-    answer = requests.get(url, headers=client.auth_headers(), timeout=30)
+    answer = requests.get(url, headers=client.auth.headers(), timeout=30)
     assert answer.status_code == 200
     assert answer.content == project["images"][0]
     anonymous = requests.get(url, timeout=30, allow_redirects=False)
@@ -134,21 +135,21 @@ def test_personal_access_token_is_exchanged_and_renewed(label_studio: LabelStudi
     pat = label_studio.personal_access_token(project["alice"])
     client = LabelStudioClient(label_studio.url, pat)
     assert client.token_kind is TokenKind.PERSONAL_ACCESS
-    first = client.auth_headers()["Authorization"]
+    first = client.auth.headers()["Authorization"]
     assert first.startswith("Bearer ") and pat not in first
-    assert client.auth_headers()["Authorization"] == first  # cached
-    assert [t.id for t in client.iter_tasks(project["id"])] == project["task_ids"]
+    assert client.auth.headers()["Authorization"] == first  # cached
+    assert sorted(t.id for t in client.iter_tasks(project["id"])) == project["task_ids"]
     assert client.get_project(project["id"]).id == project["id"]  # through the SDK
     image = client.get_task(project["task_ids"][1]).data["image"]
-    assert requests.get(client.absolute_url(image), headers=client.auth_headers(), timeout=30).content == project["images"][1]
+    assert requests.get(client.absolute_url(image), headers=client.auth.headers(), timeout=30).content == project["images"][1]
 
-    client._access_expires = time.time() + 30  # inside the renewal margin: the next call refreshes
+    client.auth._expires = time.time() + 30  # inside the renewal margin: the next call refreshes
     time.sleep(1.1)  # a new token differs by its issue time
-    second = client.auth_headers()["Authorization"]
+    second = client.auth.headers()["Authorization"]
     assert second != first
-    assert client._access_expires > time.time() + 200  # a fresh 5-minute token
-    client._access = "garbage"  # a 401 renews the token once and retries
-    client._access_expires = time.time() + 3600
+    assert client.auth._expires > time.time() + 200  # a fresh 5-minute token
+    client.auth._access = "garbage"  # a 401 renews the token once and retries
+    client.auth._expires = time.time() + 3600
     assert len(list(client.iter_tasks(project["id"]))) == 5
 
 
@@ -164,7 +165,7 @@ def test_wrong_token_is_a_clear_error(label_studio: LabelStudioServer, project: 
 
     forged = fake_jwt({"token_type": "refresh", "exp": int(time.time()) + 3600, "user_id": "1", "jti": "x"})
     with pytest.raises(LabelStudioAuthError, match="personal access token"):
-        LabelStudioClient(label_studio.url, forged).auth_headers()
+        LabelStudioClient(label_studio.url, forged).auth.headers()
 
 
 def test_unusable_keys_and_urls_are_rejected_up_front() -> None:
@@ -195,16 +196,16 @@ def test_missing_project_and_unreachable_server(label_studio: LabelStudioServer)
 def test_comments_round_trip_or_clear_refusal(label_studio: LabelStudioServer, project: dict) -> None:
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)
     task_id = project["task_ids"][0]
-    if client.supports_comments():  # Label Studio Enterprise
-        comment_id = client.post_comment(project["id"], task_id, "annotators disagree at level 2")
-        assert comment_id in [c["id"] for c in client.list_comments(task_id)]
-        client.resolve_comment(comment_id)
-        assert [c["is_resolved"] for c in client.list_comments(task_id) if c["id"] == comment_id] == [True]
+    if comments.supports_comments(client):  # Label Studio Enterprise
+        comment_id = comments.post_comment(client, project["id"], task_id, "annotators disagree at level 2")
+        assert comment_id in [c["id"] for c in comments.list_comments(client, task_id)]
+        comments.resolve_comment(client, comment_id)
+        assert [c["is_resolved"] for c in comments.list_comments(client, task_id) if c["id"] == comment_id] == [True]
     else:  # Community: the comment API does not exist
         with pytest.raises(NotSupportedByServer, match="Enterprise"):
-            client.post_comment(project["id"], task_id, "annotators disagree")
+            comments.post_comment(client, project["id"], task_id, "annotators disagree")
         with pytest.raises(NotSupportedByServer):
-            client.list_comments(task_id)
+            comments.list_comments(client, task_id)
         task = label_studio.task(task_id)
         assert task["comment_count"] == 0 and task["unresolved_comment_count"] == 0
 
@@ -212,15 +213,18 @@ def test_comments_round_trip_or_clear_refusal(label_studio: LabelStudioServer, p
 def test_data_manager_tab_flags_exactly_the_given_tasks(label_studio: LabelStudioServer, project: dict) -> None:
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)
     ids = project["task_ids"]
-    tab = client.upsert_task_tab(project["id"], "taxomoco: disagreements", [ids[0], ids[2]])
-    assert client.tab_task_ids(project["id"], tab) == [ids[0], ids[2]]
-    assert client.upsert_task_tab(project["id"], "taxomoco: disagreements", [ids[4]]) == tab  # updated, not duplicated
-    assert client.tab_task_ids(project["id"], tab) == [ids[4]]
-    assert client.upsert_task_tab(project["id"], "taxomoco: disagreements", []) == tab
-    assert client.tab_task_ids(project["id"], tab) == []
+    tab = tabs.upsert_task_tab(client, project["id"], "taxomoco: disagreements", [ids[0], ids[2]])
+    assert tabs.tab_task_ids(client, project["id"], tab) == [ids[0], ids[2]]
+    assert tabs.upsert_task_tab(client, project["id"], "taxomoco: disagreements", [ids[4]]) == tab  # updated, not duplicated
+    assert tabs.tab_task_ids(client, project["id"], tab) == [ids[4]]
+    assert tabs.upsert_task_tab(client, project["id"], "taxomoco: disagreements", []) == tab
+    assert tabs.tab_task_ids(client, project["id"], tab) == []
     annotator = LabelStudioClient(label_studio.url, project["bob"].token)
-    titles = [t["data"]["title"] for t in annotator.list_tabs(project["id"])]
+    titles = [t["data"]["title"] for t in tabs.list_tabs(annotator, project["id"])]
     assert titles.count("taxomoco: disagreements") == 1
+    assert titles[0] == "Default"  # Label Studio's own tab stays the default: "Label All Tasks" is not ours
+    ours = next(t for t in tabs.list_tabs(client, project["id"]) if t["data"]["title"] == "taxomoco: disagreements")
+    assert "tasks:data.image" not in ours["data"]["hiddenColumns"]["explore"]  # thumbnails render
 
 
 def test_errors_name_the_url(label_studio: LabelStudioServer) -> None:

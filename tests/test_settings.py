@@ -27,7 +27,8 @@ def test_env_and_overrides_are_parsed() -> None:
         ({"TAXOMOCO_PORT": "x"}, "TAXOMOCO_PORT='x' is not a valid int"),
         ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
         ({"ENCODER_ARCH": "vit"}, "resnet18-half"),
-        ({"TAXOMOCO_HTTP_WORKERS": "4"}, "REDIS_URL"),
+        ({"LABEL_STUDIO_API_KEY": "k"}, "LABEL_STUDIO_URL"),
+        ({"WEBHOOK_REQUIRE_AUTH": "true"}, "BASIC_AUTH_USER"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_fix(env: dict, match: str) -> None:

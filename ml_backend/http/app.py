@@ -8,6 +8,7 @@ task order, and never fails as a batch: a task whose image cannot be read gets a
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -16,18 +17,19 @@ import torch
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ml_backend.http.auth import basic_auth_ok, needs_auth
+from ml_backend.http.auth import decide
 from ml_backend.http.data_routes import register_routes as register_data_routes
 from ml_backend.http.health import SchedulerHealth
 from ml_backend.http.metrics import Registry, project_collector
 from ml_backend.labelstudio import connections
 from ml_backend.labelstudio.ids import project_id_of
 from ml_backend.labelstudio.label_config import parse_label_config
+from ml_backend.labelstudio.webhook_setup import WebhookRegistrar
 from ml_backend.labelstudio.webhooks import TRAINING_EVENTS, WebhookEvent
 from ml_backend.paths import ProjectPaths
 from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.predict import PredictService
-from ml_backend.serving.store import ModelStore
+from ml_backend.serving.store import UNTRAINED, ModelStore
 from ml_backend.settings import Settings
 from model.errors import ConfigError, DataError, TaxomocoError
 
@@ -36,6 +38,8 @@ __all__ = ["MODEL_CLASS", "create_app"]
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "taxomoco"
+LARGE_BODY_PATHS = frozenset({"/predict", "/similar"})
+"""Paths whose bodies may be as large as MAX_REQUEST_BYTES (image batches); all others: SMALL_REQUEST_MAX_BYTES."""
 
 
 def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | None = None) -> Flask:
@@ -55,22 +59,30 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     metrics = Registry()
     service = PredictService(settings, store, metrics)
     scheduler_health = SchedulerHealth(scheduler)
-    webhook_auth = settings.webhook_requires_auth
+    webhook_registrar = WebhookRegistrar(settings)
 
     app = Flask("taxomoco")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_request_bytes, settings.small_request_max_bytes)
     app.extensions["taxomoco"] = {"settings": settings, "scheduler": scheduler, "store": store, "metrics": metrics}
 
     # ----- cross-cutting ------------------------------------------------------------------------------
     @app.before_request
     def _start() -> Response | None:
         g.t0 = time.perf_counter()
-        if needs_auth(request.path, settings.basic_auth_user, webhook_auth) and not basic_auth_ok(
-            request.headers.get("Authorization"), settings.basic_auth_user or "", settings.basic_auth_pass or ""
-        ):
-            resp = jsonify(error="Authentication required: use the BASIC_AUTH_USER / BASIC_AUTH_PASS of this backend.")
-            resp.status_code = 401
-            resp.headers["WWW-Authenticate"] = 'Basic realm="taxomoco"'
+        decision = decide(request.path, request.headers.get("Authorization"), settings)
+        g.authenticated = decision.authenticated
+        if not decision.allowed:
+            resp = jsonify(error=decision.message)
+            resp.status = f"{decision.status} {_reason_phrase(decision.message)}"
+            if decision.status == 401:
+                resp.headers["WWW-Authenticate"] = 'Basic realm="taxomoco"'
+            return resp
+        # the body limit of this endpoint, checked before anything reads the body
+        limit = settings.max_request_bytes if request.path in LARGE_BODY_PATHS else settings.small_request_max_bytes
+        request.max_content_length = limit
+        if request.content_length is not None and request.content_length > limit:
+            resp = jsonify(error=f"The body has {request.content_length} bytes; {request.path} accepts at most {limit}.")
+            resp.status_code = 413
             return resp
         return None
 
@@ -98,12 +110,14 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:  # request boundary: record and answer
         log.exception("%s %s failed", request.method, request.path)
-        return jsonify(error=f"Internal error: {exc.__class__.__name__}: {exc}"), 500
+        return jsonify(error=f"Internal error ({exc.__class__.__name__}); see the backend's log."), 500
 
     # ----- Label Studio protocol ----------------------------------------------------------------------
     @app.get("/")
     @app.get("/health")
     def health() -> Response:
+        if not g.get("authenticated"):  # liveness only: no project list, no versions
+            return jsonify(status="UP", model_class=MODEL_CLASS)
         return jsonify(status="UP", model_class=MODEL_CLASS, scheduler=scheduler_health.get(), models=_models())
 
     def _models() -> dict[str, Any]:
@@ -113,14 +127,16 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     def setup() -> Response:
         body = _json_object()
         pid = project_id_of(body.get("project"))
-        schema = body.get("schema")
+        schema = _optional_str(body, "schema")
         if schema:
             parse_label_config(schema)  # ConfigError -> 400 with the tag and the fix (Label Studio shows it)
+        conn = connections.accept_setup(settings, connections.SetupRequest(
+            pid, _optional_str(body, "hostname"), _optional_str(body, "access_token"), schema,
+            bool(g.get("authenticated"))))
+        if conn is not None and settings.webhook_auth:
+            webhook_registrar.ensure(pid, connections.resolve(settings, pid))
+        if schema:
             service.remember_schema(pid, schema)
-        try:
-            connections.remember(settings, pid, body.get("hostname"), body.get("access_token"))
-        except OSError as exc:
-            log.warning("project %s: cannot store the Label Studio connection: %s", pid, exc)
         return jsonify(model_version=store.version(pid))
 
     @app.post("/predict")
@@ -133,13 +149,19 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         if project is None and tasks and isinstance(tasks[0], dict):
             project = tasks[0].get("project")
         pid = project_id_of(project)
-        results, version = service.predict(pid, tasks, body.get("label_config"))
+        if not connections.known(settings, pid):  # no state for projects nobody verified
+            return jsonify(results=[], model_version=UNTRAINED)
+        label_config = body.get("label_config")
+        results, version = service.predict(pid, tasks, label_config if isinstance(label_config, str) else None)
         return jsonify(results=results, model_version=version)
 
     @app.post("/webhook")
     def webhook() -> Response:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+        try:
+            body = _json_object()
+        except DataError:
+            body = {}
+        if not isinstance(body.get("action"), str):
             metrics.webhooks.inc("malformed", "rejected")
             raise DataError('A webhook body must be a JSON object with an "action" string (Label Studio sends one).')
         action = body["action"]
@@ -151,6 +173,9 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
             metrics.webhooks.inc(event.value if event is not None else "unknown", "ignored")  # bounded labels
             return jsonify(status="ignored", action=action)
         pid = _webhook_project(body)
+        if not connections.ensure_known(settings, pid):  # only projects verified against Label Studio are trained
+            metrics.webhooks.inc(action, "unknown-project")
+            return jsonify(status="ignored", action=action, reason=f"project {pid} is not connected to this backend")
         scheduled.add(pid)
         result = scheduler.schedule(pid, reason=action)
         outcome = str(result.get("action", "scheduled"))
@@ -163,6 +188,9 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     def train() -> Response:
         body = _json_object()
         pid = project_id_of(body.get("project"))
+        if not connections.ensure_known(settings, pid):
+            raise ConfigError(f"Project {pid} is not connected to this backend: connect the model in Label Studio "
+                              "(its /setup call verifies the project), or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY.")
         force = bool(body.get("force_pretrain", False))
         scheduled.add(pid)
         return jsonify(status="ok", **scheduler.schedule(pid, reason="TRAIN", force_pretrain=force))
@@ -205,12 +233,26 @@ def _reason_phrase(message: str, limit: int = 500) -> str:
 
 
 def _json_object() -> dict[str, Any]:
-    body = request.get_json(silent=True)
-    if body is None and not request.get_data():
+    """The request body as a JSON object ({} for an empty body); 400 for anything else, however malformed."""
+    data = request.get_data(cache=True)
+    if not data:
         return {}
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
+        raise DataError("The request body is not valid JSON (or is nested too deeply); send a JSON object.") from None
     if not isinstance(body, dict):
         raise DataError("The request body must be a JSON object (Content-Type: application/json).")
     return body
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise DataError(f'"{key}" must be a string.')
+    return value
 
 
 def _webhook_project(body: dict[str, Any]) -> int:

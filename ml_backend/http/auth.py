@@ -1,12 +1,16 @@
-"""Optional HTTP Basic auth of the backend's endpoints.
+"""Who may call what: every path of the backend belongs to one access class, decided here and nowhere else.
 
-Label Studio sends Basic auth on its ML backend calls when the model connection has a user and password
-set (the same ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` as here). ``/health`` is always open (Label Studio
-and load balancers probe it). The annotation webhook Label Studio creates by itself carries no auth, so
-``/webhook`` stays open unless ``WEBHOOK_REQUIRE_AUTH`` is set: it only asks for a (coalesced) training
-run and returns nothing about the project. To protect it, set ``WEBHOOK_REQUIRE_AUTH=true``, delete the
-auto-created webhook in the project's settings and add one to ``<backend>/webhook`` with the header
-``Authorization: Basic <base64 user:pass>``.
+* ``OPEN`` — ``/`` and ``/health``: liveness for Label Studio and load balancers; details only to an
+  authenticated caller.
+* ``PROTOCOL`` — what Label Studio calls (``/setup``, ``/predict``, ``/versions``, ``/train``): HTTP Basic auth when
+  ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` are set (the same user and password go into Label Studio's model
+  connection), open otherwise.
+* ``WEBHOOK`` — ``/webhook``: like ``PROTOCOL`` when ``WEBHOOK_REQUIRE_AUTH`` is on (by default: whenever Basic
+  auth is set; the backend then registers its own Label Studio webhook that sends the header). It only schedules
+  training of projects the backend already verified.
+* ``DATA`` — everything that reveals project data (task and annotator ids, scores, versions' metrics, images):
+  ``/disagreements``, ``/similar``, ``/duplicates``, ``/queue``, ``/job_status``, ``/metrics`` and any path not
+  listed: always Basic auth; when Basic auth is not configured these answer 403 with the remedy.
 """
 
 from __future__ import annotations
@@ -14,16 +18,43 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from dataclasses import dataclass
+from enum import Enum
 
-__all__ = ["OPEN_PATHS", "basic_auth_ok", "needs_auth"]
+from ml_backend.settings import Settings
 
-OPEN_PATHS: frozenset[str] = frozenset({"/health", "/"})
-"""Paths answered without credentials."""
+__all__ = ["Access", "Decision", "access_of", "basic_auth_ok", "decide"]
+
+
+class Access(str, Enum):
+    """Access classes of the backend's paths."""
+
+    OPEN = "open"
+    PROTOCOL = "protocol"
+    WEBHOOK = "webhook"
+    DATA = "data"
+
+
+PATHS: dict[str, Access] = {
+    "/": Access.OPEN,
+    "/health": Access.OPEN,
+    "/setup": Access.PROTOCOL,
+    "/predict": Access.PROTOCOL,
+    "/versions": Access.PROTOCOL,
+    "/train": Access.PROTOCOL,
+    "/webhook": Access.WEBHOOK,
+}
+"""Paths that are not ``DATA``; every other path reveals project data."""
+
+
+def access_of(path: str) -> Access:
+    """The access class of a request path."""
+    return PATHS.get(path.rstrip("/") or "/", Access.DATA)
 
 
 def basic_auth_ok(header: str | None, user: str, password: str) -> bool:
     """Whether an ``Authorization`` header carries exactly ``user:password`` (constant-time compare)."""
-    if not header or not header.lower().startswith("basic "):
+    if not header or not header.lower().startswith("basic ") or not user:
         return False
     try:
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
@@ -37,10 +68,29 @@ def basic_auth_ok(header: str | None, user: str, password: str) -> bool:
     return ok_user and ok_pass
 
 
-def needs_auth(path: str, user: str | None, webhook_requires_auth: bool) -> bool:
-    """Whether a request to ``path`` must carry Basic auth under these settings."""
-    if not user or path in OPEN_PATHS:
-        return False
-    if path == "/webhook" and not webhook_requires_auth:
-        return False
-    return True
+@dataclass(frozen=True)
+class Decision:
+    """Whether a request may go on; else the status and the message to answer."""
+
+    allowed: bool
+    authenticated: bool
+    status: int = 200
+    message: str = ""
+
+
+def decide(path: str, authorization: str | None, settings: Settings) -> Decision:
+    """Whether a request to ``path`` with this ``Authorization`` header may go on under ``settings``."""
+    configured = bool(settings.basic_auth_user)
+    authenticated = configured and basic_auth_ok(authorization, settings.basic_auth_user or "",
+                                                 settings.basic_auth_pass or "")
+    access = access_of(path)
+    if authenticated or access is Access.OPEN:
+        return Decision(True, authenticated)
+    if access is Access.DATA and not configured:
+        return Decision(False, False, 403, f"{path} reveals project data and is served only to authenticated callers: "
+                                           "set BASIC_AUTH_USER and BASIC_AUTH_PASS on the backend and call it with them.")
+    needs = configured and (access is not Access.WEBHOOK or settings.webhook_auth)
+    if not needs:
+        return Decision(True, False)
+    return Decision(False, False, 401, "Authentication required: use the BASIC_AUTH_USER / BASIC_AUTH_PASS of this "
+                                       "backend (in Label Studio: the model connection's 'Use authentication').")

@@ -1,94 +1,79 @@
-"""Run the app under gunicorn (gthread workers) inside this process: ``serve(settings)``.
+"""Serve the app with waitress inside this process: ``serve(settings)``.
 
-The app is built in each worker process after the fork (not in the master), so the model store's and the
-embedded scheduler's threads live where requests are served. Without ``REDIS_URL`` keep one worker (the
-embedded trainer is per process; settings validation enforces it) and raise ``TAXOMOCO_HTTP_THREADS``.
+waitress reads every request — its request line, headers and body — asynchronously in one I/O thread and hands it
+to one of ``TAXOMOCO_HTTP_THREADS`` application threads only once it is complete (large bodies are spooled to a
+temporary file). A client that trickles its request never holds an application thread, so /health keeps answering
+with any number of slow clients connected (up to :data:`CONNECTION_LIMIT`). waitress also passes the app's HTTP
+reason phrase through unchanged: Label Studio shows the user only that phrase of a failed /setup, and the backend
+puts the cause and the fix there.
+
+One process serves; to serve more requests run more backend processes (containers) behind a load balancer, all on
+one ``MODEL_DIR`` and ``REDIS_URL`` (the model store hot-reloads what any trainer publishes).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from gunicorn.app.base import BaseApplication
+from waitress.server import create_server
 
 from ml_backend.http.app import create_app
 from ml_backend.settings import Settings
 
-__all__ = ["SWITCH_INTERVAL_S", "TaxomocoServer", "WORKER_TIMEOUT_S", "gunicorn_options", "serve"]
+__all__ = ["CHANNEL_TIMEOUT_S", "CONNECTION_LIMIT", "SWITCH_INTERVAL_S", "build_server", "serve"]
 
 log = logging.getLogger(__name__)
 
-WORKER_TIMEOUT_S = 120
-"""gunicorn's worker timeout: above Label Studio's 100 s /predict read timeout."""
+CONNECTION_LIMIT = 1000
+"""Open connections served at once (slow ones included); more wait in the listen backlog."""
+
+CHANNEL_TIMEOUT_S = 300
+"""A connection that sends nothing for this long is closed (Label Studio's /predict timeout is 100 s)."""
 
 SWITCH_INTERVAL_S = 0.001
-"""Python's GIL switch interval in workers (default 5 ms): a short request such as /health waiting for the
-GIL behind busy /predict threads gets it sooner."""
+"""Python's GIL switch interval (default 5 ms): a short request such as /health waiting for the GIL behind busy
+/predict threads gets it sooner."""
 
 
-def _post_worker_init(worker: Any) -> None:
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+def build_server(settings: Settings, app_factory: Callable[[Settings], Any] | None = None) -> Any:
+    """The waitress server for ``settings`` (bound, not yet running)."""
+    app = app_factory(settings) if app_factory is not None else create_app(settings)
+    return create_server(
+        app, host=settings.host, port=settings.port, threads=settings.http_threads, ident="taxomoco",
+        connection_limit=CONNECTION_LIMIT, channel_timeout=CHANNEL_TIMEOUT_S, asyncore_use_poll=True,
+        max_request_body_size=max(settings.max_request_bytes, settings.small_request_max_bytes),
+        clear_untrusted_proxy_headers=True,
+    )
 
 
-class TaxomocoServer(BaseApplication):
-    """gunicorn application that serves :func:`ml_backend.http.app.create_app` (settings passed in, not argv).
-
-    Args:
-        settings: the process settings (host, port, workers, threads, log level).
-        app_factory: builds the WSGI app in the worker; default ``create_app(settings)``.
-        options: extra gunicorn settings (e.g. ``{"accesslog": "-"}``).
-    """
-
-    def __init__(self, settings: Settings, app_factory: Any = None, options: dict[str, Any] | None = None) -> None:
-        self.settings = settings
-        self.app_factory = app_factory
-        self.options = gunicorn_options(settings) | (options or {})
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self.options.items():
-            if key in self.cfg.settings and value is not None:
-                self.cfg.set(key, value)
-
-    def init(self, parser: Any, opts: Any, args: Any) -> None:  # argv is not read
-        return None
-
-    def load(self) -> Any:
-        if self.app_factory is not None:
-            return self.app_factory(self.settings)
-
-        return create_app(self.settings)
-
-
-def gunicorn_options(settings: Settings) -> dict[str, Any]:
-    """gunicorn settings derived from ours."""
-    return {
-        "bind": f"{settings.host}:{settings.port}",
-        "workers": settings.http_workers,
-        "threads": settings.http_threads,
-        "worker_class": "gthread",
-        "timeout": WORKER_TIMEOUT_S,
-        "graceful_timeout": 30,
-        "keepalive": 5,
-        "loglevel": settings.log_level.lower(),
-        "errorlog": "-",
-        "preload_app": False,
-        "proc_name": "taxomoco",
-        "post_worker_init": _post_worker_init,
-        "control_socket_disable": True,  # gunicorn's runtime control socket is one fixed path per user
-    }
-
-
-def serve(settings: Settings, options: dict[str, Any] | None = None) -> None:
-    """Serve until stopped (SIGINT/SIGTERM); blocks.
+def serve(settings: Settings, app_factory: Callable[[Settings], Any] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; blocks.
 
     Args:
         settings: the process settings.
-        options: extra gunicorn settings overriding the derived ones.
+        app_factory: builds the WSGI app; default ``create_app(settings)``.
     """
-    log.info(
-        "taxomoco serving on %s:%s (%d worker(s) x %d threads)", settings.host, settings.port, settings.http_workers, settings.http_threads
-    )
-    TaxomocoServer(settings, options=options).run()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    server = build_server(settings, app_factory)
+
+    def stop(signum: int, frame: Any) -> None:
+        log.info("taxomoco stopping (signal %s)", signum)
+        parts = getattr(server.application, "extensions", {}).get("taxomoco", {})
+        for part in (parts.get("scheduler"), parts.get("store")):
+            if part is not None:
+                part.close()  # a running training child is terminated; nothing half-written is published
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("taxomoco serving on http://%s:%s with waitress (%d threads)", settings.host, settings.port,
+             settings.http_threads)
+    try:
+        server.run()
+    finally:
+        server.close()
+        log.info("taxomoco stopped")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
+from collections.abc import Callable
 from enum import Enum
 
 from model.errors import ConfigError
 
-__all__ = ["ACCESS_TOKEN_MARGIN_S", "TokenKind", "token_kind"]
+__all__ = ["ACCESS_TOKEN_MARGIN_S", "LabelStudioAuth", "Refresher", "TokenKind", "access_expiry", "token_kind"]
 
 #: Renew a JWT access token this many seconds before it expires.
 ACCESS_TOKEN_MARGIN_S = 60.0
@@ -56,3 +58,61 @@ def token_kind(api_key: str) -> TokenKind:
             "under Account & Settings > Personal Access Token."
         )
     return TokenKind.PERSONAL_ACCESS
+
+
+Refresher = Callable[[str], tuple[str, float]]
+"""``refresh token -> (access token, expiry as Unix time)``: one call to ``POST /api/token/refresh/``."""
+
+
+class LabelStudioAuth:
+    """The headers that authenticate to one Label Studio, given on demand (the gate asks on every request).
+
+    A legacy token is sent as ``Authorization: Token <key>``. A personal access token (a JWT refresh token) is
+    exchanged for a 5-minute access token, sent as ``Authorization: Bearer <access>`` and renewed
+    :data:`ACCESS_TOKEN_MARGIN_S` before it expires — so a long image sync or task pull keeps working.
+
+    Args:
+        api_key: the legacy token or personal access token.
+        refresh: exchanges the refresh token (used for personal access tokens only).
+
+    Raises:
+        ConfigError: an empty key, or an unusable JWT.
+    """
+
+    def __init__(self, api_key: str, refresh: Refresher) -> None:
+        key = str(api_key or "").strip()
+        if not key:
+            raise ConfigError("No Label Studio API key; set LABEL_STUDIO_API_KEY (legacy token or personal access token).")
+        self._key = key
+        self.kind = token_kind(key)
+        self._refresh = refresh
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._expires = 0.0
+
+    def __repr__(self) -> str:  # never print the key
+        return f"LabelStudioAuth(kind={self.kind.value})"
+
+    def headers(self) -> dict[str, str]:
+        """``{"Authorization": ...}`` for the next request."""
+        if self.kind is TokenKind.LEGACY:
+            return {"Authorization": f"Token {self._key}"}
+        return {"Authorization": f"Bearer {self._access_token()}"}
+
+    def invalidate(self) -> bool:
+        """Forget the access token after Label Studio refused it (401); True when a retry may help."""
+        with self._lock:
+            self._access = None
+        return self.kind is TokenKind.PERSONAL_ACCESS
+
+    def _access_token(self) -> str:
+        with self._lock:
+            if self._access is None or time.time() >= self._expires - ACCESS_TOKEN_MARGIN_S:
+                self._access, self._expires = self._refresh(self._key)
+            return self._access
+
+
+def access_expiry(access: str) -> float:
+    """The expiry (Unix time) of a JWT access token; five minutes from now when it carries none."""
+    claims = _jwt_claims(access) or {}
+    return float(claims.get("exp", time.time() + 300))

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ml_backend.labelstudio.client import LabelStudioClient
+from ml_backend.labelstudio.comments import list_comments, post_comment, supports_comments
+from ml_backend.labelstudio.tabs import upsert_task_tab
 from ml_backend.paths import ProjectPaths
 from model.atomic import atomic_write_json
 from model.crowd.types import ConsensusResult, Flag
@@ -76,8 +78,8 @@ def post_flags(paths: ProjectPaths, client: LabelStudioClient, result: Consensus
         for f in result.flags:
             if f.kind.value == kind and f.item not in ids:
                 ids.append(f.item)
-        summary["tabs"][title] = client.upsert_task_tab(project_id, title, ids[:MAX_TAB_TASKS])
-    if not client.supports_comments():
+        summary["tabs"][title] = upsert_task_tab(client, project_id, title, ids[:MAX_TAB_TASKS])
+    if not supports_comments(client):
         return summary
     summary["comments_supported"] = True
     posted_path = paths.posted_flags
@@ -95,12 +97,12 @@ def post_flags(paths: ProjectPaths, client: LabelStudioClient, result: Consensus
                 continue
             if done >= max_comments:
                 break
-            there = _keys_in(c.get("text", "") for c in client.list_comments(item))
+            there = _keys_in(c.get("text", "") for c in list_comments(client, item))
             posted |= there & {f.key for f in new}
             summary["flags_already_posted"] += sum(f.key in there for f in new)
             new = [f for f in new if f.key not in there]
             if new:
-                client.post_comment(project_id, item, comment_text(new))
+                post_comment(client, project_id, item, comment_text(new))
                 posted |= {f.key for f in new}
                 summary["comments_posted"] += 1
                 done += 1

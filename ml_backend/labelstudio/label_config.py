@@ -83,12 +83,17 @@ def parse_label_config(xml: str) -> LabelConfig:
     return _parse_cached(xml)
 
 
-@functools.lru_cache(maxsize=64)
+MAX_NESTING = 64
+"""Deepest element nesting of a label config accepted (a taxonomy of 64 levels is far beyond any real one)."""
+
+
+@functools.lru_cache(maxsize=16)
 def _parse_cached(xml: str) -> LabelConfig:
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
         raise ConfigError(f"The label config is not valid XML ({exc}); fix it in the project's Labeling Interface.") from None
+    _check_nesting(root)
     images = {el.get("name"): el for el in root.iter() if _tag(el) == "image"}
     if not images:
         raise ConfigError(
@@ -119,6 +124,17 @@ def _parse_cached(xml: str) -> LabelConfig:
     image_name = next(t for t in _to_names(control) if t in images)
     image = images[image_name]
     return _build(control, image, config_hash(xml))
+
+
+def _check_nesting(root: ET.Element) -> None:
+    """Refuse configs nested deeper than :data:`MAX_NESTING` (checked without recursion)."""
+    stack = [(root, 1)]
+    while stack:
+        el, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ConfigError(f"The label config nests elements more than {MAX_NESTING} deep; a taxonomy that deep "
+                              "cannot be served (flatten it).")
+        stack.extend((child, depth + 1) for child in el)
 
 
 def _pick(candidates: list[ET.Element]) -> ET.Element:

@@ -96,7 +96,7 @@ def pull_tasks(client: LabelStudioClient, project_id: int, path: Path, label_con
             reason = f"Label Studio has {total} tasks and the merged copy {len(merged)} (tasks were deleted)"
     full_at = snapshot["full_at"] if snapshot is not None and pull is not None else now
     if pull is None:
-        tasks = [_stripped(t) for t in client.iter_tasks(project_id)]
+        tasks = sorted((_stripped(t) for t in client.iter_tasks(project_id)), key=lambda t: t.id)
         pull = Pull(tasks, PullKind.FULL, reason or "", len(tasks))
     newest = max((t.updated_at for t in pull.tasks if t.updated_at), key=_parse, default="")
     pulled_at = server_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if server_time else None

@@ -1,17 +1,19 @@
-"""Fetching task images with guards: where from, how big, how long.
+"""Fetching task images with guards: where from, how big, how long — every remote download through the gate.
 
 A task's image value may be
 
 * Label Studio-hosted: ``/data/upload/...``, ``/data/local-files/?d=...``, ``/storage-data/...``,
-  ``/tasks/<id>/resolve/...`` — fetched from the Label Studio URL with its ``Authorization`` header;
-* an absolute ``http(s)://`` URL on Label Studio's host or a host in ``ALLOWED_IMAGE_HOSTS`` (headers are
-  sent to Label Studio's host only);
+  ``/tasks/<id>/resolve/...`` — resolved against the project's Label Studio URL; the gate adds its credentials;
+* an absolute ``http(s)://`` URL on Label Studio's origin or on a host of ``ALLOWED_IMAGE_HOSTS`` (credentials go
+  to Label Studio's exact origin only; an allowed image host must resolve to public addresses unless
+  ``ALLOW_PRIVATE_IMAGE_HOSTS`` is set);
 * a local path (or ``file://``) under ``LOCAL_FILES_ROOT`` (no traversal out of it, symlinks resolved);
 * a ``data:image/...;base64,`` URI.
 
-Cloud URIs (``s3://``, ``gs://``, ``azure-blob://``) are refused with the remedy. Downloads are streamed
-and stop past ``IMAGE_MAX_BYTES``; a whole download must finish within ``IMAGE_TIMEOUT_S``; redirects are
-followed only to allowed hosts, and never carry the token to another host.
+Cloud URIs (``s3://``, ``gs://``, ``azure-blob://``) are refused with the remedy. Downloads stop past
+``IMAGE_MAX_BYTES`` and ``IMAGE_TIMEOUT_S``; redirects are checked hop by hop by the gate. Each call of
+:meth:`ImageFetcher.fetch_many` has its own small pool of threads, so one request's slow hosts never hold another
+request's downloads.
 """
 
 from __future__ import annotations
@@ -19,45 +21,29 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urljoin
 
-import requests
-import urllib3
 from PIL import Image
 
-from ml_backend.labelstudio.connections import LSConnection
+from ml_backend.labelstudio.client import LabelStudioClient, default_gate
+from ml_backend.net.gate import Destination, GateRefused, GateUnreachable, Origin, OutboundGate, safe_url
 from ml_backend.settings import Settings
-from model.errors import DataError
+from model.errors import ConfigError, DataError
 from model.images import content_hash, load_image
 
-__all__ = [
-    "CHUNK",
-    "CLOUD_SCHEMES",
-    "ImageFetchError",
-    "LS_PREFIXES",
-    "MAX_REDIRECTS",
-    "TaskImage",
-    "fetch_image_bytes",
-    "fetch_many",
-    "fetch_task_images",
-    "is_remote",
-]
+__all__ = ["CLOUD_SCHEMES", "LS_PREFIXES", "ImageFetchError", "ImageFetcher", "TaskImage", "image_destination",
+           "is_remote"]
 
 LS_PREFIXES = ("/data/upload/", "/data/local-files", "/storage-data/", "/tasks/")
 """Relative URLs Label Studio serves itself (a local path starting like this is read as Label Studio's)."""
 
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "azure", "wasb", "wasbs", "abfs", "abfss")
-MAX_REDIRECTS = 3
-CHUNK = 64 * 1024
 
-_sessions = threading.local()
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -66,72 +52,40 @@ class ImageFetchError(DataError):
     """An image could not be fetched; the message names the image, the reason and the remedy."""
 
 
-def fetch_image_bytes(
-    value: str,
-    settings: Settings,
-    conn: LSConnection | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> bytes:
-    """The raw bytes of one task image.
-
-    Args:
-        value: the task's image value (URL, Label Studio-relative URL, local path, data URI).
-        settings: limits and allowed places (``image_max_bytes``, ``image_timeout_s``, ``allowed_image_hosts``,
-            ``local_files_root``).
-        conn: the project's Label Studio connection; needed for Label Studio-hosted images.
-        headers: auth headers for Label Studio (``LabelStudioClient.auth_headers()``); sent to its host only.
+def image_destination(settings: Settings, client: LabelStudioClient | None) -> Destination:
+    """Where images may come from: Label Studio's origin (with its credentials) and ``ALLOWED_IMAGE_HOSTS``.
 
     Raises:
-        ImageFetchError: the reason (forbidden host, too large, timeout, HTTP status, missing file, ...).
+        ConfigError: an ``ALLOWED_IMAGE_HOSTS`` entry that is not a host, ``host:port`` or ``scheme://host[:port]``.
     """
-    if not isinstance(value, str) or not value.strip():
-        raise ImageFetchError(f"The image value {value!r} is empty or not a string; store the image URL or path in the task data.")
-    value = value.strip()
-    parts = urlsplit(value)
-    scheme = parts.scheme.lower()
-    if scheme in ("http", "https"):
-        return _fetch_http(value, settings, conn, headers)
-    if scheme == "data":
-        return _decode_data_uri(value, settings)
-    if scheme == "file":
-        return _read_local(unquote(parts.path), settings)
-    if scheme in CLOUD_SCHEMES:
-        raise ImageFetchError(
-            f"The image {value!r} is a {scheme}:// URI, which the backend does not read. Connect the bucket as "
-            "cloud storage in Label Studio with presigned URLs (or 'proxy through Label Studio'), or sync the "
-            "files to a local directory and set LOCAL_FILES_ROOT."
-        )
-    if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive letter
-        raise ImageFetchError(f"The image {value!r} uses the unsupported scheme {scheme!r}; use http(s) URLs or local files.")
-    if value.startswith(LS_PREFIXES):
-        if conn is None:
-            raise ImageFetchError(
-                f"The image {value!r} is hosted by Label Studio but its URL is unknown: set LABEL_STUDIO_URL and "
-                "LABEL_STUDIO_API_KEY, or connect the model in Label Studio so that /setup sends them."
-            )
-        return _fetch_http(urljoin(conn.url + "/", value.lstrip("/")), settings, conn, headers)
-    return _read_local(value, settings)
-
-
-def fetch_many(
-    values: Sequence[str],
-    settings: Settings,
-    conn: LSConnection | None = None,
-    headers: Mapping[str, str] | None = None,
-    executor: Executor | None = None,
-) -> list[bytes | Exception]:
-    """Fetch several images in parallel (``settings.image_fetch_threads``), keeping the order.
-
-    Returns:
-        one entry per value: the bytes, or the exception that stopped that image (never raised).
-    """
-    def one(v: str) -> bytes | Exception:
+    origins: set[Origin] = set()
+    hosts: set[str] = set()
+    for raw in settings.allowed_image_hosts:
+        entry = raw.strip().lower()
+        if not entry:
+            continue
         try:
-            return fetch_image_bytes(v, settings, conn, headers)
-        except Exception as exc:  # per-image boundary: the caller reports each failure with its task
-            return exc
-
-    return _map(one, values, settings, executor)
+            if "://" in entry:
+                origins.add(Origin.of(entry))
+            elif ":" in entry.rstrip("]"):
+                host, _, port = entry.rpartition(":")
+                origins |= {Origin.of(f"http://{host}:{int(port)}"), Origin.of(f"https://{host}:{int(port)}")}
+            else:
+                hosts.add(Origin.of(f"http://{entry}").host)
+        except (GateRefused, ValueError):
+            raise ConfigError(f"ALLOWED_IMAGE_HOSTS entry {raw!r} is not a host, host:port or scheme://host[:port].") \
+                from None
+    private_ok: set[Origin] = set(origins) if settings.allow_private_image_hosts else set()
+    private_hosts = frozenset(hosts) if settings.allow_private_image_hosts else frozenset()
+    remedy = "list it in ALLOWED_IMAGE_HOSTS and set ALLOW_PRIVATE_IMAGE_HOSTS=true"
+    if client is None:
+        return Destination(origins=frozenset(origins), hosts=frozenset(hosts), private_ok=frozenset(private_ok),
+                           private_hosts_ok=private_hosts, private_remedy=remedy)
+    origins.add(client.origin)
+    private_ok |= set(client.destination.private_ok)
+    return Destination(origins=frozenset(origins), hosts=frozenset(hosts), private_ok=frozenset(private_ok),
+                       private_hosts_ok=private_hosts, credentials_for=client.origin, auth=client.auth,
+                       private_remedy=remedy)
 
 
 @dataclass(frozen=True)
@@ -161,35 +115,6 @@ class TaskImage:
             return None, TaskImage(None, None, str(exc), "decode")
 
 
-def fetch_task_images(
-    values: Sequence[str | None],
-    settings: Settings,
-    conn: LSConnection | None = None,
-    headers: Mapping[str, str] | None = None,
-    executor: Executor | None = None,
-) -> list[TaskImage]:
-    """Fetch and hash several task images (remote ones in parallel), keeping the order; no decoding.
-
-    Args:
-        values: the task image values; None where a task has no image value.
-        settings, conn, headers: as for :func:`fetch_image_bytes`.
-        executor: a pool for remote images; default a pool of ``image_fetch_threads`` for this call.
-
-    Returns:
-        one :class:`TaskImage` per value; failures are returned, never raised.
-    """
-    def one(v: str | None) -> TaskImage:
-        if v is None:
-            return TaskImage(None, None, "the task has no image value", "missing")
-        try:
-            data = fetch_image_bytes(v, settings, conn, headers)
-        except Exception as exc:  # per-image boundary: reported with its task by the caller
-            return TaskImage(None, None, str(exc), "fetch")
-        return TaskImage(data, content_hash(data))
-
-    return _map(one, values, settings, executor)
-
-
 def is_remote(value: str | None) -> bool:
     """Whether fetching ``value`` goes over the network (http(s) or Label Studio-hosted)."""
     if not isinstance(value, str):
@@ -198,122 +123,129 @@ def is_remote(value: str | None) -> bool:
     return v.startswith(LS_PREFIXES) or v[:8].lower().startswith(("http://", "https://"))
 
 
-def _map(fn: Callable[[T], R], values: Sequence[T], settings: Settings, executor: Executor | None) -> list[R]:
-    """``[fn(v) for v in values]``, order kept; in parallel only when some value is remote (local files and
-    data URIs are read faster in this thread than handed to a pool). The calling thread takes the first value
-    itself (a lone image never waits for a pool thread to wake up)."""
-    if not values:
-        return []
-    if len(values) == 1 or int(settings.image_fetch_threads) <= 1 or not any(is_remote(v) for v in values):  # type: ignore[arg-type]
-        return [fn(v) for v in values]
-    if executor is not None:
-        rest = [executor.submit(fn, v) for v in values[1:]]
-        first = fn(values[0])
-        return [first, *(f.result() for f in rest)]
-    workers = min(int(settings.image_fetch_threads), len(values) - 1)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-fetch") as pool:
-        rest = [pool.submit(fn, v) for v in values[1:]]
-        first = fn(values[0])
-        return [first, *(f.result() for f in rest)]
+class ImageFetcher:
+    """Fetches the images of one project's tasks.
 
+    Args:
+        settings: limits and allowed places (``image_max_bytes``, ``image_timeout_s``, ``allowed_image_hosts``,
+            ``allow_private_image_hosts``, ``local_files_root``, ``image_fetch_threads``).
+        client: the project's Label Studio (None: no Label Studio-hosted images).
+        gate: the outbound gate (default: the process's).
+    """
 
-# ----- http ------------------------------------------------------------------------------------------
+    def __init__(self, settings: Settings, client: LabelStudioClient | None = None,
+                 gate: OutboundGate | None = None) -> None:
+        self.settings = settings
+        self.client = client
+        self.gate = gate or (client.gate if client is not None else default_gate())
+        self.destination = image_destination(settings, client)
 
+    def key(self, value: str) -> str:
+        """What identifies an image value across Label Studio servers: Label Studio-relative URLs are made absolute
+        with the project's origin (so an image index never hands another origin's image to a URL)."""
+        v = value.strip()
+        if v.startswith(LS_PREFIXES) and self.client is not None:
+            return self.client.absolute_url(v)
+        return v
 
-def _host_port(url: str) -> tuple[str, int | None]:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-    return (parts.hostname or "").lower(), port
+    def fetch(self, value: str) -> bytes:
+        """The raw bytes of one task image.
 
-
-def _allowed(url: str, settings: Settings, conn: LSConnection | None) -> bool:
-    host, port = _host_port(url)
-    if conn is not None and (host, port) == _host_port(conn.url):
-        return True
-    for entry in settings.allowed_image_hosts:
-        entry = entry.strip().lower()
-        if "://" in entry:
-            if (host, port) == _host_port(entry):
-                return True
-        elif ":" in entry:
-            h, _, p = entry.rpartition(":")
-            if host == h and str(port) == p:
-                return True
-        elif host == entry:
-            return True
-    return False
-
-
-def _is_label_studio(url: str, conn: LSConnection | None) -> bool:
-    return conn is not None and _host_port(url) == _host_port(conn.url)
-
-
-def _session() -> requests.Session:
-    s = getattr(_sessions, "session", None)
-    if s is None:
-        s = requests.Session()
-        s.trust_env = False  # no proxies or .netrc credentials from the environment
-        _sessions.session = s
-    return s
-
-
-def _fetch_http(url: str, settings: Settings, conn: LSConnection | None, headers: Mapping[str, str] | None) -> bytes:
-    limit = int(settings.image_max_bytes)
-    timeout = float(settings.image_timeout_s)
-    deadline = time.monotonic() + timeout
-    current = url
-    for _ in range(MAX_REDIRECTS + 1):
-        if not _allowed(current, settings, conn):
-            host = urlsplit(current).netloc
+        Raises:
+            ImageFetchError: the reason (forbidden host, too large, timeout, HTTP status, missing file, ...).
+        """
+        if not isinstance(value, str) or not value.strip():
+            raise ImageFetchError(f"The image value {value!r} is empty or not a string; store the image URL or path "
+                                  "in the task data.")
+        value = value.strip()
+        scheme = value.split(":", 1)[0].lower() if ":" in value else ""
+        if scheme in ("http", "https"):
+            return self._fetch_http(value)
+        if scheme == "data":
+            return _decode_data_uri(value, self.settings)
+        if scheme == "file":
+            return _read_local(unquote(value[len("file://"):] if value.startswith("file://") else value[5:]),
+                               self.settings)
+        if scheme in CLOUD_SCHEMES:
             raise ImageFetchError(
-                f"The image host {host!r} is not allowed ({current}); add it to ALLOWED_IMAGE_HOSTS "
-                "(Label Studio's own host is always allowed)."
+                f"The image {value!r} is a {scheme}:// URI, which the backend does not read. Connect the bucket as "
+                "cloud storage in Label Studio with presigned URLs (or 'proxy through Label Studio'), or sync the "
+                "files to a local directory and set LOCAL_FILES_ROOT."
             )
-        send = dict(headers or {}) if _is_label_studio(current, conn) else {}
-        try:
-            resp = _session().get(current, headers=send, stream=True, allow_redirects=False, timeout=(timeout, timeout))
-        except requests.Timeout:
-            raise ImageFetchError(f"Timed out after {timeout:g} s fetching {current}; raise IMAGE_TIMEOUT_S or check the host.") from None
-        except requests.RequestException as exc:
-            raise ImageFetchError(f"Cannot fetch {current}: {exc.__class__.__name__}: {exc}.") from None
-        with resp:
-            if resp.is_redirect:
-                location = resp.headers.get("Location", "")
-                current = urljoin(current, location)
-                continue
-            if resp.status_code != 200:
-                hint = (
-                    " Check the Label Studio token (LABEL_STUDIO_API_KEY or the one /setup sends)."
-                    if resp.status_code in (401, 403)
-                    else ""
+        if len(scheme) > 1 and scheme.isalpha() and not value.startswith(("/", ".")):
+            raise ImageFetchError(f"The image {safe_url(value)!r} uses the unsupported scheme {scheme!r}; use http(s) "
+                                  "URLs or local files.")
+        if value.startswith(LS_PREFIXES):
+            if self.client is None:
+                raise ImageFetchError(
+                    f"The image {value!r} is hosted by Label Studio but its URL is unknown: set LABEL_STUDIO_URL and "
+                    "LABEL_STUDIO_API_KEY, or connect the model in Label Studio so that /setup sends them."
                 )
-                raise ImageFetchError(f"Fetching {current} answered HTTP {resp.status_code}.{hint}")
-            declared = resp.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise ImageFetchError(f"The image {current} has {int(declared)} bytes, over IMAGE_MAX_BYTES={limit}.")
-            return _read_stream(resp, current, limit, deadline, timeout)
-    raise ImageFetchError(f"Fetching {url} redirected more than {MAX_REDIRECTS} times; store the final image URL in the task.")
+            return self._fetch_http(urljoin(self.client.url + "/", value.lstrip("/")))
+        return _read_local(value, self.settings)
 
+    def fetch_many(self, values: Sequence[str]) -> list[bytes | Exception]:
+        """Fetch several images in parallel (up to ``image_fetch_threads`` for this call), keeping the order.
 
-def _read_stream(resp: requests.Response, url: str, limit: int, deadline: float, timeout: float) -> bytes:
-    buf = bytearray()
-    raw = resp.raw
-    try:
-        while True:
-            # read1 returns what has arrived (a trickling server cannot hold a full-chunk read past the deadline)
-            chunk = raw.read1(CHUNK, decode_content=True)
-            if not chunk:
-                break
-            buf.extend(chunk)
-            if len(buf) > limit:
-                raise ImageFetchError(f"The image {url} is larger than IMAGE_MAX_BYTES={limit}; download stopped.")
-            if time.monotonic() > deadline:
-                raise ImageFetchError(f"Fetching {url} took longer than IMAGE_TIMEOUT_S={timeout:g} s; download stopped.")
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise ImageFetchError(f"Reading {url} failed: {exc.__class__.__name__}: {exc}.") from None
-    if not buf:
-        raise ImageFetchError(f"The image {url} is empty (0 bytes).")
-    return bytes(buf)
+        Returns:
+            one entry per value: the bytes, or the exception that stopped that image (never raised).
+        """
+        def one(v: str) -> bytes | Exception:
+            try:
+                return self.fetch(v)
+            except Exception as exc:  # per-image boundary: the caller reports each failure with its task
+                return exc
+
+        return self._map(one, values)
+
+    def fetch_task_images(self, values: Sequence[str | None]) -> list[TaskImage]:
+        """Fetch and hash several task images (remote ones in parallel), keeping the order; no decoding.
+
+        Args:
+            values: the task image values; None where a task has no image value.
+
+        Returns:
+            one :class:`TaskImage` per value; failures are returned, never raised.
+        """
+        def one(v: str | None) -> TaskImage:
+            if v is None:
+                return TaskImage(None, None, "the task has no image value", "missing")
+            try:
+                data = self.fetch(v)
+            except Exception as exc:  # per-image boundary: reported with its task by the caller
+                return TaskImage(None, None, str(exc), "fetch")
+            return TaskImage(data, content_hash(data))
+
+        return self._map(one, values)
+
+    def _map(self, fn: Callable[[T], R], values: Sequence[T]) -> list[R]:
+        """``[fn(v) for v in values]``, order kept; in a pool of this call's own threads when some value is remote
+        (local files and data URIs are read faster in this thread)."""
+        if not values:
+            return []
+        threads = min(int(self.settings.image_fetch_threads), len(values))
+        if threads <= 1 or not any(is_remote(v) for v in values):  # type: ignore[arg-type]
+            return [fn(v) for v in values]
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-fetch") as pool:
+            return list(pool.map(fn, values))
+
+    def _fetch_http(self, url: str) -> bytes:
+        limit = int(self.settings.image_max_bytes)
+        timeout = float(self.settings.image_timeout_s)
+        try:
+            answer = self.gate.request("GET", url, self.destination, timeout=timeout, max_bytes=limit,
+                                       deadline_s=timeout)
+        except GateRefused as exc:
+            raise ImageFetchError(str(exc)) from None
+        except GateUnreachable as exc:
+            raise ImageFetchError(f"{exc} (IMAGE_TIMEOUT_S={timeout:g} s)") from None
+        if answer.status != 200:
+            hint = (" Check the Label Studio token (LABEL_STUDIO_API_KEY or the one /setup sends)."
+                    if answer.status in (401, 403) else "")
+            raise ImageFetchError(f"Fetching {safe_url(answer.url)} answered HTTP {answer.status}.{hint}")
+        if not answer.body:
+            raise ImageFetchError(f"The image {safe_url(answer.url)} is empty (0 bytes).")
+        return answer.body
 
 
 # ----- local and inline ------------------------------------------------------------------------------

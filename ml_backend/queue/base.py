@@ -34,6 +34,7 @@ class ScheduleAction(str, Enum):
     FOLLOW_UP = "follow-up"  # a job runs; one more run was queued after it
     COALESCED = "coalesced"  # a job already waits; it will see this event's annotations
     ERROR = "error"  # the queue is unreachable; nothing was queued (see "reason")
+    DROPPED = "dropped"  # TRAIN_QUEUE_MAX_PROJECTS projects already wait; nothing was queued
 
 
 class Scheduler(abc.ABC):

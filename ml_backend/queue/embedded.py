@@ -163,6 +163,8 @@ class EmbeddedScheduler(Scheduler):
                 waiting.coalesced += 1
                 waiting.force_pretrain = waiting.force_pretrain or force_pretrain
                 action = ScheduleAction.COALESCED
+            elif len(self._line) >= self.settings.train_queue_max_projects:
+                action = ScheduleAction.DROPPED
             else:
                 self._line[pid] = _Waiting(since=utc_now(), reason=reason, force_pretrain=force_pretrain)
                 action = ScheduleAction.FOLLOW_UP if self._running == pid else ScheduleAction.QUEUED

@@ -146,7 +146,7 @@ class RQScheduler(Scheduler):
             log.error("Project %s: cannot queue training: %s", pid, message)
             out.update(action=ScheduleAction.ERROR.value, reason=message)
             return out
-        if out["action"] != ScheduleAction.COALESCED.value:
+        if out["action"] not in (ScheduleAction.COALESCED.value, ScheduleAction.DROPPED.value):
             try:
                 JobRecords(self.settings.project(pid)).mark_queued(reason)
             except OSError as exc:  # the job is queued; only its record could not be written
@@ -182,6 +182,8 @@ class RQScheduler(Scheduler):
             # the other started after this event's annotation was saved; the cleanup retries the first.
             self.redis.incr(coalesced_key(pid))
             return {"action": ScheduleAction.COALESCED.value, "job_id": ids[1]}
+        if not running and sum(q.count for q in self.queues.values()) >= self.settings.train_queue_max_projects:
+            return {"action": ScheduleAction.DROPPED.value, "job_id": None}
         slot = 1 - running[0] if running else 0
         if jobs[slot] is not None:
             jobs[slot].delete()  # a finished/failed run under this id; its outcome is in the job record

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ml_backend.labelstudio.annotations import annotations_from_tasks
-from ml_backend.net.images import fetch_many
+from ml_backend.net.images import ImageFetcher
 from ml_backend.reports.disagreement_html import thumbnail_png, write_csvs, write_html
 from ml_backend.settings import Settings
 from ml_backend.training.disagreements import build_report, load_model_probs, load_report
@@ -62,7 +62,7 @@ def run_cli(settings: Settings, project_id: int, out_dir: Path | None = None, ma
     wanted = [e["item"] for e in report["review"][:max_thumbnails] if e["item"] in tasks]
     values = [str(tasks[t].data.get(source.config.image_key, "")) for t in wanted]
     thumbs: dict[int, bytes] = {}
-    for task, got in zip(wanted, fetch_many(values, settings, source.conn, source.client.auth_headers())):
+    for task, got in zip(wanted, ImageFetcher(settings, source.client).fetch_many(values)):
         if isinstance(got, Exception):
             log.info("no thumbnail for task %s: %s", task, got)
             continue

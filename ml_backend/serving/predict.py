@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from cachetools import LRUCache
+
 from ml_backend.http.metrics import Registry
 from ml_backend.labelstudio import connections
-from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.label_config import LabelConfig, parse_label_config
 from ml_backend.labelstudio.results import prediction_result
-from ml_backend.net.images import TaskImage, fetch_task_images, is_remote
+from ml_backend.net.images import ImageFetcher, TaskImage, is_remote
 from ml_backend.serving.store import ModelStore
 from ml_backend.settings import Settings
 from model.errors import ConfigError, TaxomocoError
+from model.predictor import Predictor
 
 __all__ = ["PredictService"]
 
 log = logging.getLogger(__name__)
+
+MAX_PROJECTS_CACHED = 64
+"""Label configs and image fetchers kept in memory (least recently used ones are dropped)."""
 
 
 @dataclass(frozen=True)
@@ -49,18 +53,18 @@ class PredictService:
         self.load_wait_s = settings.predict_load_wait_s
         # model forwards running at once: more only oversubscribe the cores and starve /health of the GIL
         self._slots = threading.BoundedSemaphore(settings.predict_concurrency)
-        # one pool of image threads for all requests: a pool per request multiplies threads under load
-        self._image_pool = ThreadPoolExecutor(max_workers=max(1, settings.image_fetch_threads), thread_name_prefix="image-fetch")
-        self._schemas: dict[int, str] = {}
-        self._clients: dict[connections.LSConnection, Any] = {}
-        self._same_taxonomy: dict[tuple[str, str], bool] = {}
+        # bounded: label configs and clients of the projects seen last (a config may be megabytes)
+        self._schemas: LRUCache[int, str] = LRUCache(MAX_PROJECTS_CACHED)
+        self._fetchers: LRUCache[connections.LSConnection, ImageFetcher] = LRUCache(MAX_PROJECTS_CACHED)
+        self._same_taxonomy: LRUCache[tuple[str, str], bool] = LRUCache(4 * MAX_PROJECTS_CACHED)
         self._lock = threading.Lock()
 
     def remember_schema(self, project_id: int, schema: str) -> None:
         """Keep /setup's label config for /predict calls that do not carry one."""
-        self._schemas[int(project_id)] = schema
+        with self._lock:
+            self._schemas[int(project_id)] = schema
 
-    def predict(self, project_id: int, tasks: list[Any], label_config: str | None) -> tuple[list[dict], str]:
+    def predict(self, project_id: int, tasks: list[Any], label_config: str | None) -> tuple[list[dict[str, Any]], str]:
         """One result item per task, in order, and the version they were computed with.
 
         Returns an empty list (no predictions) while the project has no served model.
@@ -68,7 +72,9 @@ class PredictService:
         Raises:
             ConfigError: no label config (neither in the body nor from /setup), or one that cannot be served.
         """
-        xml = label_config or self._schemas.get(project_id)
+        with self._lock:
+            remembered = self._schemas.get(project_id)
+        xml = label_config or remembered
         if not xml:
             raise ConfigError(
                 f'No label config for project {project_id}: send "label_config" in /predict (Label Studio does) '
@@ -80,12 +86,10 @@ class PredictService:
             return [], self.store.version(project_id)
         version = model.version
         values = [_image_value(task, config.image_key) for task in tasks]
-        conn, headers = self._connection(project_id, values)
-        images = fetch_task_images(values, self.settings, conn, headers, executor=self._image_pool)
-        decoded = self._decode_uncached(model, images)  # updates images[i] where decoding failed
-        preds = self._run(model, decoded, images, config)
+        images = self._fetcher(project_id, values).fetch_task_images(values)
+        preds = self._run(model, images, config)
         pid = str(project_id)
-        out: list[dict] = []
+        out: list[dict[str, Any]] = []
         for task, image, pred in zip(tasks, images, preds):
             task_id = task.get("id") if isinstance(task, dict) else None
             if image.error is not None:
@@ -98,43 +102,24 @@ class PredictService:
             out.append(prediction_result(config, pred, version))
         return out, version
 
-    def _decode_uncached(self, model: Any, images: list[TaskImage]) -> list[Any]:
-        """Decoded images for the tasks whose embedding is not cached; None for the others (and for failures,
-        whose entry in ``images`` then says why)."""
-        cached = model.cached([t.content_hash for t in images])  # (N,) bool
-        decoded: list[Any] = []
-        for i, task_image in enumerate(images):
-            if cached[i]:
-                decoded.append(None)
-                continue
-            image, images[i] = task_image.decode(self.settings.image_max_pixels)
-            decoded.append(image)
-        return decoded
-
-    def _run(self, model: Any, batch: list[Any], images: list[TaskImage], config: LabelConfig) -> list[Any]:
-        hashes = [t.content_hash for t in images]
-        kwargs = {"leafs_only": config.leafs_only, "prefix_threshold": self.settings.prefix_threshold}
-        try:
-            with self._slots:
-                preds = list(model.predict(batch, hashes, **kwargs))
-        except Exception:  # isolate the image that breaks the batch; the others still get predictions
-            log.exception("batch prediction of %d images failed; predicting one by one", len(batch))
-            preds = []
-            for image, h in zip(batch, hashes):
-                try:
-                    with self._slots:
-                        preds.append(model.predict([image], [h], **kwargs)[0])
-                except Exception as exc:
-                    log.warning("prediction of one image failed: %s: %s", exc.__class__.__name__, exc)
-                    preds.append(None)
-        assert len(preds) == len(images), (len(preds), len(images))
+    def _run(self, model: Predictor, images: list[TaskImage], config: LabelConfig) -> list[Any]:
+        """Predictions for the fetched images; ``images[i]`` is replaced by a failed one where decoding failed."""
+        items = [(t.data, t.content_hash) if t.data is not None and t.content_hash else None for t in images]
+        with self._slots:
+            preds, errors = model.predict_encoded(
+                items, leafs_only=config.leafs_only, prefix_threshold=self.settings.prefix_threshold,
+                max_pixels=self.settings.image_max_pixels, batch_pixels=self.settings.predict_max_pixels)
+        for i, reason in errors.items():
+            images[i] = TaskImage(None, None, reason, "decode")
         if self._taxonomy_matches(model, config):
-            return preds
+            return list(preds)
         return [self._to_config(p, config) for p in preds]
 
     def _taxonomy_matches(self, model: Any, config: LabelConfig) -> bool:
         key = (model.version, config.config_hash)
-        if key not in self._same_taxonomy:
+        with self._lock:
+            known = self._same_taxonomy.get(key)
+        if known is None:
             same = model.taxonomy == config.taxonomy
             if not same:
                 log.warning(
@@ -142,8 +127,10 @@ class PredictService:
                     "config are left empty until the next training",
                     model.version,
                 )
-            self._same_taxonomy[key] = same
-        return self._same_taxonomy[key]
+            with self._lock:
+                self._same_taxonomy[key] = same
+            return same
+        return known
 
     @staticmethod
     def _to_config(pred: Any, config: LabelConfig) -> Any:
@@ -154,23 +141,20 @@ class PredictService:
         except TaxomocoError:
             return None
 
-    def _connection(self, project_id: int, values: list[str | None]) -> tuple[connections.LSConnection | None, dict]:
+    def _fetcher(self, project_id: int, values: list[str | None]) -> ImageFetcher:
+        """The image fetcher of the project's Label Studio (one per connection, kept for the next request)."""
         if not any(is_remote(v) for v in values):
-            return None, {}
+            return ImageFetcher(self.settings)
         try:
             conn = connections.resolve(self.settings, project_id)
         except ConfigError as exc:
             log.warning("project %s: %s", project_id, exc)
-            return None, {}
+            return ImageFetcher(self.settings)
         with self._lock:
-            client = self._clients.get(conn)
-            if client is None:
-                client = self._clients[conn] = LabelStudioClient(conn.url, conn.api_key)
-        try:
-            return conn, client.auth_headers()
-        except TaxomocoError as exc:
-            log.warning("project %s: no Label Studio credentials for images: %s", project_id, exc)
-            return conn, {}
+            fetcher = self._fetchers.get(conn)
+            if fetcher is None:
+                fetcher = self._fetchers[conn] = ImageFetcher(self.settings, conn.client())
+        return fetcher
 
 
 def _image_value(task: Any, key: str) -> str | None:

@@ -1,7 +1,8 @@
 """The training job's image step: every task's image downloaded once and stored by content hash.
 
 ``ProjectPaths.images`` holds one file per distinct image (named by its sha256); ``images/index.json`` maps an
-image value to the hash of what it gave, so a later run fetches only new values. The serving limits apply:
+image URL — made absolute with the project's Label Studio origin — to the hash of what it gave, so a later run
+fetches only new values, and a project moved to another Label Studio never reuses the old origin's images. The serving limits apply:
 an image that is not an image, or has more pixels than ``IMAGE_MAX_PIXELS``, is refused from its header.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ml_backend.net.images import fetch_many
+from ml_backend.net.images import ImageFetcher
 from ml_backend.paths import ProjectPaths
 from ml_backend.settings import Settings
 from ml_backend.training.pull import ProjectSource
@@ -51,21 +52,22 @@ def sync_images(settings: Settings, paths: ProjectPaths, source: ProjectSource, 
         index: dict[str, str] = json.loads(paths.images_index.read_text())
     except (FileNotFoundError, ValueError):
         index = {}
-    key = source.config.image_key
-    values: dict[int, str] = {}
+    fetcher = ImageFetcher(settings, source.client)
+    image_key = source.config.image_key
+    values: dict[int, str] = {}  # task id -> image value
+    keys: dict[int, str] = {}  # task id -> index key (the value made absolute with the project's origin)
     failed: dict[int, str] = {}
     for task in source.tasks:
-        value = task.data.get(key) if isinstance(task.data, dict) else None
+        value = task.data.get(image_key) if isinstance(task.data, dict) else None
         if not isinstance(value, str) or not value:
-            failed[task.id] = f"task data has no {key!r} image value"
+            failed[task.id] = f"task data has no {image_key!r} image value"
         else:
-            values[task.id] = value
-    todo = [(tid, v) for tid, v in values.items() if v not in index or not (root / index[v]).exists()]
-    headers = source.client.auth_headers()
+            values[task.id], keys[task.id] = value, fetcher.key(value)
+    todo = [tid for tid in values if keys[tid] not in index or not (root / index[keys[tid]]).exists()]
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=len(todo) < chunk)
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
-        for (tid, value), got in zip(part, fetch_many([v for _, v in part], settings, source.conn, headers)):
+        for tid, got in zip(part, fetcher.fetch_many([values[t] for t in part])):
             if isinstance(got, Exception):
                 failed[tid] = str(got)
                 continue
@@ -78,12 +80,12 @@ def sync_images(settings: Settings, paths: ProjectPaths, source: ProjectSource, 
             path = root / digest
             if not path.exists():
                 atomic_write_bytes(path, got)
-            index[value] = digest
+            index[keys[tid]] = digest
         bar.update(len(part))
     bar.close()
     atomic_write_json(paths.images_index, index)
-    task_ids = [tid for tid, v in values.items() if tid not in failed and v in index]
-    hashes = [index[values[tid]] for tid in task_ids]
+    task_ids = [tid for tid in values if tid not in failed and keys[tid] in index]
+    hashes = [index[keys[tid]] for tid in task_ids]
     if failed:
         log.warning("Project %s: %d task images unavailable, e.g. task %s: %s", pid, len(failed),
                     *next(iter(failed.items())))

@@ -37,7 +37,7 @@ def pull_project(settings: Settings, paths: ProjectPaths) -> ProjectSource:
     """Label config and all tasks with all annotations of the project."""
     pid = paths.project_id
     conn = resolve(settings, pid)
-    client = LabelStudioClient(conn.url, conn.api_key)
+    client = conn.client()
     project = client.get_project(pid)
     config = parse_label_config(project.label_config)
     pull = pull_tasks(client, pid, paths.tasks_snapshot, project.label_config, settings.tasks_full_pull_every_s)
