@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ml_backend.settings import Settings
 from model.errors import TaxomocoError
 
 __all__ = ["build_parser", "main"]
@@ -20,19 +21,32 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("taxomoco")
 
 
+SETTING_FLAGS = {
+    "--arch": "arch", "--input-size": "input_size", "--init-weights": "init_weights", "--augment": "pretrain_augment",
+    "--epochs": "pretrain_epochs", "--batch-size": "pretrain_batch_size", "--max-minutes": "pretrain_max_minutes",
+    "--memory-bank": "pretrain_memory_bank", "--temperature": "pretrain_temperature", "--lr": "pretrain_lr",
+    "--device": "device",
+}
+"""Flags of the folder commands that set a backend setting: same meaning, default and env var as the backend."""
+
+
+def _setting(p: argparse.ArgumentParser, flag: str) -> None:
+    """A flag for one setting; its help and default come from :class:`Settings` (one source of defaults), and it
+    is None when not given, so the env var or the default applies."""
+    name = SETTING_FLAGS[flag]
+    help_text, default = Settings.flag_help(name)
+    kind = {int: int, float: float}.get(type(default), Path if name == "init_weights" else str)
+    p.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="resnet18-half", choices=["resnet18", "resnet18-half"], help="backbone")
-    p.add_argument("--input-size", type=int, default=64, help="encoder input size in pixels")
-    p.add_argument("--init-weights", type=Path, default=None, help="local weights file to start the encoder from")
+    for flag in ("--arch", "--input-size", "--init-weights", "--device"):
+        _setting(p, flag)
 
 
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=20, help="MoCo v2 epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="MoCo batch size")
-    p.add_argument("--max-minutes", type=float, default=None, help="time budget of the pretraining")
-    p.add_argument("--memory-bank", type=int, default=4096, help="negatives kept in the memory bank")
-    p.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
-    p.add_argument("--lr", type=float, default=0.06, help="SGD learning rate")
+    for flag in ("--augment", "--epochs", "--batch-size", "--max-minutes", "--memory-bank", "--temperature", "--lr"):
+        _setting(p, flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
     p.add_argument("--out", type=Path, default=Path("taxomoco-encoder"), help="where the encoder, checkpoints and loss curve go")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the last checkpoint")
-    p.add_argument("--device", default="auto")
     _add_encoder_args(p)
     _add_pretrain_args(p)
 
@@ -56,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabelled", type=Path, default=None, help="folder of unlabelled images (used by --pretrain)")
     p.add_argument("--unlabelled-list", type=Path, default=None, help="text file with one unlabelled image path per line")
     p.add_argument("--report", type=Path, default=None, help="write the cross-validated evaluation report here")
-    p.add_argument("--device", default="auto")
     _add_encoder_args(p)
     _add_pretrain_args(p)
 
@@ -64,14 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images_dir", type=Path)
     p.add_argument("--models", type=Path, default=Path("taxomoco-models"))
     p.add_argument("--out", type=Path, default=Path("taxomoco-report"))
-    p.add_argument("--device", default="auto")
+    _setting(p, "--device")
 
     p = sub.add_parser("predict", help="predict taxonomy paths for image files")
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--models", type=Path, default=Path("taxomoco-models"))
     p.add_argument("--all-levels", action="store_true", help="allow prefix paths (like leafsOnly=false)")
     p.add_argument("--prefix-threshold", type=float, default=0.5)
-    p.add_argument("--device", default="auto")
+    _setting(p, "--device")
 
     p = sub.add_parser("serve", help="run the Label Studio ML backend (waitress); settings from env vars, see README")
     p.add_argument("--host", default=None)
@@ -84,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None)
     p.add_argument("--queues", nargs="*", default=None, help="queue names (default: pretrain and heads queues)")
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    p.add_argument("--device", default=None)
+    _setting(p, "--device")
 
     p = sub.add_parser("disagreements", help="annotator disagreement report of a Label Studio project")
     p.add_argument("--project", type=int, required=True)
@@ -94,14 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("pretrain", "train", "evaluate", "predict"):
-        from ml_backend import cli_folders as pipeline
-
-        return pipeline.run_command(args)
-    from ml_backend.settings import Settings
-
-    overrides = {k: getattr(args, k, None) for k in ("host", "port", "model_dir", "redis_url", "device")}
+    overrides = {name: getattr(args, name, None) for name in set(SETTING_FLAGS.values())}
+    overrides.update({k: getattr(args, k, None) for k in ("host", "port", "model_dir", "redis_url")})
     settings = Settings.from_env(**overrides)
+    if args.command in ("pretrain", "train", "evaluate", "predict"):
+        from ml_backend import cli_folders  # torch and the model stack, paid only by the folder commands
+
+        return cli_folders.run_command(args, settings)
     if args.command == "serve":
         from ml_backend.http.server import serve
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ml_backend.configs import encoder_config, pretrain_config
+from ml_backend.settings import Settings
 from model.bundle import data_fingerprint, load_live, publish
 from model.data import scan_images, scan_labelled_folder
 from model.encoder.backbone import build_backbone, encoder_version
@@ -30,7 +32,7 @@ from model.heads.training import fit, heads_logits
 from model.images import content_hash, load_image
 from model.predictor import Predictor
 from model.report import write_report
-from model.ssl.config import PretrainConfig
+from model.ssl.recipe import summarize_images
 from model.taxonomy import Taxonomy
 
 __all__ = [
@@ -90,40 +92,38 @@ def _unlabelled(args: argparse.Namespace) -> list[Path]:
     return files
 
 
-def _encoder_cfg(args: argparse.Namespace) -> EncoderConfig:
-    init = str(args.init_weights) if getattr(args, "init_weights", None) else None
-    return EncoderConfig(arch=args.arch, input_size=args.input_size, init_weights=init)
+def _encoder_cfg(settings: Settings, files: Sequence[Path]) -> EncoderConfig:
+    return encoder_config(settings, summarize_images(list(files)))
 
 
-def _pretrain_cfg(args: argparse.Namespace):  # -> PretrainConfig
-
-    accelerator = "cpu" if args.device == "cpu" else ("gpu" if str(args.device).startswith("cuda") else "auto")
-    return PretrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        memory_bank_size=max(args.memory_bank, args.batch_size),
-        temperature=args.temperature,
-        max_minutes=args.max_minutes,
-        accelerator=accelerator,
-    )
-
-
-def pretrain_folder(args: argparse.Namespace, files: Sequence[Path] | None = None) -> Path:
+def pretrain_folder(args: argparse.Namespace, settings: Settings, files: Sequence[Path] | None = None) -> Path:
     """``taxomoco pretrain``: MoCo v2 on every image under ``images_dir`` → an encoder directory."""
-    from model.ssl.pretrain import pretrain
+    from model.ssl.pretrain import pretrain  # Lightning: 2-3 s of imports, paid only by the commands that pretrain
 
     files = list(files) if files is not None else scan_images(args.images_dir)
     if not files:
         raise DataError(f"No images found under {args.images_dir}; point the command at a folder of .png/.jpg files.")
     out: Path = args.out
-    cfg = _encoder_cfg(args)
-    result = pretrain(files, cfg, _pretrain_cfg(args), out, resume=not getattr(args, "no_resume", False))
+    summary = summarize_images(files)
+    cfg = encoder_config(settings, summary)
+    run_cfg = pretrain_config(settings, len(files), summary)
+    print(f"recipe: {len(files)} images, median side {summary.median_side} px, "
+          f"{'grayscale' if summary.grayscale else 'colour'} -> input {cfg.input_size} px, "
+          f"crops >= {run_cfg.augment.min_scale:.0%}, budget {run_cfg.max_minutes or 'none'} min, "
+          f"epoch cap {run_cfg.epochs}")
+    result = pretrain(files, cfg, run_cfg, out, resume=not getattr(args, "no_resume", False))
     version = save_encoder(out, cfg, result.backbone_state)
+    plan = result.plan
+    first, last = (result.quality[0], result.quality[-1]) if result.quality else (None, None)
     print(
-        f"pretrained encoder {version}: {result.epochs_done} epochs, {result.images_per_second:.0f} images/s, "
-        f"{len(result.skipped)} unreadable images skipped; loss curve {out / 'loss.png'}"
+        f"pretrained encoder {version}: {result.steps_done}/{plan.steps if plan else '?'} planned steps "
+        f"({result.epochs_done} epochs, limited by {plan.limited_by if plan else '?'}), "
+        f"{result.images_per_second:.0f} images/s, {len(result.skipped)} unreadable images skipped"
     )
+    if first is not None and last is not None:
+        verdict = {True: "learned", False: "DID NOT visibly learn", None: "not enough measurements"}[result.learned]
+        print(f"view retrieval (label-free quality) {first.view_retrieval:.3f} -> {last.view_retrieval:.3f}: {verdict}")
+    print(f"loss and quality curves: {out / 'loss.png'}")
     return out
 
 
@@ -136,7 +136,7 @@ def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_di
     return embed_through_cache(embedder, cache, list(files), _file_hashes(files), progress=True)
 
 
-def train_folder(args: argparse.Namespace) -> str:
+def train_folder(args: argparse.Namespace, settings: Settings) -> str:
     """``taxomoco train``: heads on a labelled folder tree (optionally pretraining first) → a published version."""
     labelled = scan_labelled_folder(args.images_dir)
     files = [f for f, _ in labelled]
@@ -146,13 +146,13 @@ def train_folder(args: argparse.Namespace) -> str:
         cfg, state, _ = load_encoder(args.encoder)
     elif args.pretrain:
         args.out = args.models / "pretrain"
-        pretrain_folder(args, files + _unlabelled(args))
+        pretrain_folder(args, settings, files + _unlabelled(args))
         cfg, state, _ = load_encoder(args.out)
     else:
         log.warning("No --encoder and no --pretrain: the heads train on a randomly initialised encoder (a baseline).")
-        cfg = _encoder_cfg(args)
+        cfg = _encoder_cfg(settings, files)
         state = build_backbone(cfg).state_dict()
-    emb, ok = embed_files(files, cfg, state, args.models / "cache", args.device)
+    emb, ok = embed_files(files, cfg, state, args.models / "cache", settings.device)
     if not ok.all():
         print(f"{int((~ok).sum())} unreadable images skipped")
     keep = np.flatnonzero(ok)
@@ -180,12 +180,12 @@ def train_folder(args: argparse.Namespace) -> str:
     return manifest.version
 
 
-def evaluate_folder(args: argparse.Namespace) -> dict:
+def evaluate_folder(args: argparse.Namespace, settings: Settings) -> dict:
     """``taxomoco evaluate``: the live model on a labelled folder tree → JSON + PNG + HTML report."""
     bundle = load_live(args.models)
     labelled = scan_labelled_folder(args.images_dir)
     files = [f for f, _ in labelled]
-    emb, ok = embed_files(files, bundle.encoder_cfg, bundle.backbone_state, args.models / "cache", args.device)
+    emb, ok = embed_files(files, bundle.encoder_cfg, bundle.backbone_state, args.models / "cache", settings.device)
     keep = np.flatnonzero(ok)
     targets = bundle.taxonomy.encode_many([labelled[i][1] for i in keep])
     logits = heads_logits(bundle.heads, torch.from_numpy(emb[keep]))
@@ -198,10 +198,10 @@ def evaluate_folder(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def predict_files(args: argparse.Namespace) -> list[dict]:
+def predict_files(args: argparse.Namespace, settings: Settings) -> list[dict]:
     """``taxomoco predict``: one JSON line per image (path, score, per-level scores) on stdout."""
     bundle = load_live(args.models)
-    predictor = Predictor(bundle, args.models / "cache", device=args.device)
+    predictor = Predictor(bundle, args.models / "cache", device=settings.device)
     images, hashes, errors = [], [], {}
     for f in args.images:
         try:
@@ -239,9 +239,12 @@ def _print_metrics(metrics: dict, title: str) -> None:
         print(f"  expected calibration error {metrics['calibration']['ece']:.3f}")
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Dispatch a model command of the CLI."""
-    {"pretrain": pretrain_folder, "train": train_folder, "evaluate": evaluate_folder, "predict": predict_files}[
-        args.command
-    ](args)
+    if args.command == "pretrain":
+        pretrain_folder(args, settings)
+    elif args.command == "train":
+        train_folder(args, settings)
+    else:
+        {"evaluate": evaluate_folder, "predict": predict_files}[args.command](args, settings)
     return 0

@@ -14,6 +14,11 @@ from pathlib import Path
 
 from ml_backend.paths import ProjectPaths
 from model.errors import ConfigError
+from model.ssl.config import PretrainConfig
+from model.ssl.plan import PRETRAIN_MIN_IMAGES
+from model.ssl.recipe import RecipeKind
+
+_PRETRAIN = PretrainConfig()  # the one source of the pretraining defaults
 
 __all__ = ["Settings"]
 
@@ -65,11 +70,16 @@ class Settings:
     # --- model and training ---------------------------------------------------------------------------
     device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N."})
     arch: str = field(default="resnet18-half", metadata={"env": "ENCODER_ARCH", "help": "Backbone: resnet18 or resnet18-half."})
-    input_size: int = field(default=64, metadata={"env": "ENCODER_INPUT_SIZE", "help": "Encoder input size in pixels (96–128 on a GPU)."})
-    init_weights: Path | None = field(default=None, metadata={"env": "ENCODER_INIT_WEIGHTS", "help": "Optional local weights file (.safetensors/.pth) to start the encoder from; nothing is downloaded."})
-    pretrain_epochs: int = field(default=20, metadata={"env": "PRETRAIN_EPOCHS", "help": "MoCo v2 epochs per pretraining run."})
-    pretrain_max_minutes: float = field(default=30.0, metadata={"env": "PRETRAIN_MAX_MINUTES", "help": "Time budget of one pretraining run."})
-    pretrain_batch_size: int = field(default=128, metadata={"env": "PRETRAIN_BATCH_SIZE", "help": "MoCo batch size."})
+    input_size: int = field(default=0, metadata={"env": "ENCODER_INPUT_SIZE", "help": "Encoder input size in pixels; 0 = chosen from the images (32 for images of at most 48 px, else 64 on a CPU / 96 on a GPU, never above the images' median side)."})
+    init_weights: Path | None = field(default=None, metadata={"env": "ENCODER_INIT_WEIGHTS", "help": "Optional local weights file to start the encoder from (ours, or a torchvision ResNet-18 ImageNet state_dict); nothing is downloaded."})
+    pretrain_min_images: int = field(default=PRETRAIN_MIN_IMAGES, metadata={"env": "PRETRAIN_MIN_IMAGES", "help": "Projects with fewer images do not pretrain (measured: below ~500 images MoCo loses to plain pixel features); POST /train with pretrain forces it."})
+    pretrain_epochs: int = field(default=_PRETRAIN.epochs, metadata={"env": "PRETRAIN_EPOCHS", "help": "Epoch cap of a pretraining run; the run is fitted to PRETRAIN_MAX_MINUTES and the number of images, and its schedule spans the fitted run."})
+    pretrain_max_minutes: float = field(default=_PRETRAIN.max_minutes or 0.0, metadata={"env": "PRETRAIN_MAX_MINUTES", "help": "Time budget of one pretraining run (0 = only the epoch cap)."})
+    pretrain_batch_size: int = field(default=_PRETRAIN.batch_size, metadata={"env": "PRETRAIN_BATCH_SIZE", "help": "MoCo batch size."})
+    pretrain_lr: float = field(default=_PRETRAIN.lr, metadata={"env": "PRETRAIN_LR", "help": "MoCo SGD learning rate (after warm-up; cosine to 0 over the run)."})
+    pretrain_temperature: float = field(default=_PRETRAIN.temperature, metadata={"env": "PRETRAIN_TEMPERATURE", "help": "InfoNCE temperature."})
+    pretrain_memory_bank: int = field(default=_PRETRAIN.memory_bank_size, metadata={"env": "PRETRAIN_MEMORY_BANK", "help": "Largest MoCo memory bank (negatives); fitted down to the number of images."})
+    pretrain_augment: str = field(default=RecipeKind.AUTO.value, metadata={"env": "PRETRAIN_AUGMENT", "help": "Augmentation recipe: auto (chosen from the images' size and colour), small-images, or moco-v2."})
     pretrain_devices: str = field(default="1", metadata={"env": "PRETRAIN_DEVICES", "help": "Devices one pretraining uses: a count, or `all` (every GPU the worker sees; with PRETRAIN_STRATEGY=ddp_spawn)."})
     pretrain_strategy: str = field(default="auto", metadata={"env": "PRETRAIN_STRATEGY", "help": "Lightning strategy of pretraining: auto, or ddp_spawn for data-parallel on several GPUs inside a worker (plain ddp re-launches the script: use it with `taxomoco pretrain`)."})
     repretrain_fraction: float = field(default=0.5, metadata={"env": "REPRETRAIN_NEW_FRACTION", "help": "Pretrain again when the project gained this fraction of new images since the last pretraining."})
@@ -129,8 +139,20 @@ class Settings:
                               "TRAIN_QUEUE_MAX_PROJECTS must be positive.")
         if self.arch not in ("resnet18", "resnet18-half"):
             raise ConfigError(f"ENCODER_ARCH={self.arch!r} is not supported; use resnet18 or resnet18-half.")
-        if self.input_size < 16:
-            raise ConfigError(f"ENCODER_INPUT_SIZE={self.input_size} is too small; use at least 32.")
+        if self.input_size != 0 and self.input_size < 16:
+            raise ConfigError(f"ENCODER_INPUT_SIZE={self.input_size} is too small; use 0 (chosen from the images) or "
+                              "at least 32.")
+        if self.pretrain_augment not in {k.value for k in RecipeKind}:
+            raise ConfigError(f"PRETRAIN_AUGMENT={self.pretrain_augment!r} is not a recipe; use one of "
+                              f"{', '.join(k.value for k in RecipeKind)}.")
+        if self.pretrain_max_minutes < 0 or self.pretrain_epochs < 1 or self.pretrain_min_images < 0:
+            raise ConfigError("PRETRAIN_MAX_MINUTES must be >= 0 (0 = no budget), PRETRAIN_EPOCHS >= 1 and "
+                              "PRETRAIN_MIN_IMAGES >= 0.")
+        if self.pretrain_memory_bank < self.pretrain_batch_size or self.pretrain_batch_size < 2:
+            raise ConfigError(f"PRETRAIN_MEMORY_BANK={self.pretrain_memory_bank} must be >= PRETRAIN_BATCH_SIZE="
+                              f"{self.pretrain_batch_size} >= 2.")
+        if self.pretrain_lr <= 0 or self.pretrain_temperature <= 0:
+            raise ConfigError("PRETRAIN_LR and PRETRAIN_TEMPERATURE must be positive.")
         if self.torch_threads < 0 or self.predict_concurrency < 1:
             raise ConfigError("TORCH_THREADS must be >= 0 and PREDICT_CONCURRENCY >= 1.")
         if self.pretrain_devices != "all" and not self.pretrain_devices.isdigit():
@@ -152,6 +174,13 @@ class Settings:
     def project(self, project_id: int) -> ProjectPaths:
         """The files and folders of one Label Studio project under ``model_dir``."""
         return ProjectPaths(self.model_dir, int(project_id))
+
+    @staticmethod
+    def flag_help(name: str) -> tuple[str, object]:
+        """``(help text with its env var and default, default)`` of setting ``name``: the CLI's flags read their
+        documentation and default here, so a flag and its env var mean the same thing."""
+        f = next(f for f in dataclasses.fields(Settings) if f.name == name)
+        return f"{f.metadata['help']} [env {f.metadata['env']}; default {_show(f.default)}]", f.default
 
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:

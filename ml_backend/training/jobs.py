@@ -39,7 +39,7 @@ from ml_backend.paths import ProjectPaths
 from ml_backend.settings import Settings
 from ml_backend.training.calibration import label_digests, write_calibration
 from ml_backend.training.disagreements import analyse_disagreements
-from ml_backend.training.encoder import embed_all, live_encoder, pending_run, pretrain_encoder
+from ml_backend.training.encoder import embed_all, initial_encoder, live_encoder, pending_run, pretrain_encoder
 from ml_backend.training.fit import cross_validate_after_publish, fit_heads
 from ml_backend.training.images import sync_images
 from ml_backend.training.labels import consensus_labels, labels_shortfall
@@ -153,14 +153,18 @@ def _train_pulled(settings: Settings, paths: ProjectPaths, force_pretrain: bool,
                         "check LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, ALLOWED_IMAGE_HOSTS and LOCAL_FILES_ROOT.")
     live = live_encoder(paths)
     decision = decide_pretrain(len(images.paths), read_pretrain_record(paths), live is not None,
-                               force_pretrain or pretrain_requested(paths), settings.repretrain_fraction)
+                               force_pretrain or pretrain_requested(paths), settings.repretrain_fraction,
+                               settings.pretrain_min_images)
     log.info("Project %s: pretrain=%s (%s)", pid, decision.pretrain, decision.reason.value)
+    pretrain_report: dict[str, Any] | None = None
     if decision.pretrain:
         with _timed(durations, "pretrain"):
-            encoder = pretrain_encoder(settings, paths, images, init=live)
-    else:
-        assert live is not None
+            encoder, pretrain_report = pretrain_encoder(settings, paths, images, init=live)
+    elif live is not None:
         encoder = live
+    else:
+        with _timed(durations, "encoder"):
+            encoder = initial_encoder(settings, images)
     with _timed(durations, "embed"):
         emb, ok = embed_all(settings, paths, encoder, images)  # (N, D), (N,)
     counts["embedded"] = int(ok.sum())
@@ -168,7 +172,8 @@ def _train_pulled(settings: Settings, paths: ProjectPaths, force_pretrain: bool,
         fit, reuse = fit_heads(settings, paths, source, labels, images, emb, ok, encoder)
     counts["trained_on"] = len(fit.task_ids)
     with _timed(durations, "publish"):
-        version = publish_version(settings, paths, source, labels, images, encoder, fit, decision, counts, reuse)
+        version = publish_version(settings, paths, source, labels, images, encoder, fit, decision, counts, reuse,
+                                  pretrain_report)
     if decision.pretrain:  # only once the new encoder is live: a failed publish pretrains again
         write_pretrain_record(paths, len(images.paths), encoder.version)
         pending_run(paths, clear=True)
@@ -186,4 +191,4 @@ def _train_pulled(settings: Settings, paths: ProjectPaths, force_pretrain: bool,
                   exc_info=not isinstance(exc, TaxomocoError))
         counts["flags"] = -1
     return {"status": "succeeded", "version": version, "counts": counts, "durations_s": durations,
-            "pretrain": decision.to_dict(), "calibration": reuse.to_dict(), "pull": source.pull}
+            "pretrain": {**decision.to_dict(), "run": pretrain_report}, "calibration": reuse.to_dict(), "pull": source.pull}

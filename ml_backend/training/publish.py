@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ml_backend.paths import ProjectPaths
 from ml_backend.settings import Settings
@@ -22,12 +23,13 @@ log = logging.getLogger(__name__)
 
 def publish_version(settings: Settings, paths: ProjectPaths, source: ProjectSource, labels: Labels, images: ProjectImages,
                     encoder: Encoder, fit: Fit, decision: PretrainDecision, counts: dict[str, int],
-                    reuse: ReuseDecision | None = None) -> str:
+                    reuse: ReuseDecision | None = None, pretrain_run: dict[str, Any] | None = None) -> str:
     """Publish the new model version atomically, prune old ones; returns the version."""
     pid = paths.project_id
     root = paths.models
     extra = {"consensus": labels.result.policy_record(), "excluded": len(labels.result.excluded),
-             "pretrained": decision.pretrain, "pretrain_decision": decision.to_dict(), "counts": dict(counts),
+             "pretrained": decision.pretrain, "pretrain_decision": decision.to_dict(),
+             "pretrain_run": pretrain_run, "counts": dict(counts),
              "project_id": pid, "label_config_from_name": source.config.from_name,
              "calibration": reuse.to_dict() if reuse is not None else None}
     manifest = publish(root, source.config.taxonomy, encoder.cfg, encoder.state, fit.result.heads,
