@@ -49,6 +49,15 @@ def test_pretrain_again_when_the_project_grew_enough(now: int, last: int, fracti
     assert d.to_dict()["n_images_at_last_pretrain"] == last
 
 
+def test_a_project_too_small_for_self_supervision_does_not_pretrain_unless_forced() -> None:
+    d = decide_pretrain(120, None, has_live_encoder=False, force=False, repretrain_fraction=0.5, min_images=500)
+    assert not d.pretrain and d.reason is PretrainReason.TOO_FEW_IMAGES
+    assert "PRETRAIN_MIN_IMAGES" in d.to_dict()["reason"]
+    forced = decide_pretrain(120, None, has_live_encoder=False, force=True, repretrain_fraction=0.5, min_images=500)
+    assert forced.pretrain and forced.reason is PretrainReason.FORCED
+    assert decide_pretrain(500, None, False, False, 0.5, min_images=500).reason is PretrainReason.FIRST
+
+
 def test_missing_live_encoder_pretrains_again() -> None:
     d = decide_pretrain(10, {"n_images": 10}, has_live_encoder=False, force=False, repretrain_fraction=0.5)
     assert d.pretrain and d.reason is PretrainReason.NO_ENCODER
