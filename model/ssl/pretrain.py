@@ -273,7 +273,7 @@ def pretrain(
         log.warning("Pretraining stopped at step %d of %d planned (time limit or interruption); the schedule did "
                     "not finish. Raise PRETRAIN_MAX_MINUTES or resume the run.", result.steps_done, plan.steps)
     if result.learned is False:
-        log.warning("Pretraining did not visibly learn: view retrieval %.3f -> %.3f (needs +0.05). The encoder may "
+        log.warning("Pretraining did not visibly learn: view retrieval %.3f -> %.3f (needs to double). The encoder may "
                     "be no better than a random one; see %s.", result.quality[0].view_retrieval,
                     result.quality[-1].view_retrieval, out_dir / "loss.png")
     return result

@@ -7,7 +7,9 @@ views' normalised embeddings; lower is better) and **uniformity** (log of the me
 embeddings of different images, Wang & Isola 2020; lower is better).
 
 A random network already retrieves some views (identical colours and shapes survive weak crops), so a run is
-said to have *learned* when view retrieval rose by at least ``LEARNED_GAIN`` over its value before the first step.
+said to have *learned* when view retrieval at least doubled from its value before the first step and rose by at
+least ``LEARNED_GAIN``. (On animal-mnist a 5-minute CPU run went from 0.014 to 0.043 with strong augmentations
+while its features already beat pixels; a collapsed 64 px run stayed at 0.012.)
 The backbone is evaluated with batch statistics (BatchNorm in training mode with momentum 0: running statistics
 are neither used nor changed), so the signal does not depend on how far the running statistics have caught up.
 """
@@ -37,7 +39,7 @@ __all__ = ["LEARNED_GAIN", "QUALITY_CHECKS", "QUALITY_IMAGES", "QualityCallback"
 QUALITY_IMAGES = 256
 QUALITY_CHECKS = 8
 """Measurements spread over a run (plus one before the first step and one at the end)."""
-LEARNED_GAIN = 0.05
+LEARNED_GAIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,12 @@ def measure_view_quality(backbone: nn.Module, images: Sequence[ImageSource], two
 
 
 def learned(history: Sequence[ViewQuality]) -> bool | None:
-    """Whether view retrieval rose by at least ``LEARNED_GAIN`` from the first to the last measurement (None when
-    fewer than two measurements exist)."""
+    """Whether view retrieval at least doubled and rose by at least ``LEARNED_GAIN`` from the first to the last
+    measurement (None when fewer than two measurements exist)."""
     if len(history) < 2:
         return None
-    return history[-1].view_retrieval - history[0].view_retrieval >= LEARNED_GAIN
+    first, last = history[0].view_retrieval, history[-1].view_retrieval
+    return last >= 2 * first and last - first >= LEARNED_GAIN
 
 
 def write_quality_row(csv_path: Path, q: ViewQuality) -> None:
