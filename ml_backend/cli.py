@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--models", type=Path, default=Path("taxomoco-models"))
     p.add_argument("--all-levels", action="store_true", help="allow prefix paths (like leafsOnly=false)")
-    p.add_argument("--prefix-threshold", type=float, default=0.5)
+    p.add_argument("--prefix-threshold", type=float, default=0.2, help="see PREFIX_THRESHOLD")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("serve", help="run the Label Studio ML backend (waitress); settings from env vars, see README")
