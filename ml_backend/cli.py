@@ -1,8 +1,8 @@
 """The ``taxomoco`` command line.
 
 Model commands work on folders of images without Label Studio (``pretrain``, ``train``, ``evaluate``,
-``predict``); service commands run the backend (``serve``, ``worker``) and the disagreement report
-(``disagreements``). Heavy libraries are imported only by the command that needs them.
+``predict``); service commands run the backend (``serve``, ``worker``), the disagreement report
+(``disagreements``) and the labeling order (``queue``). Heavy libraries are imported only by the command that needs them.
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=int, required=True)
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the project's disagreements folder)")
+    p = sub.add_parser("queue", help="the labeling order of a Label Studio project (what GET /queue serves)")
+    p.add_argument("--project", type=int, required=True)
+    p.add_argument("--limit", type=int, default=50, help="tasks to print")
+    p.add_argument("--model-dir", type=Path, default=None)
     return parser
 
 
@@ -115,6 +119,12 @@ def _run(args: argparse.Namespace) -> int:
 
         report = run_cli(settings, args.project, args.out)
         print(json.dumps(report, indent=2) if isinstance(report, dict) else report)
+    elif args.command == "queue":
+        from ml_backend.prelabel.order import read_queue
+
+        queue = read_queue(settings.project(args.project))
+        queue["tasks"] = queue.get("tasks", [])[:max(0, args.limit)]
+        print(json.dumps(queue, indent=2))
     return 0
 
 

@@ -109,3 +109,16 @@ def test_pre_annotation_job_id_is_deterministic_per_version(redis_url: str, tmp_
     assert queue.count == 2
     job = queue.fetch_job(first["job_id"])
     assert job.func_name == JOB_FUNC and job.args == (7, str(tmp_path))
+
+
+def test_cli_prints_the_order_and_says_when_there_is_none(tmp_path, capsys) -> None:
+    import json
+
+    from ml_backend.cli import main
+
+    assert main(["queue", "--project", "7", "--model-dir", str(tmp_path)]) == 2
+    assert "no labeling order yet" in capsys.readouterr().err
+    expected = _queue(ProjectPaths(tmp_path, 7))
+    assert main(["queue", "--project", "7", "--model-dir", str(tmp_path), "--limit", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [t["task"] for t in printed["tasks"]] == expected[:2] and printed["project"] == 7
