@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         report = run_cli(settings, args.project, args.out)
         print(json.dumps(report, indent=2) if isinstance(report, dict) else report)
     elif args.command == "queue":
-        from ml_backend.prelabel.order import read_queue
+        from ml_backend.prelabel.order import read_queue  # with the command: the CLI imports per command
 
         queue = read_queue(settings.project(args.project))
         queue["tasks"] = queue.get("tasks", [])[:max(0, args.limit)]
