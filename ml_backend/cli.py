@@ -1,8 +1,8 @@
 """The ``taxomoco`` command line.
 
 Model commands work on folders of images without Label Studio (``pretrain``, ``train``, ``evaluate``,
-``predict``); service commands run the backend (``serve``, ``worker``) and the disagreement report
-(``disagreements``). Heavy libraries are imported only by the command that needs them.
+``predict``); service commands run the backend (``serve``, ``worker``), the disagreement report
+(``disagreements``) and the labeling order (``queue``). Heavy libraries are imported only by the command that needs them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ SETTING_FLAGS = {
     "--arch": "arch", "--input-size": "input_size", "--init-weights": "init_weights", "--augment": "pretrain_augment",
     "--epochs": "pretrain_epochs", "--batch-size": "pretrain_batch_size", "--max-minutes": "pretrain_max_minutes",
     "--memory-bank": "pretrain_memory_bank", "--temperature": "pretrain_temperature", "--lr": "pretrain_lr",
-    "--device": "device",
+    "--device": "device", "--prefix-threshold": "prefix_threshold",
 }
 """Flags of the folder commands that set a backend setting: same meaning, default and env var as the backend."""
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--models", type=Path, default=Path("taxomoco-models"))
     p.add_argument("--all-levels", action="store_true", help="allow prefix paths (like leafsOnly=false)")
-    p.add_argument("--prefix-threshold", type=float, default=0.5)
+    _setting(p, "--prefix-threshold")
     _setting(p, "--device")
 
     p = sub.add_parser("serve", help="run the Label Studio ML backend (waitress); settings from env vars, see README")
@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=int, required=True)
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the project's disagreements folder)")
+    p = sub.add_parser("queue", help="the labeling order of a Label Studio project (what GET /queue serves)")
+    p.add_argument("--project", type=int, required=True)
+    p.add_argument("--limit", type=int, default=50, help="tasks to print")
+    p.add_argument("--model-dir", type=Path, default=None)
     return parser
 
 
@@ -126,6 +130,12 @@ def _run(args: argparse.Namespace) -> int:
 
         report = run_cli(settings, args.project, args.out)
         print(json.dumps(report, indent=2) if isinstance(report, dict) else report)
+    elif args.command == "queue":
+        from ml_backend.prelabel.order import read_queue  # with the command: the CLI imports per command
+
+        queue = read_queue(settings.project(args.project))
+        queue["tasks"] = queue.get("tasks", [])[:max(0, args.limit)]
+        print(json.dumps(queue, indent=2))
     return 0
 
 

@@ -212,7 +212,7 @@ def predict_files(args: argparse.Namespace, settings: Settings) -> list[dict]:
             images.append(None)
             hashes.append(None)
             errors[str(f)] = str(exc)
-    preds = predictor.predict(images, hashes, leafs_only=not args.all_levels, prefix_threshold=args.prefix_threshold)
+    preds = predictor.predict(images, hashes, leafs_only=not args.all_levels, prefix_threshold=settings.prefix_threshold)
     rows = []
     for f, pred in zip(args.images, preds):
         row: dict = {"image": str(f), "model_version": predictor.version}

@@ -84,10 +84,17 @@ class Settings:
     pretrain_strategy: str = field(default="auto", metadata={"env": "PRETRAIN_STRATEGY", "help": "Lightning strategy of pretraining: auto, or ddp_spawn for data-parallel on several GPUs inside a worker (plain ddp re-launches the script: use it with `taxomoco pretrain`)."})
     repretrain_fraction: float = field(default=0.5, metadata={"env": "REPRETRAIN_NEW_FRACTION", "help": "Pretrain again when the project gained this fraction of new images since the last pretraining."})
     min_labels_to_train: int = field(default=4, metadata={"env": "MIN_LABELS_TO_TRAIN", "help": "Labelled tasks needed before the first training."})
-    prefix_threshold: float = field(default=0.5, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this."})
+    prefix_threshold: float = field(default=0.2, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this (0.2: a leaf unless it is no better than a guess among its siblings; measured in bench/results/prefix_threshold.txt)."})
     tasks_full_pull_every_s: float = field(default=3600.0, metadata={"env": "TASKS_FULL_PULL_EVERY_S", "help": "A training run reads only the tasks changed since the last run; every this many seconds it reads all of them again."})
     calibration_reuse_fraction: float = field(default=0.02, metadata={"env": "CALIBRATION_REUSE_FRACTION", "help": "A heads-only retrain whose labels differ from the last cross-validated ones by at most this fraction publishes at once with the last calibration temperature (the cross-validation runs after publishing); 0 = always cross-validate first."})
     keep_versions: int = field(default=5, metadata={"env": "KEEP_VERSIONS", "help": "Model versions kept per project (the live one always)."})
+
+    # --- the labeling loop -------------------------------------------------------------------------------
+    prelabel: bool = field(default=True, metadata={"env": "PRELABEL", "help": "After each new model version, write its predictions for every task without a human annotation into Label Studio (chunked, resumable), pin the project's model version to it, rank the tasks for labeling (GET /queue, the \"label next\" tab) and delete older versions' predictions."})
+    prelabel_chunk: int = field(default=500, metadata={"env": "PRELABEL_CHUNK", "help": "Predictions written per Label Studio request (1-500: one import is one transaction in Label Studio)."})
+    prelabel_keep_versions: int = field(default=2, metadata={"env": "PRELABEL_KEEP_VERSIONS", "help": "This backend's model versions whose predictions stay in Label Studio (the live one and the ones before it); older ones are deleted once the live version covers every unlabelled task."})
+    cold_start_per_class: float = field(default=2.0, metadata={"env": "COLD_START_LABELS_PER_CLASS", "help": "Labels per leaf class (on average) below which the labeling order covers the embedding space (typical images of unlabelled clusters) before following the model's uncertainty."})
+    label_next_tab_tasks: int = field(default=100, metadata={"env": "LABEL_NEXT_TAB_TASKS", "help": "Tasks of the \"taxomoco: label next\" Data Manager tab (the head of the labeling order); 0 = no tab."})
 
     # --- consensus (disagreements) ----------------------------------------------------------------------
     min_annotators: int = field(default=1, metadata={"env": "CONSENSUS_MIN_ANNOTATORS", "help": "Annotators a task needs before its consensus label is trained on."})
@@ -165,6 +172,15 @@ class Settings:
         if not 0.0 <= self.calibration_reuse_fraction < 1.0:
             raise ConfigError(f"CALIBRATION_REUSE_FRACTION={self.calibration_reuse_fraction} must lie in [0, 1); "
                               "0.02 reuses the calibration for changes of up to 2 % of the labels, 0 never.")
+        if not 1 <= self.prelabel_chunk <= 500:
+            raise ConfigError(f"PRELABEL_CHUNK={self.prelabel_chunk} must lie in 1..500 (Label Studio imports at most "
+                              "500 predictions in one transaction).")
+        if self.prelabel_keep_versions < 1:
+            raise ConfigError(f"PRELABEL_KEEP_VERSIONS={self.prelabel_keep_versions} must be >= 1 (the live version's "
+                              "predictions always stay).")
+        if self.cold_start_per_class < 0 or not 0 <= self.label_next_tab_tasks <= 300:
+            raise ConfigError("COLD_START_LABELS_PER_CLASS must be >= 0 and LABEL_NEXT_TAB_TASKS in 0..300 (a longer "
+                              "task filter makes the Data Manager slow).")
 
     @property
     def webhook_auth(self) -> bool:

@@ -20,6 +20,8 @@ from werkzeug.exceptions import HTTPException
 from ml_backend.http.auth import decide
 from ml_backend.http.data_routes import register_routes as register_data_routes
 from ml_backend.http.health import SchedulerHealth
+from ml_backend.http.loop_routes import prelabel_status
+from ml_backend.http.loop_routes import register_routes as register_loop_routes
 from ml_backend.http.metrics import Registry, project_collector
 from ml_backend.labelstudio import connections
 from ml_backend.labelstudio.ids import project_id_of
@@ -199,7 +201,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     def job_status() -> Response:
         body = _json_object()
         pid = project_id_of(body.get("project", request.args.get("project")))
-        return jsonify(scheduler.status(pid))
+        return jsonify({**scheduler.status(pid), "prelabel": prelabel_status(settings, pid)})
 
     @app.get("/versions")
     def versions() -> Response:
@@ -222,6 +224,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     metrics.add_collector(project_collector(store, scheduler, _all_projects))
 
     register_data_routes(app, settings)
+    register_loop_routes(app, settings, metrics, _all_projects)
     return app
 
 

@@ -36,6 +36,7 @@ from rq import get_current_job
 
 from ml_backend.labelstudio.client import preload_sdk
 from ml_backend.paths import ProjectPaths
+from ml_backend.prelabel.schedule import after_publish
 from ml_backend.settings import Settings
 from ml_backend.training.calibration import label_digests, write_calibration
 from ml_backend.training.disagreements import analyse_disagreements
@@ -111,7 +112,9 @@ def train_project(project_id: int, model_dir: str, force_pretrain: bool = False)
     settings = job_settings(model_dir)
     pid = int(project_id)
     paths = settings.project(pid)
-    return run_recorded(JobRecords(paths), current_job_id(pid), lambda: _train(settings, paths, force_pretrain))
+    result = run_recorded(JobRecords(paths), current_job_id(pid), lambda: _train(settings, paths, force_pretrain))
+    after_publish(settings, paths, result)  # bulk pre-annotation of the new version (ml_backend.prelabel)
+    return result
 
 
 @contextlib.contextmanager
