@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ml_backend.paths import ProjectPaths
 from model.errors import ConfigError
+from model.heads.candidates import parse_candidates
 
 __all__ = ["Settings"]
 
@@ -77,6 +78,8 @@ class Settings:
     prefix_threshold: float = field(default=0.5, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this."})
     tasks_full_pull_every_s: float = field(default=3600.0, metadata={"env": "TASKS_FULL_PULL_EVERY_S", "help": "A training run reads only the tasks changed since the last run; every this many seconds it reads all of them again."})
     calibration_reuse_fraction: float = field(default=0.02, metadata={"env": "CALIBRATION_REUSE_FRACTION", "help": "A heads-only retrain whose labels differ from the last cross-validated ones by at most this fraction publishes at once with the last calibration temperature (the cross-validation runs after publishing); 0 = always cross-validate first."})
+    model_candidates: tuple[str, ...] = field(default=("pixels+linear", "encoder+prototypes", "encoder+mlp", "previous-encoder+mlp"), metadata={"env": "MODEL_CANDIDATES", "help": "Models every training compares by cross-validated hierarchical F1 before publishing the best (comma-separated; a tie within 0.005 goes to the one listed first here): pixels+linear (downscaled pixels + colour statistics, logistic regression), encoder+prototypes (nearest class mean on the encoder's embeddings), encoder+mlp (MLP heads), previous-encoder+mlp (the live model's encoder when a training pretrained a new one)."})
+    cv_folds: int = field(default=3, metadata={"env": "CV_FOLDS", "help": "Cross-validation folds of the model choice and the calibration (stratified by label path; at most one per labelled task)."})
     keep_versions: int = field(default=5, metadata={"env": "KEEP_VERSIONS", "help": "Model versions kept per project (the live one always)."})
 
     # --- consensus (disagreements) ----------------------------------------------------------------------
@@ -140,6 +143,10 @@ class Settings:
         if self.tasks_full_pull_every_s < 0:
             raise ConfigError(f"TASKS_FULL_PULL_EVERY_S={self.tasks_full_pull_every_s} must be >= 0 (0 = always read "
                               "every task).")
+        parse_candidates(self.model_candidates)
+        if self.cv_folds < 2:
+            raise ConfigError(f"CV_FOLDS={self.cv_folds} must be at least 2; 3 keeps a training fast, 5 scores more "
+                              "steadily.")
         if not 0.0 <= self.calibration_reuse_fraction < 1.0:
             raise ConfigError(f"CALIBRATION_REUSE_FRACTION={self.calibration_reuse_fraction} must lie in [0, 1); "
                               "0.02 reuses the calibration for changes of up to 2 % of the labels, 0 never.")
@@ -164,6 +171,8 @@ def _show(default: object) -> str:
         return "unset"
     if isinstance(default, Path):
         return str(default)
+    if isinstance(default, tuple):
+        return ",".join(str(x) for x in default)
     return str(default).lower() if isinstance(default, bool) else str(default)
 
 
