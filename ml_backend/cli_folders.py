@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from ml_backend.settings import Settings
 from model.bundle import data_fingerprint, load_live, publish
 from model.data import scan_images, scan_labelled_folder
-from model.encoder.backbone import build_backbone, encoder_version
+from model.encoder.backbone import build_backbone, encoder_version, init_weights_arch
 from model.encoder.cache import EmbeddingCache, embed_through_cache
 from model.encoder.config import EncoderConfig
 from model.encoder.embedder import Embedder
@@ -97,7 +97,8 @@ def _unlabelled(args: argparse.Namespace) -> list[Path]:
 
 def _encoder_cfg(args: argparse.Namespace) -> EncoderConfig:
     init = str(args.init_weights) if getattr(args, "init_weights", None) else None
-    return EncoderConfig(arch=args.arch, input_size=args.input_size, init_weights=init)
+    arch = init_weights_arch(init) if init else args.arch  # a start-weights file decides the architecture
+    return EncoderConfig(arch=arch, input_size=args.input_size, init_weights=init)
 
 
 def _pretrain_cfg(args: argparse.Namespace):  # -> PretrainConfig

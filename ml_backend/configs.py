@@ -6,18 +6,35 @@ setting means the same thing everywhere.
 
 from __future__ import annotations
 
+import logging
+
 from ml_backend.settings import Settings
+from model.encoder.backbone import init_weights_arch
 from model.encoder.config import EncoderConfig
 from model.encoder.device import lightning_device
 from model.ssl.config import PretrainConfig
 
 __all__ = ["encoder_config", "pretrain_config"]
 
+log = logging.getLogger(__name__)
+
 
 def encoder_config(settings: Settings) -> EncoderConfig:
-    """The encoder the settings ask for (``ENCODER_ARCH``, ``ENCODER_INPUT_SIZE``, ``ENCODER_INIT_WEIGHTS``)."""
-    init = str(settings.init_weights) if settings.init_weights else None
-    return EncoderConfig(arch=settings.arch, input_size=settings.input_size, init_weights=init)
+    """The encoder the settings ask for (``ENCODER_ARCH``, ``ENCODER_INPUT_SIZE``, ``ENCODER_INIT_WEIGHTS``).
+
+    With ``ENCODER_INIT_WEIGHTS`` the file decides the architecture (a torchvision ResNet-18 ImageNet checkpoint
+    is ``resnet18``); ``ENCODER_ARCH`` applies only without one.
+
+    Raises:
+        ConfigError: the weights file is missing or is not a ResNet-18 (naming the file and what was expected).
+    """
+    if not settings.init_weights:
+        return EncoderConfig(arch=settings.arch, input_size=settings.input_size)
+    arch = init_weights_arch(settings.init_weights)
+    if arch.value != settings.arch:
+        log.info("ENCODER_INIT_WEIGHTS %s holds a %s: the encoder is a %s (ENCODER_ARCH=%s applies without a file).",
+                 settings.init_weights, arch.value, arch.value, settings.arch)
+    return EncoderConfig(arch=arch, input_size=settings.input_size, init_weights=str(settings.init_weights))
 
 
 def pretrain_config(settings: Settings, n_images: int) -> PretrainConfig:

@@ -65,9 +65,9 @@ class Settings:
 
     # --- model and training ---------------------------------------------------------------------------
     device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N."})
-    arch: str = field(default="resnet18-half", metadata={"env": "ENCODER_ARCH", "help": "Backbone: resnet18 or resnet18-half."})
+    arch: str = field(default="resnet18-half", metadata={"env": "ENCODER_ARCH", "help": "Backbone: resnet18 or resnet18-half (without ENCODER_INIT_WEIGHTS; with one, the file decides)."})
     input_size: int = field(default=64, metadata={"env": "ENCODER_INPUT_SIZE", "help": "Encoder input size in pixels (96–128 on a GPU)."})
-    init_weights: Path | None = field(default=None, metadata={"env": "ENCODER_INIT_WEIGHTS", "help": "Optional local weights file (.safetensors/.pth) to start the encoder from; nothing is downloaded."})
+    init_weights: Path | None = field(default=None, metadata={"env": "ENCODER_INIT_WEIGHTS", "help": "Optional local weights file (.safetensors/.pth) to start the encoder from, e.g. a torchvision ResNet-18 ImageNet state_dict (the file decides the architecture; MoCo continues from it on the project's images); nothing is downloaded."})
     pretrain_epochs: int = field(default=20, metadata={"env": "PRETRAIN_EPOCHS", "help": "MoCo v2 epochs per pretraining run."})
     pretrain_max_minutes: float = field(default=30.0, metadata={"env": "PRETRAIN_MAX_MINUTES", "help": "Time budget of one pretraining run."})
     pretrain_batch_size: int = field(default=128, metadata={"env": "PRETRAIN_BATCH_SIZE", "help": "MoCo batch size."})

@@ -6,6 +6,7 @@ embeddings go through the project's embedding cache, so only images never embedd
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -68,8 +69,8 @@ def pretrain_encoder(settings: Settings, paths: ProjectPaths, images: ProjectIma
     from model.ssl.pretrain import pretrain  # Lightning: 2-3 s of imports, paid only by runs that pretrain
 
     cfg = encoder_config(settings)
-    if init is not None and init.cfg != cfg:
-        init = None  # the settings changed the architecture: start over
+    if init is not None and dataclasses.replace(init.cfg, init_weights=None) != dataclasses.replace(cfg, init_weights=None):
+        init = None  # the settings changed the architecture: start over (from ENCODER_INIT_WEIGHTS when set)
     out_dir = pending_run(paths)
     result = pretrain([str(p) for p in images.paths], cfg, pretrain_config(settings, len(images.paths)), out_dir,
                       resume=True, init_state=init.state if init is not None else None)
