@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabelled", type=Path, default=None, help="folder of unlabelled images (used by --pretrain)")
     p.add_argument("--unlabelled-list", type=Path, default=None, help="text file with one unlabelled image path per line")
     p.add_argument("--report", type=Path, default=None, help="write the cross-validated evaluation report here")
+    p.add_argument("--candidates", default=None,
+                   help="models compared by cross-validated hierarchical F1, comma-separated (default: MODEL_CANDIDATES' "
+                        "default without previous-encoder+mlp)")
+    p.add_argument("--folds", type=int, default=None, help="cross-validation folds of the model choice (default: CV_FOLDS')")
     _add_encoder_args(p)
     _add_pretrain_args(p)
 

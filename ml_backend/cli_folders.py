@@ -27,8 +27,12 @@ from model.encoder.config import EncoderConfig
 from model.encoder.embedder import Embedder
 from model.errors import BundleError, DataError
 from model.evaluation import evaluate
+from model.features.extractor import ENCODER_FEATURES, pixel_features_spec
+from model.features.pixels import PixelFeatures
+from model.heads.candidates import FeatureSource, parse_candidates
 from model.heads.heads import HeadsConfig
-from model.heads.training import fit, heads_logits
+from model.heads.selection import Selection, select_and_fit
+from model.heads.training import heads_logits, labelled_rows
 from model.images import content_hash, load_image
 from model.predictor import Predictor
 from model.report import write_report
@@ -136,6 +140,26 @@ def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_di
     return embed_through_cache(embedder, cache, list(files), _file_hashes(files), progress=True)
 
 
+def _folder_features(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path, device: str,
+                     pixels: bool) -> tuple[dict[FeatureSource, np.ndarray], np.ndarray]:
+    """Encoder embeddings (and pixel features) of image files through the cache; ``ok (N,)`` where all read."""
+    emb, ok = embed_files(files, cfg, state, cache_dir, device)
+    features = {FeatureSource.ENCODER: emb}
+    if pixels:
+        extractor = PixelFeatures()
+        cache = EmbeddingCache(cache_dir, extractor.version, extractor.out_dim)
+        pix, pix_ok = embed_through_cache(extractor, cache, list(files), _file_hashes(files), progress=True)
+        features[FeatureSource.PIXELS] = pix
+        ok = ok & pix_ok
+    return features, ok
+
+
+def _print_choice(selection: Selection) -> None:
+    print(f"model choice: {selection.chosen.name} ({selection.reason})")
+    for name, score in selection.scores.items():
+        print(f"  {name}: hierarchical F1 {score.hf_mean:.3f} ± {score.hf_std:.3f} over {selection.folds} folds")
+
+
 def train_folder(args: argparse.Namespace, settings: Settings) -> str:
     """``taxomoco train``: heads on a labelled folder tree (optionally pretraining first) → a published version."""
     labelled = scan_labelled_folder(args.images_dir)
@@ -152,29 +176,40 @@ def train_folder(args: argparse.Namespace, settings: Settings) -> str:
         log.warning("No --encoder and no --pretrain: the heads train on a randomly initialised encoder (a baseline).")
         cfg = _encoder_cfg(settings, files)
         state = build_backbone(cfg).state_dict()
-    emb, ok = embed_files(files, cfg, state, args.models / "cache", settings.device)
+    candidates = parse_candidates([c.strip() for c in (args.candidates or "").split(",") if c.strip()]
+                                  or list(Settings.model_candidates))
+    candidates = [c for c in candidates if c.features is not FeatureSource.PREVIOUS]  # one encoder on folders
+    features, ok = _folder_features(files, cfg, state, args.models / "cache", settings.device,
+                                    pixels=any(c.features is FeatureSource.PIXELS for c in candidates))
     if not ok.all():
         print(f"{int((~ok).sum())} unreadable images skipped")
     keep = np.flatnonzero(ok)
-    result = fit(emb[keep], [paths[i] for i in keep], taxonomy, HeadsConfig(), progress=True)
+    kept_paths = [paths[i] for i in keep]
+    _, targets, _ = labelled_rows(features[FeatureSource.ENCODER][keep], kept_paths, taxonomy)
+    selection, heads = select_and_fit({s: f[keep] for s, f in features.items()}, candidates, targets, taxonomy,
+                                      folds=args.folds or Settings.cv_folds, heads_cfg=HeadsConfig())
+    metrics = {**selection.cv.metrics, "model_choice": selection.to_dict()}
     hashes = _file_hashes([files[i] for i in keep])
-    fingerprint = data_fingerprint(zip(hashes, [paths[i] for i in keep]))
+    fingerprint = data_fingerprint(zip(hashes, kept_paths))
+    spec = pixel_features_spec() if selection.chosen.features is FeatureSource.PIXELS else ENCODER_FEATURES
     manifest = publish(
         args.models,
         taxonomy=taxonomy,
         encoder_cfg=cfg,
         backbone_state=state,
-        heads=result.heads,
-        temperature=result.temperature,
-        metrics=result.metrics,
+        heads=heads,
+        temperature=selection.cv.temperature,
+        metrics=metrics,
         data_fingerprint=fingerprint,
-        extra={"source": str(args.images_dir), "n_images": len(files), "skipped_images": int((~ok).sum())},
+        extra={"source": str(args.images_dir), "n_images": len(files), "skipped_images": int((~ok).sum()),
+               "model": selection.chosen.name, "model_choice": selection.to_dict()},
+        features=spec,
     )
-    _print_metrics(result.metrics, "cross-validated")
+    _print_choice(selection)
+    _print_metrics(metrics, f"cross-validated ({selection.chosen.name})")
     if args.report is not None:
-
         loss_csv = args.models / "pretrain" / "loss.csv"
-        page = write_report(args.report, result.metrics, taxonomy, loss_csv=loss_csv if loss_csv.exists() else None)
+        page = write_report(args.report, metrics, taxonomy, loss_csv=loss_csv if loss_csv.exists() else None)
         print(f"report: {page}")
     print(f"published model version {manifest.version} in {args.models}")
     return manifest.version
@@ -185,7 +220,8 @@ def evaluate_folder(args: argparse.Namespace, settings: Settings) -> dict:
     bundle = load_live(args.models)
     labelled = scan_labelled_folder(args.images_dir)
     files = [f for f, _ in labelled]
-    emb, ok = embed_files(files, bundle.encoder_cfg, bundle.backbone_state, args.models / "cache", settings.device)
+    predictor = Predictor(bundle, args.models / "cache", device=settings.device)  # the version's own features
+    emb, ok = embed_through_cache(predictor.embedder, predictor.cache, list(files), _file_hashes(files), progress=True)
     keep = np.flatnonzero(ok)
     targets = bundle.taxonomy.encode_many([labelled[i][1] for i in keep])
     logits = heads_logits(bundle.heads, torch.from_numpy(emb[keep]))

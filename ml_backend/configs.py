@@ -7,13 +7,18 @@ setting means the same thing everywhere. Settings left on "auto" (``ENCODER_INPU
 
 from __future__ import annotations
 
+import logging
+
 from ml_backend.settings import Settings
+from model.encoder.backbone import init_weights_arch
 from model.encoder.config import EncoderConfig
 from model.encoder.device import lightning_device, resolve_device
 from model.ssl.config import PretrainConfig
 from model.ssl.recipe import ImageSummary, RecipeKind, choose_recipe
 
 __all__ = ["encoder_config", "pretrain_config"]
+
+log = logging.getLogger(__name__)
 
 
 def _on_gpu(settings: Settings) -> bool:
@@ -22,10 +27,22 @@ def _on_gpu(settings: Settings) -> bool:
 
 def encoder_config(settings: Settings, summary: ImageSummary) -> EncoderConfig:
     """The encoder the settings ask for (``ENCODER_ARCH``, ``ENCODER_INPUT_SIZE``, ``ENCODER_INIT_WEIGHTS``) on
-    images like ``summary``."""
+    images like ``summary`` (an input size of 0 is chosen from them, :mod:`model.ssl.recipe`).
+
+    With ``ENCODER_INIT_WEIGHTS`` the file decides the architecture (a torchvision ResNet-18 ImageNet checkpoint
+    is ``resnet18``); ``ENCODER_ARCH`` applies only without one.
+
+    Raises:
+        ConfigError: the weights file is missing or is not a ResNet-18 (naming the file and what was expected).
+    """
     size, _, _ = choose_recipe(summary, _on_gpu(settings), settings.input_size, RecipeKind(settings.pretrain_augment))
-    init = str(settings.init_weights) if settings.init_weights else None
-    return EncoderConfig(arch=settings.arch, input_size=size, init_weights=init)
+    if not settings.init_weights:
+        return EncoderConfig(arch=settings.arch, input_size=size)
+    arch = init_weights_arch(settings.init_weights)
+    if arch.value != settings.arch:
+        log.info("ENCODER_INIT_WEIGHTS %s holds a %s: the encoder is a %s (ENCODER_ARCH=%s applies without a file).",
+                 settings.init_weights, arch.value, arch.value, settings.arch)
+    return EncoderConfig(arch=arch, input_size=size, init_weights=str(settings.init_weights))
 
 
 def pretrain_config(settings: Settings, n_images: int, summary: ImageSummary) -> PretrainConfig:

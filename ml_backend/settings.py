@@ -19,6 +19,7 @@ from model.ssl.plan import PRETRAIN_MIN_IMAGES
 from model.ssl.recipe import RecipeKind
 
 _PRETRAIN = PretrainConfig()  # the one source of the pretraining defaults
+from model.heads.candidates import parse_candidates
 
 __all__ = ["Settings"]
 
@@ -69,9 +70,9 @@ class Settings:
 
     # --- model and training ---------------------------------------------------------------------------
     device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N."})
-    arch: str = field(default="resnet18-half", metadata={"env": "ENCODER_ARCH", "help": "Backbone: resnet18 or resnet18-half."})
+    arch: str = field(default="resnet18-half", metadata={"env": "ENCODER_ARCH", "help": "Backbone: resnet18 or resnet18-half (without ENCODER_INIT_WEIGHTS; with one, the file decides)."})
     input_size: int = field(default=0, metadata={"env": "ENCODER_INPUT_SIZE", "help": "Encoder input size in pixels; 0 = chosen from the images (32 for images of at most 48 px, else 64 on a CPU / 96 on a GPU, never above the images' median side)."})
-    init_weights: Path | None = field(default=None, metadata={"env": "ENCODER_INIT_WEIGHTS", "help": "Optional local weights file to start the encoder from (ours, or a torchvision ResNet-18 ImageNet state_dict); nothing is downloaded."})
+    init_weights: Path | None = field(default=None, metadata={"env": "ENCODER_INIT_WEIGHTS", "help": "Optional local weights file (.safetensors/.pth) to start the encoder from, e.g. a torchvision ResNet-18 ImageNet state_dict (the file decides the architecture; MoCo continues from it on the project's images); nothing is downloaded."})
     pretrain_min_images: int = field(default=PRETRAIN_MIN_IMAGES, metadata={"env": "PRETRAIN_MIN_IMAGES", "help": "Projects with fewer images do not pretrain (measured: below ~500 images MoCo loses to plain pixel features); POST /train with pretrain forces it."})
     pretrain_epochs: int = field(default=_PRETRAIN.epochs, metadata={"env": "PRETRAIN_EPOCHS", "help": "Epoch cap of a pretraining run; the run is fitted to PRETRAIN_MAX_MINUTES and the number of images, and its schedule spans the fitted run."})
     pretrain_max_minutes: float = field(default=_PRETRAIN.max_minutes or 0.0, metadata={"env": "PRETRAIN_MAX_MINUTES", "help": "Time budget of one pretraining run (0 = only the epoch cap)."})
@@ -87,6 +88,8 @@ class Settings:
     prefix_threshold: float = field(default=0.2, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this (0.2: a leaf unless it is no better than a guess among its siblings; measured in bench/results/prefix_threshold.txt)."})
     tasks_full_pull_every_s: float = field(default=3600.0, metadata={"env": "TASKS_FULL_PULL_EVERY_S", "help": "A training run reads only the tasks changed since the last run; every this many seconds it reads all of them again."})
     calibration_reuse_fraction: float = field(default=0.02, metadata={"env": "CALIBRATION_REUSE_FRACTION", "help": "A heads-only retrain whose labels differ from the last cross-validated ones by at most this fraction publishes at once with the last calibration temperature (the cross-validation runs after publishing); 0 = always cross-validate first."})
+    model_candidates: tuple[str, ...] = field(default=("pixels+linear", "encoder+prototypes", "encoder+mlp", "previous-encoder+mlp"), metadata={"env": "MODEL_CANDIDATES", "help": "Models every training compares by cross-validated hierarchical F1 before publishing the best (comma-separated; a tie within 0.005 goes to the one listed first here): pixels+linear (downscaled pixels + colour statistics, logistic regression), encoder+prototypes (nearest class mean on the encoder's embeddings), encoder+mlp (MLP heads), previous-encoder+mlp (the live model's encoder when a training pretrained a new one)."})
+    cv_folds: int = field(default=3, metadata={"env": "CV_FOLDS", "help": "Cross-validation folds of the model choice and the calibration (stratified by label path; at most one per labelled task)."})
     keep_versions: int = field(default=5, metadata={"env": "KEEP_VERSIONS", "help": "Model versions kept per project (the live one always)."})
 
     # --- the labeling loop -------------------------------------------------------------------------------
@@ -169,6 +172,10 @@ class Settings:
         if self.tasks_full_pull_every_s < 0:
             raise ConfigError(f"TASKS_FULL_PULL_EVERY_S={self.tasks_full_pull_every_s} must be >= 0 (0 = always read "
                               "every task).")
+        parse_candidates(self.model_candidates)
+        if self.cv_folds < 2:
+            raise ConfigError(f"CV_FOLDS={self.cv_folds} must be at least 2; 3 keeps a training fast, 5 scores more "
+                              "steadily.")
         if not 0.0 <= self.calibration_reuse_fraction < 1.0:
             raise ConfigError(f"CALIBRATION_REUSE_FRACTION={self.calibration_reuse_fraction} must lie in [0, 1); "
                               "0.02 reuses the calibration for changes of up to 2 % of the labels, 0 never.")
@@ -209,6 +216,8 @@ def _show(default: object) -> str:
         return "unset"
     if isinstance(default, Path):
         return str(default)
+    if isinstance(default, tuple):
+        return ",".join(str(x) for x in default)
     return str(default).lower() if isinstance(default, bool) else str(default)
 
 

@@ -43,6 +43,9 @@ def test_train_with_pretraining_then_predict_and_evaluate(folder: Path, tmp_path
     assert rc == 0
     out = capsys.readouterr().out
     assert "1 unreadable images skipped" in out and "published model version" in out
+    assert "model choice: " in out and "pixels+linear: hierarchical F1" in out and "encoder+mlp: hierarchical F1" in out
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "model choice: " in page and "encoder+prototypes" in page
     assert (models / "pretrain" / "loss.csv").exists() and (tmp_path / "report" / "report.html").exists()
 
     blue = folder / "cold" / "blue" / "0.png"

@@ -7,6 +7,7 @@ embeddings go through the project's embedding cache, so only images never embedd
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,10 +25,10 @@ from ml_backend.training.images import ProjectImages
 from model.atomic import atomic_write_json
 from model.bundle import live_version, load_live
 from model.encoder.backbone import build_backbone, encoder_version
+from model.encoder.batchnorm import recalibrate_batchnorm
 from model.encoder.cache import EmbeddingCache, embed_through_cache
 from model.encoder.config import EncoderConfig
 from model.encoder.embedder import Embedder
-from model.encoder.batchnorm import recalibrate_batchnorm
 from model.ssl.recipe import ImageSummary, summarize_images
 
 __all__ = ["Encoder", "embed_all", "initial_encoder", "live_encoder", "pending_run", "pretrain_encoder"]
@@ -92,8 +93,8 @@ def pretrain_encoder(settings: Settings, paths: ProjectPaths, images: ProjectIma
 
     summary = _summary(images)
     cfg = encoder_config(settings, summary)
-    if init is not None and init.cfg != cfg:
-        init = None  # the settings changed the architecture or input size: start over
+    if init is not None and dataclasses.replace(init.cfg, init_weights=None) != dataclasses.replace(cfg, init_weights=None):
+        init = None  # the settings changed the architecture or input size: start over (from ENCODER_INIT_WEIGHTS when set)
     out_dir = pending_run(paths)
     run_cfg = pretrain_config(settings, len(images.paths), summary)
     result = pretrain([str(p) for p in images.paths], cfg, run_cfg, out_dir, resume=True,

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader
 
 from model.data import ImageListDataset, collate_skipping
 from model.encoder.backbone import build_backbone, encoder_version, load_backbone_weights
-from model.encoder.config import EncoderConfig, eval_transform
+from model.encoder.batchnorm import recalibrate_batchnorm
+from model.encoder.config import EncoderConfig
 from model.encoder.device import bf16_supported
 from model.errors import ConfigError, DataError
 from model.images import ImageSource
 from model.ssl.augment import moco_v2_transform
-from model.encoder.batchnorm import recalibrate_batchnorm
 from model.ssl.config import PretrainConfig
 from model.ssl.loss_log import _Recorder, _truncate_loss_csv, write_loss_plot
 from model.ssl.moco import MoCoV2
