@@ -57,9 +57,9 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _split(labels: np.ndarray) -> tuple[list[int], list[int]]:
+def _split(images: np.ndarray, labels: np.ndarray) -> tuple[list[int], list[int]]:
     """8 labelled and 22 held-out distinct images per animal (one copy of each duplicated image)."""
-    groups = content_groups()
+    groups = content_groups(images)
     rng = np.random.default_rng(0)
     seen: set[int] = set()
     train, test = [], []
@@ -88,7 +88,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]
 def test_served_pre_annotations_beat_pixels_and_logistic_regression(label_studio: LabelStudioServer,
                                                                     backend: BackendServer) -> None:
     images, labels = load_animal_mnist_arrays()
-    train, test = _split(labels)
+    train, test = _split(images, labels)
     pid = label_studio.create_project(_config(), title="taxomoco accuracy on defaults")
     order = train + test
     ids = label_studio.import_images(pid, {f"a{i:05d}.png": _png(images[i]) for i in order})
