@@ -81,3 +81,30 @@ def test_predict_without_a_model_says_how_to_train(tmp_path: Path, capsys) -> No
     Image.new("RGB", (8, 8)).save(img)
     assert main(["predict", str(img), "--models", str(tmp_path / "none")]) == 2
     assert "train" in capsys.readouterr().err
+
+
+def test_the_readme_recipe_runs_at_a_tiny_scale(tmp_path: Path, capsys) -> None:
+    """The README's folder recipe on animal-mnist, as written there but on 240 images and a 6-second budget:
+    export, pretrain on the defaults (recipe chosen from the images, plan fitted to the budget), train with the
+    model choice, predict, evaluate."""
+    from bench.export_animal_mnist import main as export
+
+    demo = tmp_path / "demo"
+    assert export([str(demo), "--labelled-fraction", "0.5", "--limit", "240"]) == 0
+    enc, models = tmp_path / "demo-encoder", tmp_path / "demo-models"
+    assert main(["pretrain", str(demo), "--out", str(enc), "--max-minutes", "0.1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "median side 28 px, grayscale -> input 32 px" in out  # the small-images recipe, chosen from the images
+    assert "limited by budget" in out and "view retrieval (label-free quality)" in out
+    assert (enc / "loss.png").is_file() and (enc / "quality.csv").is_file()
+    assert main(["train", str(demo / "labelled"), "--encoder", str(enc), "--models", str(models),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "model choice:" in out and "published model version" in out
+    some = sorted((demo / "unlabelled").glob("*.png"))[:3]
+    assert main(["predict", *map(str, some), "--models", str(models), "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 3
+    assert main(["evaluate", str(demo / "labelled"), "--models", str(models), "--out", str(tmp_path / "eval"),
+                 "--device", "cpu"]) == 0
+    assert (tmp_path / "eval" / "report.json").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,11 +181,19 @@ def test_empty_input_and_bad_config(tmp_path: Path) -> None:
     assert PretrainConfig.from_dict(TINY.to_dict()) == TINY
 
 
+class _SlowSteps(pl.Callback):
+    """Makes every step slower than the probe measured, as a machine that gets busy during a run would."""
+
+    def on_train_batch_end(self, *args: object) -> None:
+        time.sleep(0.2)
+
+
 def test_time_budget_stops_early_and_the_run_can_continue(tmp_path: Path) -> None:
     images = _images(32)
-    cfg = PretrainConfig(**{**TINY.__dict__, "epochs": 50, "max_minutes": 0.0005})  # 30 ms
-    first = pretrain(images, ENC, cfg, tmp_path, progress=False)
-    assert first.epochs_done < 50 and len(first.step_losses) >= 1
+    cfg = PretrainConfig(**{**TINY.__dict__, "epochs": 50, "max_minutes": 0.05})  # 3 s
+    first = pretrain(images, ENC, cfg, tmp_path, progress=False, callbacks=[_SlowSteps()])
+    assert first.plan is not None and first.plan.limited_by == "budget"
+    assert not first.finished_plan and first.epochs_done < 50 and len(first.step_losses) >= 1
     unlimited = PretrainConfig(**{**TINY.__dict__, "epochs": first.epochs_done + 1})
     second = pretrain(images, ENC, unlimited, tmp_path, progress=False)
     assert second.epochs_done == first.epochs_done + 1

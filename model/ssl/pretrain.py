@@ -40,7 +40,7 @@ from model.ssl.augment import moco_v2_transform
 from model.ssl.config import PretrainConfig
 from model.ssl.loss_log import _Recorder, _truncate_loss_csv, write_loss_plot
 from model.ssl.moco import MoCoV2
-from model.ssl.plan import PretrainPlan, plan_run
+from model.ssl.plan import SAFETY, PretrainPlan, plan_run
 from model.ssl.probe import probe_seconds_per_step
 from model.ssl.quality import QualityCallback, ViewQuality, learned
 
@@ -226,7 +226,7 @@ def pretrain(
             # whole-epoch plans stop on the epoch count (a finished epoch is complete on resume); others on steps
             max_steps=-1 if plan.whole_epochs else plan.steps,
             max_epochs=plan.steps // plan.steps_per_epoch if plan.whole_epochs else -1,
-            max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
+            max_time=_time_limit(cfg, plan),
             accelerator=cfg.accelerator,
             devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
             strategy=cfg.strategy,
@@ -277,6 +277,17 @@ def pretrain(
                     "be no better than a random one; see %s.", result.quality[0].view_retrieval,
                     result.quality[-1].view_retrieval, out_dir / "loss.png")
     return result
+
+
+def _time_limit(cfg: PretrainConfig, plan: PretrainPlan) -> timedelta | None:
+    """Lightning's hard stop: the budget, or the planned steps' measured time when the plan had to take more
+    (``MIN_STEPS``); a resumed run's plan may have no measured speed."""
+    if not cfg.max_minutes:
+        return None
+    seconds = cfg.max_minutes * 60.0
+    if plan.seconds_per_step:
+        seconds = max(seconds, plan.steps * plan.seconds_per_step / SAFETY)
+    return timedelta(seconds=seconds)
 
 
 @contextmanager
