@@ -252,6 +252,10 @@ class LabelStudioClient:
                                          safe_url(url), None) from None
         except (GateRefused, GateUnreachable) as exc:
             raise LabelStudioUnreachable(str(exc), safe_url(url), None) from None
+        except (ValueError, RecursionError):  # the SDK parsing an answer that is not JSON, or nested too deeply
+            raise LabelStudioError(f"Label Studio at {safe_url(url)} answered with a body that is not a project (not "
+                                   "JSON, or nested too deeply); is this Label Studio's URL?", safe_url(url), 200) \
+                from None
         number = getattr(project, "task_number", None)
         return ProjectInfo(id=int(project.id), title=str(project.title or ""),
                            label_config=str(project.label_config or ""),
