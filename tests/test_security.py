@@ -175,6 +175,33 @@ def test_1_a_personal_access_token_request_redirected_elsewhere_is_not_followed(
         server.server_close()
 
 
+def test_1_the_connection_goes_to_the_address_the_gate_checked_with_the_original_host(attacker):
+    """DNS rebinding: the gate resolves once, checks that address and connects to it (a name nobody's DNS knows
+    reaches the loopback server only through the checked address), with the original Host header."""
+    calls: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        calls.append(host)
+        return ["127.0.0.1"]
+
+    origin = Origin.of(f"http://images.rebind.invalid:{attacker.port}")
+    dest = Destination(origins=frozenset({origin}), private_ok=frozenset({origin}))
+    answer = OutboundGate(resolver=resolver).request("GET", f"{origin}/a.png", dest)
+    assert answer.status == 200 and calls == ["images.rebind.invalid"]
+    assert attacker.requests[-1]["headers"]["Host"] == f"images.rebind.invalid:{attacker.port}"
+
+
+def test_1_credentials_go_to_label_studios_exact_origin_never_over_http_to_an_https_one():
+    client = LabelStudioClient("https://ls.example.com", "legacy-token-abc", trusted=False)
+    images = ImageFetcher(Settings(allowed_image_hosts=("ls.example.com",)), client).destination
+    assert images.credentials_for == Origin.of("https://ls.example.com")
+    for url in ("http://ls.example.com/data/upload/1/a.png", "https://ls.example.com:8443/a.png"):
+        assert Origin.of(url) != images.credentials_for and images.allows(Origin.of(url))  # allowed, but no token
+    with pytest.raises(GateRefused, match="not allowed"):
+        OutboundGate(resolver=lambda h, p: ["93.184.216.34"]).check("http://ls.example.com/api/projects/",
+                                                                    client.destination)
+
+
 class RawServer:
     """A TCP server on loopback whose handler writes raw HTTP bytes (to misbehave as no HTTP library would).
     Records each connection it accepted and what became of the writes."""
@@ -406,6 +433,45 @@ def test_8_small_endpoints_refuse_big_bodies_before_parsing(app_client):
     assert post(client, "/setup", big).status_code == 413
     body = {"tasks": [], "project": 7, "label_config": CONFIG, "pad": "x" * (settings.small_request_max_bytes + 10)}
     assert post(client, "/predict", body).status_code == 200  # /predict takes image batches
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_8_the_server_refuses_a_big_body_from_its_headers_before_buffering_it(tmp_path, auth):
+    """waitress buffers a whole body (to a temporary file past 512 KB) before the app sees the request: the limit
+    of each path — and the small one for callers without the Basic auth the path needs — is applied as soon as the
+    headers are read, so nobody makes the server spool 200 MB of /webhook (or, unauthenticated, of /predict)."""
+    from ml_backend.http.server import build_server
+
+    env = {"basic_auth_user": "u", "basic_auth_pass": "p"} if auth else {}
+    settings = _settings(tmp_path, host="127.0.0.1", port=0, small_request_max_bytes=1000, max_request_bytes=50_000,
+                         **env)
+    scheduler = make_scheduler(settings, job_func="tests.test_app.sleeping_job")
+    server = build_server(settings, lambda s: create_app(s, scheduler=scheduler, store=ModelStore(s)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    header = "Authorization: Basic " + base64.b64encode(b"u:p").decode() + "\r\n"
+
+    def status(path: str, length: int, authorization: str = "") -> int:
+        """Send only the headers, announcing ``length`` bytes; the status answered without any body sent."""
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=60) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{authorization}"
+                         f"Content-Length: {length}\r\n\r\n".encode())
+            return int(sock.makefile("rb").readline().split()[1])
+
+    try:
+        for path in ("/webhook", "/setup", "/train", "/job_status"):
+            assert status(path, 200_000_000) == 413
+            assert status(path, 1001, header) == 413
+        assert status("/predict", 50_001, header) == 413
+        if auth:  # without the password, /predict takes no more than any small endpoint
+            assert status("/predict", 1001) == 413
+        r = requests.post(f"http://127.0.0.1:{server.effective_port}/predict", timeout=60,
+                          json={"tasks": [], "project": 7, "pad": "x" * 20_000}, auth=("u", "p") if auth else None)
+        assert r.status_code == 200  # within /predict's own limit
+    finally:
+        server.close()
+        scheduler.close()
+        connections.forget_all()
 
 
 def test_9_malformed_input_answers_400_not_500(app_client):

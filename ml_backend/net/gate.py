@@ -328,8 +328,8 @@ class OutboundGate:
                                     timeout=urllib3.Timeout(connect=min(timeout, left), read=min(timeout, left)))
         except (Urllib3Error, OSError) as exc:
             if deadline.fired:
-                raise GateUnreachable(f"{safe_url(parsed.url)} did not send its answer in time (status line and "
-                                      "headers too slow); stopped.") from None
+                raise GateUnreachable(f"{safe_url(parsed.url)} did not answer in time (no complete status line "
+                                      "and headers before the deadline); stopped.") from None
             raise GateUnreachable(f"{safe_url(parsed.url)} did not answer ({exc.__class__.__name__}); check that the "
                                   "host runs and is reachable from this machine.") from None
 
