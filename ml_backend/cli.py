@@ -8,16 +8,49 @@ Model commands work on folders of images without Label Studio (``pretrain``, ``t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
+from ml_backend.settings import Settings
 from model.errors import TaxomocoError
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("taxomoco")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help; descriptions and epilogs (the environment) printed as written."""
+
+
+FOLDER_EPILOG = "environment: reads no taxomoco environment variable; every setting of this command is a flag above."
+
+
+def _settings_epilog() -> str:
+    """The environment variables a service command reads (the one settings object), with defaults."""
+    lines = ["environment (read once at start-up; a flag above overrides its variable; see the README's table):"]
+    for env, default, help_text in Settings.describe():
+        lines.append(f"  {env} (default: {default}): {help_text}")
+    return "\n".join(lines)
+
+
+def _setting(name: str, what: str | None = None) -> str:
+    """Help of a flag that overrides a setting: what it is, its environment variable and default."""
+    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    default = next(d for env, d, _ in Settings.describe() if env == field.metadata["env"])
+    return f"{what or field.metadata['help']} [env {field.metadata['env']}, default {default}]"
+
+
+def _service(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text, epilog=_settings_epilog(),
+                          formatter_class=_Formatter, argument_default=argparse.SUPPRESS)
+
+
+def _folder(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text, epilog=FOLDER_EPILOG, formatter_class=_Formatter)
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -29,26 +62,28 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=20, help="MoCo v2 epochs")
     p.add_argument("--batch-size", type=int, default=128, help="MoCo batch size")
-    p.add_argument("--max-minutes", type=float, default=None, help="time budget of the pretraining")
+    p.add_argument("--max-minutes", type=float, default=None, help="time budget of the pretraining in minutes (None: --epochs only)")
     p.add_argument("--memory-bank", type=int, default=4096, help="negatives kept in the memory bank")
     p.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
     p.add_argument("--lr", type=float, default=0.06, help="SGD learning rate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taxomoco", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser = argparse.ArgumentParser(prog="taxomoco", description=__doc__, formatter_class=_Formatter,
+                                     epilog="`taxomoco COMMAND --help` shows each command's options, defaults and "
+                                            "environment variables.")
+    parser.add_argument("--log-level", default="INFO", help="Python logging level of the console")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="MoCo v2 self-supervised pretraining on a folder of images (labels unused)")
+    p = _folder(sub, "pretrain", "MoCo v2 self-supervised pretraining on a folder of images (labels unused)")
     p.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
     p.add_argument("--out", type=Path, default=Path("taxomoco-encoder"), help="where the encoder, checkpoints and loss curve go")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the last checkpoint")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     _add_encoder_args(p)
     _add_pretrain_args(p)
 
-    p = sub.add_parser("train", help="train the taxonomy heads on a labelled folder tree (folder path = taxonomy path)")
+    p = _folder(sub, "train", "train the taxonomy heads on a labelled folder tree (folder path = taxonomy path)")
     p.add_argument("images_dir", type=Path, help="labelled images: IMAGES_DIR/<level 1>/<level 2>/.../image.png")
     p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory (versions are published here)")
     p.add_argument("--encoder", type=Path, default=None, help="encoder directory written by `taxomoco pretrain`")
@@ -56,40 +91,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabelled", type=Path, default=None, help="folder of unlabelled images (used by --pretrain)")
     p.add_argument("--unlabelled-list", type=Path, default=None, help="text file with one unlabelled image path per line")
     p.add_argument("--report", type=Path, default=None, help="write the cross-validated evaluation report here")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     _add_encoder_args(p)
     _add_pretrain_args(p)
 
-    p = sub.add_parser("evaluate", help="evaluate the live model on a labelled folder tree; JSON + PNG + HTML report")
-    p.add_argument("images_dir", type=Path)
-    p.add_argument("--models", type=Path, default=Path("taxomoco-models"))
-    p.add_argument("--out", type=Path, default=Path("taxomoco-report"))
-    p.add_argument("--device", default="auto")
+    p = _folder(sub, "evaluate", "evaluate the live model on a labelled folder tree; JSON + PNG + HTML report")
+    p.add_argument("images_dir", type=Path, help="labelled images the model was not trained on")
+    p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory written by `train`")
+    p.add_argument("--out", type=Path, default=Path("taxomoco-report"), help="report folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
-    p = sub.add_parser("predict", help="predict taxonomy paths for image files")
-    p.add_argument("images", type=Path, nargs="+")
-    p.add_argument("--models", type=Path, default=Path("taxomoco-models"))
+    p = _folder(sub, "predict", "predict taxonomy paths for image files (one JSON line per image)")
+    p.add_argument("images", type=Path, nargs="+", help="image files")
+    p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory written by `train`")
     p.add_argument("--all-levels", action="store_true", help="allow prefix paths (like leafsOnly=false)")
-    p.add_argument("--prefix-threshold", type=float, default=0.5)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prefix-threshold", type=float, default=0.5,
+                   help="with --all-levels: stop at the deepest prefix at least this probable")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
-    p = sub.add_parser("serve", help="run the Label Studio ML backend (waitress); settings from env vars, see README")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--redis-url", default=None)
+    p = _service(sub, "serve", "run the Label Studio ML backend (waitress)")
+    p.add_argument("--host", help=_setting("host"))
+    p.add_argument("--port", type=int, help=_setting("port"))
+    p.add_argument("--model-dir", type=Path, help=_setting("model_dir"))
+    p.add_argument("--redis-url", help=_setting("redis_url"))
 
-    p = sub.add_parser("worker", help="run an RQ training worker (needs REDIS_URL)")
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--queues", nargs="*", default=None, help="queue names (default: pretrain and heads queues)")
-    p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    p.add_argument("--device", default=None)
+    p = _service(sub, "worker", "run an RQ training worker (needs REDIS_URL)")
+    p.add_argument("--model-dir", type=Path, help=_setting("model_dir"))
+    p.add_argument("--redis-url", help=_setting("redis_url"))
+    p.add_argument("--queues", nargs="*", help="queue names [default: PRETRAIN_QUEUE, then HEADS_QUEUE]")
+    p.add_argument("--burst", action="store_true", help="exit when the queues are empty [default: keep listening]")
+    p.add_argument("--device", help=_setting("device"))
 
-    p = sub.add_parser("disagreements", help="annotator disagreement report of a Label Studio project")
-    p.add_argument("--project", type=int, required=True)
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: the project's disagreements folder)")
+    p = _service(sub, "disagreements", "annotator disagreement report of a Label Studio project")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--model-dir", type=Path, help=_setting("model_dir"))
+    p.add_argument("--out", type=Path, help="output folder [default: the project's disagreements folder]")
     return parser
 
 
@@ -98,7 +134,6 @@ def _run(args: argparse.Namespace) -> int:
         from ml_backend import cli_folders as pipeline
 
         return pipeline.run_command(args)
-    from ml_backend.settings import Settings
 
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "model_dir", "redis_url", "device")}
     settings = Settings.from_env(**overrides)
@@ -109,11 +144,11 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "worker":
         from ml_backend.queue.worker import run_worker
 
-        run_worker(settings, queues=args.queues, burst=args.burst)
+        run_worker(settings, queues=getattr(args, "queues", None), burst=getattr(args, "burst", False))
     elif args.command == "disagreements":
         from ml_backend.reports.disagreements import run_cli
 
-        report = run_cli(settings, args.project, args.out)
+        report = run_cli(settings, args.project, getattr(args, "out", None))
         print(json.dumps(report, indent=2) if isinstance(report, dict) else report)
     return 0
 

@@ -78,3 +78,30 @@ def test_predict_without_a_model_says_how_to_train(tmp_path: Path, capsys) -> No
     Image.new("RGB", (8, 8)).save(img)
     assert main(["predict", str(img), "--models", str(tmp_path / "none")]) == 2
     assert "train" in capsys.readouterr().err
+
+
+def test_every_command_help_shows_defaults_and_environment() -> None:
+    import argparse
+    import dataclasses
+
+    from ml_backend.cli import build_parser
+    from ml_backend.settings import Settings
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    envs = [f.metadata["env"] for f in dataclasses.fields(Settings)]
+    for name, command in sub.choices.items():
+        text = " ".join(command.format_help().split())
+        assert issubclass(command.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+        for action in command._actions:
+            if action.option_strings and action.dest != "help" and not action.required:
+                # the formatter appends "(default: ...)" to every help; a suppressed default says it in the help
+                shown = action.help and (action.default is not argparse.SUPPRESS or "default" in action.help)
+                assert shown, f"taxomoco {name} {action.option_strings[0]}: no default shown"
+        if name in ("serve", "worker", "disagreements"):
+            assert all(f"{env} (default:" in text for env in envs), name  # the settings it reads
+        else:
+            assert "reads no taxomoco environment variable" in text, name
+    serve = " ".join(sub.choices["serve"].format_help().split())
+    assert "[env TAXOMOCO_PORT, default 9090]" in serve and "[env REDIS_URL, default unset]" in serve
+    assert "(default: 0.5)" in " ".join(sub.choices["predict"].format_help().split())

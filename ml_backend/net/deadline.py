@@ -50,6 +50,12 @@ class Deadline:
             if self.fired:
                 _shutdown(conn)
 
+    def detach(self) -> None:
+        """This hop's connection goes back to its pool (another request may take it): stop watching it; the
+        deadline still applies to the request's next hop."""
+        with self._lock:
+            self._conn = None
+
     def cancel(self) -> None:
         """The request is over: never touch its connection again (call before the connection goes back to its
         pool, where another request may take it)."""

@@ -74,9 +74,12 @@ class GateUnreachable(DataError):
 
 
 class AuthHeaders(Protocol):
-    """Gives the headers that authenticate to Label Studio (``ml_backend.labelstudio.auth``)."""
+    """Gives the headers that authenticate to Label Studio (``ml_backend.labelstudio.auth``), asked on every request;
+    told when Label Studio refused them (401), so that a renewable token is renewed and the request sent again once."""
 
     def headers(self) -> dict[str, str]: ...
+
+    def invalidate(self, rejected: Mapping[str, str]) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -239,14 +242,21 @@ class OutboundGate:
                 timeout: float, max_bytes: int, deadline: Deadline, follow_redirects: bool) -> GateResponse:
         """The hops of one request (each checked), all under one deadline."""
         current = url
-        for _ in range(MAX_REDIRECTS + 1):
+        hops = renewed = 0
+        while hops <= MAX_REDIRECTS:
             parsed, origin, ip = self.check(current, dest)
             send = {k: v for k, v in headers.items() if k.lower() not in _DROPPED_HEADERS}
-            if dest.credentials_for is not None and dest.auth is not None and origin == dest.credentials_for:
-                send.update(dest.auth.headers())
+            credentials = dest.credentials_for is not None and dest.auth is not None and origin == dest.credentials_for
+            if credentials:
+                send.update(dest.auth.headers())  # type: ignore[union-attr]
             response = self._send(method, parsed, origin, ip, send, body, timeout, deadline)
             reusable = False  # the connection goes back to its pool only after a whole, well-formed answer
             try:
+                if response.status == 401 and credentials and not renewed and dest.auth.invalidate(send):  # type: ignore[union-attr]
+                    renewed += 1  # an expired or revoked access token: renew it and send the same hop once more
+                    reusable = self._discard(response, deadline)
+                    continue
+                hops += 1
                 if follow_redirects and response.status in (301, 302, 303, 307, 308):
                     location = response.headers.get("Location")
                     if not location:
@@ -272,14 +282,14 @@ class OutboundGate:
         would be read as the next request's answer)."""
         if deadline.fired:
             reusable = False
-        deadline.cancel()  # before the pool may hand the connection to another request
+        deadline.detach()  # before the pool may hand the connection to another request
         if not reusable:
             response.close()  # closes the connection too; the pool opens a new one when it needs it
         response.release_conn()
 
     def _discard(self, response: urllib3.BaseHTTPResponse, deadline: Deadline) -> bool:
-        """Read and drop a redirect's body when it is small and arrives before the deadline; whether the
-        connection may be reused."""
+        """Read and drop the body of an answer that is not used (a redirect, a refused token) when it is small and
+        arrives before the deadline; whether the connection may be reused."""
         try:
             left = REDIRECT_BODY_MAX
             while left > 0:
