@@ -14,7 +14,7 @@ epoch is checkpointed and counts as done (Lightning's semantics), so the next ca
 from __future__ import annotations
 
 import json
-import warnings
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from model.data import ImageListDataset, collate_skipping
@@ -35,6 +35,7 @@ from model.ssl.augment import moco_v2_transform
 from model.ssl.config import PretrainConfig
 from model.ssl.loss_log import _Recorder, _truncate_loss_csv, write_loss_plot
 from model.ssl.moco import MoCoV2
+from model.ssl.quiet import quiet_lightning
 
 __all__ = ["PretrainResult", "pretrain", "recalibrate_batchnorm"]
 
@@ -124,6 +125,22 @@ def recalibrate_batchnorm(
     return used
 
 
+class _LastCheckpoint(Callback):
+    """Writes ``last.ckpt`` at the end of every training epoch, whole or not at all (written beside it, then renamed),
+    and nothing else: Lightning's ``ModelCheckpoint`` writes a top-k copy beside ``last.ckpt`` (the same ~38 MB twice
+    an epoch), or, with ``save_top_k=0``, only when training ends (nothing to resume from after a crash)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        trainer.save_checkpoint(partial)  # every rank calls it; the global-zero rank writes
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+        trainer.strategy.barrier("last-checkpoint")
+
+
 def pretrain(
     images: Sequence[ImageSource],
     encoder_cfg: EncoderConfig,
@@ -184,47 +201,42 @@ def pretrain(
         collate_fn=collate_skipping,
     )
     recorder = _Recorder(csv_path)
-    checkpointing = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="epoch{epoch:04d}", auto_insert_metric_name=False,
-        save_top_k=1, monitor=None, save_last=True, every_n_epochs=1, save_on_train_epoch_end=True,
-    )
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs,
-        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
-        accelerator=cfg.accelerator,
-        devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
-        strategy=cfg.strategy,
-        precision=_precision(cfg),
-        sync_batchnorm="ddp" in cfg.strategy,
-        callbacks=[recorder, *callbacks, checkpointing],
-        logger=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        default_root_dir=str(out_dir),
-        log_every_n_steps=1,
-    )
-    backbone = build_backbone(encoder_cfg)
-    if init_state is not None and not resuming:
-        load_backbone_weights(backbone, init_state, "init_state")
-    module = MoCoV2(
-        backbone,
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        memory_bank_size=cfg.memory_bank_size, temperature=cfg.temperature,
-        proj_hidden_dim=cfg.proj_hidden_dim, proj_out_dim=cfg.proj_out_dim, max_epochs=cfg.epochs,
-        ema_start=cfg.ema_start, ema_end=cfg.ema_end, channels_last=cfg.channels_last,
-        gather_distributed=trainer.world_size > 1,
-    )
-    if cfg.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    resumed_from = None
-    if resuming:
-        saved = torch.load(last, map_location="cpu", weights_only=False)
-        resumed_from = int(saved["epoch"]) + 1
-        _truncate_loss_csv(csv_path, int(saved["global_step"]))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*exceeds max_steps.*")
-        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    checkpointing = _LastCheckpoint(last)
+    with quiet_lightning():  # Lightning's banners, tips and internal deprecations stay out of the console
+        trainer = pl.Trainer(
+            max_epochs=cfg.epochs,
+            max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
+            accelerator=cfg.accelerator,
+            devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
+            strategy=cfg.strategy,
+            precision=_precision(cfg),
+            sync_batchnorm="ddp" in cfg.strategy,
+            callbacks=[recorder, *callbacks, checkpointing],
+            logger=False,
+            enable_checkpointing=False,  # no default ModelCheckpoint: _LastCheckpoint writes the one checkpoint
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            default_root_dir=str(out_dir),
+            log_every_n_steps=1,
+        )
+        backbone = build_backbone(encoder_cfg)
+        if init_state is not None and not resuming:
+            load_backbone_weights(backbone, init_state, "init_state")
+        module = MoCoV2(
+            backbone,
+            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            memory_bank_size=cfg.memory_bank_size, temperature=cfg.temperature,
+            proj_hidden_dim=cfg.proj_hidden_dim, proj_out_dim=cfg.proj_out_dim, max_epochs=cfg.epochs,
+            ema_start=cfg.ema_start, ema_end=cfg.ema_end, channels_last=cfg.channels_last,
+            gather_distributed=trainer.world_size > 1,
+        )
+        if cfg.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        resumed_from = None
+        if resuming:
+            saved = torch.load(last, map_location="cpu", weights_only=False)
+            resumed_from = int(saved["epoch"]) + 1
+            _truncate_loss_csv(csv_path, int(saved["global_step"]))
         trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resuming else None)
 
     if trainer.is_global_zero:
