@@ -62,7 +62,8 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=20, help="MoCo v2 epochs")
     p.add_argument("--batch-size", type=int, default=128, help="MoCo batch size")
-    p.add_argument("--max-minutes", type=float, default=None, help="time budget of the pretraining in minutes (None: --epochs only)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget of the pretraining in minutes (None: --epochs only)")
     p.add_argument("--memory-bank", type=int, default=4096, help="negatives kept in the memory bank")
     p.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
     p.add_argument("--lr", type=float, default=0.06, help="SGD learning rate")
