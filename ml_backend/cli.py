@@ -1,14 +1,13 @@
 """The ``taxomoco`` command line.
 
 Model commands work on folders of images without Label Studio (``pretrain``, ``train``, ``evaluate``,
-``predict``); service commands run the backend (``serve``, ``worker``) and the disagreement report
-(``disagreements``). Heavy libraries are imported only by the command that needs them.
+``predict``); service commands run the backend (``serve``, ``worker``), the disagreement report
+(``disagreements``) and the labeling order (``queue``). Heavy libraries are imported only by the command that needs them.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -22,122 +21,142 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("taxomoco")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option's default in its help; descriptions and epilogs (the environment) printed as written."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs (the environment) printed as written; an option whose help names no default gets
+    ``(default: ...)`` appended (a settings flag's help names its env var and default itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.required \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
-FOLDER_EPILOG = "environment: reads no taxomoco environment variable; every setting of this command is a flag above."
-
-
-def _settings_epilog() -> str:
-    """The environment variables a service command reads (the one settings object), with defaults."""
-    lines = ["environment (read once at start-up; a flag above overrides its variable; see the README's table):"]
-    for env, default, help_text in Settings.describe():
-        lines.append(f"  {env} (default: {default}): {help_text}")
+def _epilog() -> str:
+    """The environment variables every command reads (the one settings object), with their defaults."""
+    lines = ["environment (read once at start-up into the one settings object; a flag above overrides its variable; "
+             "the README's Settings table explains each):"]
+    lines += [f"  {env} (default: {default})" for env, default, _ in Settings.describe()]
     return "\n".join(lines)
 
 
-def _setting(name: str, what: str | None = None) -> str:
-    """Help of a flag that overrides a setting: what it is, its environment variable and default."""
-    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
-    default = next(d for env, d, _ in Settings.describe() if env == field.metadata["env"])
-    return f"{what or field.metadata['help']} [env {field.metadata['env']}, default {default}]"
+def _command(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text, epilog=_epilog(), formatter_class=_Formatter)
 
 
-def _service(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=help_text, epilog=_settings_epilog(),
-                          formatter_class=_Formatter, argument_default=argparse.SUPPRESS)
+def _override(p: argparse.ArgumentParser, flag: str, name: str, kind: type = str) -> None:
+    """A flag of a service command that overrides setting ``name`` (None when not given: the env var applies)."""
+    p.add_argument(flag, dest=name, type=kind, default=None, help=Settings.flag_help(name)[0])
 
 
-def _folder(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=help_text, epilog=FOLDER_EPILOG, formatter_class=_Formatter)
+SETTING_FLAGS = {
+    "--arch": "arch", "--input-size": "input_size", "--init-weights": "init_weights", "--augment": "pretrain_augment",
+    "--epochs": "pretrain_epochs", "--batch-size": "pretrain_batch_size", "--max-minutes": "pretrain_max_minutes",
+    "--memory-bank": "pretrain_memory_bank", "--temperature": "pretrain_temperature", "--lr": "pretrain_lr",
+    "--device": "device", "--prefix-threshold": "prefix_threshold",
+}
+"""Flags of the folder commands that set a backend setting: same meaning, default and env var as the backend."""
+
+
+def _setting(p: argparse.ArgumentParser, flag: str) -> None:
+    """A flag for one setting; its help and default come from :class:`Settings` (one source of defaults), and it
+    is None when not given, so the env var or the default applies."""
+    name = SETTING_FLAGS[flag]
+    help_text, default = Settings.flag_help(name)
+    kind = {int: int, float: float}.get(type(default), Path if name == "init_weights" else str)
+    p.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="resnet18-half", choices=["resnet18", "resnet18-half"], help="backbone")
-    p.add_argument("--input-size", type=int, default=64, help="encoder input size in pixels")
-    p.add_argument("--init-weights", type=Path, default=None, help="local weights file to start the encoder from")
+    for flag in ("--arch", "--input-size", "--init-weights", "--device"):
+        _setting(p, flag)
 
 
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=20, help="MoCo v2 epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="MoCo batch size")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="time budget of the pretraining in minutes (None: --epochs only)")
-    p.add_argument("--memory-bank", type=int, default=4096, help="negatives kept in the memory bank")
-    p.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
-    p.add_argument("--lr", type=float, default=0.06, help="SGD learning rate")
+    for flag in ("--augment", "--epochs", "--batch-size", "--max-minutes", "--memory-bank", "--temperature", "--lr"):
+        _setting(p, flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taxomoco", description=__doc__, formatter_class=_Formatter,
-                                     epilog="`taxomoco COMMAND --help` shows each command's options, defaults and "
-                                            "environment variables.")
+                                     epilog="`taxomoco COMMAND --help` shows each command's options, their defaults "
+                                            "and the environment variables it reads.")
     parser.add_argument("--log-level", default="INFO", help="Python logging level of the console")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _folder(sub, "pretrain", "MoCo v2 self-supervised pretraining on a folder of images (labels unused)")
+    p = _command(sub, "pretrain", "MoCo v2 self-supervised pretraining on a folder of images (labels unused)")
     p.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
     p.add_argument("--out", type=Path, default=Path("taxomoco-encoder"), help="where the encoder, checkpoints and loss curve go")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the last checkpoint")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     _add_encoder_args(p)
     _add_pretrain_args(p)
 
-    p = _folder(sub, "train", "train the taxonomy heads on a labelled folder tree (folder path = taxonomy path)")
+    p = _command(sub, "train", "train the taxonomy heads on a labelled folder tree (folder path = taxonomy path)")
     p.add_argument("images_dir", type=Path, help="labelled images: IMAGES_DIR/<level 1>/<level 2>/.../image.png")
     p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory (versions are published here)")
-    p.add_argument("--encoder", type=Path, default=None, help="encoder directory written by `taxomoco pretrain`")
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="encoder directory written by `taxomoco pretrain` (default: none: --pretrain makes one, else a "
+                        "randomly initialised encoder, a baseline)")
     p.add_argument("--pretrain", action="store_true", help="run MoCo pretraining first (on labelled + unlabelled images)")
-    p.add_argument("--unlabelled", type=Path, default=None, help="folder of unlabelled images (used by --pretrain)")
-    p.add_argument("--unlabelled-list", type=Path, default=None, help="text file with one unlabelled image path per line")
-    p.add_argument("--report", type=Path, default=None, help="write the cross-validated evaluation report here")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--unlabelled", type=Path, default=None,
+                   help="folder of unlabelled images (used by --pretrain; default: none)")
+    p.add_argument("--unlabelled-list", type=Path, default=None,
+                   help="text file with one unlabelled image path per line (default: none)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write the cross-validated evaluation report here (default: no report)")
+    p.add_argument("--candidates", default=None,
+                   help="models compared by cross-validated hierarchical F1, comma-separated (default: MODEL_CANDIDATES' "
+                        "default without previous-encoder+mlp)")
+    p.add_argument("--folds", type=int, default=None, help="cross-validation folds of the model choice (default: CV_FOLDS')")
     _add_encoder_args(p)
     _add_pretrain_args(p)
 
-    p = _folder(sub, "evaluate", "evaluate the live model on a labelled folder tree; JSON + PNG + HTML report")
+    p = _command(sub, "evaluate", "evaluate the live model on a labelled folder tree; JSON + PNG + HTML report")
     p.add_argument("images_dir", type=Path, help="labelled images the model was not trained on")
     p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory written by `train`")
     p.add_argument("--out", type=Path, default=Path("taxomoco-report"), help="report folder")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    _setting(p, "--device")
 
-    p = _folder(sub, "predict", "predict taxonomy paths for image files (one JSON line per image)")
+    p = _command(sub, "predict", "predict taxonomy paths for image files (one JSON line per image)")
     p.add_argument("images", type=Path, nargs="+", help="image files")
     p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory written by `train`")
     p.add_argument("--all-levels", action="store_true", help="allow prefix paths (like leafsOnly=false)")
-    p.add_argument("--prefix-threshold", type=float, default=0.5,
-                   help="with --all-levels: stop at the deepest prefix at least this probable")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    _setting(p, "--prefix-threshold")
+    _setting(p, "--device")
 
-    p = _service(sub, "serve", "run the Label Studio ML backend (waitress)")
-    p.add_argument("--host", help=_setting("host"))
-    p.add_argument("--port", type=int, help=_setting("port"))
-    p.add_argument("--model-dir", type=Path, help=_setting("model_dir"))
-    p.add_argument("--redis-url", help=_setting("redis_url"))
+    p = _command(sub, "serve", "run the Label Studio ML backend (waitress)")
+    _override(p, "--host", "host")
+    _override(p, "--port", "port", int)
+    _override(p, "--model-dir", "model_dir", Path)
+    _override(p, "--redis-url", "redis_url")
 
-    p = _service(sub, "worker", "run an RQ training worker (needs REDIS_URL)")
-    p.add_argument("--model-dir", type=Path, help=_setting("model_dir"))
-    p.add_argument("--redis-url", help=_setting("redis_url"))
-    p.add_argument("--queues", nargs="*", help="queue names [default: PRETRAIN_QUEUE, then HEADS_QUEUE]")
-    p.add_argument("--burst", action="store_true", help="exit when the queues are empty [default: keep listening]")
-    p.add_argument("--device", help=_setting("device"))
+    p = _command(sub, "worker", "run an RQ training worker (needs REDIS_URL)")
+    _override(p, "--model-dir", "model_dir", Path)
+    _override(p, "--redis-url", "redis_url")
+    p.add_argument("--queues", nargs="*", default=None, help="queue names (default: PRETRAIN_QUEUE, then HEADS_QUEUE)")
+    p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    _setting(p, "--device")
 
-    p = _service(sub, "disagreements", "annotator disagreement report of a Label Studio project")
+    p = _command(sub, "disagreements", "annotator disagreement report of a Label Studio project")
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    p.add_argument("--model-dir", type=Path, help=_setting("model_dir"))
-    p.add_argument("--out", type=Path, help="output folder [default: the project's disagreements folder]")
+    _override(p, "--model-dir", "model_dir", Path)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the project's disagreements folder)")
+    p = _command(sub, "queue", "the labeling order of a Label Studio project (what GET /queue serves)")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--limit", type=int, default=50, help="tasks to print")
+    _override(p, "--model-dir", "model_dir", Path)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("pretrain", "train", "evaluate", "predict"):
-        from ml_backend import cli_folders as pipeline
-
-        return pipeline.run_command(args)
-
-    overrides = {k: getattr(args, k, None) for k in ("host", "port", "model_dir", "redis_url", "device")}
+    overrides = {name: getattr(args, name, None) for name in set(SETTING_FLAGS.values())}
+    overrides.update({k: getattr(args, k, None) for k in ("host", "port", "model_dir", "redis_url")})
     settings = Settings.from_env(**overrides)
+    if args.command in ("pretrain", "train", "evaluate", "predict"):
+        from ml_backend import cli_folders  # torch and the model stack, paid only by the folder commands
+
+        return cli_folders.run_command(args, settings)
     if args.command == "serve":
         from ml_backend.http.server import serve
 
@@ -145,12 +164,18 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "worker":
         from ml_backend.queue.worker import run_worker
 
-        run_worker(settings, queues=getattr(args, "queues", None), burst=getattr(args, "burst", False))
+        run_worker(settings, queues=args.queues, burst=args.burst)
     elif args.command == "disagreements":
         from ml_backend.reports.disagreements import run_cli
 
-        report = run_cli(settings, args.project, getattr(args, "out", None))
+        report = run_cli(settings, args.project, args.out)
         print(json.dumps(report, indent=2) if isinstance(report, dict) else report)
+    elif args.command == "queue":
+        from ml_backend.prelabel.order import read_queue  # with the command: the CLI imports per command
+
+        queue = read_queue(settings.project(args.project))
+        queue["tasks"] = queue.get("tasks", [])[:max(0, args.limit)]
+        print(json.dumps(queue, indent=2))
     return 0
 
 

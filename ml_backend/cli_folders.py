@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ml_backend.configs import encoder_config, pretrain_config
+from ml_backend.settings import Settings
 from model.bundle import data_fingerprint, load_live, publish
 from model.data import scan_images, scan_labelled_folder
 from model.encoder.backbone import build_backbone, encoder_version
@@ -25,12 +27,16 @@ from model.encoder.config import EncoderConfig
 from model.encoder.embedder import Embedder
 from model.errors import BundleError, DataError
 from model.evaluation import evaluate
+from model.features.extractor import ENCODER_FEATURES, pixel_features_spec
+from model.features.pixels import PixelFeatures
+from model.heads.candidates import FeatureSource, parse_candidates
 from model.heads.heads import HeadsConfig
-from model.heads.training import fit, heads_logits
+from model.heads.selection import Selection, select_and_fit
+from model.heads.training import heads_logits, labelled_rows
 from model.images import content_hash
 from model.predictor import Predictor
 from model.report import write_report
-from model.ssl.config import PretrainConfig
+from model.ssl.recipe import summarize_images
 from model.taxonomy import Taxonomy
 
 __all__ = [
@@ -90,40 +96,38 @@ def _unlabelled(args: argparse.Namespace) -> list[Path]:
     return files
 
 
-def _encoder_cfg(args: argparse.Namespace) -> EncoderConfig:
-    init = str(args.init_weights) if getattr(args, "init_weights", None) else None
-    return EncoderConfig(arch=args.arch, input_size=args.input_size, init_weights=init)
+def _encoder_cfg(settings: Settings, files: Sequence[Path]) -> EncoderConfig:
+    return encoder_config(settings, summarize_images(list(files)))
 
 
-def _pretrain_cfg(args: argparse.Namespace):  # -> PretrainConfig
-
-    accelerator = "cpu" if args.device == "cpu" else ("gpu" if str(args.device).startswith("cuda") else "auto")
-    return PretrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        memory_bank_size=max(args.memory_bank, args.batch_size),
-        temperature=args.temperature,
-        max_minutes=args.max_minutes,
-        accelerator=accelerator,
-    )
-
-
-def pretrain_folder(args: argparse.Namespace, files: Sequence[Path] | None = None) -> Path:
+def pretrain_folder(args: argparse.Namespace, settings: Settings, files: Sequence[Path] | None = None) -> Path:
     """``taxomoco pretrain``: MoCo v2 on every image under ``images_dir`` → an encoder directory."""
-    from model.ssl.pretrain import pretrain
+    from model.ssl.pretrain import pretrain  # Lightning: 2-3 s of imports, paid only by the commands that pretrain
 
     files = list(files) if files is not None else scan_images(args.images_dir)
     if not files:
         raise DataError(f"No images found under {args.images_dir}; point the command at a folder of .png/.jpg files.")
     out: Path = args.out
-    cfg = _encoder_cfg(args)
-    result = pretrain(files, cfg, _pretrain_cfg(args), out, resume=not getattr(args, "no_resume", False))
+    summary = summarize_images(files)
+    cfg = encoder_config(settings, summary)
+    run_cfg = pretrain_config(settings, len(files), summary)
+    print(f"recipe: {len(files)} images, median side {summary.median_side} px, "
+          f"{'grayscale' if summary.grayscale else 'colour'} -> input {cfg.input_size} px, "
+          f"crops >= {run_cfg.augment.min_scale:.0%}, budget {run_cfg.max_minutes or 'none'} min, "
+          f"epoch cap {run_cfg.epochs}")
+    result = pretrain(files, cfg, run_cfg, out, resume=not getattr(args, "no_resume", False))
     version = save_encoder(out, cfg, result.backbone_state)
+    plan = result.plan
+    first, last = (result.quality[0], result.quality[-1]) if result.quality else (None, None)
     print(
-        f"pretrained encoder {version}: {result.epochs_done} epochs, {result.images_per_second:.0f} images/s, "
-        f"{len(result.skipped)} unreadable images skipped; loss curve {out / 'loss.png'}"
+        f"pretrained encoder {version}: {result.steps_done}/{plan.steps if plan else '?'} planned steps "
+        f"({result.epochs_done} epochs, limited by {plan.limited_by if plan else '?'}), "
+        f"{result.images_per_second:.0f} images/s, {len(result.skipped)} unreadable images skipped"
     )
+    if first is not None and last is not None:
+        verdict = {True: "learned", False: "DID NOT visibly learn", None: "not enough measurements"}[result.learned]
+        print(f"view retrieval (label-free quality) {first.view_retrieval:.3f} -> {last.view_retrieval:.3f}: {verdict}")
+    print(f"loss and quality curves: {out / 'loss.png'}")
     return out
 
 
@@ -136,7 +140,27 @@ def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_di
     return embed_through_cache(embedder, cache, list(files), _file_hashes(files), progress=True)
 
 
-def train_folder(args: argparse.Namespace) -> str:
+def _folder_features(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path, device: str,
+                     pixels: bool) -> tuple[dict[FeatureSource, np.ndarray], np.ndarray]:
+    """Encoder embeddings (and pixel features) of image files through the cache; ``ok (N,)`` where all read."""
+    emb, ok = embed_files(files, cfg, state, cache_dir, device)
+    features = {FeatureSource.ENCODER: emb}
+    if pixels:
+        extractor = PixelFeatures()
+        cache = EmbeddingCache(cache_dir, extractor.version, extractor.out_dim)
+        pix, pix_ok = embed_through_cache(extractor, cache, list(files), _file_hashes(files), progress=True)
+        features[FeatureSource.PIXELS] = pix
+        ok = ok & pix_ok
+    return features, ok
+
+
+def _print_choice(selection: Selection) -> None:
+    print(f"model choice: {selection.chosen.name} ({selection.reason})")
+    for name, score in selection.scores.items():
+        print(f"  {name}: hierarchical F1 {score.hf_mean:.3f} ± {score.hf_std:.3f} over {selection.folds} folds")
+
+
+def train_folder(args: argparse.Namespace, settings: Settings) -> str:
     """``taxomoco train``: heads on a labelled folder tree (optionally pretraining first) → a published version."""
     labelled = scan_labelled_folder(args.images_dir)
     files = [f for f, _ in labelled]
@@ -146,46 +170,58 @@ def train_folder(args: argparse.Namespace) -> str:
         cfg, state, _ = load_encoder(args.encoder)
     elif args.pretrain:
         args.out = args.models / "pretrain"
-        pretrain_folder(args, files + _unlabelled(args))
+        pretrain_folder(args, settings, files + _unlabelled(args))
         cfg, state, _ = load_encoder(args.out)
     else:
         log.warning("No --encoder and no --pretrain: the heads train on a randomly initialised encoder (a baseline).")
-        cfg = _encoder_cfg(args)
+        cfg = _encoder_cfg(settings, files)
         state = build_backbone(cfg).state_dict()
-    emb, ok = embed_files(files, cfg, state, args.models / "cache", args.device)
+    candidates = parse_candidates([c.strip() for c in (args.candidates or "").split(",") if c.strip()]
+                                  or list(Settings.model_candidates))
+    candidates = [c for c in candidates if c.features is not FeatureSource.PREVIOUS]  # one encoder on folders
+    features, ok = _folder_features(files, cfg, state, args.models / "cache", settings.device,
+                                    pixels=any(c.features is FeatureSource.PIXELS for c in candidates))
     if not ok.all():
         print(f"{int((~ok).sum())} unreadable images skipped")
     keep = np.flatnonzero(ok)
-    result = fit(emb[keep], [paths[i] for i in keep], taxonomy, HeadsConfig(), progress=True)
+    kept_paths = [paths[i] for i in keep]
+    _, targets, _ = labelled_rows(features[FeatureSource.ENCODER][keep], kept_paths, taxonomy)
+    selection, heads = select_and_fit({s: f[keep] for s, f in features.items()}, candidates, targets, taxonomy,
+                                      folds=args.folds or Settings.cv_folds, heads_cfg=HeadsConfig())
+    metrics = {**selection.cv.metrics, "model_choice": selection.to_dict()}
     hashes = _file_hashes([files[i] for i in keep])
-    fingerprint = data_fingerprint(zip(hashes, [paths[i] for i in keep]))
+    fingerprint = data_fingerprint(zip(hashes, kept_paths))
+    spec = pixel_features_spec() if selection.chosen.features is FeatureSource.PIXELS else ENCODER_FEATURES
     manifest = publish(
         args.models,
         taxonomy=taxonomy,
         encoder_cfg=cfg,
         backbone_state=state,
-        heads=result.heads,
-        temperature=result.temperature,
-        metrics=result.metrics,
+        heads=heads,
+        temperature=selection.cv.temperature,
+        metrics=metrics,
         data_fingerprint=fingerprint,
-        extra={"source": str(args.images_dir), "n_images": len(files), "skipped_images": int((~ok).sum())},
+        extra={"source": str(args.images_dir), "n_images": len(files), "skipped_images": int((~ok).sum()),
+               "model": selection.chosen.name, "model_choice": selection.to_dict()},
+        features=spec,
     )
-    _print_metrics(result.metrics, "cross-validated")
+    _print_choice(selection)
+    _print_metrics(metrics, f"cross-validated ({selection.chosen.name})")
     if args.report is not None:
-
         loss_csv = args.models / "pretrain" / "loss.csv"
-        page = write_report(args.report, result.metrics, taxonomy, loss_csv=loss_csv if loss_csv.exists() else None)
+        page = write_report(args.report, metrics, taxonomy, loss_csv=loss_csv if loss_csv.exists() else None)
         print(f"report: {page}")
     print(f"published model version {manifest.version} in {args.models}")
     return manifest.version
 
 
-def evaluate_folder(args: argparse.Namespace) -> dict:
+def evaluate_folder(args: argparse.Namespace, settings: Settings) -> dict:
     """``taxomoco evaluate``: the live model on a labelled folder tree → JSON + PNG + HTML report."""
     bundle = load_live(args.models)
     labelled = scan_labelled_folder(args.images_dir)
     files = [f for f, _ in labelled]
-    emb, ok = embed_files(files, bundle.encoder_cfg, bundle.backbone_state, args.models / "cache", args.device)
+    predictor = Predictor(bundle, args.models / "cache", device=settings.device)  # the version's own features
+    emb, ok = embed_through_cache(predictor.embedder, predictor.cache, list(files), _file_hashes(files), progress=True)
     keep = np.flatnonzero(ok)
     targets = bundle.taxonomy.encode_many([labelled[i][1] for i in keep])
     logits = heads_logits(bundle.heads, torch.from_numpy(emb[keep]))
@@ -198,10 +234,10 @@ def evaluate_folder(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def predict_files(args: argparse.Namespace) -> list[dict]:
+def predict_files(args: argparse.Namespace, settings: Settings) -> list[dict]:
     """``taxomoco predict``: one JSON line per image (path, score, per-level scores) on stdout."""
     bundle = load_live(args.models)
-    predictor = Predictor(bundle, args.models / "cache", device=args.device)
+    predictor = Predictor(bundle, args.models / "cache", device=settings.device)
     items: list[tuple[bytes, str] | None] = []
     errors: dict[int, str] = {}
     for i, f in enumerate(args.images):
@@ -213,7 +249,7 @@ def predict_files(args: argparse.Namespace) -> list[dict]:
             errors[i] = f"cannot read {f}: {exc.strerror or exc}"
     # one cache read per image; only images whose embedding is not cached are decoded
     preds, decode_errors = predictor.predict_encoded(items, leafs_only=not args.all_levels,
-                                                     prefix_threshold=args.prefix_threshold)
+                                                     prefix_threshold=settings.prefix_threshold)
     errors.update(decode_errors)
     rows = []
     for i, (f, pred) in enumerate(zip(args.images, preds)):
@@ -241,9 +277,12 @@ def _print_metrics(metrics: dict, title: str) -> None:
         print(f"  expected calibration error {metrics['calibration']['ece']:.3f}")
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Dispatch a model command of the CLI."""
-    {"pretrain": pretrain_folder, "train": train_folder, "evaluate": evaluate_folder, "predict": predict_files}[
-        args.command
-    ](args)
+    if args.command == "pretrain":
+        pretrain_folder(args, settings)
+    elif args.command == "train":
+        train_folder(args, settings)
+    else:
+        {"evaluate": evaluate_folder, "predict": predict_files}[args.command](args, settings)
     return 0

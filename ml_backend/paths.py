@@ -10,7 +10,9 @@
         tasks.json              the tasks as last pulled from Label Studio (``labelstudio.snapshot``)
         connection.json         where this project's Label Studio is, and its token (mode 0600)
         jobs/                   job records: status.json (+ .lock), pretrain.json, pretrain_requested,
-                                pretrain_pending.json, calibration.json
+                                pretrain_pending.json, calibration.json, prelabel.json (bulk pre-annotation
+                                progress and resume cursor)
+        labeling_queue.json     the labeling order ``GET /queue`` serves (``ml_backend.prelabel``)
         disagreements/          report.json, model_probs.npz, posted.json and the CLI's CSV/HTML files
 
 Shared by the server, the embedded trainer's child processes and RQ workers on other machines (the same
@@ -117,6 +119,16 @@ class ProjectPaths:
     def calibration(self) -> Path:
         """The last cross-validation's temperature and the labels it saw."""
         return self.jobs / "calibration.json"
+
+    @property
+    def prelabel(self) -> Path:
+        """Bulk pre-annotation of the live version: progress and resume cursor (``ml_backend.prelabel``)."""
+        return self.jobs / "prelabel.json"
+
+    @property
+    def labeling_queue(self) -> Path:
+        """The ranked labeling order written with the last bulk pre-annotation (``GET /queue``)."""
+        return self.root / "labeling_queue.json"
 
     # ----- disagreements ------------------------------------------------------------------------------
     @property

@@ -14,6 +14,12 @@ from pathlib import Path
 
 from ml_backend.paths import ProjectPaths
 from model.errors import ConfigError
+from model.ssl.config import PretrainConfig
+from model.ssl.plan import PRETRAIN_MIN_IMAGES
+from model.ssl.recipe import RecipeKind
+
+_PRETRAIN = PretrainConfig()  # the one source of the pretraining defaults
+from model.heads.candidates import parse_candidates
 
 __all__ = ["Settings"]
 
@@ -65,20 +71,34 @@ class Settings:
 
     # --- model and training ---------------------------------------------------------------------------
     device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N."})
-    arch: str = field(default="resnet18-half", metadata={"env": "ENCODER_ARCH", "help": "Backbone: resnet18 or resnet18-half."})
-    input_size: int = field(default=64, metadata={"env": "ENCODER_INPUT_SIZE", "help": "Encoder input size in pixels (96–128 on a GPU)."})
-    init_weights: Path | None = field(default=None, metadata={"env": "ENCODER_INIT_WEIGHTS", "help": "Optional local weights file (.safetensors/.pth) to start the encoder from; nothing is downloaded."})
-    pretrain_epochs: int = field(default=20, metadata={"env": "PRETRAIN_EPOCHS", "help": "MoCo v2 epochs per pretraining run."})
-    pretrain_max_minutes: float = field(default=30.0, metadata={"env": "PRETRAIN_MAX_MINUTES", "help": "Time budget of one pretraining run."})
-    pretrain_batch_size: int = field(default=128, metadata={"env": "PRETRAIN_BATCH_SIZE", "help": "MoCo batch size."})
+    arch: str = field(default="resnet18-half", metadata={"env": "ENCODER_ARCH", "help": "Backbone: resnet18 or resnet18-half (without ENCODER_INIT_WEIGHTS; with one, the file decides)."})
+    input_size: int = field(default=0, metadata={"env": "ENCODER_INPUT_SIZE", "help": "Encoder input size in pixels; 0 = chosen from the images (32 for images of at most 48 px, else 64 on a CPU / 96 on a GPU, never above the images' median side)."})
+    init_weights: Path | None = field(default=None, metadata={"env": "ENCODER_INIT_WEIGHTS", "help": "Optional local weights file (.safetensors/.pth) to start the encoder from, e.g. a torchvision ResNet-18 ImageNet state_dict (the file decides the architecture; MoCo continues from it on the project's images); nothing is downloaded."})
+    pretrain_min_images: int = field(default=PRETRAIN_MIN_IMAGES, metadata={"env": "PRETRAIN_MIN_IMAGES", "help": "Projects with fewer images do not pretrain (measured: below ~500 images MoCo loses to plain pixel features); POST /train with pretrain forces it."})
+    pretrain_epochs: int = field(default=_PRETRAIN.epochs, metadata={"env": "PRETRAIN_EPOCHS", "help": "Epoch cap of a pretraining run; the run is fitted to PRETRAIN_MAX_MINUTES and the number of images, and its schedule spans the fitted run."})
+    pretrain_max_minutes: float = field(default=_PRETRAIN.max_minutes or 0.0, metadata={"env": "PRETRAIN_MAX_MINUTES", "help": "Time budget of one pretraining run (0 = only the epoch cap)."})
+    pretrain_batch_size: int = field(default=_PRETRAIN.batch_size, metadata={"env": "PRETRAIN_BATCH_SIZE", "help": "MoCo batch size."})
+    pretrain_lr: float = field(default=_PRETRAIN.lr, metadata={"env": "PRETRAIN_LR", "help": "MoCo SGD learning rate (after warm-up; cosine to 0 over the run)."})
+    pretrain_temperature: float = field(default=_PRETRAIN.temperature, metadata={"env": "PRETRAIN_TEMPERATURE", "help": "InfoNCE temperature."})
+    pretrain_memory_bank: int = field(default=_PRETRAIN.memory_bank_size, metadata={"env": "PRETRAIN_MEMORY_BANK", "help": "Largest MoCo memory bank (negatives); fitted down to the number of images."})
+    pretrain_augment: str = field(default=RecipeKind.AUTO.value, metadata={"env": "PRETRAIN_AUGMENT", "help": "Augmentation recipe: auto (chosen from the images' size and colour), small-images, or moco-v2."})
     pretrain_devices: str = field(default="1", metadata={"env": "PRETRAIN_DEVICES", "help": "Devices one pretraining uses: a count, or `all` (every GPU the worker sees; with PRETRAIN_STRATEGY=ddp_spawn)."})
     pretrain_strategy: str = field(default="auto", metadata={"env": "PRETRAIN_STRATEGY", "help": "Lightning strategy of pretraining: auto, or ddp_spawn for data-parallel on several GPUs inside a worker (plain ddp re-launches the script: use it with `taxomoco pretrain`)."})
     repretrain_fraction: float = field(default=0.5, metadata={"env": "REPRETRAIN_NEW_FRACTION", "help": "Pretrain again when the project gained this fraction of new images since the last pretraining."})
     min_labels_to_train: int = field(default=4, metadata={"env": "MIN_LABELS_TO_TRAIN", "help": "Labelled tasks needed before the first training."})
-    prefix_threshold: float = field(default=0.5, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this."})
+    prefix_threshold: float = field(default=0.2, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this (0.2: a leaf unless it is no better than a guess among its siblings; measured in bench/results/prefix_threshold.txt)."})
     tasks_full_pull_every_s: float = field(default=3600.0, metadata={"env": "TASKS_FULL_PULL_EVERY_S", "help": "A training run reads only the tasks changed since the last run; every this many seconds it reads all of them again."})
     calibration_reuse_fraction: float = field(default=0.02, metadata={"env": "CALIBRATION_REUSE_FRACTION", "help": "A heads-only retrain whose labels differ from the last cross-validated ones by at most this fraction publishes at once with the last calibration temperature (the cross-validation runs after publishing); 0 = always cross-validate first."})
+    model_candidates: tuple[str, ...] = field(default=("pixels+linear", "encoder+prototypes", "encoder+mlp", "previous-encoder+mlp"), metadata={"env": "MODEL_CANDIDATES", "help": "Models every training compares by cross-validated hierarchical F1 before publishing the best (comma-separated; a tie within 0.005 goes to the one listed first here): pixels+linear (downscaled pixels + colour statistics, logistic regression), encoder+prototypes (nearest class mean on the encoder's embeddings), encoder+mlp (MLP heads), previous-encoder+mlp (the live model's encoder when a training pretrained a new one)."})
+    cv_folds: int = field(default=3, metadata={"env": "CV_FOLDS", "help": "Cross-validation folds of the model choice and the calibration (stratified by label path; at most one per labelled task)."})
     keep_versions: int = field(default=5, metadata={"env": "KEEP_VERSIONS", "help": "Model versions kept per project (the live one always)."})
+
+    # --- the labeling loop -------------------------------------------------------------------------------
+    prelabel: bool = field(default=True, metadata={"env": "PRELABEL", "help": "After each new model version, write its predictions for every task without a human annotation into Label Studio (chunked, resumable), pin the project's model version to it, rank the tasks for labeling (GET /queue, the \"label next\" tab) and delete older versions' predictions."})
+    prelabel_chunk: int = field(default=500, metadata={"env": "PRELABEL_CHUNK", "help": "Predictions written per Label Studio request (1-500: one import is one transaction in Label Studio)."})
+    prelabel_keep_versions: int = field(default=2, metadata={"env": "PRELABEL_KEEP_VERSIONS", "help": "This backend's model versions whose predictions stay in Label Studio (the live one and the ones before it); older ones are deleted once the live version covers every unlabelled task."})
+    cold_start_per_class: float = field(default=2.0, metadata={"env": "COLD_START_LABELS_PER_CLASS", "help": "Labels per leaf class (on average) below which the labeling order covers the embedding space (typical images of unlabelled clusters) before following the model's uncertainty."})
+    label_next_tab_tasks: int = field(default=100, metadata={"env": "LABEL_NEXT_TAB_TASKS", "help": "Tasks of the \"taxomoco: label next\" Data Manager tab (the head of the labeling order); 0 = no tab."})
 
     # --- consensus (disagreements) ----------------------------------------------------------------------
     min_annotators: int = field(default=1, metadata={"env": "CONSENSUS_MIN_ANNOTATORS", "help": "Annotators a task needs before its consensus label is trained on."})
@@ -130,8 +150,20 @@ class Settings:
                               "TRAIN_QUEUE_MAX_PROJECTS must be positive.")
         if self.arch not in ("resnet18", "resnet18-half"):
             raise ConfigError(f"ENCODER_ARCH={self.arch!r} is not supported; use resnet18 or resnet18-half.")
-        if self.input_size < 16:
-            raise ConfigError(f"ENCODER_INPUT_SIZE={self.input_size} is too small; use at least 32.")
+        if self.input_size != 0 and self.input_size < 16:
+            raise ConfigError(f"ENCODER_INPUT_SIZE={self.input_size} is too small; use 0 (chosen from the images) or "
+                              "at least 32.")
+        if self.pretrain_augment not in {k.value for k in RecipeKind}:
+            raise ConfigError(f"PRETRAIN_AUGMENT={self.pretrain_augment!r} is not a recipe; use one of "
+                              f"{', '.join(k.value for k in RecipeKind)}.")
+        if self.pretrain_max_minutes < 0 or self.pretrain_epochs < 1 or self.pretrain_min_images < 0:
+            raise ConfigError("PRETRAIN_MAX_MINUTES must be >= 0 (0 = no budget), PRETRAIN_EPOCHS >= 1 and "
+                              "PRETRAIN_MIN_IMAGES >= 0.")
+        if self.pretrain_memory_bank < self.pretrain_batch_size or self.pretrain_batch_size < 2:
+            raise ConfigError(f"PRETRAIN_MEMORY_BANK={self.pretrain_memory_bank} must be >= PRETRAIN_BATCH_SIZE="
+                              f"{self.pretrain_batch_size} >= 2.")
+        if self.pretrain_lr <= 0 or self.pretrain_temperature <= 0:
+            raise ConfigError("PRETRAIN_LR and PRETRAIN_TEMPERATURE must be positive.")
         if self.torch_threads < 0 or self.predict_concurrency < 1:
             raise ConfigError("TORCH_THREADS must be >= 0 and PREDICT_CONCURRENCY >= 1.")
         if self.pretrain_devices != "all" and not self.pretrain_devices.isdigit():
@@ -141,9 +173,22 @@ class Settings:
         if self.tasks_full_pull_every_s < 0:
             raise ConfigError(f"TASKS_FULL_PULL_EVERY_S={self.tasks_full_pull_every_s} must be >= 0 (0 = always read "
                               "every task).")
+        parse_candidates(self.model_candidates)
+        if self.cv_folds < 2:
+            raise ConfigError(f"CV_FOLDS={self.cv_folds} must be at least 2; 3 keeps a training fast, 5 scores more "
+                              "steadily.")
         if not 0.0 <= self.calibration_reuse_fraction < 1.0:
             raise ConfigError(f"CALIBRATION_REUSE_FRACTION={self.calibration_reuse_fraction} must lie in [0, 1); "
                               "0.02 reuses the calibration for changes of up to 2 % of the labels, 0 never.")
+        if not 1 <= self.prelabel_chunk <= 500:
+            raise ConfigError(f"PRELABEL_CHUNK={self.prelabel_chunk} must lie in 1..500 (Label Studio imports at most "
+                              "500 predictions in one transaction).")
+        if self.prelabel_keep_versions < 1:
+            raise ConfigError(f"PRELABEL_KEEP_VERSIONS={self.prelabel_keep_versions} must be >= 1 (the live version's "
+                              "predictions always stay).")
+        if self.cold_start_per_class < 0 or not 0 <= self.label_next_tab_tasks <= 300:
+            raise ConfigError("COLD_START_LABELS_PER_CLASS must be >= 0 and LABEL_NEXT_TAB_TASKS in 0..300 (a longer "
+                              "task filter makes the Data Manager slow).")
 
     @property
     def webhook_auth(self) -> bool:
@@ -153,6 +198,13 @@ class Settings:
     def project(self, project_id: int) -> ProjectPaths:
         """The files and folders of one Label Studio project under ``model_dir``."""
         return ProjectPaths(self.model_dir, int(project_id))
+
+    @staticmethod
+    def flag_help(name: str) -> tuple[str, object]:
+        """``(help text with its env var and default, default)`` of setting ``name``: the CLI's flags read their
+        documentation and default here, so a flag and its env var mean the same thing."""
+        f = next(f for f in dataclasses.fields(Settings) if f.name == name)
+        return f"{f.metadata['help']} [env {f.metadata['env']}; default {_show(f.default)}]", f.default
 
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:
@@ -165,6 +217,8 @@ def _show(default: object) -> str:
         return "unset"
     if isinstance(default, Path):
         return str(default)
+    if isinstance(default, tuple):
+        return ",".join(str(x) for x in default)
     return str(default).lower() if isinstance(default, bool) else str(default)
 
 

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from model.encoder.backbone import build_backbone, encoder_version
 from model.encoder.config import EncoderConfig
 from model.errors import BundleError, ConfigError, TaxonomyError
+from model.features.extractor import ENCODER_FEATURES, features_dim, features_version
 from model.heads.heads import TaxonomyHeads
 from model.taxonomy import Taxonomy
 
@@ -74,8 +75,10 @@ class Manifest:
         version: sortable name, ``<UTC timestamp>-<6 hex>``.
         created: ISO-8601 UTC creation time.
         taxonomy: ``Taxonomy.to_json()``; ``taxonomy_hash`` its ``Taxonomy.hash()``.
-        encoder: ``EncoderConfig.to_dict()``; ``encoder_version`` the content hash of the backbone weights.
-        embedding_dim: D, the encoder output and the heads input.
+        encoder: ``EncoderConfig.to_dict()``; ``encoder_version`` the content hash of the backbone weights. Every
+            version holds the project's encoder, also when its heads read pixel features: later trainings
+            continue from it.
+        embedding_dim: D, the heads input (the encoder output, or the pixel feature dimension).
         heads: ``{"architecture": TaxonomyHeads.architecture(), "training": HeadsConfig.to_dict() | None}``.
         num_classes: classes per level of the heads.
         temperature: calibration temperature of the path probabilities.
@@ -85,6 +88,8 @@ class Manifest:
         extra: anything the trainer records (training policy, consensus, pretraining decision ...).
         libraries: versions of torch, torchvision, lightly, taxomoco that wrote it.
         format: layout version of the bundle.
+        features: what the heads read (``model.features.extractor``): ``{"kind": "encoder"}`` (the default, and
+            what versions without the field read) or ``{"kind": "pixels", "config": {...}}``.
     """
 
     version: str
@@ -103,6 +108,7 @@ class Manifest:
     extra: dict = field(default_factory=dict)
     libraries: dict = field(default_factory=dict)
     format: int = FORMAT
+    features: dict = field(default_factory=lambda: dict(ENCODER_FEATURES))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=_json_default)
@@ -127,6 +133,16 @@ class ModelBundle:
     heads: TaxonomyHeads
     temperature: float
     path: Path
+
+    @property
+    def features(self) -> dict:
+        """What the heads read (see :attr:`Manifest.features`)."""
+        return dict(self.manifest.features)
+
+    @property
+    def features_version(self) -> str:
+        """The id the heads' input features are cached under (the encoder version for encoder features)."""
+        return features_version(self.manifest.features, self.manifest.encoder_version)
 
 
 def _json_default(obj: object) -> object:
@@ -213,6 +229,7 @@ def publish(
     data_fingerprint: str,
     extra: Mapping | None = None,
     counts: Mapping | None = None,
+    features: Mapping | None = None,
 ) -> Manifest:
     """Write a new model version and make it live.
 
@@ -227,6 +244,7 @@ def publish(
         data_fingerprint: hash of the training pairs (see :func:`data_fingerprint`).
         extra: trainer's records (JSON-able).
         counts: numbers behind the version; default ``{"labelled": metrics["n_labelled"]}`` when known.
+        features: what the heads read (``model.features.extractor``); default the encoder's embeddings.
 
     Returns:
         The manifest of the new live version.
@@ -241,11 +259,12 @@ def publish(
             f"The heads have {heads.num_classes} classes per level but the taxonomy needs {num_classes}; "
             "retrain the heads for this taxonomy before publishing."
         )
-    out_dim = int(getattr(encoder_cfg, "out_dim", heads.in_dim))
+    features = dict(features or ENCODER_FEATURES)
+    out_dim = features_dim(features, encoder_cfg) if hasattr(encoder_cfg, "out_dim") else heads.in_dim
     if heads.in_dim != out_dim:
         raise BundleError(
-            f"The heads take {heads.in_dim}-d embeddings but the encoder gives {out_dim}-d; retrain the heads on "
-            "embeddings of this encoder."
+            f"The heads take {heads.in_dim}-d embeddings but the features ({features['kind']}) give {out_dim}-d; "
+            "retrain the heads on these features."
         )
     if not temperature > 0:
         raise BundleError(f"Temperature {temperature} is not positive; publish the value fit_temperature returned.")
@@ -281,6 +300,7 @@ def publish(
         counts=dict(counts) if counts is not None else default_counts,
         extra=json.loads(json.dumps(dict(extra or {}), default=_json_default)),
         libraries=_library_versions(),
+        features=features,
     )
     tmp_dir = root / VERSIONS / f".tmp-{version}-{uuid.uuid4().hex[:6]}"
     tmp_dir.mkdir()
@@ -375,10 +395,14 @@ def _check_encoder(state: dict[str, torch.Tensor], manifest: Manifest, where: Pa
         cfg = EncoderConfig.from_dict({**manifest.encoder, "init_weights": None})
     except ConfigError as exc:
         raise BundleError(f"{where}: the manifest's encoder config is invalid ({exc}).") from None
-    if cfg.out_dim != manifest.embedding_dim:
+    try:
+        dim = features_dim(manifest.features, cfg)
+    except ConfigError as exc:
+        raise BundleError(f"{where}: the manifest's features {manifest.features} are invalid ({exc}).") from None
+    if dim != manifest.embedding_dim:
         raise BundleError(
-            f"{where}: the encoder gives {cfg.out_dim}-d embeddings but the heads take {manifest.embedding_dim}-d; "
-            "the bundle mixes an encoder and heads of different models. Retrain the heads."
+            f"{where}: the {manifest.features.get('kind')} features are {dim}-d but the heads take "
+            f"{manifest.embedding_dim}-d; the bundle mixes features and heads of different models. Retrain the heads."
         )
     expected = _backbone_shapes(cfg)
     bad = sorted(set(expected) ^ set(state)) + [

@@ -22,7 +22,7 @@ from model.heads.calibration import path_nll
 from model.heads.decode import LevelLogits, PathPrediction, decode
 from model.taxonomy import IGNORE, Path, Taxonomy
 
-__all__ = ["calibration", "evaluate", "hierarchical_prf", "level_metrics"]
+__all__ = ["calibration", "evaluate", "hierarchical_prf", "level_metrics", "true_paths"]
 
 
 def level_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
@@ -144,6 +144,11 @@ def _true_path(row: np.ndarray, taxonomy: Taxonomy) -> tuple[Path, bool]:
         last = int(row[depth - 1])
     node = taxonomy.levels[depth - 1][last]
     return node.path, not node.is_leaf
+
+
+def true_paths(targets: np.ndarray, taxonomy: Taxonomy) -> list[tuple[Path, bool]]:
+    """Per labelled target row ``(N, L)``: the path it names and whether that stops at an inner node (a prefix)."""
+    return [_true_path(r, taxonomy) for r in np.asarray(targets)]
 
 
 def evaluate(

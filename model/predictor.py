@@ -1,5 +1,8 @@
 """Images in, taxonomy path predictions out: one loaded model version plus its embedding cache.
 
+The version's features come from its encoder or from plain pixels (``model.features.extractor``); both are
+cached by content hash under their own id, and the rest of the path is the same.
+
 A :class:`Predictor` is built once per model version (the backend's store builds it in a background thread
 and swaps one reference), then serves any number of ``predict`` calls. Images whose content hash is in the
 embedding cache skip the encoder entirely, so re-predicting after a heads-only retrain is cheap.
@@ -19,9 +22,8 @@ import torch
 from PIL import Image
 
 from model.bundle import ModelBundle
-from model.encoder.backbone import build_backbone
 from model.encoder.cache import EmbeddingCache, embed_through_cache
-from model.encoder.embedder import Embedder
+from model.features.extractor import Extractor, make_extractor
 from model.heads.decode import PathPrediction, decode
 from model.images import check_image_header, load_image
 
@@ -45,13 +47,13 @@ class Predictor:
         self.bundle = bundle
         self.taxonomy = bundle.taxonomy
         self.version: str = bundle.manifest.version
-        backbone = build_backbone(bundle.encoder_cfg)
-        backbone.load_state_dict(bundle.backbone_state)
-        self.embedder = Embedder(backbone, bundle.encoder_cfg, device=device, batch_size=batch_size)
+        # the encoder's Embedder, or the pixel features (model.features.extractor): same interface
+        self.embedder: Extractor = make_extractor(bundle.features, bundle.encoder_cfg, bundle.backbone_state,
+                                                  device=device, batch_size=batch_size)
         self.heads = bundle.heads.eval()
         self.temperature = float(bundle.temperature)
         self.cache = (
-            EmbeddingCache(cache_dir, bundle.manifest.encoder_version, bundle.manifest.embedding_dim)
+            EmbeddingCache(cache_dir, bundle.features_version, bundle.manifest.embedding_dim)
             if cache_dir is not None
             else None
         )

@@ -1,6 +1,7 @@
 """An evaluation report on disk: ``report.json``, PNG plots and one self-contained ``report.html``.
 
-Plots (matplotlib, Agg backend): a confusion matrix per taxonomy level, the reliability diagram of the path
+The summary names the model choice of the training (``metrics["model_choice"]``: every candidate's
+cross-validated hierarchical F1 and why the winner won) when the metrics carry one. Plots (matplotlib, Agg backend): a confusion matrix per taxonomy level, the reliability diagram of the path
 confidence, the pretraining loss curve (``loss.csv`` with ``epoch,step,loss`` columns) and the
 accuracy-versus-number-of-labels curve, each only when its data is given. The HTML embeds the images as data
 URIs, so the single file can be mailed or attached to a ticket.
@@ -170,6 +171,24 @@ def _fmt(x: object) -> str:
     return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
 
 
+def _choice_html(choice: Mapping | None) -> list[str]:
+    """The model choice (``model.heads.selection.Selection.to_dict()``): winner, reason, every candidate's score."""
+    if not choice or "candidates" not in choice:
+        return []
+    rows = [f"<h3>model choice: {html.escape(str(choice.get('chosen')))}</h3>",
+            f"<p>{html.escape(str(choice.get('reason', '')))}</p>",
+            "<table><tr><th>candidate</th><th>hF (mean over folds)</th><th>± std</th><th>path accuracy</th>"
+            "<th>seconds</th></tr>"]
+    for name, c in choice["candidates"].items():
+        mark = " (chosen)" if name == choice.get("chosen") else ""
+        rows.append(f"<tr><td>{html.escape(name + mark)}</td><td>{_fmt(c['hF_mean'])}</td><td>{_fmt(c['hF_std'])}</td>"
+                    f"<td>{_fmt(c['path_accuracy'])}</td><td>{_fmt(c['seconds'])}</td></tr>")
+    rows += [f"<tr><td>{html.escape(name)}</td><td colspan=4>not run: {html.escape(str(why))}</td></tr>"
+             for name, why in (choice.get("skipped") or {}).items()]
+    rows.append("</table>")
+    return rows
+
+
 def _html(metrics: Mapping, images: Sequence[tuple[str, Path]], points: Sequence[Mapping] | None) -> str:
     rows = []
     summary = [
@@ -185,6 +204,7 @@ def _html(metrics: Mapping, images: Sequence[tuple[str, Path]], points: Sequence
     rows.append("<table><tr><th colspan=2>summary</th></tr>")
     rows += [f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in summary if v != ""]
     rows.append("</table>")
+    rows += _choice_html(metrics.get("model_choice"))
     for lv in metrics.get("levels", []):
         rows.append(
             f"<h3>level {lv.get('level')}: accuracy {_fmt(lv['accuracy'])}, macro P/R/F1 "

@@ -435,6 +435,7 @@ FAST_TRAINING_ENV: dict[str, str] = {
     "PRETRAIN_EPOCHS": "1",
     "PRETRAIN_MAX_MINUTES": "1",
     "PRETRAIN_BATCH_SIZE": "16",
+    "PRETRAIN_MIN_IMAGES": "0",  # the suite's projects are tiny; they still exercise pretraining
     "MIN_LABELS_TO_TRAIN": "2",
     "DEVICE": "cpu",
     "TAXOMOCO_HTTP_THREADS": "8",

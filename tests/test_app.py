@@ -25,6 +25,7 @@ from ml_backend.paths import ProjectPaths
 from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.store import ModelStore
 from ml_backend.settings import Settings
+from ml_backend.training.records import JobOutcome, JobRecords
 from model.images import load_image
 from tests.servers import FakeLabelStudio, wait_until
 
@@ -703,3 +704,38 @@ def test_every_path_has_one_access_class():
     assert access_of("/webhook") is Access.WEBHOOK
     for path in ("/disagreements", "/metrics", "/job_status", "/similar", "/anything-new"):
         assert access_of(path) is Access.DATA
+
+
+def test_a_failed_training_shows_in_the_version_health_and_versions_until_one_succeeds(env):
+    """Label Studio shows /setup's model version: after a failed training it carries the short reason (the
+    predictions carry the same string, so Label Studio re-predicts once); /health and /versions give the state."""
+    client, models, settings, _ = env
+    connect(client)
+    records = JobRecords(settings.project(7))
+    reason = ("none of the 3 tasks' images could be fetched (first error: The host http://img.example is not "
+              "allowed (http://img.example/a.png); images may come from Label Studio's own origin ...)")
+    records.mark_started("job-1")
+    records.mark_finished(JobOutcome.FAILED, 1.0, "job-1", reason=reason)
+    time.sleep(1.1)  # past the states' cache age
+    version = post(client, "/setup", setup_body()).get_json()["model_version"]
+    assert version.startswith("untrained · last training failed: none of the 3 tasks' images could be fetched")
+    assert "is not allowed" in version and len(version) < 220
+    assert post(client, "/predict", predict_body([{"id": 1, "data": {"image": "red.png"}}])).get_json() == {
+        "results": [], "model_version": version}
+    health = client.get("/health", headers=AUTH).get_json()
+    assert health["training"]["7"]["outcome"] == "failed" and health["training"]["7"]["reason"] == reason
+    versions = client.get("/versions", query_string={"project": 7}, headers=AUTH).get_json()
+    assert versions["versions"] == [] and versions["training"]["reason"] == reason
+
+    models.publish(7, "v1")  # a live model (an earlier one) serves on; its predictions carry the label too
+    time.sleep(0.1)
+    labelled = post(client, "/setup", setup_body()).get_json()["model_version"]
+    assert labelled.startswith("v1 · last training failed: ")
+    r = post(client, "/predict", predict_body([{"id": 1, "data": {"image": "red.png"}}])).get_json()
+    assert r["model_version"] == labelled and r["results"][0]["model_version"] == labelled
+
+    records.mark_started("job-2")
+    records.mark_finished(JobOutcome.SUCCEEDED, 1.0, "job-2", version="v1")
+    time.sleep(1.1)
+    assert post(client, "/setup", setup_body()).get_json() == {"model_version": "v1"}
+    assert client.get("/health", headers=AUTH).get_json()["training"]["7"]["outcome"] == "succeeded"

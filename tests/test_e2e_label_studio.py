@@ -364,3 +364,34 @@ def test_a_backend_configured_with_a_personal_access_token_trains_and_predicts(
         assert [predicted_path(r) in LEAVES for r in answer["results"]] == [True] * 4, answer
     finally:
         other.stop()
+
+
+def test_a_failed_training_is_shown_in_label_studio(stack: Stack) -> None:
+    """Images on a host the backend may not fetch from: the training fails, and Label Studio's model connection
+    shows it (its model version, read through /setup) with the reason, as do /health, /versions and /job_status."""
+    ls = stack.ls
+    pid = ls.create_project(CONFIG, title="taxomoco blocked image host")
+    ids = ls.import_tasks(pid, [{"image": f"http://images.example.invalid/{i}.png"} for i in range(6)])
+    ml = ls.api("POST", "/api/ml", json={"project": pid, "url": stack.backend.url, "title": "taxomoco", **LS_AUTH},
+                expect=(201,)).json()
+    assert ls.api("GET", f"/api/ml/{ml['id']}").json()["model_version"] == "untrained"
+    leaves = sorted(LEAVES)
+    for i, tid in enumerate(ids[:4]):
+        ls.annotate(tid, result((leaves[0], leaves[-1])[i % 2]))  # two top-level classes
+    stack.http.post(f"{stack.backend.url}/train", json={"project": pid}, timeout=10).raise_for_status()
+
+    def status() -> dict:
+        return stack.http.post(f"{stack.backend.url}/job_status", json={"project": pid}, timeout=10).json()
+
+    assert wait_until(lambda: status().get("last_outcome") == "failed", TRAINING_TIMEOUT_S, interval_s=2.0), status()
+    reason = status()["last_failure"]["reason"]
+    assert "images.example.invalid is not allowed" in reason and "ALLOWED_IMAGE_HOSTS" in reason, reason
+    time.sleep(1.2)  # the backend re-reads a project's training state at most once a second
+    state = ls.api("GET", f"/api/ml/{ml['id']}").json()  # Label Studio calls /setup and stores the version
+    assert state["state"] == "CO", state
+    assert state["model_version"].startswith("untrained · last training failed: none of the 6 tasks' images"), state
+    assert "images.example.invalid is not allowed" in state["model_version"], state
+    health = stack.http.get(f"{stack.backend.url}/health", timeout=10).json()
+    assert health["training"][str(pid)]["outcome"] == "failed" and health["training"][str(pid)]["reason"] == reason
+    versions = stack.http.get(f"{stack.backend.url}/versions", params={"project": pid}, timeout=10).json()
+    assert versions["versions"] == [] and versions["training"]["reason"] == reason

@@ -12,7 +12,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from model.encoder.backbone import build_backbone, encoder_version
+from ml_backend.configs import encoder_config
+from model.ssl.recipe import ImageSummary
+from ml_backend.settings import Settings
+from model.encoder.backbone import build_backbone, encoder_version, init_weights_arch
 from model.encoder.config import Arch, EncoderConfig, eval_transform
 from model.encoder.embedder import Embedder
 from model.errors import ConfigError, ResourceError
@@ -178,3 +181,41 @@ def test_transforms_shapes_and_grayscale() -> None:
     with pytest.raises(ConfigError, match="outside"):
         AugmentConfig(blur_prob=1.5)
     assert AugmentConfig.from_dict(AugmentConfig().to_dict()) == AugmentConfig()
+
+
+def test_a_torchvision_resnet18_checkpoint_decides_the_architecture(tmp_path: Path) -> None:
+    """ENCODER_INIT_WEIGHTS = torch.save(torchvision.models.resnet18(...).state_dict()): loaded whatever ENCODER_ARCH
+    says (the default is the half-width net), giving torchvision's own features."""
+    tv = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "resnet18-imagenet.pt"
+    torch.save(tv.state_dict(), path)
+    settings = Settings.from_env(env={"ENCODER_INIT_WEIGHTS": str(path)}, model_dir=tmp_path)
+    assert settings.arch == "resnet18-half"
+    cfg = encoder_config(settings, ImageSummary(sampled=8, median_side=200, gray_share=0.0))
+    assert cfg.arch is Arch.RESNET18 and cfg.init_weights == str(path) and cfg.out_dim == 512
+    ours = build_backbone(cfg).eval()
+    tv.fc = nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x))
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.contiguous() for k, v in build_backbone(EncoderConfig()).state_dict().items()}, str(half))
+    assert init_weights_arch(half) is Arch.RESNET18_HALF
+
+
+def test_a_checkpoint_that_is_not_a_resnet18_is_refused_naming_the_file_and_what_was_expected(tmp_path: Path) -> None:
+    r50 = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), r50)
+    with pytest.raises(ConfigError, match=r"resnet50.pth' holds a ResNet with bottleneck blocks .*expected a ResNet-18 "
+                                          r"state_dict as torchvision saves it \(keys conv1.weight"):
+        encoder_config(Settings.from_env(env={"ENCODER_INIT_WEIGHTS": str(r50)}, model_dir=tmp_path), ImageSummary(0, 0, 0.0))
+    r34 = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), r34)
+    with pytest.raises(ConfigError, match="more than two blocks per stage"):
+        init_weights_arch(r34)
+    other = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(ConfigError, match=r"other.pth' holds 1 tensors with keys like \['encoder.weight'\]"):
+        init_weights_arch(other)
+    with pytest.raises(ConfigError, match="does not exist"):
+        init_weights_arch(tmp_path / "missing.pt")

@@ -49,6 +49,15 @@ def test_pretrain_again_when_the_project_grew_enough(now: int, last: int, fracti
     assert d.to_dict()["n_images_at_last_pretrain"] == last
 
 
+def test_a_project_too_small_for_self_supervision_does_not_pretrain_unless_forced() -> None:
+    d = decide_pretrain(120, None, has_live_encoder=False, force=False, repretrain_fraction=0.5, min_images=500)
+    assert not d.pretrain and d.reason is PretrainReason.TOO_FEW_IMAGES
+    assert "PRETRAIN_MIN_IMAGES" in d.to_dict()["reason"]
+    forced = decide_pretrain(120, None, has_live_encoder=False, force=True, repretrain_fraction=0.5, min_images=500)
+    assert forced.pretrain and forced.reason is PretrainReason.FORCED
+    assert decide_pretrain(500, None, False, False, 0.5, min_images=500).reason is PretrainReason.FIRST
+
+
 def test_missing_live_encoder_pretrains_again() -> None:
     d = decide_pretrain(10, {"n_images": 10}, has_live_encoder=False, force=False, repretrain_fraction=0.5)
     assert d.pretrain and d.reason is PretrainReason.NO_ENCODER
@@ -180,13 +189,20 @@ def test_train_project_end_to_end(label_studio, labelled_project, tmp_path: Path
     assert first["pretrain"]["pretrain"] is True and first["pretrain"]["reason"] == PretrainReason.FIRST.value
     assert first["counts"]["tasks"] == 18 and first["counts"]["labelled"] == 9 and first["counts"]["images"] == 18
     assert first["counts"]["trained_on"] == 9 and first["counts"]["embedded"] == 18
+    choice = first["model_choice"]  # every candidate cross-validated; the previous encoder did not exist yet
+    assert set(choice["candidates"]) == {"pixels+linear", "encoder+prototypes", "encoder+mlp"}
+    assert "previous-encoder+mlp" in choice["skipped"] and choice["chosen"] in choice["candidates"]
+    assert choice["folds"] == 3 and choice["reason"].startswith(choice["chosen"])
     root = ProjectPaths(tmp_path, pid).models
     assert live_version(root) == first["version"]
     bundle = load_live(root)
     assert bundle.manifest.extra["pretrained"] is True and bundle.manifest.extra["excluded"] == 0
+    assert bundle.manifest.metrics["model_choice"] == choice and bundle.manifest.extra["model"] == choice["chosen"]
+    assert bundle.manifest.features["kind"] == ("pixels" if choice["chosen"] == "pixels+linear" else "encoder")
     assert read_pretrain_record(ProjectPaths(tmp_path, pid))["n_images"] == 18
     record = JobRecords(ProjectPaths(tmp_path, pid)).read()
     assert record["last_success"]["version"] == first["version"] and record["counts"]["succeeded"] == 1
+    assert record["last_success"]["result"]["model_choice"] == choice  # what /job_status shows
     assert (ProjectPaths(tmp_path, pid).disagreement_report).exists()
 
     # a second run: heads only on the live encoder, every embedding from the cache, no image downloaded again
@@ -204,6 +220,7 @@ def test_train_project_end_to_end(label_studio, labelled_project, tmp_path: Path
     assert second["calibration"]["reuse"] is True and second["calibration"]["changed_fraction"] == 0.0
     assert load_live(root).temperature == pytest.approx(bundle.temperature)
     assert "cross_validation" in second["durations_s"] and "cross_validation" not in first["durations_s"]
+    assert second["model_choice"] == choice  # the reused calibration keeps the choice it was made with
     record = read_calibration(ProjectPaths(tmp_path, pid))
     assert record is not None and record.model_version == second["version"] and record.n_labelled == 9
     unlabelled = next(t for t in range(min(labels), min(labels) + 18) if t not in labels)

@@ -20,6 +20,8 @@ from werkzeug.exceptions import HTTPException
 from ml_backend.http.auth import decide
 from ml_backend.http.data_routes import register_routes as register_data_routes
 from ml_backend.http.health import SchedulerHealth
+from ml_backend.http.loop_routes import prelabel_status
+from ml_backend.http.loop_routes import register_routes as register_loop_routes
 from ml_backend.http.metrics import CONTENT_TYPE, ProjectCollector, Registry
 from ml_backend.labelstudio import connections
 from ml_backend.labelstudio.ids import project_id_of
@@ -30,6 +32,7 @@ from ml_backend.paths import ProjectPaths
 from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.predict import PredictService
 from ml_backend.serving.store import UNTRAINED, ModelStore
+from ml_backend.serving.training_state import TrainingStates
 from ml_backend.settings import Settings
 from model.errors import ConfigError, DataError, TaxomocoError
 
@@ -57,7 +60,8 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     store = store or ModelStore(settings)
     scheduled: set[int] = set()  # projects this process scheduled training for
     metrics = Registry(settings.prometheus_multiproc_dir)
-    service = PredictService(settings, store, metrics)
+    states = TrainingStates(settings)  # last training per project: /health, /versions, the reported version
+    service = PredictService(settings, store, metrics, states)
     scheduler_health = SchedulerHealth(scheduler)
     webhook_registrar = WebhookRegistrar(settings)
 
@@ -118,10 +122,15 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     def health() -> Response:
         if not g.get("authenticated"):  # liveness only: no project list, no versions
             return jsonify(status="UP", model_class=MODEL_CLASS)
-        return jsonify(status="UP", model_class=MODEL_CLASS, scheduler=scheduler_health.get(), models=_models())
+        return jsonify(status="UP", model_class=MODEL_CLASS, scheduler=scheduler_health.get(), models=_models(),
+                       training=_training())
 
     def _models() -> dict[str, Any]:
         return {str(pid): store.status(pid)["served_version"] for pid in store.projects()}
+
+    def _training() -> dict[str, Any]:
+        """Per project: how its last training ended and why (a failure or a skip says what to do)."""
+        return {str(pid): states.get(pid).to_dict() for pid in _all_projects()}
 
     @app.post("/setup")
     def setup() -> Response:
@@ -137,7 +146,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
             webhook_registrar.ensure(pid, connections.resolve(settings, pid))
         if schema:
             service.remember_schema(pid, schema)
-        return jsonify(model_version=store.version(pid))
+        return jsonify(model_version=states.label(pid, store.version(pid)))
 
     @app.post("/predict")
     def predict() -> Response:
@@ -150,7 +159,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
             project = tasks[0].get("project")
         pid = project_id_of(project)
         if not connections.known(settings, pid):  # no state for projects nobody verified
-            return jsonify(results=[], model_version=UNTRAINED)
+            return jsonify(results=[], model_version=states.label(pid, UNTRAINED))
         label_config = body.get("label_config")
         results, version = service.predict(pid, tasks, label_config if isinstance(label_config, str) else None)
         return jsonify(results=results, model_version=version)
@@ -199,17 +208,19 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     def job_status() -> Response:
         body = _json_object()
         pid = project_id_of(body.get("project", request.args.get("project")))
-        return jsonify(scheduler.status(pid))
+        return jsonify({**scheduler.status(pid), "prelabel": prelabel_status(settings, pid)})
 
     @app.get("/versions")
     def versions() -> Response:
+        # "versions" is what Label Studio lists; "training" says how the last training ended (and why it failed)
         project = request.args.get("project")
         if project is not None:
-            return jsonify(versions=store.versions(project_id_of(project)))
+            pid = project_id_of(project)
+            return jsonify(versions=store.versions(pid), training=states.get(pid).to_dict())
         seen: list[str] = []
         for pid in _all_projects():
             seen.extend(v for v in store.versions(pid) if v not in seen)
-        return jsonify(versions=seen)
+        return jsonify(versions=seen, training={str(pid): states.get(pid).to_dict() for pid in _all_projects()})
 
     @app.get("/metrics")
     def metrics_text() -> Response:
@@ -222,6 +233,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     metrics.add_collector(ProjectCollector(store, scheduler, _all_projects))
 
     register_data_routes(app, settings)
+    register_loop_routes(app, settings, metrics, _all_projects)
     return app
 
 

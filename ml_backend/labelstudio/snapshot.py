@@ -30,7 +30,7 @@ from typing import Any
 from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
 from model.atomic import atomic_write_json
 
-__all__ = ["FORMAT", "OVERLAP_S", "Pull", "PullKind", "pull_tasks"]
+__all__ = ["FORMAT", "OVERLAP_S", "Pull", "PullKind", "pull_tasks", "read_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ def pull_tasks(client: LabelStudioClient, project_id: int, path: Path, label_con
         log.info("Project %s: incremental pull: %d changed tasks read, %d in all.", project_id, pull.read,
                  len(pull.tasks))
     return pull
+
+
+def read_tasks(path: Path) -> list[TaskRecord] | None:
+    """The tasks of the snapshot at ``path`` (id order, no predictions), or None when there is no readable one."""
+    snapshot = _read(path)
+    return None if snapshot is None else sorted(snapshot["records"], key=lambda t: t.id)
 
 
 def _full_pull_reason(snapshot: dict[str, Any] | None, url: str, config_hash: str, now: float,

@@ -21,6 +21,7 @@ from ml_backend.labelstudio.label_config import LabelConfig, parse_label_config
 from ml_backend.labelstudio.results import prediction_result
 from ml_backend.net.images import ImageFetcher, TaskImage, is_remote
 from ml_backend.serving.store import ModelStore
+from ml_backend.serving.training_state import TrainingStates
 from ml_backend.settings import Settings
 from model.errors import ConfigError, TaxomocoError
 from model.predictor import Predictor
@@ -46,10 +47,14 @@ class PredictService:
         settings: the process settings (limits, ``prefix_threshold``).
         store: where the served model of each project comes from.
         metrics: counters of predictions and failed images.
+        states: the projects' last trainings; predictions carry the version as /setup reports it (with the
+            reason of a failed training, ``ml_backend.serving.training_state``).
     """
 
-    def __init__(self, settings: Settings, store: ModelStore, metrics: Registry) -> None:
+    def __init__(self, settings: Settings, store: ModelStore, metrics: Registry,
+                 states: TrainingStates | None = None) -> None:
         self.settings, self.store, self.metrics = settings, store, metrics
+        self.states = states or TrainingStates(settings)
         self.load_wait_s = settings.predict_load_wait_s
         # model forwards running at once: more only oversubscribe the cores and starve /health of the GIL
         self._slots = threading.BoundedSemaphore(settings.predict_concurrency)
@@ -83,8 +88,8 @@ class PredictService:
         config = parse_label_config(xml)
         model = self.store.get(project_id, wait_s=self.load_wait_s)
         if model is None:
-            return [], self.store.version(project_id)
-        version = model.version
+            return [], self.states.label(project_id, self.store.version(project_id))
+        version = self.states.label(project_id, model.version)  # what /setup reports for this model
         values = [_image_value(task, config.image_key) for task in tasks]
         images = self._fetcher(project_id, values).fetch_task_images(values)
         preds = self._run(model, images, config)

@@ -11,7 +11,11 @@ cross-validation runs before publishing, as always.
 The record, ``ProjectPaths.calibration`` (``jobs/calibration.json``, atomic replace)::
 
     {"temperature": 1.3, "metrics": {...}, "encoder_version": "...", "model_version": "...",
-     "n_labelled": 1000, "labels": ["<16 hex digits per (image hash, path) pair>", ...], "at": "..."}
+     "n_labelled": 1000, "labels": ["<16 hex digits per (image hash, path) pair>", ...], "at": "...",
+     "candidate": "encoder+mlp"}
+
+``candidate`` is the model the last selection published (``model.heads.candidates``, named as published: its
+encoder is the live one); a reused calibration keeps it, and ``metrics["model_choice"]`` keeps that selection.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class CalibrationRecord:
     n_labelled: int
     labels: list[str] = field(default_factory=list)  # label_digests() of the labelled pairs
     at: str = ""
+    candidate: str = "encoder+mlp"  # the published candidate's recipe (records before the selection: MLP heads)
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,9 @@ def read_calibration(paths: ProjectPaths) -> CalibrationRecord | None:
 
 
 def write_calibration(paths: ProjectPaths, temperature: float, metrics: dict[str, Any], encoder_version: str,
-                      model_version: str, labels: set[str]) -> CalibrationRecord:
+                      model_version: str, labels: set[str], candidate: str = "encoder+mlp") -> CalibrationRecord:
     """Record a cross-validation (atomic replace) and return the record."""
     record = CalibrationRecord(float(temperature), dict(metrics), encoder_version, model_version, len(labels),
-                               sorted(labels), utc_now())
+                               sorted(labels), utc_now(), candidate)
     atomic_write_json(paths.calibration, asdict(record))
     return record

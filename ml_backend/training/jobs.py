@@ -10,8 +10,10 @@ scheduler's child process and an RQ worker on another machine run exactly the sa
 3. images of all tasks, labelled or not, downloaded once into ``ProjectPaths.images`` by content hash;
 4. the pretraining policy (``ml_backend.training.policy``): MoCo v2 pretraining on all images → a new encoder, or
    heads only on the live encoder;
-5. embeddings through the per-encoder embedding cache (only missing images are computed);
-6. heads fit with out-of-fold probabilities → a new model version published atomically (only when
+5. features of every candidate's source (``ml_backend.training.features``: the encoder, the previous live
+   encoder after a pretraining, plain pixels) through the embedding cache (only missing images are computed);
+6. the candidates compared by cross-validated hierarchical F1, the best one's heads fitted with out-of-fold
+   calibration (``ml_backend.training.fit``) → a new model version published atomically (only when
    everything succeeded), old versions pruned;
 7. disagreement analysis with the out-of-fold probabilities → report saved, flags posted to Label Studio
    (a failure there is logged and never unpublishes the model).
@@ -36,10 +38,12 @@ from rq import get_current_job
 
 from ml_backend.labelstudio.client import preload_sdk
 from ml_backend.paths import ProjectPaths
+from ml_backend.prelabel.schedule import after_publish
 from ml_backend.settings import Settings
 from ml_backend.training.calibration import label_digests, write_calibration
 from ml_backend.training.disagreements import analyse_disagreements
-from ml_backend.training.encoder import embed_all, live_encoder, pending_run, pretrain_encoder
+from ml_backend.training.encoder import initial_encoder, live_encoder, pending_run, pretrain_encoder
+from ml_backend.training.features import embed_features
 from ml_backend.training.fit import cross_validate_after_publish, fit_heads
 from ml_backend.training.images import sync_images
 from ml_backend.training.labels import consensus_labels, labels_shortfall
@@ -50,7 +54,7 @@ from ml_backend.training.policy import (
     read_pretrain_record,
     write_pretrain_record,
 )
-from ml_backend.training.publish import publish_version
+from ml_backend.training.publish import publish_version, published_encoder
 from ml_backend.training.pull import ProjectSource, pull_project
 from ml_backend.training.records import JobRecords, run_recorded
 from model.errors import DataError, TaxomocoError
@@ -102,7 +106,8 @@ def train_project(project_id: int, model_dir: str, force_pretrain: bool = False)
 
     Returns:
         ``{"status": "succeeded"|"skipped", "version", "reason", "counts", "durations_s", "pretrain",
-        "calibration" (reused or cross-validated first, and why), "pull" (full or incremental, tasks read)}``.
+        "calibration" (reused or cross-validated first, and why), "pull" (full or incremental, tasks read),
+        "model_choice" (the published candidate, why, every candidate's cross-validated hF)}``.
 
     Raises:
         TaxomocoError: subclasses naming the cause (no Label Studio connection, bad label config, no
@@ -111,7 +116,9 @@ def train_project(project_id: int, model_dir: str, force_pretrain: bool = False)
     settings = job_settings(model_dir)
     pid = int(project_id)
     paths = settings.project(pid)
-    return run_recorded(JobRecords(paths), current_job_id(pid), lambda: _train(settings, paths, force_pretrain))
+    result = run_recorded(JobRecords(paths), current_job_id(pid), lambda: _train(settings, paths, force_pretrain))
+    after_publish(settings, paths, result)  # bulk pre-annotation of the new version (ml_backend.prelabel)
+    return result
 
 
 @contextlib.contextmanager
@@ -153,31 +160,39 @@ def _train_pulled(settings: Settings, paths: ProjectPaths, force_pretrain: bool,
                         "check LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, ALLOWED_IMAGE_HOSTS and LOCAL_FILES_ROOT.")
     live = live_encoder(paths)
     decision = decide_pretrain(len(images.paths), read_pretrain_record(paths), live is not None,
-                               force_pretrain or pretrain_requested(paths), settings.repretrain_fraction)
+                               force_pretrain or pretrain_requested(paths), settings.repretrain_fraction,
+                               settings.pretrain_min_images)
     log.info("Project %s: pretrain=%s (%s)", pid, decision.pretrain, decision.reason.value)
+    pretrain_report: dict[str, Any] | None = None
     if decision.pretrain:
         with _timed(durations, "pretrain"):
-            encoder = pretrain_encoder(settings, paths, images, init=live)
-    else:
-        assert live is not None
+            encoder, pretrain_report = pretrain_encoder(settings, paths, images, init=live)
+    elif live is not None:
         encoder = live
+    else:
+        with _timed(durations, "encoder"):
+            encoder = initial_encoder(settings, images)
+    previous = live if decision.pretrain and live is not None and live.version != encoder.version else None
     with _timed(durations, "embed"):
-        emb, ok = embed_all(settings, paths, encoder, images)  # (N, D), (N,)
+        features, ok = embed_features(settings, paths, encoder, previous, images)  # (N, D) per source, (N,)
     counts["embedded"] = int(ok.sum())
     with _timed(durations, "fit"):
-        fit, reuse = fit_heads(settings, paths, source, labels, images, emb, ok, encoder)
+        fit, reuse = fit_heads(settings, paths, source, labels, images, features, ok, encoder)
     counts["trained_on"] = len(fit.task_ids)
+    served = published_encoder(fit, encoder, previous)
     with _timed(durations, "publish"):
-        version = publish_version(settings, paths, source, labels, images, encoder, fit, decision, counts, reuse)
+        version = publish_version(settings, paths, source, labels, images, served, fit, decision, counts, reuse,
+                                  pretrain_report)
     if decision.pretrain:  # only once the new encoder is live: a failed publish pretrains again
         write_pretrain_record(paths, len(images.paths), encoder.version)
         pending_run(paths, clear=True)
         clear_pretrain_request(paths)
     if reuse.reuse:  # the version is live; the cross-validation it skipped runs now
         with _timed(durations, "cross_validation"):
-            fit = cross_validate_after_publish(fit, emb, source)
-    write_calibration(paths, fit.result.temperature, fit.result.metrics, encoder.version, version,
-                      label_digests(fit.pairs))
+            fit = cross_validate_after_publish(settings, fit, features, source)
+    write_calibration(paths, fit.result.temperature, fit.result.metrics, served.version, version,
+                      label_digests(fit.pairs), fit.candidate.recipe)
+    emb = features[fit.candidate.features]  # (N, D) what the published heads read
     try:
         with _timed(durations, "disagreements"):
             counts["flags"] = analyse_disagreements(settings, paths, source, labels, images, emb, ok, fit, version)
@@ -186,4 +201,5 @@ def _train_pulled(settings: Settings, paths: ProjectPaths, force_pretrain: bool,
                   exc_info=not isinstance(exc, TaxomocoError))
         counts["flags"] = -1
     return {"status": "succeeded", "version": version, "counts": counts, "durations_s": durations,
-            "pretrain": decision.to_dict(), "calibration": reuse.to_dict(), "pull": source.pull}
+            "pretrain": {**decision.to_dict(), "run": pretrain_report}, "calibration": reuse.to_dict(),
+            "pull": source.pull, "model_choice": fit.choice}

@@ -1,6 +1,8 @@
 """When a training run pretrains the encoder again, and the records that policy reads.
 
-A project is pretrained on its first training, when asked (``force_pretrain`` / ``POST /train``), when the live
+A project with fewer than ``PRETRAIN_MIN_IMAGES`` images is never pretrained unless asked (self-supervision on so
+few images measured worse than plain pixel features): its heads train on the initial encoder and the model choice
+compares them with plain image features. Otherwise a project is pretrained on its first training, when asked (``force_pretrain`` / ``POST /train``), when the live
 encoder is missing, and when it grew by ``REPRETRAIN_NEW_FRACTION`` since the last pretraining; otherwise only the
 heads train on the live encoder. ``ProjectPaths.pretrain_record`` / ``pretrain_request`` hold the state.
 """
@@ -39,6 +41,8 @@ class PretrainReason(str, Enum):
     GREW = "the project gained enough new images since the last pretraining"
     NO_ENCODER = "the live model's encoder is missing"
     HEADS_ONLY = "heads only on the live encoder"
+    TOO_FEW_IMAGES = ("too few images to pretrain (PRETRAIN_MIN_IMAGES): the heads train on the initial encoder "
+                      "and are compared with plain image features")
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,8 @@ class PretrainDecision:
 
 
 def decide_pretrain(
-    n_images: int, record: dict[str, Any] | None, has_live_encoder: bool, force: bool, repretrain_fraction: float
+    n_images: int, record: dict[str, Any] | None, has_live_encoder: bool, force: bool, repretrain_fraction: float,
+    min_images: int = 0,
 ) -> PretrainDecision:
     """The pretraining policy.
 
@@ -66,10 +71,13 @@ def decide_pretrain(
         has_live_encoder: whether a live model (with its encoder) exists to train heads on.
         force: pretraining was asked for (``force_pretrain``).
         repretrain_fraction: pretrain again when ``n_images >= (1 + fraction) * n_images_at_last_pretrain``.
+        min_images: never pretrain (unless forced) with fewer images.
     """
     last = int(record["n_images"]) if record and "n_images" in record else None
     if force:
         return PretrainDecision(True, PretrainReason.FORCED, n_images, last)
+    if n_images < min_images:
+        return PretrainDecision(False, PretrainReason.TOO_FEW_IMAGES, n_images, last)
     if last is None:
         return PretrainDecision(True, PretrainReason.FIRST, n_images, last)
     if not has_live_encoder:

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from model.encoder.config import _WIDTHS, EncoderConfig
+from model.encoder.config import _WIDTHS, Arch, EncoderConfig
 from model.errors import ConfigError
 
-__all__ = ["ResNetBackbone", "build_backbone", "encoder_version", "load_backbone_weights"]
+__all__ = ["ResNetBackbone", "build_backbone", "encoder_version", "init_weights_arch", "load_backbone_weights"]
 
 
 class ResNetBackbone(nn.Module):
@@ -88,6 +88,60 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+_EXPECTED = ("a ResNet-18 state_dict as torchvision saves it (keys conv1.weight, bn1.*, layer1.* .. layer4.* with two "
+             "BasicBlocks per stage, optional fc.*; e.g. torch.save(torchvision.models.resnet18(weights='IMAGENET1K_V1')"
+             ".state_dict(), 'resnet18-imagenet.pt')), or a taxomoco encoder / MoCo checkpoint")
+
+
+def _clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone part of a state dict: ``module.``/``backbone.`` prefixes removed, ``fc.*`` dropped; from a whole
+    MoCo state dict (``backbone.*``, ``projection_head.*``, ``backbone_momentum.*`` ...) only ``backbone.*``."""
+    if any(k.startswith("backbone.") for k in state):
+        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if not key.startswith("fc."):
+            cleaned[key] = value
+    return cleaned
+
+
+def _describe_state(state: dict[str, torch.Tensor]) -> str:
+    """What a state dict that is not a ResNet-18 looks like, in a few words."""
+    if any(".conv3." in k for k in state):
+        return "a ResNet with bottleneck blocks (ResNet-50/101/152)"
+    if any(k.startswith("layer1.2.") for k in state):
+        return "a ResNet with more than two blocks per stage (ResNet-34 or deeper)"
+    if "conv1.weight" in state:
+        return f"a network whose conv1.weight has shape {tuple(state['conv1.weight'].shape)}"
+    keys = sorted(state)
+    return f"{len(keys)} tensors with keys like {keys[:4]}"
+
+
+def init_weights_arch(path: str | Path) -> Arch:
+    """The architecture of a start-weights file, read from its key names and shapes.
+
+    Accepts what :func:`load_backbone_weights` loads: a torchvision ResNet-18 state dict (full width → ``resnet18``),
+    a half-width one (``resnet18-half``), with or without ``fc.*`` and ``module.``/``backbone.`` prefixes.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or holds something else; the message names the file,
+            what it holds and what was expected.
+    """
+    state = _clean_keys(_read_weights(Path(path)))
+    conv1 = state.get("conv1.weight")
+    for arch, widths in _WIDTHS.items():
+        if conv1 is None or tuple(conv1.shape) != (widths[0], 3, 7, 7):
+            continue
+        last = state.get("layer4.1.bn2.weight")
+        if last is not None and tuple(last.shape) == (widths[3],) and not any(".conv3." in k for k in state) \
+                and not any(k.startswith("layer1.2.") for k in state):
+            return arch
+    raise ConfigError(f"init_weights file {str(path)!r} holds {_describe_state(state)}; expected {_EXPECTED}.")
+
+
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Loads a backbone state dict strictly, after removing ``module.``/``backbone.`` prefixes and ``fc.*``.
 
@@ -102,15 +156,7 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], s
     Raises:
         ConfigError: Keys are missing or unexpected, or shapes differ (listing the first few).
     """
-    if any(k.startswith("backbone.") for k in state):  # a whole MoCo module: keep its query backbone
-        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for prefix in ("module.", "backbone."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if not key.startswith("fc."):
-            cleaned[key] = value
+    cleaned = _clean_keys(state)
     own = backbone.state_dict()
     missing = sorted(set(own) - set(cleaned))
     unexpected = sorted(set(cleaned) - set(own))

@@ -108,13 +108,15 @@ class HeadsConfig:
 
 
 class TaxonomyHeads(nn.Module):
-    """One ``Linear -> ReLU -> Dropout -> Linear`` head per taxonomy level over shared normalised embeddings.
+    """One ``Linear -> ReLU -> Dropout -> Linear`` head (or one ``Linear``) per taxonomy level over shared
+    normalised embeddings.
 
     Args:
         in_dim: embedding dimension D.
         num_classes: classes per level, ``K_k = taxonomy.num_classes(k)``; a level with one class is allowed
             (its softmax is constant 1).
-        hidden: hidden width of each head.
+        hidden: hidden width of each head; 0 makes each head one ``Linear`` layer (a linear model, e.g. the
+            prototypes or logistic-regression heads of ``model.heads.linear``).
         dropout: dropout probability after the hidden ReLU.
         normalization: embedding normalisation; standardisation statistics are buffers ``mean``/``std``
             (set by :func:`train_heads`, identity until then).
@@ -129,10 +131,10 @@ class TaxonomyHeads(nn.Module):
         normalization: Normalization | str = Normalization.L2_STANDARDIZE,
     ) -> None:
         super().__init__()
-        if in_dim < 1 or not num_classes or min(num_classes) < 1:
+        if in_dim < 1 or not num_classes or min(num_classes) < 1 or hidden < 0:
             raise ConfigError(
-                f"Heads need an embedding dimension >= 1 and >= 1 class per level (got D={in_dim}, "
-                f"classes {list(num_classes)}); check the taxonomy and the encoder output."
+                f"Heads need an embedding dimension >= 1, >= 1 class per level and hidden >= 0 (got D={in_dim}, "
+                f"classes {list(num_classes)}, hidden {hidden}); check the taxonomy and the encoder output."
             )
         self.in_dim = int(in_dim)
         self.num_classes = [int(k) for k in num_classes]
@@ -144,6 +146,8 @@ class TaxonomyHeads(nn.Module):
         self.register_buffer("std", torch.ones(in_dim))  # (D,)
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, k))
+            if hidden > 0
+            else nn.Sequential(nn.Linear(in_dim, k))
             for k in self.num_classes
         )
 

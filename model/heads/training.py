@@ -25,7 +25,17 @@ from model.heads.decode import PathPrediction, decode
 from model.heads.heads import HeadsConfig, TaxonomyHeads, train_heads
 from model.taxonomy import IGNORE, Taxonomy
 
-__all__ = ["CrossValidation", "FitResult", "cross_validate", "fit", "heads_logits", "predict", "stratified_folds"]
+__all__ = [
+    "CrossValidation",
+    "FitResult",
+    "calibrated_cv",
+    "cross_validate",
+    "fit",
+    "heads_logits",
+    "labelled_rows",
+    "predict",
+    "stratified_folds",
+]
 
 
 @dataclass
@@ -113,9 +123,13 @@ class CrossValidation:
     fold_of: np.ndarray
 
 
-def _labelled(emb: np.ndarray, paths: Sequence[Sequence[str] | None], taxonomy: Taxonomy
+def labelled_rows(emb: np.ndarray, paths: Sequence[Sequence[str] | None], taxonomy: Taxonomy
               ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """Validated ``(labelled_index (N_lab,), targets (N_lab, L), x (N_lab, D))`` of the labelled rows."""
+    """Validated ``(labelled_index (N_lab,), targets (N_lab, L), x (N_lab, D))`` of the labelled rows.
+
+    Raises:
+        DataError: misaligned inputs, no labelled row, or labels of fewer than two classes.
+    """
     if emb.ndim != 2 or emb.shape[0] != len(paths):
         raise DataError(
             f"Got {emb.shape[0] if emb.ndim else 0} embeddings of shape {emb.shape} for {len(paths)} paths; pass "
@@ -148,19 +162,27 @@ def cross_validate(
     """
     cfg = cfg or HeadsConfig()
     emb = np.asarray(emb, dtype=np.float32)
-    labelled_index, targets, x = _labelled(emb, paths, taxonomy)
+    labelled_index, targets, x = labelled_rows(emb, paths, taxonomy)
     n = len(labelled_index)
     k = min(folds, n)
     cv = CrossValidation(1.0, [], [], [], {}, labelled_index, targets, np.zeros(0, dtype=np.int64))
     if k < 2:
         return cv
-    cv.fold_of = stratified_folds(targets[:, 0], k, cfg.seed)
+    fold_of = stratified_folds(targets[:, 0], k, cfg.seed)
     level_logits = [np.zeros((n, taxonomy.num_classes(lv)), dtype=np.float32) for lv in range(taxonomy.depth)]
     for f in tqdm(range(k), desc="cross-validation", disable=not progress):
-        held = cv.fold_of == f
+        held = fold_of == f
         heads = train_heads(x[~held], targets[~held], taxonomy, cfg, device=device)
         for lv, out in enumerate(heads_logits(heads, x[held])):
             level_logits[lv][held] = out
+    return calibrated_cv(level_logits, targets, taxonomy, labelled_index, fold_of)
+
+
+def calibrated_cv(level_logits: list[np.ndarray], targets: np.ndarray, taxonomy: Taxonomy, labelled_index: np.ndarray,
+                  fold_of: np.ndarray) -> CrossValidation:
+    """A :class:`CrossValidation` from out-of-fold logits (L arrays ``(N_lab, K_k)``): the temperature fitted on
+    them, the calibrated decoding, the metrics (``folds`` = the number of distinct folds)."""
+    cv = CrossValidation(1.0, [], [], [], {}, labelled_index, targets, fold_of)
     cv.temperature = float(fit_temperature(level_logits, targets, taxonomy))
     cv.oof_level_logits = level_logits
     cv.oof_predictions = decode(level_logits, taxonomy, leafs_only=True, temperature=cv.temperature)
@@ -168,8 +190,8 @@ def cross_validate(
     raw = evaluate(level_logits, targets, taxonomy, 1.0)
     metrics["ece_uncalibrated"] = raw["calibration"]["ece"]
     metrics["nll_uncalibrated"] = raw["nll"]
-    metrics["folds"] = k
-    metrics["n_labelled"] = n
+    metrics["folds"] = len(np.unique(fold_of))
+    metrics["n_labelled"] = len(labelled_index)
     cv.metrics = metrics
     cv.oof_level_probs = [softmax(a.astype(np.float64) / cv.temperature, axis=1).astype(np.float32) for a in level_logits]
     return cv
@@ -212,7 +234,7 @@ def fit(
     if temperature is None:
         cv = cross_validate(emb, paths, taxonomy, cfg, folds, progress, device)
     else:
-        labelled_index, targets, _ = _labelled(emb, paths, taxonomy)
+        labelled_index, targets, _ = labelled_rows(emb, paths, taxonomy)
         cv = CrossValidation(float(temperature), [], [], [], {}, labelled_index, targets, np.zeros(0, dtype=np.int64))
     x = torch.from_numpy(emb[cv.labelled_index])  # (N_lab, D)
     heads = train_heads(x, cv.targets, taxonomy, cfg, progress=progress, device=device)

@@ -72,18 +72,20 @@ class PretrainConfig:
     """Hyper-parameters and hardware settings of a pretraining run.
 
     Attributes:
-        epochs: Planned epochs (also the length of the cosine LR schedule).
+        epochs: Epoch cap. The run's length is fitted to ``max_minutes`` and the number of images
+            (:mod:`model.ssl.plan`); the learning-rate and momentum schedules span the fitted run.
         batch_size: Images per step (per device).
         lr: Initial SGD learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
-        memory_bank_size: Negatives kept in the MoCo memory bank.
+        memory_bank_size: Negatives kept in the MoCo memory bank (at most; fitted to the number of images).
         temperature: InfoNCE temperature.
         proj_hidden_dim: Projection head hidden width.
         proj_out_dim: Projection head output width.
         ema_start: Key-encoder momentum at the first step (cosine schedule to ``ema_end``).
         ema_end: Key-encoder momentum at the last planned step.
-        max_minutes: Time budget of this call (Lightning ``max_time``); None = no limit.
+        max_minutes: Time budget of a run (the plan fits its steps into it; Lightning's ``max_time`` stops a run
+            that overruns); None = only the epoch cap.
         num_workers: Data loader processes decoding and augmenting images.
         seed: Seed for weights, augmentations and shuffling.
         accelerator: Lightning accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``.
@@ -95,18 +97,18 @@ class PretrainConfig:
         bn_recalibration_images: Images used to recompute BatchNorm statistics after training (0 = off).
     """
 
-    epochs: int = 100
+    epochs: int = 300
     batch_size: int = 128
     lr: float = 6e-2
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    memory_bank_size: int = 2048
+    memory_bank_size: int = 4096
     temperature: float = 0.2
     proj_hidden_dim: int = 512
     proj_out_dim: int = 128
-    ema_start: float = 0.996
+    ema_start: float = 0.99
     ema_end: float = 1.0
-    max_minutes: float | None = None
+    max_minutes: float | None = 20.0
     num_workers: int = 0
     seed: int = 0
     accelerator: str = "auto"

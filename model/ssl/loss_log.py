@@ -11,6 +11,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from model.ssl.quality import read_quality_csv
+
 __all__ = ["write_loss_plot"]
 
 
@@ -56,9 +58,12 @@ class _Recorder(Callback):
                 writer.writerows((e, s, f"{v:.6f}") for e, s, v in self._epoch_rows)
 
 
-def write_loss_plot(csv_path: Path, png_path: Path) -> None:
-    """Plots ``loss.csv`` (per-step loss and per-epoch mean) into a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def write_loss_plot(csv_path: Path, png_path: Path, quality_csv: Path | None = None,
+                    bank_full_step: int | None = None) -> None:
+    """Plots ``loss.csv`` (per-step loss and per-epoch mean) into a PNG, with the label-free view-retrieval
+    quality (``quality.csv``) on a second axis and a line at the step where the memory bank is full (before it,
+    the loss has fewer negatives and is not comparable)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional heavy import, paid when plotting
     from matplotlib.figure import Figure
 
     steps, losses, epochs = [], [], []
@@ -68,20 +73,32 @@ def write_loss_plot(csv_path: Path, png_path: Path) -> None:
                 epochs.append(int(row["epoch"]))
                 steps.append(int(row["step"]))
                 losses.append(float(row["loss"]))
-    fig = Figure(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps, losses, lw=0.8, alpha=0.6, label="step")
-    means = {}
+    ax.plot(steps, losses, lw=0.8, alpha=0.6, label="loss (step)")
+    means: dict[int, list[tuple[int, float]]] = {}
     for e, s, v in zip(epochs, steps, losses):
         means.setdefault(e, []).append((s, v))
     if means:
         ax.plot([max(s for s, _ in r) for r in means.values()],
-                [sum(v for _, v in r) / len(r) for r in means.values()], "o-", lw=1.5, label="epoch mean")
+                [sum(v for _, v in r) / len(r) for r in means.values()], "o-", lw=1.5, ms=3, label="loss (epoch mean)")
+    if bank_full_step:
+        ax.axvline(bank_full_step, color="grey", ls="--", lw=1, label="memory bank full")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("InfoNCE loss")
-    ax.set_title("MoCo v2 pretraining loss")
-    ax.legend()
+    ax.set_title("MoCo v2 pretraining")
+    handles, labels = ax.get_legend_handles_labels()
+    quality = read_quality_csv(quality_csv) if quality_csv is not None else []
+    if quality:
+        ax2 = ax.twinx()
+        ax2.plot([q.step for q in quality], [q.view_retrieval for q in quality], "s-", color="tab:green", ms=4,
+                 label="view retrieval (label-free quality)")
+        ax2.set_ylabel("view retrieval (higher is better)")
+        ax2.set_ylim(0, 1)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path)
 

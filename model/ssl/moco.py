@@ -1,16 +1,15 @@
 """MoCo v2 as a Lightning module, composed from lightly blocks.
 
 Query path: backbone → ``MoCoProjectionHead``. Key path: momentum (EMA) copies of both, without gradients.
-Loss: ``NTXentLoss`` (InfoNCE) with a memory bank of past keys as negatives. SGD with a cosine learning
-rate over the planned epochs; the EMA momentum follows a cosine schedule from ``ema_start`` to
-``ema_end`` over the planned steps. The same module trains on CPU, one GPU or several (DDP: keys are
-gathered across processes before they enter the memory bank).
+Loss: ``NTXentLoss`` (InfoNCE) with a memory bank of past keys as negatives. SGD whose learning rate warms up
+linearly and then follows a cosine to zero over the planned steps (:mod:`model.ssl.plan`); the EMA momentum
+follows a cosine schedule from ``ema_start`` to ``ema_end`` over the same steps. The same module trains on CPU,
+one GPU or several (DDP: keys are gathered across processes before they enter the memory bank).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,6 +19,8 @@ from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
+
+from model.ssl.plan import warmup_cosine
 
 __all__ = ["MoCoV2"]
 
@@ -39,7 +40,8 @@ class MoCoV2(pl.LightningModule):
         temperature: InfoNCE temperature.
         proj_hidden_dim: Hidden width of the projection head.
         proj_out_dim: Output width of the projection head (the contrastive space).
-        max_epochs: Planned epochs (length of the learning-rate schedule).
+        total_steps: Planned optimiser steps (length of the learning-rate and momentum schedules).
+        warmup_steps: Steps of linear learning-rate warm-up.
         ema_start: Key-encoder momentum at step 0.
         ema_end: Key-encoder momentum at the last planned step.
         channels_last: Feed images in channels-last memory format.
@@ -56,8 +58,9 @@ class MoCoV2(pl.LightningModule):
         temperature: float = 0.2,
         proj_hidden_dim: int = 512,
         proj_out_dim: int = 128,
-        max_epochs: int = 100,
-        ema_start: float = 0.996,
+        total_steps: int = 1000,
+        warmup_steps: int = 0,
+        ema_start: float = 0.99,
         ema_end: float = 1.0,
         channels_last: bool = True,
         gather_distributed: bool = False,
@@ -95,7 +98,7 @@ class MoCoV2(pl.LightningModule):
         """The key-encoder momentum for the current global step (cosine from ema_start to ema_end)."""
         if self._trainer is None:
             return float(self.hparams.ema_start)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(self.hparams.total_steps))
         step = min(int(self.global_step), total - 1)
         return cosine_schedule(step, total, self.hparams.ema_start, self.hparams.ema_end)
 
@@ -125,19 +128,19 @@ class MoCoV2(pl.LightningModule):
         optimizer = torch.optim.SGD(
             params, lr=self.hparams.lr, momentum=self.hparams.momentum, weight_decay=self.hparams.weight_decay
         )
-        # A closure (not a callable object) so that a resumed run with more planned epochs uses the new
-        # length: LambdaLR saves only the epoch counter of a plain function.
-        planned = max(1, int(self.hparams.max_epochs))
+        # A closure (not a callable object) so that a resumed run uses the current plan: LambdaLR saves only
+        # the step counter of a plain function.
+        total, warmup = max(1, int(self.hparams.total_steps)), int(self.hparams.warmup_steps)
 
-        def cosine_factor(epoch: int) -> float:
-            return 0.5 * (1.0 + math.cos(math.pi * min(epoch, planned) / planned))
+        def factor(step: int) -> float:
+            return warmup_cosine(step, total, warmup)
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=cosine_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
         # A resumed optimiser carries the learning rate of the old plan (0 at the end of a finished
-        # cosine); set it from the current plan for the epoch we resume at.
+        # cosine); set it from the current plan for the step we resume at.
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
             for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):

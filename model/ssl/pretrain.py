@@ -3,22 +3,27 @@
 ``pretrain(images, encoder_cfg, cfg, out_dir)`` writes into ``out_dir``:
 
 - ``checkpoints/last.ckpt``: resumable Lightning checkpoint (a pickle: only resume your own);
-- ``loss.csv`` (``epoch,step,loss`` per optimiser step) and ``loss.png`` (the loss curve);
-- ``pretrain_config.json``: the encoder and pretraining configs of the run.
+- ``loss.csv`` (``epoch,step,loss`` per optimiser step), ``quality.csv`` (the label-free quality signal of
+  :mod:`model.ssl.quality`) and ``loss.png`` (both curves, with the step where the memory bank is full);
+- ``pretrain_config.json``: the encoder and pretraining configs and the fitted plan of the run.
 
-Re-running with ``resume=True`` continues after the last epoch of ``last.ckpt`` (weights, optimiser and
-LR-scheduler state, memory bank). A run stopped by ``max_minutes`` ends its current epoch early; that
-epoch is checkpointed and counts as done (Lightning's semantics), so the next call starts a new epoch.
+The run is first fitted to its budget and data (:mod:`model.ssl.plan`): a probe times a few real steps, and the
+learning-rate and momentum schedules span the planned steps, so a run that stops on time has finished them.
+Re-running with ``resume=True`` continues ``last.ckpt`` (weights, optimiser and scheduler state, memory bank)
+with the plan it was started with.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -27,7 +32,8 @@ from torch.utils.data import DataLoader
 
 from model.data import ImageListDataset, collate_skipping
 from model.encoder.backbone import build_backbone, encoder_version, load_backbone_weights
-from model.encoder.config import EncoderConfig, eval_transform
+from model.encoder.batchnorm import recalibrate_batchnorm
+from model.encoder.config import EncoderConfig
 from model.encoder.device import bf16_supported
 from model.errors import ConfigError, DataError
 from model.images import ImageSource
@@ -35,9 +41,14 @@ from model.ssl.augment import moco_v2_transform
 from model.ssl.config import PretrainConfig
 from model.ssl.loss_log import _Recorder, _truncate_loss_csv, write_loss_plot
 from model.ssl.moco import MoCoV2
-from model.ssl.quiet import quiet_lightning
+from model.ssl.plan import PretrainPlan, plan_run
+from model.ssl.probe import probe_seconds_per_step
+from model.ssl.quality import QualityCallback, ViewQuality, learned
 
-__all__ = ["PretrainResult", "pretrain", "recalibrate_batchnorm"]
+__all__ = ["PretrainResult", "pretrain"]
+
+log = logging.getLogger(__name__)
+
 
 
 @dataclass
@@ -54,6 +65,10 @@ class PretrainResult:
         skipped: ``(index, reason)`` of unreadable images (each listed once).
         checkpoint: Path of ``last.ckpt``.
         resumed_from_epoch: Completed epochs of the checkpoint this call resumed from, or None.
+        plan: The fitted plan of the run.
+        steps_done: Optimiser steps done in total (including resumed ones).
+        quality: Label-free quality measurements (:mod:`model.ssl.quality`), oldest first.
+        learned: Whether view retrieval rose enough (None when it could not be measured twice).
     """
 
     backbone_state: dict[str, torch.Tensor]
@@ -65,6 +80,24 @@ class PretrainResult:
     skipped: list[tuple[int, str]]
     checkpoint: Path
     resumed_from_epoch: int | None = None
+    plan: PretrainPlan | None = None
+    steps_done: int = 0
+    quality: list[ViewQuality] = field(default_factory=list)
+    learned: bool | None = None
+
+    @property
+    def finished_plan(self) -> bool:
+        """Whether the run did every planned step (False: stopped by the time limit or interrupted)."""
+        return self.plan is not None and self.steps_done >= self.plan.steps
+
+    def summary(self) -> dict[str, object]:
+        """A JSON-ready summary for job results and reports."""
+        last = self.quality[-1].to_dict() if self.quality else None
+        first = self.quality[0].to_dict() if self.quality else None
+        return {"plan": self.plan.to_dict() if self.plan else None, "steps_done": self.steps_done,
+                "finished_plan": self.finished_plan, "epochs_done": self.epochs_done,
+                "images_per_second": round(self.images_per_second, 1), "quality_first": first,
+                "quality_last": last, "learned": self.learned, "skipped_images": len(self.skipped)}
 
 
 def _precision(cfg: PretrainConfig) -> str:
@@ -75,10 +108,14 @@ def _precision(cfg: PretrainConfig) -> str:
     return "bf16-mixed" if bf16_supported(device) else "32-true"
 
 
-def _check_resume(config_path: Path, encoder_cfg: EncoderConfig) -> None:
+def _check_resume(config_path: Path, encoder_cfg: EncoderConfig, cfg: PretrainConfig) -> PretrainPlan | None:
+    """The plan of the run being resumed when it was made for the same pretraining config (a changed config, e.g.
+    a larger epoch cap, is planned again and the schedule continues on the new plan); refuses another encoder
+    config."""
     if not config_path.exists():
-        return
-    saved = json.loads(config_path.read_text())["encoder"]
+        return None
+    run = json.loads(config_path.read_text())
+    saved = run["encoder"]
     now = encoder_cfg.to_dict()
     diff = {k for k in ("arch", "input_size", "mean", "std") if saved.get(k) != now.get(k)}
     if diff:
@@ -86,43 +123,9 @@ def _check_resume(config_path: Path, encoder_cfg: EncoderConfig) -> None:
             f"the checkpoint in {config_path.parent} was trained with another encoder config ({sorted(diff)} "
             "differ); use a new out_dir or resume=False."
         )
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(
-    backbone: torch.nn.Module, images: Sequence[ImageSource], encoder_cfg: EncoderConfig, max_images: int,
-    batch_size: int,
-) -> int:
-    """Recompute every BatchNorm's running statistics on plain (eval-transformed) views of the images.
-
-    Training updates the running statistics with momentum on augmented views; after a short pretraining they
-    are still near their initial values and embeddings of the frozen encoder explode. A cumulative average over
-    up to ``max_images`` evenly spaced images fixes both. Returns the number of images used (0 = nothing done).
-    """
-    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns or max_images <= 0:
-        return 0
-    step = max(1, len(images) // max_images)
-    subset = [images[i] for i in range(0, len(images), step)][:max_images]
-    loader = DataLoader(ImageListDataset(subset, eval_transform(encoder_cfg)), batch_size=max(2, batch_size),
-                        shuffle=False, collate_fn=collate_skipping)
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over all batches seen
-    was_training = backbone.training
-    backbone.train()
-    used = 0
-    device = next(backbone.parameters()).device
-    for x, _, _ in loader:
-        if x is not None and len(x) > 1:
-            backbone(x.to(device))
-            used += len(x)
-    backbone.train(was_training)
-    for m, (momentum, training) in zip(bns, saved):
-        m.momentum = momentum
-        m.train(training)
-    return used
+    if run.get("plan") and run.get("pretrain") == json.loads(json.dumps(cfg.to_dict())):
+        return PretrainPlan.from_dict(run["plan"])
+    return None
 
 
 class _LastCheckpoint(Callback):
@@ -179,17 +182,17 @@ def pretrain(
     last = ckpt_dir / "last.ckpt"
     config_path = out_dir / "pretrain_config.json"
     csv_path = out_dir / "loss.csv"
+    quality_path = out_dir / "quality.csv"
     resuming = resume and last.exists()
-    if resuming:
-        _check_resume(config_path, encoder_cfg)
-    else:
-        for stale in (csv_path, last):
+    saved_plan = _check_resume(config_path, encoder_cfg, cfg) if resuming else None
+    if not resuming:
+        for stale in (csv_path, quality_path, last):
             stale.unlink(missing_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps({"encoder": encoder_cfg.to_dict(), "pretrain": cfg.to_dict()}, indent=2))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    dataset = ImageListDataset(images, moco_v2_transform(encoder_cfg, cfg.augment))
+    two_views = moco_v2_transform(encoder_cfg, cfg.augment)
+    dataset = ImageListDataset(images, two_views)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -200,18 +203,50 @@ def pretrain(
         pin_memory=torch.cuda.is_available() and cfg.accelerator != "cpu",
         collate_fn=collate_skipping,
     )
+    backbone = build_backbone(encoder_cfg)
+    if init_state is not None and not resuming:
+        load_backbone_weights(backbone, init_state, "init_state")
+
+    def build_module(plan: PretrainPlan, world_size: int) -> MoCoV2:
+        module = MoCoV2(
+            backbone,
+            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            memory_bank_size=plan.memory_bank_size, temperature=cfg.temperature,
+            proj_hidden_dim=cfg.proj_hidden_dim, proj_out_dim=cfg.proj_out_dim,
+            total_steps=plan.steps, warmup_steps=plan.warmup_steps,
+            ema_start=cfg.ema_start, ema_end=cfg.ema_end, channels_last=cfg.channels_last,
+            gather_distributed=world_size > 1,
+        )
+        return module.to(memory_format=torch.channels_last) if cfg.channels_last else module
+
+    plan = saved_plan
+    if plan is None:
+        seconds = None
+        if cfg.max_minutes is not None:
+            unplanned = plan_run(len(images), cfg.batch_size, cfg.epochs, None, None, cfg.memory_bank_size)
+            seconds = probe_seconds_per_step(build_module(unplanned, 1), loader, _precision(cfg), cfg.accelerator)
+        plan = plan_run(len(images), cfg.batch_size, cfg.epochs, cfg.max_minutes, seconds, cfg.memory_bank_size)
+    log.info("Pretraining plan: %d steps (%.1f epochs, limited by %s), warm-up %d, memory bank %d, %s s/step.",
+             plan.steps, plan.epochs, plan.limited_by, plan.warmup_steps, plan.memory_bank_size,
+             f"{plan.seconds_per_step:.2f}" if plan.seconds_per_step else "unmeasured")
+    config_path.write_text(json.dumps({"encoder": encoder_cfg.to_dict(), "pretrain": cfg.to_dict(),
+                                       "plan": plan.to_dict()}, indent=2))
+
     recorder = _Recorder(csv_path)
+    quality = QualityCallback(images, two_views, plan, quality_path, cfg.seed)
     checkpointing = _LastCheckpoint(last)
-    with quiet_lightning():  # Lightning's banners, tips and internal deprecations stay out of the console
+    with _quiet_lightning():
         trainer = pl.Trainer(
-            max_epochs=cfg.epochs,
+            # whole-epoch plans stop on the epoch count (a finished epoch is complete on resume); others on steps
+            max_steps=-1 if plan.whole_epochs else plan.steps,
+            max_epochs=plan.steps // plan.steps_per_epoch if plan.whole_epochs else -1,
             max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
             accelerator=cfg.accelerator,
             devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
             strategy=cfg.strategy,
             precision=_precision(cfg),
             sync_batchnorm="ddp" in cfg.strategy,
-            callbacks=[recorder, *callbacks, checkpointing],
+            callbacks=[recorder, quality, *callbacks, checkpointing],
             logger=False,
             enable_checkpointing=False,  # no default ModelCheckpoint: _LastCheckpoint writes the one checkpoint
             enable_progress_bar=progress,
@@ -219,32 +254,22 @@ def pretrain(
             default_root_dir=str(out_dir),
             log_every_n_steps=1,
         )
-        backbone = build_backbone(encoder_cfg)
-        if init_state is not None and not resuming:
-            load_backbone_weights(backbone, init_state, "init_state")
-        module = MoCoV2(
-            backbone,
-            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            memory_bank_size=cfg.memory_bank_size, temperature=cfg.temperature,
-            proj_hidden_dim=cfg.proj_hidden_dim, proj_out_dim=cfg.proj_out_dim, max_epochs=cfg.epochs,
-            ema_start=cfg.ema_start, ema_end=cfg.ema_end, channels_last=cfg.channels_last,
-            gather_distributed=trainer.world_size > 1,
-        )
-        if cfg.channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        resumed_from = None
-        if resuming:
-            saved = torch.load(last, map_location="cpu", weights_only=False)
-            resumed_from = int(saved["epoch"]) + 1
-            _truncate_loss_csv(csv_path, int(saved["global_step"]))
+    module = build_module(plan, trainer.world_size)
+    resumed_from = None
+    if resuming:
+        saved = torch.load(last, map_location="cpu", weights_only=False)
+        resumed_from = int(saved["epoch"]) + 1
+        _truncate_loss_csv(csv_path, int(saved["global_step"]))
+    with _quiet_lightning():
         trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resuming else None)
 
     if trainer.is_global_zero:
-        write_loss_plot(csv_path, out_dir / "loss.png")
+        write_loss_plot(csv_path, out_dir / "loss.png", quality_csv=quality_path,
+                        bank_full_step=plan.memory_bank_size // cfg.batch_size)
     backbone = module.backbone
     recalibrate_batchnorm(backbone, images, encoder_cfg, cfg.bn_recalibration_images, cfg.batch_size)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}
-    return PretrainResult(
+    result = PretrainResult(
         backbone_state=state,
         encoder_version=encoder_version(state),
         epoch_losses=recorder.epoch_losses,
@@ -254,4 +279,37 @@ def pretrain(
         skipped=sorted(recorder.skipped.items()),
         checkpoint=last,
         resumed_from_epoch=resumed_from,
+        plan=plan,
+        steps_done=int(trainer.global_step),
+        quality=quality.history,
+        learned=learned(quality.history),
     )
+    if not result.finished_plan:
+        log.warning("Pretraining stopped at step %d of %d planned (time limit or interruption); the schedule did "
+                    "not finish. Raise PRETRAIN_MAX_MINUTES or resume the run.", result.steps_done, plan.steps)
+    if result.learned is False:
+        log.warning("Pretraining did not visibly learn: view retrieval %.3f -> %.3f (needs to double). The encoder may "
+                    "be no better than a random one; see %s.", result.quality[0].view_retrieval,
+                    result.quality[-1].view_retrieval, out_dir / "loss.png")
+    return result
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Keeps Lightning's advertising, device summary and known-harmless warnings out of the console."""
+    with warnings.catch_warnings():
+        for message in (".*does not have many workers.*", ".*exceeds max_steps.*",
+                        ".*Checkpoint directory .* exists and is not empty.*", ".*LitLogger.*", ".*litlogger.*",
+                        ".*tensorboardX.*", ".*GPU available but not used.*", ".*LeafSpec.*",
+                        ".*callbacks used to create the checkpoint.*"):
+            warnings.filterwarnings("ignore", message=message)
+        noisy = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning", "lightning.pytorch",
+                                               "pytorch_lightning.utilities.rank_zero")]
+        levels = [lg.level for lg in noisy]
+        for lg in noisy:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(noisy, levels):
+                lg.setLevel(level)

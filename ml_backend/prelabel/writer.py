@@ -1,0 +1,184 @@
+"""Bulk pre-annotation: the live version's predictions for every unlabelled task, written into Label Studio.
+
+One run (:func:`run_prelabel`), for the version live when it starts:
+
+1. the tasks of the last pull (``ProjectPaths.tasks_snapshot``); targets are the tasks without a human annotation
+   (an annotation that is not cancelled), in id order;
+2. predictions of every task from the embedding cache (``ml_backend.prelabel.live``), then the labeling order and
+   the "label next" tab (``ml_backend.prelabel.order``);
+3. chunks of ``PRELABEL_CHUNK`` predictions through ``POST /api/projects/<id>/import/predictions``; after each
+   chunk the record (``ml_backend.prelabel.progress``) moves its cursor. A run stops as *superseded* when another
+   version went live meanwhile; a crashed or failed run of the same version resumes after the cursor, and the
+   chunk that was in flight is checked task by task so that nothing is written twice;
+4. once every target holds a prediction of the version: ``project.model_version`` is pinned to it (the Data
+   Manager's *Prediction score* column and Label Studio's uncertainty sampling use that version);
+5. clean-up policy: predictions of this backend's older versions (names ``<UTC stamp>-<6 hex>``) are deleted,
+   except the ``PRELABEL_KEEP_VERSIONS - 1`` newest before the live one; predictions of other models, and
+   versions newer than the live one, are never touched. It runs after the pin, because Label Studio clears
+   ``project.model_version`` when the version it names is deleted.
+
+Tasks imported after the pull get their predictions from ``/predict`` as before (Label Studio asks for tasks
+that hold none) and from the next version's run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.connections import resolve
+from ml_backend.labelstudio.label_config import parse_label_config
+from ml_backend.labelstudio.predictions import (
+    delete_model_version,
+    import_predictions,
+    model_version_counts,
+    pin_model_version,
+    project_model_version,
+    task_prediction_versions,
+)
+from ml_backend.labelstudio.snapshot import read_tasks
+from ml_backend.paths import ProjectPaths
+from ml_backend.prelabel.live import LivePredictions
+from ml_backend.prelabel.order import update_label_next_tab, write_queue
+from ml_backend.prelabel.progress import PrelabelState, Progress, read_progress, write_progress
+from ml_backend.settings import Settings
+from ml_backend.training.records import utc_now
+from model.bundle import live_version
+from model.errors import DataError
+
+__all__ = ["OUR_VERSION", "has_human_label", "run_prelabel", "versions_to_delete"]
+
+log = logging.getLogger(__name__)
+
+OUR_VERSION = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{6}$")
+"""This backend's model version names (``model.bundle``); only these are ever cleaned up."""
+
+
+def has_human_label(task: TaskRecord) -> bool:
+    """Whether a person labelled the task (an annotation that is not cancelled)."""
+    return any(not a.get("was_cancelled") for a in task.annotations)
+
+
+def versions_to_delete(counts: dict[str, int], live: str, keep: int) -> list[str]:
+    """The clean-up policy: this backend's versions older than ``live`` except the ``keep - 1`` newest of them."""
+    older = sorted(v for v in counts if OUR_VERSION.match(v) and v < live)
+    return older[:max(0, len(older) - (keep - 1))]
+
+
+def run_prelabel(settings: Settings, paths: ProjectPaths, job_id: str | None = None) -> dict[str, Any]:
+    """Write the live version's predictions for every unlabelled task into Label Studio (see the module).
+
+    Returns:
+        The run's record (:class:`~ml_backend.prelabel.progress.Progress` as a dict) plus ``"status"``:
+        ``done``, ``superseded``, ``skipped`` (no version, or already done) .
+
+    Raises:
+        TaxomocoError: (or a subclass: Label Studio unreachable, no task snapshot, ...) after recording it as the
+            run's ``error``; the next run of the same version resumes.
+    """
+    version = live_version(paths.models)
+    if version is None:
+        return {"status": "skipped", "reason": "no model version is live yet"}
+    previous = read_progress(paths)
+    if previous is not None and previous.version == version and previous.state is PrelabelState.DONE:
+        return {**previous.to_dict(), "status": "skipped", "reason": f"version {version} is written already"}
+    resume = previous is not None and previous.version == version
+    progress = previous if resume else Progress(version=version)
+    assert progress is not None
+    progress.state, progress.job_id, progress.error, progress.finished_at = PrelabelState.RUNNING, job_id, None, None
+    progress.started_at = progress.started_at or utc_now()
+    client = None
+    try:
+        client = resolve(settings, paths.project_id).client()
+        return _run(settings, paths, client, progress, resume)
+    except Exception as exc:  # the job boundary: record why, then let the scheduler see the failure
+        if read_progress(paths) is None or read_progress(paths).version == version:  # type: ignore[union-attr]
+            progress.state, progress.error = PrelabelState.FAILED, f"{type(exc).__name__}: {exc}"
+            progress.updated_at = progress.finished_at = utc_now()
+            write_progress(paths, progress)
+        log.error("Project %s: pre-annotation of %s failed: %s", paths.project_id, version, exc)
+        raise
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _run(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, progress: Progress,
+         resume: bool) -> dict[str, Any]:
+    pid, version = paths.project_id, progress.version
+    tasks = read_tasks(paths.tasks_snapshot)
+    if tasks is None:
+        raise DataError(f"Project {pid} has no readable task snapshot ({paths.tasks_snapshot}); the next training "
+                        "run writes one (POST /train).")
+    config = parse_label_config(client.get_project(pid).label_config)
+    live = LivePredictions(settings, paths, client, config)
+    if live.version != version:
+        return _superseded(paths, progress)
+    labelled = np.array([has_human_label(t) for t in tasks], dtype=bool)
+    every = live.predict(tasks)
+    queue = write_queue(paths, every, labelled, len(config.taxonomy.leaves()), settings.cold_start_per_class)
+    if settings.label_next_tab_tasks > 0 and settings.post_flags_to_label_studio:
+        update_label_next_tab(client, pid, queue, settings.label_next_tab_tasks)
+    rows = {tid: i for i, tid in enumerate(every.task_ids)}
+    targets = sorted(t.id for t, lab in zip(tasks, labelled) if not lab)
+    progress.total = len(targets)
+    if not resume:
+        progress.done, progress.after_task, progress.created, progress.dropped = 0, -1, 0, 0
+    todo = [t for t in targets if t > progress.after_task]
+    progress.done = len(targets) - len(todo)
+    if progress.in_flight:  # the process died during this chunk's request: skip what reached Label Studio
+        landed = {t for t in progress.in_flight if version in task_prediction_versions(client, t)}
+        todo = [t for t in todo if t not in landed]
+        progress.done += len(landed)
+        progress.created += len(landed)
+        progress.in_flight = None
+    write_progress(paths, progress)
+    start, sent = time.monotonic(), 0
+    for at in range(0, len(todo), settings.prelabel_chunk):
+        if live_version(paths.models) != version:
+            return _superseded(paths, progress)
+        chunk = todo[at:at + settings.prelabel_chunk]
+        progress.in_flight = chunk
+        write_progress(paths, progress)
+        items = [{"task": t, **every.items[rows[t]]} for t in chunk]
+        created = import_predictions(client, pid, items)
+        sent += len(chunk)
+        progress.created += created
+        progress.dropped += len(chunk) - created
+        progress.done += len(chunk)
+        progress.after_task, progress.in_flight = chunk[-1], None
+        progress.rate_per_s = round(sent / max(time.monotonic() - start, 1e-6), 1)
+        progress.updated_at = utc_now()
+        write_progress(paths, progress)
+    if progress.dropped:
+        log.warning("Project %s: Label Studio did not create %d of the predictions of %s.", pid, progress.dropped,
+                    version)
+    counts = model_version_counts(client, pid)
+    if counts.get(version, 0) >= len(targets) and project_model_version(client, pid) != version:
+        pin_model_version(client, pid, version)
+    progress.pinned = project_model_version(client, pid) == version
+    if progress.pinned:
+        for old in versions_to_delete(counts, version, settings.prelabel_keep_versions):
+            progress.deleted[old] = delete_model_version(client, pid, old)
+    progress.state = PrelabelState.DONE
+    progress.updated_at = progress.finished_at = utc_now()
+    write_progress(paths, progress)
+    log.info("Project %s: %d predictions of %s written (%.0f/s), pinned=%s, deleted versions %s.", pid,
+             progress.created, version, progress.rate_per_s, progress.pinned, sorted(progress.deleted))
+    return {**progress.to_dict(), "status": "done"}
+
+
+def _superseded(paths: ProjectPaths, progress: Progress) -> dict[str, Any]:
+    """A newer version went live: leave the record to its run (write ours only while it is still the latest)."""
+    current = read_progress(paths)
+    progress.state = PrelabelState.SUPERSEDED
+    progress.updated_at = progress.finished_at = utc_now()
+    if current is None or current.version == progress.version:
+        write_progress(paths, progress)
+    log.info("Project %s: pre-annotation of %s stopped: a newer version is live.", paths.project_id, progress.version)
+    return {**progress.to_dict(), "status": "superseded"}

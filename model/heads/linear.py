@@ -1,0 +1,115 @@
+"""Linear taxonomy heads fitted in closed form or by a library solver, robust with very few labels.
+
+Both give an ordinary :class:`~model.heads.heads.TaxonomyHeads` with ``hidden=0`` (one ``Linear`` per level),
+so decoding, calibration, bundles and the predictor treat them exactly like the MLP heads:
+
+* :func:`prototype_heads`: nearest class mean (prototypes) on the normalised embeddings. Per level,
+  ``logit_c = -s * ||z - mu_c||^2`` up to a constant, i.e. weights ``2 s mu_c`` and bias ``-s ||mu_c||^2``, with
+  ``s`` one over the mean squared distance of the labelled rows to their own class mean (logits of order 1, so
+  the calibration temperature has room). Works from one label per class.
+* :func:`logistic_heads`: multinomial logistic regression per level (``sklearn.linear_model.LogisticRegression``,
+  L-BFGS) on standardised features: the "pixels + logistic regression" baseline.
+
+A class without a label at a level gets zero weights and the bias :data:`UNSEEN_BIAS`: it is never predicted
+(exactly what the MLP heads learn for it, only certain).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from model.errors import DataError
+from model.heads.heads import Normalization, TaxonomyHeads
+from model.taxonomy import IGNORE
+
+__all__ = ["UNSEEN_BIAS", "logistic_heads", "prototype_heads"]
+
+UNSEEN_BIAS = -1e4
+"""Bias of a class no labelled image has: its probability is 0 after any calibration temperature."""
+
+
+def _start(emb: np.ndarray, targets: np.ndarray, num_classes: Sequence[int], normalization: Normalization
+           ) -> tuple[TaxonomyHeads, np.ndarray, np.ndarray]:
+    x = np.asarray(emb, dtype=np.float32)  # (N, D)
+    y = np.asarray(targets, dtype=np.int64)  # (N, L)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or y.shape[1] != len(num_classes):
+        raise DataError(f"Linear heads need embeddings (N, D) and targets (N, {len(num_classes)}); got {x.shape} and "
+                        f"{y.shape}.")
+    keep = (y != IGNORE).any(axis=1)
+    x, y = x[keep], y[keep]
+    if len(x) == 0:
+        raise DataError("No labelled embeddings to fit the heads on; label at least two images of two classes.")
+    heads = TaxonomyHeads(x.shape[1], num_classes, hidden=0, dropout=0.0, normalization=normalization)
+    t = torch.from_numpy(x)
+    heads.fit_normalization(t)
+    with torch.no_grad():
+        z = heads.normalize(t).numpy().astype(np.float64)  # (N, D)
+    return heads, z, y
+
+
+def _set_level(heads: TaxonomyHeads, level: int, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Load ``weight (K, D)`` and ``bias (K,)`` into the level's linear layer."""
+    layer = heads.heads[level][0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
+        layer.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+
+
+def prototype_heads(emb: np.ndarray, targets: np.ndarray, num_classes: Sequence[int],
+                    normalization: Normalization = Normalization.L2_STANDARDIZE) -> TaxonomyHeads:
+    """Nearest-class-mean heads (see the module docstring).
+
+    Args:
+        emb: labelled embeddings ``(N, D)``.
+        targets: ``(N, L)`` from ``Taxonomy.encode_many`` (IGNORE where unknown).
+        num_classes: classes per level.
+        normalization: embedding normalisation before the means (statistics from ``emb``).
+    """
+    heads, z, y = _start(emb, targets, num_classes, normalization)
+    for k, kk in enumerate(num_classes):
+        weight = np.zeros((kk, z.shape[1]))  # (K, D)
+        bias = np.full(kk, UNSEEN_BIAS)
+        known = y[:, k] != IGNORE
+        classes = np.unique(y[known, k])
+        if len(classes):
+            means = np.stack([z[known & (y[:, k] == c)].mean(0) for c in classes])  # (C, D)
+            own = means[np.searchsorted(classes, y[known, k])]  # (n, D)
+            spread = float(((z[known] - own) ** 2).sum(1).mean())
+            if spread <= 1e-12:  # one image per class: the spread of all images around their mean instead
+                spread = float(((z - z.mean(0)) ** 2).sum(1).mean()) or 1.0
+            s = 1.0 / spread
+            weight[classes] = 2 * s * means
+            bias[classes] = -s * (means ** 2).sum(1)
+        _set_level(heads, k, weight, bias)
+    return heads.eval()
+
+
+def logistic_heads(emb: np.ndarray, targets: np.ndarray, num_classes: Sequence[int], c: float = 1.0,
+                   max_iter: int = 300, normalization: Normalization = Normalization.STANDARDIZE) -> TaxonomyHeads:
+    """Multinomial logistic regression per level (L2 penalty ``1 / c``) on normalised features.
+
+    Args: as for :func:`prototype_heads`, plus ``c`` (inverse regularisation strength) and ``max_iter``.
+    """
+    from sklearn.linear_model import LogisticRegression  # about 1 s of imports: paid by trainings, not the server
+
+    heads, z, y = _start(emb, targets, num_classes, normalization)
+    for k, kk in enumerate(num_classes):
+        weight = np.zeros((kk, z.shape[1]))  # (K, D)
+        bias = np.full(kk, UNSEEN_BIAS)
+        known = y[:, k] != IGNORE
+        classes = np.unique(y[known, k])
+        if len(classes) == 1:
+            bias[classes] = 0.0
+        elif len(classes) > 1:
+            model = LogisticRegression(C=c, max_iter=max_iter).fit(z[known], y[known, k])
+            coef, intercept = model.coef_, model.intercept_  # (C, D), (C,) or (1, D), (1,) for two classes
+            if len(classes) == 2:
+                coef = np.concatenate([-coef / 2, coef / 2])
+                intercept = np.concatenate([-intercept / 2, intercept / 2])
+            weight[model.classes_] = coef
+            bias[model.classes_] = intercept
+        _set_level(heads, k, weight, bias)
+    return heads.eval()

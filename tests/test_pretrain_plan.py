@@ -1,0 +1,112 @@
+"""The pretraining plan (budget and data), the recipe chosen from the images, and the label-free quality signal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.encoder.backbone import build_backbone
+from model.encoder.config import EncoderConfig
+from model.ssl.augment import moco_v2_transform
+from model.ssl.config import PretrainConfig
+from model.ssl.plan import MIN_STEPS, SAFETY, bank_size, plan_run, steps_per_epoch, warmup_cosine
+from model.ssl.pretrain import pretrain
+from model.ssl.quality import learned, measure_view_quality, read_quality_csv
+from model.ssl.recipe import ImageSummary, RecipeKind, choose_recipe, summarize_images
+
+
+def test_budget_limits_the_plan_and_rounds_to_whole_epochs() -> None:
+    # 10,000 images, batch 128: 78 steps per epoch; 20 minutes at 0.5 s/step plan 2,160 steps -> 27 whole epochs
+    plan = plan_run(10_000, 128, max_epochs=300, max_minutes=20, seconds_per_step=0.5, configured_bank=4096)
+    assert plan.steps_per_epoch == 78 and plan.limited_by == "budget"
+    assert plan.steps == 27 * 78 and plan.whole_epochs
+    assert plan.steps * 0.5 <= SAFETY * 20 * 60
+    assert plan.warmup_steps == round(0.05 * plan.steps)
+    assert plan.memory_bank_size == 4096
+    # a generous budget: the epoch cap rules
+    capped = plan_run(600, 128, max_epochs=50, max_minutes=600, seconds_per_step=0.5, configured_bank=4096)
+    assert capped.limited_by == "epochs" and capped.steps == 50 * steps_per_epoch(600, 128) == 200
+    assert capped.memory_bank_size == 384  # the 600 images less one batch, in whole batches
+    # a budget of less than a few epochs keeps its step count; never below MIN_STEPS
+    short = plan_run(100_000, 128, max_epochs=300, max_minutes=1, seconds_per_step=0.5, configured_bank=4096)
+    assert short.steps == int(SAFETY * 60 / 0.5) and not short.whole_epochs
+    tiny = plan_run(100_000, 128, max_epochs=300, max_minutes=0.01, seconds_per_step=0.5, configured_bank=4096)
+    assert tiny.steps == MIN_STEPS
+
+
+def test_warmup_then_cosine_reaches_zero_at_the_last_planned_step() -> None:
+    total, warmup = 100, 10
+    factors = [warmup_cosine(s, total, warmup) for s in range(total + 1)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[total] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # monotone decay after warm-up
+    assert bank_size(50, 64, 4096) == 64  # at least one batch
+
+
+def test_recipe_follows_the_images() -> None:
+    small_gray = ImageSummary(sampled=64, median_side=28, gray_share=1.0)
+    size, aug, kind = choose_recipe(small_gray, on_gpu=False)
+    assert (size, kind) == (32, RecipeKind.SMALL_IMAGES) and aug.min_scale == 0.35 and aug.gray_prob == 0.0
+    photos = ImageSummary(sampled=64, median_side=200, gray_share=0.0)
+    assert choose_recipe(photos, on_gpu=False)[0] == 64 and choose_recipe(photos, on_gpu=True)[0] == 96
+    assert choose_recipe(photos, on_gpu=False)[2] is RecipeKind.MOCO_V2
+    assert choose_recipe(photos, on_gpu=False)[1].gray_prob == 0.2
+    assert choose_recipe(ImageSummary(64, 56, 0.0), on_gpu=True)[0] == 56  # never above the images' own size
+    # explicit settings win
+    assert choose_recipe(small_gray, on_gpu=False, input_size=48, kind=RecipeKind.MOCO_V2)[0::2] == (
+        48, RecipeKind.MOCO_V2)
+
+
+def test_summary_reads_size_and_colour() -> None:
+    rng = np.random.default_rng(0)
+    gray = [np.repeat(rng.integers(0, 255, (28, 30, 1), dtype=np.uint8), 3, axis=2) for _ in range(5)]
+    colour = [rng.integers(0, 255, (120, 200, 3), dtype=np.uint8) for _ in range(5)]
+    g, c = summarize_images(gray), summarize_images(colour)
+    assert (g.sampled, g.median_side, g.grayscale) == (5, 28, True)
+    assert (c.median_side, c.grayscale) == (120, False)
+    assert summarize_images([b"not an image"]).sampled == 0
+
+
+def _shapes(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Distinct 32x32 images: a random rectangle in one of several colours on a random background."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = np.empty((32, 32, 3), np.uint8)
+        img[:] = rng.integers(0, 256, 3)
+        y, x = rng.integers(0, 20, 2)
+        h, w = rng.integers(6, 12, 2)
+        img[y:y + h, x:x + w] = rng.integers(0, 256, 3)
+        out.append(img)
+    return out
+
+
+def test_quality_signal_is_measured_without_changing_batchnorm_and_logged_through_the_run(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    enc = EncoderConfig(input_size=32)
+    backbone = build_backbone(enc)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    images = _shapes(64)
+    q = measure_view_quality(backbone, images, moco_v2_transform(enc), step=0)
+    assert q is not None and 0.0 <= q.view_retrieval <= 1.0 and q.alignment >= 0.0
+    for k, v in backbone.state_dict().items():  # BatchNorm running statistics untouched
+        if "num_batches_tracked" not in k:
+            torch.testing.assert_close(v, before[k])
+    # same seed, same views: the measurement repeats exactly
+    again = measure_view_quality(backbone, images, moco_v2_transform(enc), step=0)
+    assert again is not None and again.view_retrieval == q.view_retrieval
+
+    cfg = PretrainConfig(epochs=5, batch_size=16, memory_bank_size=32, proj_hidden_dim=64, proj_out_dim=32,
+                         max_minutes=None)
+    result = pretrain(images, enc, cfg, tmp_path, progress=False)
+    history = read_quality_csv(tmp_path / "quality.csv")
+    assert [(q.step, round(q.view_retrieval, 4)) for q in result.quality] == [
+        (q.step, q.view_retrieval) for q in history]
+    assert history[0].step == 0 and history[-1].step == result.steps_done
+    assert result.finished_plan and result.plan is not None and result.plan.steps == 5 * 4
+    assert len(history) == 2 + len(range(2, 20, 2))  # before, every 20 // 8 = 2 steps, and at the end
+    assert result.learned is learned(history) and isinstance(result.learned, bool)
+    assert result.summary()["learned"] is result.learned
