@@ -21,6 +21,35 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("taxomoco")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs (the environment) printed as written; an option whose help names no default gets
+    ``(default: ...)`` appended (a settings flag's help names its env var and default itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.required \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _epilog() -> str:
+    """The environment variables every command reads (the one settings object), with their defaults."""
+    lines = ["environment (read once at start-up into the one settings object; a flag above overrides its variable; "
+             "the README's Settings table explains each):"]
+    lines += [f"  {env} (default: {default})" for env, default, _ in Settings.describe()]
+    return "\n".join(lines)
+
+
+def _command(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text, epilog=_epilog(), formatter_class=_Formatter)
+
+
+def _override(p: argparse.ArgumentParser, flag: str, name: str, kind: type = str) -> None:
+    """A flag of a service command that overrides setting ``name`` (None when not given: the env var applies)."""
+    p.add_argument(flag, dest=name, type=kind, default=None, help=Settings.flag_help(name)[0])
+
+
 SETTING_FLAGS = {
     "--arch": "arch", "--input-size": "input_size", "--init-weights": "init_weights", "--augment": "pretrain_augment",
     "--epochs": "pretrain_epochs", "--batch-size": "pretrain_batch_size", "--max-minutes": "pretrain_max_minutes",
@@ -50,25 +79,32 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taxomoco", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser = argparse.ArgumentParser(prog="taxomoco", description=__doc__, formatter_class=_Formatter,
+                                     epilog="`taxomoco COMMAND --help` shows each command's options, their defaults "
+                                            "and the environment variables it reads.")
+    parser.add_argument("--log-level", default="INFO", help="Python logging level of the console")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="MoCo v2 self-supervised pretraining on a folder of images (labels unused)")
+    p = _command(sub, "pretrain", "MoCo v2 self-supervised pretraining on a folder of images (labels unused)")
     p.add_argument("images_dir", type=Path, help="folder of images (searched recursively)")
     p.add_argument("--out", type=Path, default=Path("taxomoco-encoder"), help="where the encoder, checkpoints and loss curve go")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the last checkpoint")
     _add_encoder_args(p)
     _add_pretrain_args(p)
 
-    p = sub.add_parser("train", help="train the taxonomy heads on a labelled folder tree (folder path = taxonomy path)")
+    p = _command(sub, "train", "train the taxonomy heads on a labelled folder tree (folder path = taxonomy path)")
     p.add_argument("images_dir", type=Path, help="labelled images: IMAGES_DIR/<level 1>/<level 2>/.../image.png")
     p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory (versions are published here)")
-    p.add_argument("--encoder", type=Path, default=None, help="encoder directory written by `taxomoco pretrain`")
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="encoder directory written by `taxomoco pretrain` (default: none: --pretrain makes one, else a "
+                        "randomly initialised encoder, a baseline)")
     p.add_argument("--pretrain", action="store_true", help="run MoCo pretraining first (on labelled + unlabelled images)")
-    p.add_argument("--unlabelled", type=Path, default=None, help="folder of unlabelled images (used by --pretrain)")
-    p.add_argument("--unlabelled-list", type=Path, default=None, help="text file with one unlabelled image path per line")
-    p.add_argument("--report", type=Path, default=None, help="write the cross-validated evaluation report here")
+    p.add_argument("--unlabelled", type=Path, default=None,
+                   help="folder of unlabelled images (used by --pretrain; default: none)")
+    p.add_argument("--unlabelled-list", type=Path, default=None,
+                   help="text file with one unlabelled image path per line (default: none)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write the cross-validated evaluation report here (default: no report)")
     p.add_argument("--candidates", default=None,
                    help="models compared by cross-validated hierarchical F1, comma-separated (default: MODEL_CANDIDATES' "
                         "default without previous-encoder+mlp)")
@@ -76,40 +112,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoder_args(p)
     _add_pretrain_args(p)
 
-    p = sub.add_parser("evaluate", help="evaluate the live model on a labelled folder tree; JSON + PNG + HTML report")
-    p.add_argument("images_dir", type=Path)
-    p.add_argument("--models", type=Path, default=Path("taxomoco-models"))
-    p.add_argument("--out", type=Path, default=Path("taxomoco-report"))
+    p = _command(sub, "evaluate", "evaluate the live model on a labelled folder tree; JSON + PNG + HTML report")
+    p.add_argument("images_dir", type=Path, help="labelled images the model was not trained on")
+    p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory written by `train`")
+    p.add_argument("--out", type=Path, default=Path("taxomoco-report"), help="report folder")
     _setting(p, "--device")
 
-    p = sub.add_parser("predict", help="predict taxonomy paths for image files")
-    p.add_argument("images", type=Path, nargs="+")
-    p.add_argument("--models", type=Path, default=Path("taxomoco-models"))
+    p = _command(sub, "predict", "predict taxonomy paths for image files (one JSON line per image)")
+    p.add_argument("images", type=Path, nargs="+", help="image files")
+    p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory written by `train`")
     p.add_argument("--all-levels", action="store_true", help="allow prefix paths (like leafsOnly=false)")
     _setting(p, "--prefix-threshold")
     _setting(p, "--device")
 
-    p = sub.add_parser("serve", help="run the Label Studio ML backend (waitress); settings from env vars, see README")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--redis-url", default=None)
+    p = _command(sub, "serve", "run the Label Studio ML backend (waitress)")
+    _override(p, "--host", "host")
+    _override(p, "--port", "port", int)
+    _override(p, "--model-dir", "model_dir", Path)
+    _override(p, "--redis-url", "redis_url")
 
-    p = sub.add_parser("worker", help="run an RQ training worker (needs REDIS_URL)")
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--queues", nargs="*", default=None, help="queue names (default: pretrain and heads queues)")
+    p = _command(sub, "worker", "run an RQ training worker (needs REDIS_URL)")
+    _override(p, "--model-dir", "model_dir", Path)
+    _override(p, "--redis-url", "redis_url")
+    p.add_argument("--queues", nargs="*", default=None, help="queue names (default: PRETRAIN_QUEUE, then HEADS_QUEUE)")
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     _setting(p, "--device")
 
-    p = sub.add_parser("disagreements", help="annotator disagreement report of a Label Studio project")
-    p.add_argument("--project", type=int, required=True)
-    p.add_argument("--model-dir", type=Path, default=None)
+    p = _command(sub, "disagreements", "annotator disagreement report of a Label Studio project")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    _override(p, "--model-dir", "model_dir", Path)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the project's disagreements folder)")
-    p = sub.add_parser("queue", help="the labeling order of a Label Studio project (what GET /queue serves)")
-    p.add_argument("--project", type=int, required=True)
+    p = _command(sub, "queue", "the labeling order of a Label Studio project (what GET /queue serves)")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
     p.add_argument("--limit", type=int, default=50, help="tasks to print")
-    p.add_argument("--model-dir", type=Path, default=None)
+    _override(p, "--model-dir", "model_dir", Path)
     return parser
 
 

@@ -33,7 +33,7 @@ from model.heads.candidates import FeatureSource, parse_candidates
 from model.heads.heads import HeadsConfig
 from model.heads.selection import Selection, select_and_fit
 from model.heads.training import heads_logits, labelled_rows
-from model.images import content_hash, load_image
+from model.images import content_hash
 from model.predictor import Predictor
 from model.report import write_report
 from model.ssl.recipe import summarize_images
@@ -238,22 +238,24 @@ def predict_files(args: argparse.Namespace, settings: Settings) -> list[dict]:
     """``taxomoco predict``: one JSON line per image (path, score, per-level scores) on stdout."""
     bundle = load_live(args.models)
     predictor = Predictor(bundle, args.models / "cache", device=settings.device)
-    images, hashes, errors = [], [], {}
-    for f in args.images:
+    items: list[tuple[bytes, str] | None] = []
+    errors: dict[int, str] = {}
+    for i, f in enumerate(args.images):
         try:
             data = f.read_bytes()
-            images.append(load_image(data))
-            hashes.append(content_hash(data))
-        except (OSError, DataError) as exc:
-            images.append(None)
-            hashes.append(None)
-            errors[str(f)] = str(exc)
-    preds = predictor.predict(images, hashes, leafs_only=not args.all_levels, prefix_threshold=settings.prefix_threshold)
+            items.append((data, content_hash(data)))
+        except OSError as exc:
+            items.append(None)
+            errors[i] = f"cannot read {f}: {exc.strerror or exc}"
+    # one cache read per image; only images whose embedding is not cached are decoded
+    preds, decode_errors = predictor.predict_encoded(items, leafs_only=not args.all_levels,
+                                                     prefix_threshold=settings.prefix_threshold)
+    errors.update(decode_errors)
     rows = []
-    for f, pred in zip(args.images, preds):
+    for i, (f, pred) in enumerate(zip(args.images, preds)):
         row: dict = {"image": str(f), "model_version": predictor.version}
         if pred is None:
-            row["error"] = errors.get(str(f), "unreadable")
+            row["error"] = errors.get(i, "unreadable")
         else:
             row.update(path=list(pred.path), score=round(pred.score, 4), level_scores=[round(s, 4) for s in pred.level_scores])
         rows.append(row)

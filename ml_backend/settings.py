@@ -47,6 +47,7 @@ class Settings:
     predict_max_pixels: int = field(default=200_000_000, metadata={"env": "PREDICT_MAX_PIXELS", "help": "Decoded pixels one /predict request may hold at once; images are decoded and embedded in batches below this."})
     webhook_requires_auth: bool | None = field(default=None, metadata={"env": "WEBHOOK_REQUIRE_AUTH", "help": "Require Basic auth on /webhook too; unset = on whenever Basic auth is set (the backend then registers its own Label Studio webhook with the header and removes the auto-created one)."})
     train_queue_max_projects: int = field(default=100, metadata={"env": "TRAIN_QUEUE_MAX_PROJECTS", "help": "Projects that may wait for training at once; events beyond are answered and dropped (Label Studio stays the source of truth)."})
+    prometheus_multiproc_dir: Path | None = field(default=None, metadata={"env": "PROMETHEUS_MULTIPROC_DIR", "help": "prometheus_client's multiprocess mode: an empty directory shared by every server process on the machine (emptied before they start); /metrics then sums all of them."})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "Python logging level."})
     basic_auth_user: str | None = field(default=None, metadata={"env": "BASIC_AUTH_USER", "help": "HTTP Basic auth user required on every endpoint except /health (set the same in Label Studio's model connection)."})
     basic_auth_pass: str | None = field(default=None, metadata={"env": "BASIC_AUTH_PASS", "help": "HTTP Basic auth password."})

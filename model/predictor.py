@@ -59,17 +59,6 @@ class Predictor:
         )
         self._heads_lock = threading.Lock()
 
-    def cached(self, hashes: Sequence[str | None]) -> np.ndarray:
-        """Which of ``hashes`` have a cached embedding: ``(N,)`` bool (False for None).
-
-        A caller can skip decoding those images and pass None in their place to :meth:`predict`.
-        """
-        found = np.zeros(len(hashes), dtype=bool)
-        keyed = [i for i, h in enumerate(hashes) if h]
-        if self.cache is not None and keyed:
-            found[keyed] = self.cache.get([hashes[i] for i in keyed])[1]  # type: ignore[misc]
-        return found
-
     def level_logits(self, emb: np.ndarray) -> list[torch.Tensor]:
         """Head logits per level for embeddings ``(N, D)``: a list of ``(N, K_k)`` tensors."""
         with self._heads_lock, torch.inference_mode():
@@ -85,8 +74,8 @@ class Predictor:
         """One prediction per image, in order; None where there is neither an image nor a cached embedding.
 
         Args:
-            images: decoded RGB images; None for an image the caller could not read, or did not decode
-                because its hash is cached (see :meth:`cached`).
+            images: decoded RGB images; None for an image the caller could not read (encoded images with their
+                hashes go to :meth:`predict_encoded`, which decodes only those whose embedding is not cached).
             hashes: content hashes aligned with ``images`` (enables the embedding cache), or None.
             leafs_only: only full paths may be predicted (the label config's ``leafsOnly``).
             prefix_threshold: with ``leafs_only=False``, stop at the deepest prefix this probable.

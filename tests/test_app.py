@@ -290,12 +290,12 @@ def test_predict_one_item_per_task_in_order_with_bad_images(env, http_images, ca
     logged = caplog.text
     for task_id in (2, 3, 5, 7):
         assert f"task {task_id}: no prediction" in logged
-    metrics = client.get("/metrics", headers=AUTH).get_data(as_text=True)
-    assert 'taxomoco_predictions_total{project="7"} 4' in metrics
-    assert 'taxomoco_failed_images_total{project="7",reason="decode"} 1' in metrics
-    assert 'taxomoco_failed_images_total{project="7",reason="missing"} 1' in metrics
-    assert 'taxomoco_failed_images_total{project="7",reason="fetch"} 2' in metrics
-    assert 'taxomoco_model_info{project="7",version="v1"} 1' in metrics
+    metrics = metric_values(client.get("/metrics", headers=AUTH).get_data(as_text=True))
+    assert metrics['taxomoco_predictions_total{project="7"}'] == 4
+    assert metrics['taxomoco_failed_images_total{project="7",reason="decode"}'] == 1
+    assert metrics['taxomoco_failed_images_total{project="7",reason="missing"}'] == 1
+    assert metrics['taxomoco_failed_images_total{project="7",reason="fetch"}'] == 2
+    assert metrics['taxomoco_model_info{project="7",version="v1"}'] == 1
 
 
 def test_predict_does_not_decode_images_whose_embedding_is_cached(env):
@@ -391,8 +391,8 @@ def test_webhook_filters_events_and_schedules(env):
     assert r.status_code == 200 and r.get_json()["status"] == "ignored"  # an invented project is never scheduled
     status = post(client, "/job_status", {"project": 7}).get_json()
     assert status["queued"] or status["running"]
-    metrics = client.get("/metrics", headers=AUTH).get_data(as_text=True)
-    assert 'taxomoco_webhook_events_total{action="PROJECT_UPDATED",outcome="ignored"} 1' in metrics
+    metrics = metric_values(client.get("/metrics", headers=AUTH).get_data(as_text=True))
+    assert metrics['taxomoco_webhook_events_total{action="PROJECT_UPDATED",outcome="ignored"}'] == 1
     assert 'taxomoco_training_running{project="7"}' in metrics
 
 
@@ -547,22 +547,86 @@ def test_connection_resolution_and_the_setup_trust_model(tmp_path, fake_ls):
         Settings.from_env(env={"LABEL_STUDIO_API_KEY": "k"})
 
 
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus exposition text -> ``{'name{label="v",...}': value}`` (labels as written)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
 def test_metrics_exposition_format():
-    from ml_backend.http.metrics import Registry, Sample
+    from ml_backend.http.metrics import ProjectCollector, Registry
+
+    class Store:
+        def projects(self):
+            return [1]
+
+        def status(self, pid):
+            return {"served_version": 'v"1\n', "loads": 2}
+
+    class Scheduler:
+        def status(self, pid):
+            return {"counts": {"succeeded": 3}, "running": True, "last_success": {"finished_at": "2026-01-01T00:00:00+00:00",
+                                                                                   "duration_s": 4.5}}
 
     reg = Registry()
     for v in (0.003, 0.02, 0.02, 7.0):
-        reg.latency.observe(v, "/predict")
-    reg.requests.inc("/predict", "POST", "200", amount=3)
-    reg.add_collector(lambda: [Sample("taxomoco_model_info", {"project": "1", "version": 'v"1\n'}, 1)])
-    text = reg.render()
-    assert 'taxomoco_http_request_duration_seconds_bucket{endpoint="/predict",le="0.005"} 1' in text
-    assert 'taxomoco_http_request_duration_seconds_bucket{endpoint="/predict",le="0.025"} 3' in text
-    assert 'taxomoco_http_request_duration_seconds_bucket{endpoint="/predict",le="+Inf"} 4' in text
-    assert 'taxomoco_http_request_duration_seconds_count{endpoint="/predict"} 4' in text
-    assert 'taxomoco_http_requests_total{endpoint="/predict",method="POST",status="200"} 3' in text
-    assert '# TYPE taxomoco_model_info gauge' in text
-    assert 'taxomoco_model_info{project="1",version="v\\"1\\n"} 1' in text
+        reg.latency.labels("/predict").observe(v)
+    reg.requests.labels("/predict", "POST", "200").inc(3)
+    reg.add_collector(ProjectCollector(Store(), Scheduler(), lambda: [1]))
+    text = reg.render().decode()
+    values = metric_values(text)
+    assert values['taxomoco_http_request_duration_seconds_bucket{endpoint="/predict",le="0.005"}'] == 1
+    assert values['taxomoco_http_request_duration_seconds_bucket{endpoint="/predict",le="0.025"}'] == 3
+    assert values['taxomoco_http_request_duration_seconds_bucket{endpoint="/predict",le="+Inf"}'] == 4
+    assert values['taxomoco_http_request_duration_seconds_count{endpoint="/predict"}'] == 4
+    assert values['taxomoco_http_requests_total{endpoint="/predict",method="POST",status="200"}'] == 3
+    assert '# TYPE taxomoco_model_info gauge' in text and "# TYPE taxomoco_training_jobs_total counter" in text
+    assert values['taxomoco_model_info{project="1",version="v\\"1\\n"}'] == 1
+    assert values['taxomoco_model_loads_total{project="1"}'] == 2
+    assert values['taxomoco_training_jobs_total{event="succeeded",project="1"}'] == 3
+    assert values['taxomoco_training_running{project="1"}'] == 1
+    assert values['taxomoco_training_last_success_duration_seconds{project="1"}'] == 4.5
+    assert values['taxomoco_training_last_success_timestamp_seconds{project="1"}'] == 1767225600
+
+
+_MULTIPROCESS_CHILD = """
+import sys
+from pathlib import Path
+from ml_backend.http.metrics import Registry
+reg = Registry(Path(sys.argv[1]))
+if sys.argv[2] == "count":
+    reg.webhooks.labels("START_TRAINING", "scheduled").inc()
+    reg.latency.labels("/webhook").observe(0.01)
+else:
+    sys.stdout.write(reg.render().decode())
+"""
+
+
+def test_metrics_in_multiprocess_mode_sum_every_process(tmp_path):
+    """PROMETHEUS_MULTIPROC_DIR: counters of several server processes are summed by a scrape of any of them."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    def child(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", _MULTIPROCESS_CHILD, str(tmp_path), mode], env=env, check=True,
+                              capture_output=True, text=True, timeout=120).stdout
+
+    for _ in range(3):
+        child("count")
+    values = metric_values(child("render"))
+    assert values['taxomoco_webhook_events_total{action="START_TRAINING",outcome="scheduled"}'] == 3
+    assert values['taxomoco_http_request_duration_seconds_count{endpoint="/webhook"}'] == 3
+    from ml_backend.http.metrics import Registry
+    from model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="PROMETHEUS_MULTIPROC_DIR"):
+        Registry(tmp_path / "missing")
 
 
 class _HangingScheduler:

@@ -108,3 +108,25 @@ def test_the_readme_recipe_runs_at_a_tiny_scale(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", str(demo / "labelled"), "--models", str(models), "--out", str(tmp_path / "eval"),
                  "--device", "cpu"]) == 0
     assert (tmp_path / "eval" / "report.json").is_file()
+
+
+def test_every_command_help_shows_defaults_and_environment() -> None:
+    import argparse
+    import dataclasses
+
+    from ml_backend.cli import build_parser
+    from ml_backend.settings import Settings
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    envs = [f.metadata["env"] for f in dataclasses.fields(Settings)]
+    for name, command in sub.choices.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if action.option_strings and action.dest != "help" and not action.required:
+                shown = formatter._get_help_string(action) or ""
+                assert "default" in shown, f"taxomoco {name} {action.option_strings[0]}: no default shown"
+        text = " ".join(command.format_help().split())
+        assert all(f"{env} (default:" in text for env in envs), name  # the one settings object: every variable
+    serve = " ".join(sub.choices["serve"].format_help().split())
+    assert "[env TAXOMOCO_PORT; default 9090]" in serve and "[env REDIS_URL; default unset]" in serve

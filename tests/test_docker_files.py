@@ -131,3 +131,22 @@ def test_dockerfile_pins_torch_and_has_both_variants() -> None:
     for src in re.findall(r"^COPY (.+) \./?\S*$", text, flags=re.M):
         for part in src.split():
             assert (DOCKER.parent / part).exists() or part == "README.md", f"COPY source {part} missing"
+
+
+def test_compose_follows_the_recommended_deployment(compose: dict) -> None:
+    """README "Security": LABEL_STUDIO_URL set, Basic auth required, the backend's port not published on the host."""
+    backend = compose["services"]["backend"]
+    env = backend["environment"]
+    assert env["LABEL_STUDIO_URL"].startswith("http://label-studio:")
+    assert re.fullmatch(r"\$\{BASIC_AUTH_PASS:\?.+\}", env["BASIC_AUTH_PASS"])  # compose refuses to start without it
+    assert env["BASIC_AUTH_USER"] and "WEBHOOK_REQUIRE_AUTH" not in env  # on by default with Basic auth
+    assert all(str(p).startswith("127.0.0.1:") for p in backend.get("ports", []))
+    assert "worker" not in [s for s, v in compose["services"].items() if v.get("ports")]
+
+
+def test_docs_name_the_server_the_backend_runs() -> None:
+    """The server is waitress in one process (ml_backend/http/server.py); no text describes another set-up."""
+    root = DOCKER.parent
+    for path in [root / "README.md", *DOCKER.iterdir()]:
+        text = path.read_text()
+        assert not re.search(r"gunicorn|TAXOMOCO_HTTP_WORKERS", text, flags=re.I), f"{path} names another server set-up"

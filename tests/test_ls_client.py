@@ -232,3 +232,28 @@ def test_errors_name_the_url(label_studio: LabelStudioServer) -> None:
     with pytest.raises(LabelStudioError) as err:
         client.request("GET", "/api/tasks/99999999", "read task 99999999")
     assert err.value.url.startswith(label_studio.url) and err.value.status == 404
+
+
+def test_image_fetching_renews_an_expired_or_refused_personal_access_token(label_studio: LabelStudioServer,
+                                                                            project: dict, tmp_path) -> None:
+    """A long image sync outlives Label Studio's 5-minute access tokens (their lifetime is not configurable in Label
+    Studio): the fetcher's auth provider renews a token about to expire and one Label Studio refuses (401, once per
+    request), and the downloads go on."""
+    from ml_backend.net.images import ImageFetcher
+    from ml_backend.settings import Settings
+
+    client = LabelStudioClient(label_studio.url, label_studio.personal_access_token(project["alice"]))
+    fetcher = ImageFetcher(Settings(model_dir=tmp_path), client)
+    values = [client.get_task(t).data["image"] for t in project["task_ids"]]
+    assert fetcher.fetch(values[0]) == project["images"][0]
+    first = client.auth.headers()["Authorization"]
+    client.auth._expires = time.time() - 1  # the access token expired during the sync
+    time.sleep(1.1)  # a new token differs by its issue time
+    assert fetcher.fetch(values[1]) == project["images"][1]
+    assert client.auth.headers()["Authorization"] != first
+    client.auth._access, client.auth._expires = "revoked", time.time() + 3600  # Label Studio refuses the one it has
+    assert fetcher.fetch_many(values) == list(project["images"])
+    assert client.auth.headers()["Authorization"] not in (first, "Bearer revoked")
+    legacy = ImageFetcher(Settings(model_dir=tmp_path), LabelStudioClient(label_studio.url, "not-a-real-token"))
+    with pytest.raises(Exception, match="HTTP 401"):  # a legacy token is not renewable: refused once, reported
+        legacy.fetch(values[0])

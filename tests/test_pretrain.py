@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import time
@@ -228,3 +229,31 @@ def test_batchnorm_statistics_are_recomputed_on_the_images_after_pretraining() -
     with torch.no_grad():
         emb = backbone(x)
     assert torch.isfinite(emb).all() and emb.abs().max() < 1e3
+
+
+class _SaveCounter(pl.Callback):
+    def __init__(self) -> None:
+        self.saves = 0
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.saves += 1
+
+
+def test_the_checkpoint_is_written_once_per_epoch(tmp_path: Path) -> None:
+    """One ~38 MB checkpoint per epoch (last.ckpt), not a top-k copy beside it."""
+    counter = _SaveCounter()
+    pretrain(_images(16), ENC, dataclasses.replace(TINY, epochs=2), tmp_path, progress=False, callbacks=[counter])
+    assert counter.saves == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_lightning_banners_tips_and_deprecations_stay_out_of_the_console(tmp_path: Path, caplog, recwarn) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    before = logging.getLogger("pytorch_lightning").level
+    pretrain(_images(16), ENC, TINY, tmp_path, progress=False)
+    assert logging.getLogger("pytorch_lightning").level == before  # restored after the run
+    lightning = [r.getMessage() for r in caplog.records if r.name.startswith(("pytorch_lightning", "lightning"))]
+    assert lightning == []  # no "GPU available", "💡 Tip: ... litlogger", "`Trainer.fit` stopped"
+    assert [str(w.message) for w in recwarn if "pytorch_lightning" in w.filename or "lightning" in w.filename] == []

@@ -17,6 +17,7 @@ from ml_backend.prelabel.schedule import JOB_FUNC, enqueue_prelabel, prelabel_jo
 from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.store import ModelStore
 from ml_backend.settings import Settings
+from tests.test_app import metric_values
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
 
@@ -85,10 +86,11 @@ def test_job_status_and_metrics_show_the_pre_annotation_progress(app_client) -> 
     status = client.post("/job_status", json={"project": 7}, headers=AUTH).get_json()["prelabel"]
     assert status["state"] == "running" and status["done"] == 250 and status["total"] == 1000
     text = client.get("/metrics", headers=AUTH).get_data(as_text=True)
+    values = metric_values(text)
     labels = 'project="7",version="20260101T000000-abcdef"'
-    assert f"taxomoco_prelabel_tasks{{{labels}}} 1000" in text
-    assert f"taxomoco_prelabel_written_tasks{{{labels}}} 250" in text
-    assert 'taxomoco_prelabel_state{project="7",state="running",version="20260101T000000-abcdef"} 1' in text
+    assert values[f"taxomoco_prelabel_tasks{{{labels}}}"] == 1000
+    assert values[f"taxomoco_prelabel_written_tasks{{{labels}}}"] == 250
+    assert values['taxomoco_prelabel_state{project="7",state="running",version="20260101T000000-abcdef"}'] == 1
     assert "# TYPE taxomoco_prelabel_rate_per_second gauge" in text
 
 

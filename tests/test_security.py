@@ -23,7 +23,7 @@ from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.errors import LabelStudioError
 from ml_backend.labelstudio.ids import project_id_of
 from ml_backend.labelstudio.label_config import _parse_cached, parse_label_config
-from ml_backend.net.gate import Destination, GateRefused, Origin, OutboundGate
+from ml_backend.net.gate import Destination, GateRefused, GateUnreachable, Origin, OutboundGate
 from ml_backend.net.images import ImageFetcher, ImageFetchError
 from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.store import ModelStore
@@ -175,6 +175,141 @@ def test_1_a_personal_access_token_request_redirected_elsewhere_is_not_followed(
         server.server_close()
 
 
+def test_1_the_connection_goes_to_the_address_the_gate_checked_with_the_original_host(attacker):
+    """DNS rebinding: the gate resolves once, checks that address and connects to it (a name nobody's DNS knows
+    reaches the loopback server only through the checked address), with the original Host header."""
+    calls: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        calls.append(host)
+        return ["127.0.0.1"]
+
+    origin = Origin.of(f"http://images.rebind.invalid:{attacker.port}")
+    dest = Destination(origins=frozenset({origin}), private_ok=frozenset({origin}))
+    answer = OutboundGate(resolver=resolver).request("GET", f"{origin}/a.png", dest)
+    assert answer.status == 200 and calls == ["images.rebind.invalid"]
+    assert attacker.requests[-1]["headers"]["Host"] == f"images.rebind.invalid:{attacker.port}"
+
+
+def test_1_credentials_go_to_label_studios_exact_origin_never_over_http_to_an_https_one():
+    client = LabelStudioClient("https://ls.example.com", "legacy-token-abc", trusted=False)
+    images = ImageFetcher(Settings(allowed_image_hosts=("ls.example.com",)), client).destination
+    assert images.credentials_for == Origin.of("https://ls.example.com")
+    for url in ("http://ls.example.com/data/upload/1/a.png", "https://ls.example.com:8443/a.png"):
+        assert Origin.of(url) != images.credentials_for and images.allows(Origin.of(url))  # allowed, but no token
+    with pytest.raises(GateRefused, match="not allowed"):
+        OutboundGate(resolver=lambda h, p: ["93.184.216.34"]).check("http://ls.example.com/api/projects/",
+                                                                    client.destination)
+
+
+class RawServer:
+    """A TCP server on loopback whose handler writes raw HTTP bytes (to misbehave as no HTTP library would).
+    Records each connection it accepted and what became of the writes."""
+
+    def __init__(self, handler) -> None:
+        self.connections = 0
+        self.outcomes: list[str] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        outer = self
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = self._sock.accept()
+                except OSError:
+                    return
+                outer.connections += 1
+
+                def run(conn: socket.socket = conn) -> None:
+                    try:
+                        handler(conn)
+                        outer.outcomes.append("finished")
+                    except OSError:
+                        outer.outcomes.append("cut")
+                    finally:
+                        conn.close()
+
+                threading.Thread(target=run, daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def destination(self) -> Destination:
+        origin = Origin.of(self.url)
+        return Destination(origins=frozenset({origin}), private_ok=frozenset({origin}))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _read_request(reader) -> bytes | None:
+    """The path of the next request on a connection (headers read and dropped), None at its end."""
+    line = reader.readline()
+    if not line:
+        return None
+    while reader.readline() not in (b"\r\n", b""):
+        pass
+    return line.split()[1]
+
+
+@pytest.mark.parametrize("stage", ["status line", "headers", "body"])
+def test_1_the_gate_cuts_a_remote_that_trickles_its_answer_at_the_deadline(stage):
+    """A read timeout bounds each read only: a remote that sends a byte every 50 ms would hold the request (and its
+    thread) for the 10 minutes it takes; the gate's deadline cuts the socket."""
+    prefix = {"status line": b"", "headers": b"HTTP/1.1 200 OK\r\n",
+              "body": b"HTTP/1.1 200 OK\r\nContent-Length: 12000\r\n\r\n"}[stage]
+    trickle = {"status line": b"HTTP/1.1 200 OK" + b" " * 12000, "headers": b"X-Slow: " + b"a" * 12000,
+               "body": b"b" * 12000}[stage]
+
+    def slow(conn: socket.socket) -> None:
+        _read_request(conn.makefile("rb"))
+        conn.sendall(prefix)
+        for i in range(len(trickle)):  # 12,000 bytes, 50 ms apart: 10 minutes
+            conn.sendall(trickle[i:i + 1])
+            time.sleep(0.05)
+
+    server = RawServer(slow)
+    try:
+        with pytest.raises(GateUnreachable, match="in time|too long"):
+            OutboundGate().request("GET", f"{server.url}/x.png", server.destination(), timeout=1.0, deadline_s=1.5)
+        assert wait_until(lambda: server.outcomes == ["cut"], 10)  # the remote saw its socket closed
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("body_size", [300, 200_000])
+def test_1_a_redirects_body_never_reaches_the_next_answer_on_a_pooled_connection(body_size):
+    """A web server's redirect usually carries a small HTML body; left unread on a kept-alive connection it would be
+    read as the next answer (here the body is itself a well-formed HTTP answer, as an attacker would send)."""
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
+    body = (smuggled * (body_size // len(smuggled) + 1))[:body_size]
+
+    def server_loop(conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        while (path := _read_request(reader)) is not None:
+            if path == b"/old.png":
+                conn.sendall(b"HTTP/1.1 301 Moved Permanently\r\nLocation: /new.png\r\nContent-Length: %d\r\n\r\n"
+                             % len(body) + body)
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nREAL")
+
+    server = RawServer(server_loop)
+    gate = OutboundGate()
+    try:
+        for _ in range(3):
+            answer = gate.request("GET", f"{server.url}/old.png", server.destination(), timeout=5)
+            assert (answer.status, answer.body, answer.url) == (200, b"REAL", f"{server.url}/new.png")
+            assert gate.request("GET", f"{server.url}/x.png", server.destination(), timeout=5).body == b"REAL"
+        if body_size <= 64 * 1024:
+            assert server.connections == 1  # a small body is read and dropped: the connection is kept
+    finally:
+        gate.close()
+        server.close()
+
+
 # ----- 2. no unauthenticated caller repoints a project ---------------------------------------------------------
 
 
@@ -300,6 +435,45 @@ def test_8_small_endpoints_refuse_big_bodies_before_parsing(app_client):
     assert post(client, "/predict", body).status_code == 200  # /predict takes image batches
 
 
+@pytest.mark.parametrize("auth", [False, True])
+def test_8_the_server_refuses_a_big_body_from_its_headers_before_buffering_it(tmp_path, auth):
+    """waitress buffers a whole body (to a temporary file past 512 KB) before the app sees the request: the limit
+    of each path — and the small one for callers without the Basic auth the path needs — is applied as soon as the
+    headers are read, so nobody makes the server spool 200 MB of /webhook (or, unauthenticated, of /predict)."""
+    from ml_backend.http.server import build_server
+
+    env = {"basic_auth_user": "u", "basic_auth_pass": "p"} if auth else {}
+    settings = _settings(tmp_path, host="127.0.0.1", port=0, small_request_max_bytes=1000, max_request_bytes=50_000,
+                         **env)
+    scheduler = make_scheduler(settings, job_func="tests.test_app.sleeping_job")
+    server = build_server(settings, lambda s: create_app(s, scheduler=scheduler, store=ModelStore(s)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    header = "Authorization: Basic " + base64.b64encode(b"u:p").decode() + "\r\n"
+
+    def status(path: str, length: int, authorization: str = "") -> int:
+        """Send only the headers, announcing ``length`` bytes; the status answered without any body sent."""
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=60) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{authorization}"
+                         f"Content-Length: {length}\r\n\r\n".encode())
+            return int(sock.makefile("rb").readline().split()[1])
+
+    try:
+        for path in ("/webhook", "/setup", "/train", "/job_status"):
+            assert status(path, 200_000_000) == 413
+            assert status(path, 1001, header) == 413
+        assert status("/predict", 50_001, header) == 413
+        if auth:  # without the password, /predict takes no more than any small endpoint
+            assert status("/predict", 1001) == 413
+        r = requests.post(f"http://127.0.0.1:{server.effective_port}/predict", timeout=60,
+                          json={"tasks": [], "project": 7, "pad": "x" * 20_000}, auth=("u", "p") if auth else None)
+        assert r.status_code == 200  # within /predict's own limit
+    finally:
+        server.close()
+        scheduler.close()
+        connections.forget_all()
+
+
 def test_9_malformed_input_answers_400_not_500(app_client):
     client = app_client[0]
     assert post(client, "/webhook", "[" * 100_000 + "]" * 100_000).status_code == 400
@@ -310,6 +484,38 @@ def test_9_malformed_input_answers_400_not_500(app_client):
     assert r.status_code == 400 and "deep" in r.get_json()["error"]
     assert post(client, "/setup", {"project": 7, "schema": 12}).status_code == 400
     assert post(client, "/predict", {"tasks": [{"id": 1}], "project": "²"}).status_code == 400
+
+
+def test_9_a_remote_answering_deeply_nested_json_is_refused_not_a_crash(tmp_path):
+    """What claims to be Label Studio answers JSON nested 100,000 deep (the parser's stack overflows): /setup says
+    it is not a Label Studio (400), /webhook still answers 2xx and schedules nothing, the gate's JSON is a DataError."""
+    nested = b'{"id": 7, "label_config": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    def nesting(conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        while _read_request(reader) is not None:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                         % len(nested) + nested)
+
+    server = RawServer(nesting)
+    try:
+        with pytest.raises(DataError, match="nested too deeply"):
+            OutboundGate().request("GET", f"{server.url}/api/projects/7/", server.destination()).json()
+        for settings in (_settings(tmp_path / "setup"),
+                         Settings(model_dir=tmp_path / "url", label_studio_url=server.url, label_studio_api_key="k" * 40)):
+            store = ModelStore(settings)
+            scheduler = make_scheduler(settings, job_func="tests.test_app.sleeping_job")
+            client = create_app(settings, scheduler=scheduler, store=store).test_client()
+            r = post(client, "/setup", {"project": 7, "schema": CONFIG, "hostname": server.url, "access_token": "t" * 40})
+            assert r.status_code == 400 and "did not answer like a Label Studio" in r.get_json()["error"]
+            r = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 7}})
+            assert r.status_code == 200 and r.get_json()["status"] == "ignored"
+            assert scheduler.health()["waiting_projects"] == 0
+            scheduler.close()
+            store.close()
+            connections.forget_all()
+    finally:
+        server.close()
 
 
 def test_10_per_project_state_grows_only_for_verified_projects(app_client, ls):

@@ -190,10 +190,9 @@ def test_real_bundles_are_loaded_and_hot_reloaded(tmp_path):
         assert preds[1] is None and preds[0].path in {("Animal", "Cat"), ("Animal", "Dog"), ("Plant",)}
         assert 0.0 < preds[0].score <= 1.0
         assert any((ProjectPaths(tmp_path, 5).cache).iterdir())  # the embedding cache of the project
-        # a cached image needs no pixels; an uncached one without pixels gets no prediction
-        assert predictor.cached(["a" * 64, "b" * 64, None]).tolist() == [True, False, False]
-        again = predictor.predict([None, None], ["a" * 64, "b" * 64], leafs_only=True)
-        assert again[0] == preds[0] and again[1] is None
+        # encoded images: one cache read, only misses decoded (the cached one's bytes are never looked at)
+        again, errors = predictor.predict_encoded([(b"not an image", "a" * 64), (b"not an image", "b" * 64), None])
+        assert again[0] == preds[0] and again[1] is None and again[2] is None and list(errors) == [1]
         time.sleep(1.1)  # versions are named by the second
         second = publish_tiny_bundle(settings.project(5).models, taxonomy, seed=1)
         assert second.version != first.version

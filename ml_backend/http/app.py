@@ -22,7 +22,7 @@ from ml_backend.http.data_routes import register_routes as register_data_routes
 from ml_backend.http.health import SchedulerHealth
 from ml_backend.http.loop_routes import prelabel_status
 from ml_backend.http.loop_routes import register_routes as register_loop_routes
-from ml_backend.http.metrics import Registry, project_collector
+from ml_backend.http.metrics import CONTENT_TYPE, ProjectCollector, Registry
 from ml_backend.labelstudio import connections
 from ml_backend.labelstudio.ids import project_id_of
 from ml_backend.labelstudio.label_config import parse_label_config
@@ -59,7 +59,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         torch.set_num_threads(settings.torch_threads)
     store = store or ModelStore(settings)
     scheduled: set[int] = set()  # projects this process scheduled training for
-    metrics = Registry()
+    metrics = Registry(settings.prometheus_multiproc_dir)
     states = TrainingStates(settings)  # last training per project: /health, /versions, the reported version
     service = PredictService(settings, store, metrics, states)
     scheduler_health = SchedulerHealth(scheduler)
@@ -93,8 +93,8 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     @app.after_request
     def _count(resp: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule is not None else "other"
-        metrics.requests.inc(endpoint, request.method, str(resp.status_code))
-        metrics.latency.observe(time.perf_counter() - g.get("t0", time.perf_counter()), endpoint)
+        metrics.requests.labels(endpoint, request.method, str(resp.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
         return resp
 
     @app.errorhandler(HTTPException)
@@ -171,7 +171,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         except DataError:
             body = {}
         if not isinstance(body.get("action"), str):
-            metrics.webhooks.inc("malformed", "rejected")
+            metrics.webhooks.labels("malformed", "rejected").inc()
             raise DataError('A webhook body must be a JSON object with an "action" string (Label Studio sends one).')
         action = body["action"]
         try:
@@ -179,16 +179,16 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
         except ValueError:
             event = None
         if event not in TRAINING_EVENTS:
-            metrics.webhooks.inc(event.value if event is not None else "unknown", "ignored")  # bounded labels
+            metrics.webhooks.labels(event.value if event is not None else "unknown", "ignored").inc()  # bounded labels
             return jsonify(status="ignored", action=action)
         pid = _webhook_project(body)
         if not connections.ensure_known(settings, pid):  # only projects verified against Label Studio are trained
-            metrics.webhooks.inc(action, "unknown-project")
+            metrics.webhooks.labels(action, "unknown-project").inc()
             return jsonify(status="ignored", action=action, reason=f"project {pid} is not connected to this backend")
         scheduled.add(pid)
         result = scheduler.schedule(pid, reason=action)
         outcome = str(result.get("action", "scheduled"))
-        metrics.webhooks.inc(action, outcome)
+        metrics.webhooks.labels(action, outcome).inc()
         if outcome == "error":  # still 2xx: Label Studio disables a webhook that keeps failing
             log.error("project %s: %s not scheduled: %s", pid, action, result.get("reason"))
         return jsonify(status="error" if outcome == "error" else "ok", **result)
@@ -224,13 +224,13 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
 
     @app.get("/metrics")
     def metrics_text() -> Response:
-        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+        return Response(metrics.render(), content_type=CONTENT_TYPE)
 
     def _all_projects() -> list[int]:
         # a project whose first job is still queued has no directory yet
         return sorted(set(store.projects()) | scheduled | set(ProjectPaths.project_ids(settings.model_dir)))
 
-    metrics.add_collector(project_collector(store, scheduler, _all_projects))
+    metrics.add_collector(ProjectCollector(store, scheduler, _all_projects))
 
     register_data_routes(app, settings)
     register_loop_routes(app, settings, metrics, _all_projects)

@@ -13,27 +13,30 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from ml_backend.http.metrics import Collector, GaugeFamily, Registry, Sample
+from ml_backend.http.metrics import Registry
 from ml_backend.labelstudio.ids import project_id_of
 from ml_backend.prelabel.order import read_queue
 from ml_backend.prelabel.progress import PrelabelState, read_progress
 from ml_backend.settings import Settings
 from model.errors import DataError
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "PRELABEL_FAMILIES", "prelabel_collector", "prelabel_status",
-           "register_routes"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "PRELABEL_FAMILIES", "PrelabelCollector", "prelabel_collector",
+           "prelabel_status", "register_routes"]
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 100_000
 
 PRELABEL_FAMILIES = (
-    GaugeFamily("taxomoco_prelabel_tasks", "Unlabelled tasks the running or last bulk pre-annotation writes."),
-    GaugeFamily("taxomoco_prelabel_written_tasks", "Tasks the running or last bulk pre-annotation has written."),
-    GaugeFamily("taxomoco_prelabel_rate_per_second", "Predictions written per second by the last bulk pre-annotation."),
-    GaugeFamily("taxomoco_prelabel_state", "1 for the state of the project's last bulk pre-annotation "
-                                           "(running, done, failed, superseded)."),
+    ("taxomoco_prelabel_tasks", "Unlabelled tasks the running or last bulk pre-annotation writes."),
+    ("taxomoco_prelabel_written_tasks", "Tasks the running or last bulk pre-annotation has written."),
+    ("taxomoco_prelabel_rate_per_second", "Predictions written per second by the last bulk pre-annotation."),
+    ("taxomoco_prelabel_state", "1 for the state of the project's last bulk pre-annotation "
+                                "(running, done, failed, superseded)."),
 )
+"""Name and help of each scrape-time gauge of the pre-annotation record."""
 
 
 def prelabel_status(settings: Settings, project_id: int) -> dict[str, Any] | None:
@@ -42,28 +45,43 @@ def prelabel_status(settings: Settings, project_id: int) -> dict[str, Any] | Non
     return None if progress is None else progress.to_dict()
 
 
-def prelabel_collector(settings: Settings, projects: Callable[[], Iterable[int]]) -> Collector:
-    """Scrape-time samples of each project's pre-annotation record."""
-    def collect() -> Iterator[Sample]:
-        for pid in projects():
-            progress = read_progress(settings.project(pid))
+class PrelabelCollector(Collector):
+    """Scrape-time gauges of each project's pre-annotation record (a ``prometheus_client`` collector)."""
+
+    def __init__(self, settings: Settings, projects: Callable[[], Iterable[int]]) -> None:
+        self.settings, self.projects = settings, projects
+
+    def describe(self) -> list[Metric]:
+        return []  # computed at scrape time only
+
+    def collect(self) -> Iterator[Metric]:
+        (tasks_name, tasks_help), (written_name, written_help), (rate_name, rate_help), (state_name, state_help) = \
+            PRELABEL_FAMILIES
+        base = ("project", "version")
+        tasks = GaugeMetricFamily(tasks_name, tasks_help, labels=base)
+        written = GaugeMetricFamily(written_name, written_help, labels=base)
+        rate = GaugeMetricFamily(rate_name, rate_help, labels=base)
+        states = GaugeMetricFamily(state_name, state_help, labels=(*base, "state"))
+        for pid in self.projects():
+            progress = read_progress(self.settings.project(pid))
             if progress is None:
                 continue
-            labels = {"project": str(pid), "version": progress.version}
-            yield Sample("taxomoco_prelabel_tasks", labels, float(progress.total))
-            yield Sample("taxomoco_prelabel_written_tasks", labels, float(progress.done))
-            yield Sample("taxomoco_prelabel_rate_per_second", labels, float(progress.rate_per_s))
+            labels = [str(pid), progress.version]
+            tasks.add_metric(labels, float(progress.total))
+            written.add_metric(labels, float(progress.done))
+            rate.add_metric(labels, float(progress.rate_per_s))
             for state in PrelabelState:
-                yield Sample("taxomoco_prelabel_state", {**labels, "state": state.value},
-                             float(progress.state is state))
+                states.add_metric([*labels, state.value], float(progress.state is state))
+        yield from (tasks, written, rate, states)
 
-    return collect
+
+def prelabel_collector(settings: Settings, projects: Callable[[], Iterable[int]]) -> Collector:
+    """Scrape-time gauges of each project's pre-annotation record."""
+    return PrelabelCollector(settings, projects)
 
 
 def register_routes(app: Flask, settings: Settings, metrics: Registry, projects: Callable[[], Iterable[int]]) -> None:
     """Add ``GET /queue`` and the pre-annotation metrics to the app."""
-    for family in PRELABEL_FAMILIES:
-        metrics.describe(family)
     metrics.add_collector(prelabel_collector(settings, projects))
 
     @app.get("/queue")

@@ -1,184 +1,86 @@
-"""Prometheus text exposition (format 0.0.4) of the server's counters, histograms and gauges.
+"""The server's Prometheus metrics, with ``prometheus_client``.
 
-Counters and histograms live in this process (each gunicorn worker counts its own requests; scrape with
-one worker, or sum over instances). Per-project state (live model version, training job counts, times and
-durations) is collected at scrape time from the store and the scheduler's job records.
+Counters and histograms are ``prometheus_client`` metrics in one registry per app. Per-project state (the served
+model version, training job counts, times and durations) is collected at scrape time from the store and the
+scheduler's job records (:class:`ProjectCollector`).
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``prometheus_client``'s multiprocess mode) every server process on the machine
+writes its counters and histograms to files in that directory and a scrape of any of them sums all of them. The
+directory must exist and be emptied before the servers start; ``prometheus_client`` reads the variable when it is
+first imported, so set it in the environment of the processes, not only on a command line.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
-import math
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "Collector",
-    "Counter",
-    "GaugeFamily",
-    "Histogram",
-    "LATENCY_BUCKETS",
-    "Labels",
-    "PROJECT_FAMILIES",
-    "Registry",
-    "Sample",
-    "project_collector",
-]
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from model.errors import ConfigError
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "ProjectCollector", "Registry"]
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 100.0)
-
-Labels = tuple[str, ...]
-
-
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class Counter:
-    """A monotonically increasing count per label set."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
-        self.name, self.help, self.labelnames = name, help, tuple(labelnames)
-        self._values: dict[Labels, float] = {}
-        self._lock = threading.Lock()
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        assert len(labels) == len(self.labelnames), (self.name, labels)
-        with self._lock:
-            self._values[labels] = self._values.get(labels, 0.0) + amount
-
-    def value(self, *labels: str) -> float:
-        with self._lock:
-            return self._values.get(tuple(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items]
-
-
-class Histogram:
-    """Observations in cumulative buckets per label set (``_bucket``, ``_sum``, ``_count``)."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
-        self.name, self.help, self.labelnames = name, help, tuple(labelnames)
-        self.buckets = tuple(sorted(buckets))
-        self._values: dict[Labels, list[float]] = {}  # per label set: bucket counts..., +Inf count, sum
-        self._lock = threading.Lock()
-
-    def observe(self, value: float, *labels: str) -> None:
-        assert len(labels) == len(self.labelnames), (self.name, labels)
-        i = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            row = self._values.setdefault(labels, [0.0] * (len(self.buckets) + 2))
-            row[i] += 1
-            row[-1] += value
-
-    def count(self, *labels: str) -> int:
-        with self._lock:
-            row = self._values.get(tuple(labels))
-            return int(sum(row[:-1])) if row else 0
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted((k, list(v)) for k, v in self._values.items())
-        out: list[str] = []
-        for key, row in items:
-            cumulative = 0.0
-            for bound, n in zip((*self.buckets, math.inf), row[:-1]):
-                cumulative += n
-                le = 'le="' + _num(bound) + '"'
-                out.append(f"{self.name}_bucket{_labels(self.labelnames, key, le)} {_num(cumulative)}")
-            out.append(f"{self.name}_sum{_labels(self.labelnames, key)} {_num(row[-1])}")
-            out.append(f"{self.name}_count{_labels(self.labelnames, key)} {_num(cumulative)}")
-        return out
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One gauge value collected at scrape time."""
-
-    name: str
-    labels: dict[str, str]
-    value: float
-
-
-@dataclass(frozen=True)
-class GaugeFamily:
-    """A gauge (or counter) whose samples are computed at scrape time."""
-
-    name: str
-    help: str
-    kind: str = "gauge"
-
-
-Collector = Callable[[], Iterable[Sample]]
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+"""The ``Content-Type`` of :meth:`Registry.render`'s text."""
 
 
 class Registry:
-    """The server's metrics plus collectors run at scrape time."""
+    """The metrics of one app.
 
-    def __init__(self) -> None:
-        self.requests = Counter("taxomoco_http_requests_total", "HTTP requests by endpoint, method and status.", ("endpoint", "method", "status"))
-        self.latency = Histogram("taxomoco_http_request_duration_seconds", "HTTP request latency by endpoint.", ("endpoint",))
-        self.predictions = Counter("taxomoco_predictions_total", "Task predictions served, by project.", ("project",))
-        self.empty_predictions = Counter(
-            "taxomoco_empty_predictions_total", "Tasks answered with an empty result (no model, no image, error).", ("project",)
-        )
-        self.failed_images = Counter("taxomoco_failed_images_total", "Task images that could not be used, by reason.", ("project", "reason"))
-        self.webhooks = Counter("taxomoco_webhook_events_total", "Webhook events received, by action and what was done.", ("action", "outcome"))
-        self.families: dict[str, GaugeFamily] = {f.name: f for f in PROJECT_FAMILIES}
-        self._collectors: list[Collector] = []
+    Args:
+        multiproc_dir: ``PROMETHEUS_MULTIPROC_DIR`` (multiprocess mode), or None.
 
-    def describe(self, family: GaugeFamily) -> None:
-        """Declare a scrape-time family (its HELP and TYPE lines)."""
-        self.families[family.name] = family
+    Raises:
+        ConfigError: ``multiproc_dir`` is not an existing directory.
+    """
+
+    def __init__(self, multiproc_dir: Path | None = None) -> None:
+        if multiproc_dir is not None and not Path(multiproc_dir).is_dir():
+            raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR={str(multiproc_dir)!r} is not a directory: create it (empty) "
+                              "before the servers start, or unset it.")
+        prometheus_client.disable_created_metrics()  # no *_created series: the same text in both modes
+        self.multiproc_dir = multiproc_dir
+        self.registry = CollectorRegistry()
+        self._scrape_time: list[Collector] = []
+        r = self.registry
+        self.requests = Counter("taxomoco_http_requests", "HTTP requests by endpoint, method and status.",
+                                ("endpoint", "method", "status"), registry=r)
+        self.latency = Histogram("taxomoco_http_request_duration_seconds", "HTTP request latency by endpoint.",
+                                 ("endpoint",), buckets=LATENCY_BUCKETS, registry=r)
+        self.predictions = Counter("taxomoco_predictions", "Task predictions served, by project.", ("project",),
+                                   registry=r)
+        self.empty_predictions = Counter("taxomoco_empty_predictions",
+                                         "Tasks answered with an empty result (no model, no image, error).",
+                                         ("project",), registry=r)
+        self.failed_images = Counter("taxomoco_failed_images", "Task images that could not be used, by reason.",
+                                     ("project", "reason"), registry=r)
+        self.webhooks = Counter("taxomoco_webhook_events", "Webhook events received, by action and what was done.",
+                                ("action", "outcome"), registry=r)
 
     def add_collector(self, collector: Collector) -> None:
-        self._collectors.append(collector)
+        """A collector run at every scrape (per-project state read from files and the store)."""
+        self._scrape_time.append(collector)
+        self.registry.register(collector)
 
-    def render(self) -> str:
-        """The whole exposition text."""
-        lines: list[str] = []
-        for metric in (self.requests, self.latency, self.predictions, self.empty_predictions, self.failed_images, self.webhooks):
-            lines.append(f"# HELP {metric.name} {metric.help}")
-            lines.append(f"# TYPE {metric.name} {metric.kind}")
-            lines.extend(metric.samples())
-        grouped: dict[str, list[Sample]] = {}
-        for collector in self._collectors:
-            for sample in collector():
-                grouped.setdefault(sample.name, []).append(sample)
-        for name, samples in grouped.items():
-            family = self.families.get(name, GaugeFamily(name, name))
-            lines.append(f"# HELP {name} {family.help}")
-            lines.append(f"# TYPE {name} {family.kind}")
-            for s in samples:
-                keys = sorted(s.labels)
-                lines.append(f"{name}{_labels(keys, [s.labels[k] for k in keys])} {_num(s.value)}")
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """The exposition text of every metric (all processes' counters in multiprocess mode)."""
+        if self.multiproc_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(self.multiproc_dir))
+        for collector in self._scrape_time:
+            registry.register(collector)
+        return generate_latest(registry)
 
 
 def _iso_seconds(value: Any) -> float | None:
@@ -190,51 +92,63 @@ def _iso_seconds(value: Any) -> float | None:
         return None
 
 
-def project_collector(store: Any, scheduler: Any, projects: Callable[[], Iterable[int]]) -> Collector:
-    """Scrape-time samples per project: the served model version and the training job record.
+class ProjectCollector(Collector):
+    """Scrape-time metrics per project: the served model version and the training job record.
 
     Args:
         store: the ``ModelStore`` (``status(pid)``).
         scheduler: the ``Scheduler`` (``status(pid)``: the job record of ``ml_backend.training.records``).
         projects: the project ids to report.
     """
-    def collect() -> Iterator[Sample]:
-        for pid in projects():
+
+    def __init__(self, store: Any, scheduler: Any, projects: Callable[[], Iterable[int]]) -> None:
+        self.store, self.scheduler, self.projects = store, scheduler, projects
+
+    def describe(self) -> list[Metric]:
+        return []  # computed at scrape time only (nothing to check at registration)
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("taxomoco_model_info", "The model version served for a project (value 1).",
+                                 labels=("project", "version"))
+        loads = CounterMetricFamily("taxomoco_model_loads", "Model versions loaded by this process for a project.",
+                                    labels=("project",))
+        failing = GaugeMetricFamily("taxomoco_model_load_failing",
+                                    "1 when the project's newest version failed to load (the previous one is served).",
+                                    labels=("project",))
+        jobs = CounterMetricFamily("taxomoco_training_jobs", "Training job events of a project (scheduled, coalesced, "
+                                   "started, succeeded, skipped, failed).", labels=("project", "event"))
+        queued = GaugeMetricFamily("taxomoco_training_queued", "1 while a training job of the project waits.",
+                                   labels=("project",))
+        running = GaugeMetricFamily("taxomoco_training_running", "1 while a training job of the project runs.",
+                                    labels=("project",))
+        last = {(kind, what): GaugeMetricFamily(
+                    f"taxomoco_training_last_{kind}_{what}",
+                    f"When the last {'successful' if kind == 'success' else 'failed'} training finished (Unix time)."
+                    if what == "timestamp_seconds" else
+                    f"Duration of the last {'successful' if kind == 'success' else 'failed'} training.",
+                    labels=("project",))
+                for kind in ("success", "failure") for what in ("timestamp_seconds", "duration_seconds")}
+        for pid in self.projects():
             p = str(pid)
-            served = store.status(pid)
+            served = self.store.status(pid)
             if served.get("served_version"):
-                yield Sample("taxomoco_model_info", {"project": p, "version": served["served_version"]}, 1)
-            yield Sample("taxomoco_model_loads_total", {"project": p}, float(served.get("loads", 0)))
-            yield Sample("taxomoco_model_load_failing", {"project": p}, float(bool(served.get("load_error"))))
+                info.add_metric([p, str(served["served_version"])], 1)
+            loads.add_metric([p], float(served.get("loads", 0)))
+            failing.add_metric([p], float(bool(served.get("load_error"))))
             try:
-                record = scheduler.status(pid)
+                record = self.scheduler.status(pid)
             except Exception as exc:  # a scrape must not fail for one project's record
                 log.warning("project %s: no training status for /metrics: %s", pid, exc)
                 continue
             for outcome, n in (record.get("counts") or {}).items():
-                yield Sample("taxomoco_training_jobs_total", {"project": p, "event": str(outcome)}, float(n))
-            yield Sample("taxomoco_training_queued", {"project": p}, float(bool(record.get("queued") or record.get("queued_since"))))
-            yield Sample("taxomoco_training_running", {"project": p}, float(bool(record.get("running") or record.get("running_since"))))
+                jobs.add_metric([p, str(outcome)], float(n))
+            queued.add_metric([p], float(bool(record.get("queued") or record.get("queued_since"))))
+            running.add_metric([p], float(bool(record.get("running") or record.get("running_since"))))
             for kind in ("success", "failure"):
-                last = record.get(f"last_{kind}") or {}
-                ts = _iso_seconds(last.get("finished_at"))
+                outcome_record = record.get(f"last_{kind}") or {}
+                ts = _iso_seconds(outcome_record.get("finished_at"))
                 if ts is not None:
-                    yield Sample(f"taxomoco_training_last_{kind}_timestamp_seconds", {"project": p}, ts)
-                if last.get("duration_s") is not None:
-                    yield Sample(f"taxomoco_training_last_{kind}_duration_seconds", {"project": p}, float(last["duration_s"]))
-
-    return collect
-
-
-PROJECT_FAMILIES = (
-    GaugeFamily("taxomoco_model_info", "The model version served for a project (value 1)."),
-    GaugeFamily("taxomoco_model_loads_total", "Model versions loaded by this process for a project.", "counter"),
-    GaugeFamily("taxomoco_model_load_failing", "1 when the project's newest version failed to load (the previous one is served)."),
-    GaugeFamily("taxomoco_training_jobs_total", "Training job events of a project (scheduled, coalesced, started, succeeded, skipped, failed).", "counter"),
-    GaugeFamily("taxomoco_training_queued", "1 while a training job of the project waits."),
-    GaugeFamily("taxomoco_training_running", "1 while a training job of the project runs."),
-    GaugeFamily("taxomoco_training_last_success_timestamp_seconds", "When the last successful training finished (Unix time)."),
-    GaugeFamily("taxomoco_training_last_success_duration_seconds", "Duration of the last successful training."),
-    GaugeFamily("taxomoco_training_last_failure_timestamp_seconds", "When the last failed training finished (Unix time)."),
-    GaugeFamily("taxomoco_training_last_failure_duration_seconds", "Duration of the last failed training."),
-)
+                    last[(kind, "timestamp_seconds")].add_metric([p], ts)
+                if outcome_record.get("duration_s") is not None:
+                    last[(kind, "duration_seconds")].add_metric([p], float(outcome_record["duration_s"]))
+        yield from (info, loads, failing, jobs, queued, running, *last.values())

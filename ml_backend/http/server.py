@@ -7,24 +7,34 @@ with any number of slow clients connected (up to :data:`CONNECTION_LIMIT`). wait
 reason phrase through unchanged: Label Studio shows the user only that phrase of a failed /setup, and the backend
 puts the cause and the fix there.
 
+Body limits are applied by waitress itself, per path, as soon as the request's headers are read — before any body is
+buffered: ``MAX_REQUEST_BYTES`` for /predict and /similar, ``SMALL_REQUEST_MAX_BYTES`` for every other path and for
+every request that lacks the Basic auth a path needs (an unauthenticated caller cannot make the server spool a large
+body to disk). A larger ``Content-Length`` is answered 413 at once; a chunked body is cut when it passes the limit.
+
 One process serves; to serve more requests run more backend processes (containers) behind a load balancer, all on
 one ``MODEL_DIR`` and ``REDIS_URL`` (the model store hot-reloads what any trainer publishes).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import create_server
 
-from ml_backend.http.app import create_app
+from ml_backend.http.app import LARGE_BODY_PATHS, create_app
+from ml_backend.http.auth import decide
 from ml_backend.settings import Settings
 
-__all__ = ["CHANNEL_TIMEOUT_S", "CONNECTION_LIMIT", "SWITCH_INTERVAL_S", "build_server", "serve"]
+__all__ = ["CHANNEL_TIMEOUT_S", "CONNECTION_LIMIT", "SWITCH_INTERVAL_S", "build_server", "limited_channel", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +49,40 @@ SWITCH_INTERVAL_S = 0.001
 /predict threads gets it sooner."""
 
 
+def limited_channel(settings: Settings, adj: Adjustments) -> type[HTTPChannel]:
+    """A waitress channel class whose requests get their body limit from their path and their Basic auth, decided
+    when the headers are complete (``adj`` carries the large limit)."""
+    small = copy.copy(adj)
+    small.max_request_body_size = settings.small_request_max_bytes + 1  # waitress refuses >= the limit
+
+    class PathLimitedParser(HTTPRequestParser):
+        def parse_header(self, header_plus: bytes) -> None:
+            super().parse_header(header_plus)
+            authorization = self.headers.get("AUTHORIZATION")
+            if self.path not in LARGE_BODY_PATHS or not decide(self.path, authorization, settings).allowed:
+                self.adj = small  # read by waitress for this request's body from here on
+
+    class PathLimitedChannel(HTTPChannel):
+        parser_class = PathLimitedParser
+
+    return PathLimitedChannel
+
+
 def build_server(settings: Settings, app_factory: Callable[[Settings], Any] | None = None) -> Any:
     """The waitress server for ``settings`` (bound, not yet running)."""
     app = app_factory(settings) if app_factory is not None else create_app(settings)
-    return create_server(
+    server = create_server(
         app, host=settings.host, port=settings.port, threads=settings.http_threads, ident="taxomoco",
         connection_limit=CONNECTION_LIMIT, channel_timeout=CHANNEL_TIMEOUT_S, asyncore_use_poll=True,
-        max_request_body_size=max(settings.max_request_bytes, settings.small_request_max_bytes),
+        max_request_body_size=max(settings.max_request_bytes, settings.small_request_max_bytes) + 1,
         clear_untrusted_proxy_headers=True,
     )
+    # one listening socket (TcpWSGIServer), or several (MultiSocketServer: its map holds them)
+    listeners = [server] if hasattr(server, "channel_class") else \
+        [s for s in server.map.values() if hasattr(s, "channel_class")]
+    for listener in listeners:
+        listener.channel_class = limited_channel(settings, listener.adj)
+    return server
 
 
 def serve(settings: Settings, app_factory: Callable[[Settings], Any] | None = None) -> None:

@@ -7,7 +7,7 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
 
 from model.errors import ConfigError
@@ -69,7 +69,8 @@ class LabelStudioAuth:
 
     A legacy token is sent as ``Authorization: Token <key>``. A personal access token (a JWT refresh token) is
     exchanged for a 5-minute access token, sent as ``Authorization: Bearer <access>`` and renewed
-    :data:`ACCESS_TOKEN_MARGIN_S` before it expires — so a long image sync or task pull keeps working.
+    :data:`ACCESS_TOKEN_MARGIN_S` before it expires, and again when Label Studio refuses it (the outbound gate calls
+    :meth:`invalidate` and retries once) — so a long image sync or task pull keeps working.
 
     Args:
         api_key: the legacy token or personal access token.
@@ -99,11 +100,15 @@ class LabelStudioAuth:
             return {"Authorization": f"Token {self._key}"}
         return {"Authorization": f"Bearer {self._access_token()}"}
 
-    def invalidate(self) -> bool:
-        """Forget the access token after Label Studio refused it (401); True when a retry may help."""
+    def invalidate(self, rejected: Mapping[str, str]) -> bool:
+        """Label Studio refused the request sent with the headers ``rejected`` (401): forget that access token (unless
+        another thread renewed it meanwhile); True when a retry may help (a personal access token)."""
+        if self.kind is not TokenKind.PERSONAL_ACCESS:
+            return False
         with self._lock:
-            self._access = None
-        return self.kind is TokenKind.PERSONAL_ACCESS
+            if self._access is not None and rejected.get("Authorization") == f"Bearer {self._access}":
+                self._access = None
+        return True
 
     def _access_token(self) -> str:
         with self._lock:

@@ -167,8 +167,8 @@ class LabelStudioClient:
     # ---- plain REST ----------------------------------------------------------------------------------
     def request(self, method: str, path: str, what: str, *, params: Mapping[str, Any] | None = None,
                 json: Any = None, max_bytes: int = 500_000_000) -> GateResponse:
-        """Call ``<url><path>`` authenticated; a 401 with a personal access token renews it once; a GET that
-        answers 502/503/504 is retried.
+        """Call ``<url><path>`` authenticated (a 401 with a personal access token renews it once: the gate does
+        it); a GET that answers 502/503/504 is retried.
 
         Args:
             method: HTTP method.
@@ -182,7 +182,6 @@ class LabelStudioClient:
             LabelStudioError: (or a subclass) for no answer or a status >= 400.
         """
         url = f"{self.url}{path}"
-        renewed = False
         for attempt in range(RETRIES + 1):
             try:
                 answer = self.gate.request(method, url, self.destination, params=params, json_body=json,
@@ -191,9 +190,6 @@ class LabelStudioClient:
                 raise LabelStudioUnreachable(
                     f"{exc} Check that Label Studio runs and that LABEL_STUDIO_URL is reachable from this machine.",
                     safe_url(url), None) from None
-            if answer.status == 401 and not renewed and self.auth.invalidate():
-                renewed = True
-                continue
             if method.upper() == "GET" and answer.status in (502, 503, 504) and attempt < RETRIES:
                 time.sleep(0.5 * 2**attempt)
                 continue
@@ -252,6 +248,10 @@ class LabelStudioClient:
                                          safe_url(url), None) from None
         except (GateRefused, GateUnreachable) as exc:
             raise LabelStudioUnreachable(str(exc), safe_url(url), None) from None
+        except (ValueError, RecursionError):  # the SDK parsing an answer that is not JSON, or nested too deeply
+            raise LabelStudioError(f"Label Studio at {safe_url(url)} answered with a body that is not a project (not "
+                                   "JSON, or nested too deeply); is this Label Studio's URL?", safe_url(url), 200) \
+                from None
         number = getattr(project, "task_number", None)
         return ProjectInfo(id=int(project.id), title=str(project.title or ""),
                            label_config=str(project.label_config or ""),

@@ -35,7 +35,7 @@ from ml_backend.labelstudio.errors import LabelStudioError, LabelStudioNotFound
 from ml_backend.net.gate import GateRefused, Origin, safe_url
 from ml_backend.settings import Settings
 from model.atomic import atomic_write_json
-from model.errors import ConfigError
+from model.errors import ConfigError, DataError
 
 __all__ = ["LSConnection", "SetupRequest", "accept_setup", "ensure_known", "forget_all", "known", "remembered", "resolve",
            "verify_project"]
@@ -112,7 +112,9 @@ def verify_project(conn: LSConnection, project_id: int, schema: str | None) -> N
                           "connect the model from that project.") from None
     except LabelStudioError as exc:
         raise ConfigError(f"Cannot verify project {project_id} at {safe_url(conn.url)}: {exc}") from None
-    if not isinstance(answer, dict) or int(answer.get("id", -1)) != int(project_id):
+    except DataError:  # not JSON, or nested too deeply
+        answer = None
+    if not isinstance(answer, dict) or answer.get("id") != int(project_id):
         raise ConfigError(f"{safe_url(conn.url)} did not answer like a Label Studio holding project {project_id}.")
     if schema is not None and str(answer.get("label_config") or "").strip() != schema.strip():
         raise ConfigError(f"The label config /setup sent is not project {project_id}'s label config at "

@@ -14,20 +14,23 @@ For each request (and again for every redirect hop) the gate
    sending the original ``Host`` header and checking TLS certificates against the host name;
 5. attaches credentials itself, and only for Label Studio's origin (never over http when Label Studio is https);
    a caller's own ``Authorization`` / ``Cookie`` headers are dropped; a redirect to another origin is followed
-   without them.
+   without them;
+6. bounds the whole request — every hop, status line, headers and body — by one deadline, enforced on the socket
+   (``ml_backend.net.deadline``: a remote that trickles its answer is cut), and returns a connection to its pool
+   only after a whole answer was read (a redirect's body is read and dropped, or the connection closed).
 
 Error messages name the URL without its query string and never the body of a remote answer.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import json
 import logging
 import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any, Protocol
@@ -36,9 +39,11 @@ from urllib.parse import urlencode, urljoin
 import certifi
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.util import Url, parse_url
+from urllib3.util import Url
 
-from model.errors import ConfigError, DataError
+from ml_backend.net.deadline import Deadline, GuardedHTTPConnection, GuardedHTTPSConnection, Watchdog, guarding
+from ml_backend.net.urls import GateRefused, Origin, is_public, parse, port_of, safe_url
+from model.errors import DataError
 
 __all__ = [
     "AuthHeaders",
@@ -55,13 +60,13 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
 CHUNK = 64 * 1024
+REDIRECT_BODY_MAX = 64 * 1024
+"""A redirect's body up to this size is read and dropped (the connection is reused); a larger one closes it."""
 _DROPPED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "host"})
 
 Resolver = Callable[[str, int], list[str]]
 
-
-class GateRefused(DataError):
-    """The gate refused a URL (its message names the URL and the remedy)."""
+_watchdog = Watchdog()
 
 
 class GateUnreachable(DataError):
@@ -69,33 +74,12 @@ class GateUnreachable(DataError):
 
 
 class AuthHeaders(Protocol):
-    """Gives the headers that authenticate to Label Studio (``ml_backend.labelstudio.auth``)."""
+    """Gives the headers that authenticate to Label Studio (``ml_backend.labelstudio.auth``), asked on every request;
+    told when Label Studio refused them (401), so that a renewable token is renewed and the request sent again once."""
 
     def headers(self) -> dict[str, str]: ...
 
-
-@dataclass(frozen=True)
-class Origin:
-    """Scheme, host (lower case, IPv6 without brackets) and port of a URL."""
-
-    scheme: str
-    host: str
-    port: int
-
-    @classmethod
-    def of(cls, url: str) -> Origin:
-        """The origin of ``url`` (checked like a request URL).
-
-        Raises:
-            GateRefused: the URL is not a plain http(s) URL.
-        """
-        parsed = _parse(url)
-        return cls(str(parsed.scheme), str(parsed.host), _port(parsed))
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = {"http": 80, "https": 443}[self.scheme]
-        return f"{self.scheme}://{host}" + ("" if self.port == default else f":{self.port}")
+    def invalidate(self, rejected: Mapping[str, str]) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -140,64 +124,22 @@ class GateResponse:
         """The body parsed as JSON.
 
         Raises:
-            DataError: the body is not JSON (its content is not quoted).
+            DataError: the body is not JSON, or nested too deeply (its content is not quoted).
         """
-        import json
-
         try:
             return json.loads(self.body)
-        except ValueError:
-            raise DataError(f"{safe_url(self.url)} answered HTTP {self.status} with a body that is not JSON.") from None
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
+            raise DataError(f"{safe_url(self.url)} answered HTTP {self.status} with a body that is not JSON (or is "
+                            "nested too deeply).") from None
 
     @property
     def text(self) -> str:
         return self.body.decode("utf-8", errors="replace")
 
 
-def safe_url(url: str) -> str:
-    """``url`` without user-info, query string and fragment (for messages and logs)."""
-    try:
-        parsed = parse_url(url)
-    except Exception:  # any unparsable value: show nothing of it
-        return "<unparsable URL>"
-    return Url(scheme=parsed.scheme, host=parsed.host, port=parsed.port, path=parsed.path).url
-
-
-def _parse(url: str) -> Url:
-    if not isinstance(url, str) or not url:
-        raise GateRefused(f"{url!r} is not a URL.")
-    if "\\" in url or any(ord(c) < 33 or ord(c) == 127 for c in url):
-        raise GateRefused(f"The URL {safe_url(url)!r} holds a backslash, a space or a control character; refused "
-                          "(HTTP clients disagree on where such a host ends). Store a plain URL in the task.")
-    try:
-        parsed = parse_url(url)
-    except Exception:  # urllib3's LocationParseError and friends: one message for all
-        raise GateRefused(f"The URL {safe_url(url)!r} cannot be parsed; store a plain http(s) URL.") from None
-    if (parsed.scheme or "").lower() not in ("http", "https"):
-        raise GateRefused(f"The URL {safe_url(url)!r} is not http(s); only http and https are fetched.")
-    if parsed.auth is not None or "@" in (parsed.netloc or ""):
-        raise GateRefused(f"The URL {safe_url(url)!r} holds user-info (user@host); refused. Give credentials through "
-                          "the backend's settings, never in a URL.")
-    if not parsed.host:
-        raise GateRefused(f"The URL {safe_url(url)!r} names no host.")
-    return parsed._replace(scheme=str(parsed.scheme).lower(), host=parsed.host.strip("[]").lower().rstrip("."))
-
-
-def _port(parsed: Url) -> int:
-    return int(parsed.port or {"http": 80, "https": 443}[str(parsed.scheme)])
-
-
 def _system_resolver(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def _public(ip: str) -> bool:
-    """Whether ``ip`` is a global unicast address (not loopback, private, link-local, shared, reserved, multicast)."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return bool(addr.is_global) and not addr.is_multicast
 
 
 class OutboundGate:
@@ -224,8 +166,8 @@ class OutboundGate:
             GateRefused: the URL, its origin or its address is not allowed (the message says which, and what to do).
             GateUnreachable: the host name does not resolve.
         """
-        parsed = _parse(url)
-        origin = Origin(str(parsed.scheme), str(parsed.host), _port(parsed))
+        parsed = parse(url)
+        origin = Origin(str(parsed.scheme), str(parsed.host), port_of(parsed))
         if not dest.allows(origin):
             raise GateRefused(
                 f"The host {origin} is not allowed ({safe_url(url)}); images may come from Label Studio's own origin "
@@ -240,7 +182,7 @@ class OutboundGate:
         if not ips:
             raise GateUnreachable(f"The host {origin.host!r} of {safe_url(url)} has no address.")
         if not dest.private_allowed(origin):
-            bad = [ip for ip in ips if not _public(ip)]
+            bad = [ip for ip in ips if not is_public(ip)]
             if bad:
                 raise GateRefused(
                     f"{safe_url(url)} resolves to the non-public address {bad[0]}; refused. Only an origin the operator "
@@ -275,7 +217,8 @@ class OutboundGate:
             body: raw body; ``json_body``: an object sent as JSON instead.
             timeout: connect and per-read timeout in seconds.
             max_bytes: the body is read up to this size; larger answers are refused.
-            deadline_s: the whole request (all reads) must end within this many seconds (default ``timeout * 3``).
+            deadline_s: the whole request — connecting, every redirect hop, status line, headers and body — must end
+                within this many seconds (default ``timeout * 3``); the socket is cut when it passes.
             follow_redirects: follow 301/302/303/307/308 answers.
 
         Raises:
@@ -285,72 +228,118 @@ class OutboundGate:
         if params:
             url = url + ("&" if "?" in url else "?") + urlencode({k: v for k, v in params.items() if v is not None})
         if json_body is not None:
-            import json
-
             body = json.dumps(json_body).encode()
             headers = {**(headers or {}), "Content-Type": "application/json"}
-        deadline = time.monotonic() + (deadline_s if deadline_s is not None else timeout * 3)
-        current, current_method = url, method.upper()
-        for _ in range(MAX_REDIRECTS + 1):
+        deadline = Deadline(time.monotonic() + (deadline_s if deadline_s is not None else timeout * 3))
+        _watchdog.arm(deadline)
+        try:
+            return self._follow(method.upper(), url, dest, headers or {}, body, timeout, max_bytes, deadline,
+                                follow_redirects)
+        finally:
+            deadline.cancel()
+
+    def _follow(self, method: str, url: str, dest: Destination, headers: Mapping[str, str], body: bytes | None,
+                timeout: float, max_bytes: int, deadline: Deadline, follow_redirects: bool) -> GateResponse:
+        """The hops of one request (each checked), all under one deadline."""
+        current = url
+        hops = renewed = 0
+        while hops <= MAX_REDIRECTS:
             parsed, origin, ip = self.check(current, dest)
-            send = {k: v for k, v in (headers or {}).items() if k.lower() not in _DROPPED_HEADERS}
-            if dest.credentials_for is not None and dest.auth is not None and origin == dest.credentials_for:
-                send.update(dest.auth.headers())
-            response = self._send(current_method, parsed, origin, ip, send, body, timeout)
+            send = {k: v for k, v in headers.items() if k.lower() not in _DROPPED_HEADERS}
+            credentials = dest.credentials_for is not None and dest.auth is not None and origin == dest.credentials_for
+            if credentials:
+                send.update(dest.auth.headers())  # type: ignore[union-attr]
+            response = self._send(method, parsed, origin, ip, send, body, timeout, deadline)
+            reusable = False  # the connection goes back to its pool only after a whole, well-formed answer
             try:
+                if response.status == 401 and credentials and not renewed and dest.auth.invalidate(send):  # type: ignore[union-attr]
+                    renewed += 1  # an expired or revoked access token: renew it and send the same hop once more
+                    reusable = self._discard(response, deadline)
+                    continue
+                hops += 1
                 if follow_redirects and response.status in (301, 302, 303, 307, 308):
                     location = response.headers.get("Location")
                     if not location:
                         raise GateUnreachable(f"{safe_url(current)} answered a redirect without a Location.")
+                    reusable = self._discard(response, deadline)
                     current = urljoin(current, location)
-                    if response.status == 303 or (response.status in (301, 302) and current_method == "POST"):
-                        current_method, body = "GET", None
+                    if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+                        method, body = "GET", None
                     continue
                 data = self._read(response, current, max_bytes, deadline)
+                reusable = True
                 message = Message()
                 for key, value in response.headers.items():
                     message[key] = value
                 return GateResponse(response.status, message, current, data)
             finally:
-                response.release_conn()
+                self._release(response, reusable, deadline)
         raise GateRefused(f"{safe_url(url)} redirected more than {MAX_REDIRECTS} times; store the final URL.")
 
-    def stream_chunks(self, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-        """The chunks of an answer as they arrive (``read1``: a trickling server cannot hold a full-chunk read)."""
-        while True:
-            chunk = response.read1(CHUNK, decode_content=True)  # type: ignore[union-attr]
-            if not chunk:
-                return
-            yield chunk
+    @staticmethod
+    def _release(response: urllib3.BaseHTTPResponse, reusable: bool, deadline: Deadline) -> None:
+        """Give the connection back to its pool, or close it when its answer was not read whole (an unread body
+        would be read as the next request's answer)."""
+        if deadline.fired:
+            reusable = False
+        deadline.detach()  # before the pool may hand the connection to another request
+        if not reusable:
+            response.close()  # closes the connection too; the pool opens a new one when it needs it
+        response.release_conn()
 
-    def _read(self, response: urllib3.BaseHTTPResponse, url: str, max_bytes: int, deadline: float) -> bytes:
+    def _discard(self, response: urllib3.BaseHTTPResponse, deadline: Deadline) -> bool:
+        """Read and drop the body of an answer that is not used (a redirect, a refused token) when it is small and
+        arrives before the deadline; whether the connection may be reused."""
+        try:
+            left = REDIRECT_BODY_MAX
+            while left > 0:
+                chunk = response.read1(min(CHUNK, left + 1), decode_content=False)  # type: ignore[union-attr]
+                if not chunk:
+                    return not deadline.fired
+                left -= len(chunk)
+        except (Urllib3Error, OSError):
+            pass
+        return False
+
+    def _read(self, response: urllib3.BaseHTTPResponse, url: str, max_bytes: int, deadline: Deadline) -> bytes:
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise GateRefused(f"{safe_url(url)} announces {int(declared)} bytes, over the limit of {max_bytes}.")
         buf = bytearray()
         try:
-            for chunk in self.stream_chunks(response):
+            while True:
+                # read1: whatever has arrived (a trickling server cannot hold a full-chunk read)
+                chunk = response.read1(CHUNK, decode_content=True)  # type: ignore[union-attr]
+                if not chunk:
+                    break
                 buf.extend(chunk)
                 if len(buf) > max_bytes:
                     raise GateRefused(f"{safe_url(url)} sent more than {max_bytes} bytes; download stopped.")
-                if time.monotonic() > deadline:
-                    raise GateUnreachable(f"{safe_url(url)} took too long to send its answer; download stopped.")
+                if deadline.fired or deadline.remaining() <= 0:
+                    break
         except (Urllib3Error, OSError) as exc:
-            raise GateUnreachable(f"Reading {safe_url(url)} failed ({exc.__class__.__name__}).") from None
+            if not deadline.fired:
+                raise GateUnreachable(f"Reading {safe_url(url)} failed ({exc.__class__.__name__}).") from None
+        if deadline.fired or deadline.remaining() <= 0:
+            raise GateUnreachable(f"{safe_url(url)} took too long to send its answer; download stopped.")
         return bytes(buf)
 
     def _send(self, method: str, parsed: Url, origin: Origin, ip: str, headers: dict[str, str], body: bytes | None,
-              timeout: float) -> urllib3.BaseHTTPResponse:
-        default = 80 if origin.scheme == "http" else 443
-        host_header = (f"[{origin.host}]" if ":" in origin.host else origin.host) + (
-            "" if origin.port == default else f":{origin.port}")
-        path = parsed.request_uri or "/"
+              timeout: float, deadline: Deadline) -> urllib3.BaseHTTPResponse:
         pool = self._pool(origin, ip)
+        left = deadline.remaining()
+        if left <= 0:
+            raise GateUnreachable(f"{safe_url(parsed.url)} was not reached in time (redirects took the whole deadline).")
         try:
-            return pool.urlopen(method, path, body=body, headers={**headers, "Host": host_header}, redirect=False,
-                                retries=False, preload_content=False, assert_same_host=False,
-                                timeout=urllib3.Timeout(connect=timeout, read=timeout))
+            with guarding(deadline):  # a remote trickling its status line or headers is cut at the deadline
+                return pool.urlopen(method, parsed.request_uri or "/", body=body,
+                                    headers={**headers, "Host": origin.host_header}, redirect=False, retries=False,
+                                    preload_content=False, assert_same_host=False,
+                                    timeout=urllib3.Timeout(connect=min(timeout, left), read=min(timeout, left)))
         except (Urllib3Error, OSError) as exc:
+            if deadline.fired:
+                raise GateUnreachable(f"{safe_url(parsed.url)} did not answer in time (no complete status line "
+                                      "and headers before the deadline); stopped.") from None
             raise GateUnreachable(f"{safe_url(parsed.url)} did not answer ({exc.__class__.__name__}); check that the "
                                   "host runs and is reachable from this machine.") from None
 
@@ -365,8 +354,10 @@ class OutboundGate:
                 pool = urllib3.HTTPSConnectionPool(ip, origin.port, maxsize=8, server_hostname=origin.host,
                                                    assert_hostname=origin.host, cert_reqs="CERT_REQUIRED",
                                                    ca_certs=certifi.where())
+                pool.ConnectionCls = GuardedHTTPSConnection
             else:
                 pool = urllib3.HTTPConnectionPool(ip, origin.port, maxsize=8)
+                pool.ConnectionCls = GuardedHTTPConnection
             self._pools[key] = pool
             while len(self._pools) > self._max_pools:
                 _, old = self._pools.popitem(last=False)
@@ -380,10 +371,3 @@ class OutboundGate:
                 pool.close()
             self._pools.clear()
 
-
-def require_origin(url: str, what: str) -> Origin:
-    """The origin of a configured URL, or a :class:`ConfigError` naming the setting."""
-    try:
-        return Origin.of(url)
-    except GateRefused as exc:
-        raise ConfigError(f"{what}={safe_url(url)!r}: {exc}") from None

@@ -98,12 +98,12 @@ class PredictService:
         for task, image, pred in zip(tasks, images, preds):
             task_id = task.get("id") if isinstance(task, dict) else None
             if image.error is not None:
-                self.metrics.failed_images.inc(pid, image.reason or "other")
+                self.metrics.failed_images.labels(pid, image.reason or "other").inc()
                 log.warning("project %s task %s: no prediction: %s", project_id, task_id, image.error)
             if pred is None:
-                self.metrics.empty_predictions.inc(pid)
+                self.metrics.empty_predictions.labels(pid).inc()
             else:
-                self.metrics.predictions.inc(pid)
+                self.metrics.predictions.labels(pid).inc()
             out.append(prediction_result(config, pred, version))
         return out, version
 

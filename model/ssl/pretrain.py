@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from model.data import ImageListDataset, collate_skipping
@@ -127,6 +128,22 @@ def _check_resume(config_path: Path, encoder_cfg: EncoderConfig, cfg: PretrainCo
     return None
 
 
+class _LastCheckpoint(Callback):
+    """Writes ``last.ckpt`` at the end of every training epoch, whole or not at all (written beside it, then renamed),
+    and nothing else: Lightning's ``ModelCheckpoint`` writes a top-k copy beside ``last.ckpt`` (the same ~38 MB twice
+    an epoch), or, with ``save_top_k=0``, only when training ends (nothing to resume from after a crash)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        trainer.save_checkpoint(partial)  # every rank calls it; the global-zero rank writes
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+        trainer.strategy.barrier("last-checkpoint")
+
+
 def pretrain(
     images: Sequence[ImageSource],
     encoder_cfg: EncoderConfig,
@@ -217,10 +234,7 @@ def pretrain(
 
     recorder = _Recorder(csv_path)
     quality = QualityCallback(images, two_views, plan, quality_path, cfg.seed)
-    checkpointing = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="epoch{epoch:04d}", auto_insert_metric_name=False,
-        save_top_k=1, monitor=None, save_last=True, every_n_epochs=1, save_on_train_epoch_end=True,
-    )
+    checkpointing = _LastCheckpoint(last)
     with _quiet_lightning():
         trainer = pl.Trainer(
             # whole-epoch plans stop on the epoch count (a finished epoch is complete on resume); others on steps
@@ -234,6 +248,7 @@ def pretrain(
             sync_batchnorm="ddp" in cfg.strategy,
             callbacks=[recorder, quality, *callbacks, checkpointing],
             logger=False,
+            enable_checkpointing=False,  # no default ModelCheckpoint: _LastCheckpoint writes the one checkpoint
             enable_progress_bar=progress,
             enable_model_summary=False,
             default_root_dir=str(out_dir),
