@@ -131,7 +131,9 @@ def pretrain_folder(args: argparse.Namespace, settings: Settings, files: Sequenc
     return out
 
 
-def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path | None, device: str) -> tuple[np.ndarray, np.ndarray]:
+def embed_files(
+    files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path | None, device: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of image files through the cache. Returns ``(N, D)`` float32 and an ``(N,)`` readable mask."""
     backbone = build_backbone(cfg)
     backbone.load_state_dict(state)

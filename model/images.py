@@ -13,8 +13,9 @@ import contextlib
 import hashlib
 import io
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError

@@ -1,10 +1,10 @@
 """An evaluation report on disk: ``report.json``, PNG plots and one self-contained ``report.html``.
 
-The summary names the model choice of the training (``metrics["model_choice"]``: every candidate's
-cross-validated hierarchical F1 and why the winner won) when the metrics carry one. Plots (matplotlib, Agg backend): a confusion matrix per taxonomy level, the reliability diagram of the path
-confidence, the pretraining loss curve (``loss.csv`` with ``epoch,step,loss`` columns) and the
-accuracy-versus-number-of-labels curve, each only when its data is given. The HTML embeds the images as data
-URIs, so the single file can be mailed or attached to a ticket.
+The summary names the model choice of the training (``metrics["model_choice"]``: every candidate's cross-validated
+hierarchical F1 and why the winner won) when the metrics carry one. Plots (matplotlib, Agg backend): a confusion
+matrix per taxonomy level, the reliability diagram of the path confidence, the pretraining loss curve (``loss.csv``
+with ``epoch,step,loss`` columns) and the accuracy-versus-number-of-labels curve, each only when its data is given.
+The HTML embeds the images as data URIs, so the single file can be mailed or attached to a ticket.
 """
 
 from __future__ import annotations

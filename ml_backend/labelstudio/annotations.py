@@ -136,7 +136,7 @@ def annotations_from_tasks(tasks: Iterable[Any], config: LabelConfig) -> tuple[l
                 out.append(Annotation(int(task_id), annotator, ()))
                 continue
             parsed = parse_annotation(ann.get("result"), config)
-            for path, reason in parsed.unknown:
+            for _path, reason in parsed.unknown:
                 problems.append(f"task {task_id}, annotation {ann.get('id')} by {annotator}: {reason}")
             out.append(Annotation(
                 item=int(task_id), annotator=annotator, paths=tuple(tuple(p) for p in parsed.paths),

@@ -8,8 +8,8 @@ that runs out of memory is split in halves and retried.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ class Embedder:
         self.num_workers = num_workers
         self.bf16 = bf16_supported(self.device) if bf16 is None else bf16
         self.channels_last = channels_last
-        self.out_dim = int(getattr(backbone, "out_dim"))
+        self.out_dim = int(backbone.out_dim)
         self.transform = eval_transform(cfg)
         self.backbone = backbone.to(self.device).eval()
         if channels_last:

@@ -67,7 +67,7 @@ class MoCoV2(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        dim = int(getattr(backbone, "out_dim"))
+        dim = int(backbone.out_dim)
         self.backbone = backbone
         self.projection_head = MoCoProjectionHead(dim, proj_hidden_dim, proj_out_dim)
         self.backbone_momentum = copy.deepcopy(self.backbone)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
