@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ml_backend.labelstudio.label_config import ConfigKind, LabelConfig
 from model.crowd.types import Annotation
 from model.errors import TaxonomyError
+from model.taxonomy import Path  # a taxonomy path: one class name per level
 
 __all__ = ["AnnotationPaths", "annotation_paths", "annotations_from_tasks", "parse_annotation"]
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model.arrays import BoolArray, FloatArray
 from model.errors import ConfigError, DataError
 
 __all__ = ["EmbeddingCache", "embed_through_cache"]
@@ -131,7 +132,7 @@ class EmbeddingCache:
         self.refresh()
         return _digest(h) in self._index
 
-    def get(self, hashes: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, hashes: Iterable[str]) -> tuple[FloatArray, BoolArray]:
         """Looks embeddings up.
 
         Args:
@@ -150,7 +151,7 @@ class EmbeddingCache:
             out[found] = self._rows[rows[found]]
         return out, found
 
-    def put(self, hashes: Iterable[str], emb: np.ndarray) -> int:
+    def put(self, hashes: Iterable[str], emb: FloatArray) -> int:
         """Stores embeddings; keys already present are left as they are.
 
         Args:
@@ -201,7 +202,7 @@ def embed_through_cache(
     images: Sequence[ImageSource | None],
     hashes: Sequence[str | None] | None,
     progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[FloatArray, BoolArray]:
     """Embeddings of ``images``, read from ``cache`` where their content hash is known, computed (and stored)
     otherwise.
 

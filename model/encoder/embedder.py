@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from model.arrays import BoolArray, FloatArray, IntArray
 from model.data import ImageListDataset, collate_skipping
 from model.encoder.config import EncoderConfig, eval_transform
 from model.encoder.device import bf16_supported, resolve_device
@@ -119,7 +120,7 @@ class Embedder:
         return torch.cat(outs)
 
     @torch.inference_mode()
-    def embed_tensors(self, x: torch.Tensor) -> np.ndarray:
+    def embed_tensors(self, x: torch.Tensor) -> FloatArray:
         """Embeds already preprocessed images.
 
         Args:
@@ -138,7 +139,7 @@ class Embedder:
 
     def iter_batches(
         self, images: Sequence[ImageSource] | Dataset, progress: bool = False
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[IntArray, FloatArray]]:
         """Embeds images batch by batch.
 
         A ``Dataset`` must yield what :class:`~model.images.ImageListDataset` yields (``(tensor, index)``
@@ -173,8 +174,8 @@ class Embedder:
                 bar.update(len(indices) + len(skipped))
 
     def embed_into(
-        self, images: Sequence[ImageSource] | Dataset, out: np.ndarray, progress: bool = False
-    ) -> np.ndarray:
+        self, images: Sequence[ImageSource] | Dataset, out: FloatArray, progress: bool = False
+    ) -> BoolArray:
         """Embeds images straight into a caller-given array (e.g. an ``np.memmap``), batch by batch.
 
         Args:
@@ -196,7 +197,7 @@ class Embedder:
 
     def embed_with_mask(
         self, images: Sequence[ImageSource] | Dataset, progress: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[FloatArray, BoolArray]:
         """Embeds images in memory and says which could be read.
 
         Returns:
@@ -206,7 +207,7 @@ class Embedder:
         ok = self.embed_into(images, out, progress=progress)
         return out, ok
 
-    def embed(self, images: Sequence[ImageSource] | Dataset, progress: bool = False) -> np.ndarray:
+    def embed(self, images: Sequence[ImageSource] | Dataset, progress: bool = False) -> FloatArray:
         """Embeds images in memory.
 
         Args:
