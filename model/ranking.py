@@ -78,7 +78,8 @@ def is_cold_start(n_labelled: int, n_leaves: int, has_model: bool, cold_start_pe
 def _normalised(emb: FloatArray) -> FloatArray:
     emb = np.asarray(emb, dtype=np.float64)
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.maximum(norms, 1e-12)
+    unit: FloatArray = emb / np.maximum(norms, 1e-12)
+    return unit
 
 
 def typical_cover(emb: FloatArray, labelled: BoolArray, budget: int, seed: int = 0) -> list[tuple[int, float]]:
