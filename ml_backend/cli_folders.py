@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ml_backend.configs import encoder_config, pretrain_config
@@ -240,7 +241,9 @@ def predict_files(args: argparse.Namespace, settings: Settings) -> list[dict]:
     """``taxomoco predict``: one JSON line per image (path, score, per-level scores) on stdout."""
     bundle = load_live(args.models)
     predictor = Predictor(bundle, args.models / "cache", device=settings.device)
-    images, hashes, errors = [], [], {}
+    images: list[Image.Image | None] = []
+    hashes: list[str | None] = []
+    errors: dict[str, str] = {}
     for f in args.images:
         try:
             data = f.read_bytes()

@@ -163,7 +163,7 @@ def fit_crowd(
     # Start from the majority vote (the model breaks ties and covers unlabelled items).
     T = _normalise_rows(votes + 1e-3 * (P if P is not None else 0.0) + 1e-9)
     beta: float | None = None
-    prior = np.full(K, 1.0 / K)
+    prior: FloatArray = np.full(K, 1.0 / K)
     full_allowed = A * K * K <= config.max_full_cells
     iterations = 0
     fits: list[tuple[FloatArray, FloatArray, FloatArray | None, FloatArray, float | None, float]] = []

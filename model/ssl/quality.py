@@ -57,7 +57,7 @@ class ViewQuality:
 
 
 def _batch_statistics(backbone: nn.Module) -> list[tuple[nn.Module, Any, bool]]:
-    saved = []
+    saved: list[tuple[nn.Module, Any, bool]] = []
     for m in backbone.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             saved.append((m, m.momentum, m.training))
