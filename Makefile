@@ -9,12 +9,12 @@ PYTEST_ARGS ?= -q --timeout=900
 
 PIP_FLAGS = --disable-pip-version-check --quiet
 
-.PHONY: serve test lint install install-test redis-server label-studio clean-venvs
+.PHONY: serve test lint install install-test redis-server chromium label-studio clean-venvs
 
 serve: $(VENV)/.installed
 	$(VENV)/bin/taxomoco serve
 
-test: lint $(VENV)/.installed-test redis-server label-studio
+test: lint $(VENV)/.installed-test redis-server chromium label-studio
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Static checks (configured in pyproject.toml): ruff on the whole tree, mypy on model/ (strict) and ml_backend/.
@@ -43,6 +43,10 @@ $(VENV)/.installed-test: setup.cfg pyproject.toml Makefile | $(VENV)/bin/python
 
 redis-server:
 	./scripts/install-redis-server.sh
+
+# Debian's chromium + chromium-driver for the real-browser test (selenium, headless).
+chromium:
+	./scripts/install-chromium.sh
 
 label-studio: $(LS_VENV)/.installed
 

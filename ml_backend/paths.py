@@ -13,6 +13,7 @@
                                 pretrain_pending.json, calibration.json, prelabel.json (bulk pre-annotation
                                 progress and resume cursor)
         labeling_queue.json     the labeling order ``GET /queue`` serves (``ml_backend.prelabel``)
+        prediction_copies.json  annotations seen to copy a prediction (``labelstudio.copies``)
         disagreements/          report.json, model_probs.npz, posted.json and the CLI's CSV/HTML files
 
 Shared by the server, the embedded trainer's child processes and RQ workers on other machines (the same
@@ -129,6 +130,11 @@ class ProjectPaths:
     def labeling_queue(self) -> Path:
         """The ranked labeling order written with the last bulk pre-annotation (``GET /queue``)."""
         return self.root / "labeling_queue.json"
+
+    @property
+    def prediction_copies(self) -> Path:
+        """Annotations seen to copy a prediction, remembered across pulls (``ml_backend.labelstudio.copies``)."""
+        return self.root / "prediction_copies.json"
 
     # ----- disagreements ------------------------------------------------------------------------------
     @property

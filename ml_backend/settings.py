@@ -98,6 +98,7 @@ class Settings:
     prelabel_keep_versions: int = field(default=2, metadata={"env": "PRELABEL_KEEP_VERSIONS", "help": "This backend's model versions whose predictions stay in Label Studio (the live one and the ones before it); older ones are deleted once the live version covers every unlabelled task."})
     cold_start_per_class: float = field(default=2.0, metadata={"env": "COLD_START_LABELS_PER_CLASS", "help": "Labels per leaf class (on average) below which the labeling order covers the embedding space (typical images of unlabelled clusters) before following the model's uncertainty."})
     label_next_tab_tasks: int = field(default=100, metadata={"env": "LABEL_NEXT_TAB_TASKS", "help": "Tasks of the \"taxomoco: label next\" Data Manager tab (the head of the labeling order); 0 = no tab."})
+    train_on_prediction_copies: bool = field(default=False, metadata={"env": "TRAIN_ON_PREDICTION_COPIES", "help": "Train on annotations that merely copy a prediction (\"Create annotations from predictions\", or a pre-annotation submitted unchanged within a second of opening the task); off: they are left out and counted in /job_status (counts.prediction_copies)."})
 
     # --- consensus (disagreements) ----------------------------------------------------------------------
     min_annotators: int = field(default=1, metadata={"env": "CONSENSUS_MIN_ANNOTATORS", "help": "Annotators a task needs before its consensus label is trained on."})

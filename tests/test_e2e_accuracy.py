@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 LABELS_PER_CLASS = 8
 HELD_OUT_PER_CLASS = 22
+AUTH = ("ls-accuracy", "accuracy-pass-1234")
+"""Basic auth of the backend (the recommended deployment; /job_status needs it), set in Label Studio's connection."""
 OPERATIONAL = {"DEVICE", "TAXOMOCO_HTTP_THREADS", "LOG_LEVEL", "OMP_NUM_THREADS", "ALLOW_PRIVATE_SETUP_HOSTS"}
 
 
@@ -57,9 +59,9 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _split(labels: np.ndarray) -> tuple[list[int], list[int]]:
+def _split(images: np.ndarray, labels: np.ndarray) -> tuple[list[int], list[int]]:
     """8 labelled and 22 held-out distinct images per animal (one copy of each duplicated image)."""
-    groups = content_groups()
+    groups = content_groups(images)
     rng = np.random.default_rng(0)
     seen: set[int] = set()
     train, test = [], []
@@ -77,7 +79,8 @@ def _split(labels: np.ndarray) -> tuple[list[int], list[int]]:
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
-    server = BackendServer(tmp_path_factory.mktemp("e2e-accuracy"), env=_defaults_env())
+    env = {**_defaults_env(), "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]}
+    server = BackendServer(tmp_path_factory.mktemp("e2e-accuracy"), env=env)
     server.start()
     try:
         yield server
@@ -88,12 +91,17 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]
 def test_served_pre_annotations_beat_pixels_and_logistic_regression(label_studio: LabelStudioServer,
                                                                     backend: BackendServer) -> None:
     images, labels = load_animal_mnist_arrays()
-    train, test = _split(labels)
+    train, test = _split(images, labels)
     pid = label_studio.create_project(_config(), title="taxomoco accuracy on defaults")
     order = train + test
-    ids = label_studio.import_images(pid, {f"a{i:05d}.png": _png(images[i]) for i in order})
+    ids: list[int] = []
+    for start in range(0, len(order), 100):  # Label Studio takes at most 100 files per upload
+        chunk = order[start:start + 100]
+        ids += label_studio.import_images(pid, {f"a{i:05d}.png": _png(images[i]) for i in chunk})
     task_of = dict(zip(order, ids))
-    label_studio.api("POST", "/api/ml", json={"project": pid, "url": backend.url, "title": "taxomoco"})
+    label_studio.api("POST", "/api/ml", json={"project": pid, "url": backend.url, "title": "taxomoco",
+                                              "auth_method": "BASIC_AUTH", "basic_auth_user": AUTH[0],
+                                              "basic_auth_pass": AUTH[1]})
     for i in train:
         path = animal_path(int(labels[i]))
         label_studio.annotate(task_of[i], [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy",
@@ -103,7 +111,9 @@ def test_served_pre_annotations_beat_pixels_and_logistic_regression(label_studio
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)
 
     def status() -> dict:
-        return dict(requests.post(f"{backend.url}/job_status", json={"project": pid}, timeout=10).json())
+        answer = requests.post(f"{backend.url}/job_status", json={"project": pid}, auth=AUTH, timeout=10)
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
 
     def served() -> dict[int, tuple[str, ...]] | None:
         """The pre-annotation of the live version on every held-out task, once each holds one."""
@@ -121,10 +131,16 @@ def test_served_pre_annotations_beat_pixels_and_logistic_regression(label_studio
                 got[task.id] = tuple(preds[0]["result"][0]["value"]["taxonomy"][0])
         return got if len(got) == len(held_out) else None
 
-    seen: dict = {}
-    assert wait_until(lambda: bool(seen.setdefault("p", served()) or seen.pop("p")), 600, interval_s=5.0), (
+    seen: dict[str, dict[int, tuple[str, ...]] | None] = {}
+
+    def complete() -> bool:
+        seen["p"] = served()
+        return seen["p"] is not None
+
+    assert wait_until(complete, 600, interval_s=5.0), (
         f"no complete pre-annotation of the held-out tasks; job status {status()}\n{backend.log()[-5000:]}")
     predictions = seen["p"]
+    assert predictions is not None
     served_acc = float(np.mean([predictions[t][-1] == held_out[t][-1] for t in held_out]))
 
     # the trivial model a labeler would otherwise be better off with: pixels + logistic regression, same labels

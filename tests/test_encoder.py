@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ml_backend.configs import encoder_config
+from model.ssl.recipe import ImageSummary
 from ml_backend.settings import Settings
 from model.encoder.backbone import build_backbone, encoder_version, init_weights_arch
 from model.encoder.config import Arch, EncoderConfig, eval_transform
@@ -190,7 +191,7 @@ def test_a_torchvision_resnet18_checkpoint_decides_the_architecture(tmp_path: Pa
     torch.save(tv.state_dict(), path)
     settings = Settings.from_env(env={"ENCODER_INIT_WEIGHTS": str(path)}, model_dir=tmp_path)
     assert settings.arch == "resnet18-half"
-    cfg = encoder_config(settings)
+    cfg = encoder_config(settings, ImageSummary(sampled=8, median_side=200, gray_share=0.0))
     assert cfg.arch is Arch.RESNET18 and cfg.init_weights == str(path) and cfg.out_dim == 512
     ours = build_backbone(cfg).eval()
     tv.fc = nn.Identity()
@@ -207,7 +208,7 @@ def test_a_checkpoint_that_is_not_a_resnet18_is_refused_naming_the_file_and_what
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), r50)
     with pytest.raises(ConfigError, match=r"resnet50.pth' holds a ResNet with bottleneck blocks .*expected a ResNet-18 "
                                           r"state_dict as torchvision saves it \(keys conv1.weight"):
-        encoder_config(Settings.from_env(env={"ENCODER_INIT_WEIGHTS": str(r50)}, model_dir=tmp_path))
+        encoder_config(Settings.from_env(env={"ENCODER_INIT_WEIGHTS": str(r50)}, model_dir=tmp_path), ImageSummary(0, 0, 0.0))
     r34 = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), r34)
     with pytest.raises(ConfigError, match="more than two blocks per stage"):

@@ -11,7 +11,8 @@ start of the previous pull, minus :data:`OVERLAP_S` so that a change whose trans
 still read (without a ``Date`` header: since the newest ``updated_at`` seen, minus the same overlap).
 
 The copy, ``ProjectPaths.tasks_snapshot`` (atomic replace), keeps each task's id, data, annotations and
-``updated_at`` (predictions are not kept: training does not read them).
+``updated_at``; of its predictions only those an annotation was made from (``parent_prediction``: id and
+result, which ``labelstudio.copies`` compares), not the others.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Pull:
     """The project's tasks (id order) after a pull, and what the pull did.
 
     Attributes:
-        tasks: every task with its annotations (no predictions).
+        tasks: every task with its annotations (and only the predictions they were made from).
         kind: full or incremental.
         reason: why a full pull was needed (empty for an incremental one).
         read: tasks read from Label Studio by this pull.
@@ -111,7 +112,7 @@ def pull_tasks(client: LabelStudioClient, project_id: int, path: Path, label_con
 
 
 def read_tasks(path: Path) -> list[TaskRecord] | None:
-    """The tasks of the snapshot at ``path`` (id order, no predictions), or None when there is no readable one."""
+    """The tasks of the snapshot at ``path`` (id order, parent predictions only), or None when there is no readable one."""
     snapshot = _read(path)
     return None if snapshot is None else sorted(snapshot["records"], key=lambda t: t.id)
 
@@ -160,16 +161,19 @@ def _minus_seconds(iso: str, seconds: float) -> str:
 
 
 def _stripped(task: TaskRecord) -> TaskRecord:
-    return TaskRecord(task.id, task.data, task.annotations, [], task.updated_at)
+    parents = {a.get("parent_prediction") for a in task.annotations} - {None}
+    kept = [{"id": p.get("id"), "result": p.get("result")} for p in task.predictions if p.get("id") in parents]
+    return TaskRecord(task.id, task.data, task.annotations, kept, task.updated_at)
 
 
 def _as_dict(task: TaskRecord) -> dict[str, Any]:
-    return {"id": task.id, "data": task.data, "annotations": task.annotations, "updated_at": task.updated_at}
+    return {"id": task.id, "data": task.data, "annotations": task.annotations, "predictions": task.predictions,
+            "updated_at": task.updated_at}
 
 
 def _record(data: dict[str, Any]) -> TaskRecord:
-    annotations = data["annotations"]
+    annotations, predictions = data["annotations"], data.get("predictions") or []
     if not isinstance(data["data"], dict) or not isinstance(annotations, list) \
-            or not all(isinstance(a, dict) for a in annotations):
+            or not all(isinstance(a, dict) for a in annotations + predictions):
         raise ValueError(f"task {data.get('id')!r} has no data dict or no list of annotation dicts")
-    return TaskRecord(int(data["id"]), data["data"], annotations, [], str(data["updated_at"]))
+    return TaskRecord(int(data["id"]), data["data"], annotations, predictions, str(data["updated_at"]))

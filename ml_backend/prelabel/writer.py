@@ -3,7 +3,8 @@
 One run (:func:`run_prelabel`), for the version live when it starts:
 
 1. the tasks of the last pull (``ProjectPaths.tasks_snapshot``); targets are the tasks without a human annotation
-   (an annotation that is not cancelled), in id order;
+   (an annotation that is not cancelled and, unless ``TRAIN_ON_PREDICTION_COPIES``, not a copy of a prediction:
+   ``ml_backend.labelstudio.copies``), in id order;
 2. predictions of every task from the embedding cache (``ml_backend.prelabel.live``), then the labeling order and
    the "label next" tab (``ml_backend.prelabel.order``);
 3. chunks of ``PRELABEL_CHUNK`` predictions through ``POST /api/projects/<id>/import/predictions``; after each
@@ -26,12 +27,14 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
 
 from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
 from ml_backend.labelstudio.connections import resolve
+from ml_backend.labelstudio.copies import read_remembered
 from ml_backend.labelstudio.label_config import parse_label_config
 from ml_backend.labelstudio.predictions import (
     delete_model_version,
@@ -59,9 +62,9 @@ OUR_VERSION = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{6}$")
 """This backend's model version names (``model.bundle``); only these are ever cleaned up."""
 
 
-def has_human_label(task: TaskRecord) -> bool:
-    """Whether a person labelled the task (an annotation that is not cancelled)."""
-    return any(not a.get("was_cancelled") for a in task.annotations)
+def has_human_label(task: TaskRecord, copies: AbstractSet[int] = frozenset()) -> bool:
+    """Whether a person labelled the task: an annotation that is not cancelled and whose id is not in ``copies``."""
+    return any(not a.get("was_cancelled") and a.get("id") not in copies for a in task.annotations)
 
 
 def versions_to_delete(counts: dict[str, int], live: str, keep: int) -> list[str]:
@@ -119,7 +122,8 @@ def _run(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, pro
     live = LivePredictions(settings, paths, client, config)
     if live.version != version:
         return _superseded(paths, progress)
-    labelled = np.array([has_human_label(t) for t in tasks], dtype=bool)
+    copies = set() if settings.train_on_prediction_copies else set(read_remembered(paths.prediction_copies))
+    labelled = np.array([has_human_label(t, copies) for t in tasks], dtype=bool)
     every = live.predict(tasks)
     queue = write_queue(paths, every, labelled, len(config.taxonomy.leaves()), settings.cold_start_per_class)
     if settings.label_next_tab_tasks > 0 and settings.post_flags_to_label_studio:

@@ -144,9 +144,10 @@ def _train_pulled(settings: Settings, paths: ProjectPaths, force_pretrain: bool,
                   durations: dict[str, float]) -> dict[str, Any]:
     pid = paths.project_id
     with _timed(durations, "labels"):
-        labels = consensus_labels(settings, source)
+        labels = consensus_labels(settings, source, paths)
     counts: dict[str, int] = {"tasks": len(source.tasks), "labelled": len(labels.result.labels),
-                              "excluded": len(labels.result.excluded), "annotation_problems": len(labels.problems)}
+                              "excluded": len(labels.result.excluded), "annotation_problems": len(labels.problems),
+                              **labels.copy_counts(settings.train_on_prediction_copies)}
     skip = labels_shortfall(labels.result.labels, settings.min_labels_to_train)
     if skip is not None:
         log.info("Project %s skipped: %s", pid, skip)
