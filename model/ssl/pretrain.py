@@ -230,8 +230,7 @@ def pretrain(
             accelerator=cfg.accelerator,
             devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
             strategy=cfg.strategy,
-            # Lightning types precision as a Literal of its names; PretrainConfig.precision is validated by Lightning here
-            precision=_precision(cfg),  # type: ignore[arg-type]
+            precision=_precision(cfg),  # type: ignore[arg-type]  # Lightning types it as a Literal of its names
             sync_batchnorm="ddp" in cfg.strategy,
             callbacks=[recorder, quality, *callbacks, checkpointing],
             logger=False,
