@@ -9,13 +9,19 @@ PYTEST_ARGS ?= -q --timeout=900
 
 PIP_FLAGS = --disable-pip-version-check --quiet
 
-.PHONY: serve test install install-test redis-server chromium label-studio clean-venvs
+.PHONY: serve test lint install install-test redis-server chromium label-studio clean-venvs
 
 serve: $(VENV)/.installed
 	$(VENV)/bin/taxomoco serve
 
-test: $(VENV)/.installed-test redis-server chromium label-studio
+test: lint $(VENV)/.installed-test redis-server chromium label-studio
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Static checks (configured in pyproject.toml): ruff on the whole tree, mypy on model/ (strict) and ml_backend/.
+# mypy keeps its cache in .mypy_cache, so a rerun checks only what changed.
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 install: $(VENV)/.installed
 

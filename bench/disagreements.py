@@ -236,7 +236,10 @@ def main() -> None:
     }
 
     # Speed: 10k tasks x 3 annotators, with model probabilities
-    speed_ann = [Annotation(i, names[a], (animal_path(int(rng.choice(10, p=[0.9 if c == truth_leaf[i] else 0.1 / 9 for c in range(10)]))),))
+    def noisy_leaf(i: int) -> int:  # the true animal with probability 0.9, otherwise one of the 9 others
+        return int(rng.choice(10, p=[0.9 if c == truth_leaf[i] else 0.1 / 9 for c in range(10)]))
+
+    speed_ann = [Annotation(i, names[a], (animal_path(noisy_leaf(i)),))
                  for i in range(n) for a in rng.choice(m, size=3, replace=False)]
     t0, c0 = time.perf_counter(), time.process_time()
     speed_res = consensus(speed_ann, ANIMAL_TAXONOMY, ConsensusPolicy(), level_probs)
@@ -292,7 +295,8 @@ def _table(rows, names, true_acc, res, model_acc, n_ann, err_rate, n) -> str:
         f"(accuracy L0 {model_acc[0]:.3f}, L1 {model_acc[1]:.3f}), trained on majority-vote labels.",
         "",
         "Consensus accuracy per level (L0 group, L1 animal); AUROC/AUPRC of the review ranking for wrong consensus "
-        "per level; P@k (R-prec: k = number of wrong annotations) and err AUROC of the label-error ranking over all single annotations (wrong animal); "
+        "per level; P@k (R-prec: k = number of wrong annotations) and err AUROC of the label-error ranking over all "
+        "single annotations (wrong animal); "
         "Spearman of estimated annotator quality with true accuracy.",
         "",
         "| method | " + " | ".join(c[1] for c in cols) + " |",

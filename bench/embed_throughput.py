@@ -265,7 +265,8 @@ def main() -> None:
         "",
         "## Streaming into a memmap (`Embedder.embed_into`, images rendered on the fly)",
         "",
-        "| N | images/s | output (memmap) MiB | heap before MiB | peak heap (RssAnon) MiB | peak file pages (RssFile) MiB | peak RSS MiB |",
+        "| N | images/s | output (memmap) MiB | heap before MiB | peak heap (RssAnon) MiB | peak file pages (RssFile) MiB "
+        "| peak RSS MiB |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in streams:

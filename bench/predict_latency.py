@@ -333,7 +333,8 @@ def report(reps, times, health, idle, quick) -> str:
         f"real waitress server ({HTTP_THREADS} threads, 2 concurrent model forwards) on loopback; "
         f"torch threads {TORCH_THREADS} on both sides.",
         "",
-        "| batch | cache | /predict p50 ms | /predict p95 ms | tasks/s | bare forward p50 ms | vs bare forward | in-process same cache p50 ms | vs in-process same cache |",
+        "| batch | cache | /predict p50 ms | /predict p95 ms | tasks/s | bare forward p50 ms | vs bare forward "
+        "| in-process same cache p50 ms | vs in-process same cache |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for b in reps:

@@ -152,7 +152,7 @@ def latency_trials(url: str, model_dir: Path, trials: int) -> list[float]:
             pid = 1000 + i
             sent = time.time()
             webhook(session, url, pid)
-            if not wait_for(lambda: any(p == pid for p, _ in read_starts(model_dir)), 60):
+            if not wait_for(lambda pid=pid: any(p == pid for p, _ in read_starts(model_dir)), 60):
                 raise RuntimeError(f"job of project {pid} never started")
             started = next(t for p, t in read_starts(model_dir) if p == pid)
             out.append(started - sent)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ml_backend.configs import encoder_config, pretrain_config
@@ -131,7 +132,9 @@ def pretrain_folder(args: argparse.Namespace, settings: Settings, files: Sequenc
     return out
 
 
-def embed_files(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path | None, device: str) -> tuple[np.ndarray, np.ndarray]:
+def embed_files(
+    files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path | None, device: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of image files through the cache. Returns ``(N, D)`` float32 and an ``(N,)`` readable mask."""
     backbone = build_backbone(cfg)
     backbone.load_state_dict(state)

@@ -11,7 +11,7 @@ import logging
 
 from ml_backend.settings import Settings
 from model.encoder.backbone import init_weights_arch
-from model.encoder.config import EncoderConfig
+from model.encoder.config import Arch, EncoderConfig
 from model.encoder.device import lightning_device, resolve_device
 from model.ssl.config import PretrainConfig
 from model.ssl.recipe import ImageSummary, RecipeKind, choose_recipe
@@ -37,7 +37,7 @@ def encoder_config(settings: Settings, summary: ImageSummary) -> EncoderConfig:
     """
     size, _, _ = choose_recipe(summary, _on_gpu(settings), settings.input_size, RecipeKind(settings.pretrain_augment))
     if not settings.init_weights:
-        return EncoderConfig(arch=settings.arch, input_size=size)
+        return EncoderConfig(arch=Arch(settings.arch), input_size=size)
     arch = init_weights_arch(settings.init_weights)
     if arch.value != settings.arch:
         log.info("ENCODER_INIT_WEIGHTS %s holds a %s: the encoder is a %s (ENCODER_ARCH=%s applies without a file).",

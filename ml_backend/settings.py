@@ -14,12 +14,12 @@ from pathlib import Path
 
 from ml_backend.paths import ProjectPaths
 from model.errors import ConfigError
+from model.heads.candidates import parse_candidates
 from model.ssl.config import PretrainConfig
 from model.ssl.plan import PRETRAIN_MIN_IMAGES
 from model.ssl.recipe import RecipeKind
 
 _PRETRAIN = PretrainConfig()  # the one source of the pretraining defaults
-from model.heads.candidates import parse_candidates
 
 __all__ = ["Settings"]
 

@@ -1,6 +1,7 @@
 """taxomoco model core: taxonomy, encoder, MoCo pretraining, heads, bundles, evaluation (pure ML)."""
 
 __all__ = [
+    "arrays",
     "atomic",
     "bundle",
     "crowd",

@@ -94,21 +94,21 @@ class Manifest:
 
     version: str
     created: str
-    taxonomy: list
+    taxonomy: list[Any]
     taxonomy_hash: str
-    encoder: dict
+    encoder: dict[str, Any]
     encoder_version: str
     embedding_dim: int
-    heads: dict
+    heads: dict[str, Any]
     num_classes: list[int]
     temperature: float
-    metrics: dict
+    metrics: dict[str, Any]
     data_fingerprint: str
-    counts: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
-    libraries: dict = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict[str, Any])
+    extra: dict[str, Any] = field(default_factory=dict[str, Any])
+    libraries: dict[str, Any] = field(default_factory=dict[str, Any])
     format: int = FORMAT
-    features: dict = field(default_factory=lambda: dict(ENCODER_FEATURES))
+    features: dict[str, Any] = field(default_factory=lambda: dict(ENCODER_FEATURES))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=_json_default)
@@ -135,7 +135,7 @@ class ModelBundle:
     path: Path
 
     @property
-    def features(self) -> dict:
+    def features(self) -> dict[str, Any]:
         """What the heads read (see :attr:`Manifest.features`)."""
         return dict(self.manifest.features)
 
@@ -225,11 +225,11 @@ def publish(
     backbone_state: Mapping[str, torch.Tensor],
     heads: TaxonomyHeads,
     temperature: float,
-    metrics: Mapping,
+    metrics: Mapping[str, Any],
     data_fingerprint: str,
-    extra: Mapping | None = None,
-    counts: Mapping | None = None,
-    features: Mapping | None = None,
+    extra: Mapping[str, Any] | None = None,
+    counts: Mapping[str, Any] | None = None,
+    features: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write a new model version and make it live.
 

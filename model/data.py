@@ -102,7 +102,7 @@ class Skipped:
     reason: str
 
 
-class ImageListDataset(Dataset):
+class ImageListDataset(Dataset[tuple[Any, int] | Skipped]):
     """A dataset over a list of image sources that applies a transform to each RGB image.
 
     ``dataset[i]`` returns ``(transform(image), i)``, or a :class:`Skipped` marker when image ``i``

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from model.arrays import FloatArray, IntArray
 from model.errors import DataError
 from model.heads.calibration import path_nll
 from model.heads.decode import LevelLogits, PathPrediction, decode
@@ -25,7 +27,7 @@ from model.taxonomy import IGNORE, Path, Taxonomy
 __all__ = ["calibration", "evaluate", "hierarchical_prf", "level_metrics", "true_paths"]
 
 
-def level_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
+def level_metrics(y_true: IntArray, y_pred: IntArray, class_names: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro/per-class P/R/F1 and confusion matrix of one level.
 
     Args:
@@ -54,7 +56,7 @@ def level_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[
     active = (support > 0) | (predicted > 0)
     n = int(keep.sum())
 
-    def mean(a: np.ndarray) -> float:
+    def mean(a: FloatArray) -> float:
         return float(a[active].mean()) if active.any() else 0.0
 
     return {
@@ -79,7 +81,7 @@ def _prefixes(path: Sequence[str]) -> set[Path]:
     return {tuple(path[: d + 1]) for d in range(len(path))}
 
 
-def hierarchical_prf(true_paths: Sequence[Path], pred_paths: Sequence[Path], true_is_prefix: Sequence[bool]) -> dict:
+def hierarchical_prf(true_paths: Sequence[Path], pred_paths: Sequence[Path], true_is_prefix: Sequence[bool]) -> dict[str, Any]:
     """Micro-averaged hierarchical precision, recall and F1.
 
     Args:
@@ -104,7 +106,7 @@ def hierarchical_prf(true_paths: Sequence[Path], pred_paths: Sequence[Path], tru
     return {"hP": hp, "hR": hr, "hF": hf}
 
 
-def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> dict:
+def calibration(confidence: FloatArray, correct: FloatArray, n_bins: int = 10) -> dict[str, Any]:
     """Expected calibration error and reliability curve over equal-width confidence bins.
 
     Args:
@@ -125,16 +127,17 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -
     for b in range(n_bins):
         m = which == b
         count = int(m.sum())
-        conf = float(confidence[m].mean()) if count else None
-        acc = float(correct[m].mean()) if count else None
+        conf: float | None = None
+        acc: float | None = None
         if count:
+            conf, acc = float(confidence[m].mean()), float(correct[m].mean())
             ece += count / n * abs(conf - acc)
         bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count, "confidence": conf,
                      "accuracy": acc})
     return {"ece": float(ece), "bins": bins}
 
 
-def _true_path(row: np.ndarray, taxonomy: Taxonomy) -> tuple[Path, bool]:
+def _true_path(row: IntArray, taxonomy: Taxonomy) -> tuple[Path, bool]:
     """The path a target row names, and whether it stops at an inner node (a prefix)."""
     known = [k for k in range(taxonomy.depth) if row[k] != IGNORE]
     depth = max(known) + 1
@@ -146,19 +149,19 @@ def _true_path(row: np.ndarray, taxonomy: Taxonomy) -> tuple[Path, bool]:
     return node.path, not node.is_leaf
 
 
-def true_paths(targets: np.ndarray, taxonomy: Taxonomy) -> list[tuple[Path, bool]]:
+def true_paths(targets: IntArray, taxonomy: Taxonomy) -> list[tuple[Path, bool]]:
     """Per labelled target row ``(N, L)``: the path it names and whether that stops at an inner node (a prefix)."""
     return [_true_path(r, taxonomy) for r in np.asarray(targets)]
 
 
 def evaluate(
     level_logits: LevelLogits,
-    targets: np.ndarray,
+    targets: IntArray,
     taxonomy: Taxonomy,
     temperature: float = 1.0,
     n_bins: int = 10,
     predictions: Sequence[PathPrediction] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """All metrics of (out-of-fold) predictions against their targets.
 
     Args:

@@ -13,17 +13,19 @@ import contextlib
 import hashlib
 import io
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.errors import DataError
 
 __all__ = ["ImageSource", "check_image_header", "content_hash", "load_image", "to_rgb_image"]
 
-ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+ImageSource = Union[str, Path, bytes, Image.Image, NDArray[np.uint8]]
 """Anything the product accepts as one image: a file path, encoded bytes, a PIL image, or a uint8 array
 ``(H, W)`` / ``(H, W, 3)`` / ``(H, W, 4)``."""
 

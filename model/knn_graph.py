@@ -9,10 +9,12 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from model.arrays import FloatArray, IntArray
+
 __all__ = ["knn_graph"]
 
 
-def knn_graph(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def knn_graph(emb: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
     """The ``k`` most similar other rows of every row.
 
     Args:

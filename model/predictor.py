@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.arrays import BoolArray, FloatArray
 from model.bundle import ModelBundle
 from model.encoder.cache import EmbeddingCache, embed_through_cache
 from model.features.extractor import Extractor, make_extractor
@@ -59,7 +60,7 @@ class Predictor:
         )
         self._heads_lock = threading.Lock()
 
-    def level_logits(self, emb: np.ndarray) -> list[torch.Tensor]:
+    def level_logits(self, emb: FloatArray) -> list[torch.Tensor]:
         """Head logits per level for embeddings ``(N, D)``: a list of ``(N, K_k)`` tensors."""
         with self._heads_lock, torch.inference_mode():
             return [t.float() for t in self.heads(torch.from_numpy(np.ascontiguousarray(emb)))]
@@ -156,7 +157,7 @@ class Predictor:
                 results[i] = pred
         return results, errors
 
-    def _embed_batch(self, items: Sequence[Encoded | None], batch: list[int], emb: np.ndarray, ok: np.ndarray,
+    def _embed_batch(self, items: Sequence[Encoded | None], batch: list[int], emb: FloatArray, ok: BoolArray,
                      errors: dict[int, str], max_pixels: int) -> None:
         """Decode ``batch`` (indices into ``items``), embed what decodes, store it in the cache."""
         images, rows = [], []

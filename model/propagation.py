@@ -14,11 +14,13 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.linalg import cg
 
+from model.arrays import FloatArray, IntArray
+
 __all__ = ["level_probs", "propagate"]
 
 
-def propagate(idx: np.ndarray, sim: np.ndarray, seeds: np.ndarray, n_classes: int, alpha: float = 0.99,
-              gamma: float = 3.0, max_iter: int = 30) -> np.ndarray:
+def propagate(idx: IntArray, sim: FloatArray, seeds: IntArray, n_classes: int, alpha: float = 0.99,
+              gamma: float = 3.0, max_iter: int = 30) -> FloatArray:
     """Leaf-class probabilities of every image from the labelled ones.
 
     Args:
@@ -41,9 +43,10 @@ def propagate(idx: np.ndarray, sim: np.ndarray, seeds: np.ndarray, n_classes: in
     w = w + w.T
     degree = np.asarray(w.sum(axis=1)).ravel()
     inv_sqrt = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-12)), 0.0)
-    s = sparse.diags(inv_sqrt) @ w @ sparse.diags(inv_sqrt)
+    d: sparse.dia_matrix = sparse.diags(inv_sqrt)  # type: ignore[arg-type]  # scipy-stubs accept only arrays typed 1-D by shape
+    s = d @ w @ d
     a = sparse.identity(n, format="csr") - alpha * s
-    scores = np.zeros((n, n_classes), dtype=np.float64)
+    scores: FloatArray = np.zeros((n, n_classes), dtype=np.float64)  # (N, C)
     for c in range(n_classes):
         members = np.flatnonzero(seeds == c)
         if not len(members):
@@ -57,8 +60,8 @@ def propagate(idx: np.ndarray, sim: np.ndarray, seeds: np.ndarray, n_classes: in
     return probs.astype(np.float32)
 
 
-def level_probs(leaf_probs: np.ndarray, leaf_paths: list[tuple[str, ...]], level: int
-                ) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+def level_probs(leaf_probs: FloatArray, leaf_paths: list[tuple[str, ...]], level: int
+                ) -> tuple[FloatArray, list[tuple[str, ...]]]:
     """Probabilities of the nodes of one taxonomy level: the sums over their leaves.
 
     Args:

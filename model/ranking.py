@@ -28,6 +28,8 @@ import numpy as np
 from scipy.cluster.vq import kmeans2
 from scipy.spatial.distance import cdist
 
+from model.arrays import BoolArray, FloatArray
+
 __all__ = ["Ranked", "Reason", "is_cold_start", "labeling_order", "least_confidence", "typical_cover"]
 
 TYPICALITY_NEIGHBOURS = 20
@@ -63,7 +65,7 @@ class Ranked:
     score: float
 
 
-def least_confidence(top_prob: np.ndarray) -> np.ndarray:
+def least_confidence(top_prob: FloatArray) -> FloatArray:
     """``1 - p`` of the most probable path: ``(N,)`` in [0, 1], higher is less certain."""
     return 1.0 - np.clip(np.asarray(top_prob, dtype=np.float64), 0.0, 1.0)
 
@@ -73,13 +75,14 @@ def is_cold_start(n_labelled: int, n_leaves: int, has_model: bool, cold_start_pe
     return not has_model or n_labelled < cold_start_per_class * max(1, n_leaves)
 
 
-def _normalised(emb: np.ndarray) -> np.ndarray:
+def _normalised(emb: FloatArray) -> FloatArray:
     emb = np.asarray(emb, dtype=np.float64)
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.maximum(norms, 1e-12)
+    unit: FloatArray = emb / np.maximum(norms, 1e-12)
+    return unit
 
 
-def typical_cover(emb: np.ndarray, labelled: np.ndarray, budget: int, seed: int = 0) -> list[tuple[int, float]]:
+def typical_cover(emb: FloatArray, labelled: BoolArray, budget: int, seed: int = 0) -> list[tuple[int, float]]:
     """TypiClust-style picks: the most typical image of each cluster without a label, largest clusters first.
 
     Args:
@@ -132,7 +135,7 @@ def typical_cover(emb: np.ndarray, labelled: np.ndarray, budget: int, seed: int 
     return picks
 
 
-def labeling_order(emb: np.ndarray | None, labelled: np.ndarray, top_prob: np.ndarray | None, n_leaves: int,
+def labeling_order(emb: FloatArray | None, labelled: BoolArray, top_prob: FloatArray | None, n_leaves: int,
                    cold_start_per_class: float = 2.0, budget: int = 100, seed: int = 0) -> list[Ranked]:
     """The order in which the unlabelled images should be labelled (see the module's rule).
 

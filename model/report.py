@@ -1,10 +1,10 @@
 """An evaluation report on disk: ``report.json``, PNG plots and one self-contained ``report.html``.
 
-The summary names the model choice of the training (``metrics["model_choice"]``: every candidate's
-cross-validated hierarchical F1 and why the winner won) when the metrics carry one. Plots (matplotlib, Agg backend): a confusion matrix per taxonomy level, the reliability diagram of the path
-confidence, the pretraining loss curve (``loss.csv`` with ``epoch,step,loss`` columns) and the
-accuracy-versus-number-of-labels curve, each only when its data is given. The HTML embeds the images as data
-URIs, so the single file can be mailed or attached to a ticket.
+The summary names the model choice of the training (``metrics["model_choice"]``: every candidate's cross-validated
+hierarchical F1 and why the winner won) when the metrics carry one. Plots (matplotlib, Agg backend): a confusion
+matrix per taxonomy level, the reliability diagram of the path confidence, the pretraining loss curve (``loss.csv``
+with ``epoch,step,loss`` columns) and the accuracy-versus-number-of-labels curve, each only when its data is given.
+The HTML embeds the images as data URIs, so the single file can be mailed or attached to a ticket.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import html
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +36,7 @@ __all__ = [
 _MAX_TICKS = 40  # above this many classes, confusion matrices drop their tick labels
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -43,7 +45,7 @@ def _pyplot():
     return plt
 
 
-def plot_confusion(level: Mapping, path: Path) -> Path:
+def plot_confusion(level: Mapping[str, Any], path: Path) -> Path:
     """Row-normalised confusion matrix of one level (``level_metrics`` output) into ``path``."""
     plt = _pyplot()
     cm = np.asarray(level["confusion"], dtype=np.float64)  # (K, K) rows true, columns predicted
@@ -74,7 +76,7 @@ def plot_confusion(level: Mapping, path: Path) -> Path:
     return path
 
 
-def plot_reliability(cal: Mapping, path: Path) -> Path:
+def plot_reliability(cal: Mapping[str, Any], path: Path) -> Path:
     """Reliability diagram (accuracy per confidence bin against the diagonal) into ``path``."""
     plt = _pyplot()
     bins = [b for b in cal["bins"] if b["count"]]
@@ -131,7 +133,7 @@ def plot_loss(loss_csv: Path, path: Path) -> Path:
     return path
 
 
-def curve_points(label_curve: Sequence[tuple[int, Mapping]]) -> list[dict]:
+def curve_points(label_curve: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """``(n_labels, metrics)`` pairs reduced to path accuracy, top-level macro F1 and hF per point."""
     points = []
     for n, m in sorted(label_curve, key=lambda p: p[0]):
@@ -145,7 +147,7 @@ def curve_points(label_curve: Sequence[tuple[int, Mapping]]) -> list[dict]:
     return points
 
 
-def plot_label_curve(points: Sequence[Mapping], path: Path) -> Path:
+def plot_label_curve(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Accuracy against the number of labelled images into ``path``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -171,7 +173,7 @@ def _fmt(x: object) -> str:
     return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
 
 
-def _choice_html(choice: Mapping | None) -> list[str]:
+def _choice_html(choice: Mapping[str, Any] | None) -> list[str]:
     """The model choice (``model.heads.selection.Selection.to_dict()``): winner, reason, every candidate's score."""
     if not choice or "candidates" not in choice:
         return []
@@ -189,7 +191,7 @@ def _choice_html(choice: Mapping | None) -> list[str]:
     return rows
 
 
-def _html(metrics: Mapping, images: Sequence[tuple[str, Path]], points: Sequence[Mapping] | None) -> str:
+def _html(metrics: Mapping[str, Any], images: Sequence[tuple[str, Path]], points: Sequence[Mapping[str, Any]] | None) -> str:
     rows = []
     summary = [
         ("labelled images", metrics.get("n", metrics.get("n_labelled", ""))),
@@ -236,10 +238,10 @@ def _html(metrics: Mapping, images: Sequence[tuple[str, Path]], points: Sequence
 
 def write_report(
     out_dir: Path | str,
-    metrics: Mapping,
+    metrics: Mapping[str, Any],
     taxonomy: Taxonomy,
     loss_csv: Path | None = None,
-    label_curve: Sequence[tuple[int, Mapping]] | None = None,
+    label_curve: Sequence[tuple[int, Mapping[str, Any]]] | None = None,
 ) -> Path:
     """Write ``report.json``, the PNG plots and ``report.html`` into ``out_dir``.
 

@@ -20,9 +20,11 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from model.arrays import IntArray
 from model.errors import TaxonomyError
 
 __all__ = ["END_NAME", "IGNORE", "Node", "Path", "Taxonomy"]
@@ -83,7 +85,7 @@ class Taxonomy:
         self._by_path: dict[Path, Node] = {}
         self._by_value_path: dict[Path, Node] = {}
         self.levels: list[list[Node]] = []
-        self._candidates: dict[bool, tuple[list[Path], np.ndarray]] = {}
+        self._candidates: dict[bool, tuple[list[Path], IntArray]] = {}
         self._assign(self._roots, (), ())
         if not self._roots:
             raise TaxonomyError("The taxonomy is empty: add at least two labels (Choice elements).")
@@ -135,7 +137,7 @@ class Taxonomy:
     @classmethod
     def from_paths(cls, paths: Iterable[Sequence[str]]) -> Taxonomy:
         """Build the smallest tree that contains every path (e.g. from a folder tree of images)."""
-        roots: dict[str, dict] = {}
+        roots: dict[str, dict[str, Any]] = {}
         for path in paths:
             level = roots
             for name in path:
@@ -175,7 +177,7 @@ class Taxonomy:
         names = ["/".join(n.path) for n in self.levels[level]]
         return names + [END_NAME] if self.has_end[level] else names
 
-    def encode(self, path: Sequence[str]) -> np.ndarray:
+    def encode(self, path: Sequence[str]) -> IntArray:
         """Per-level indices of ``path``. Shape ``(L,)``, int64; IGNORE below a prefix, END below a leaf."""
         node = self.node(path)
         out = np.full(self.depth, IGNORE, dtype=np.int64)
@@ -186,13 +188,13 @@ class Taxonomy:
                 out[k] = self.end_index(k)
         return out
 
-    def encode_many(self, paths: Sequence[Sequence[str]]) -> np.ndarray:
+    def encode_many(self, paths: Sequence[Sequence[str]]) -> IntArray:
         """Shape ``(N, L)`` int64, one row per path (see :meth:`encode`)."""
         if not paths:
             return np.zeros((0, self.depth), dtype=np.int64)
         return np.stack([self.encode(p) for p in paths])
 
-    def candidate_paths(self, leafs_only: bool = True) -> tuple[list[Path], np.ndarray]:
+    def candidate_paths(self, leafs_only: bool = True) -> tuple[list[Path], IntArray]:
         """Every path a prediction may name, and its per-level class indices.
 
         Returns:
@@ -220,9 +222,9 @@ class Taxonomy:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
     # ----- serialisation ------------------------------------------------------------------------------
-    def to_json(self) -> list[dict]:
-        def dump(n: Node) -> dict:
-            d: dict = {"value": n.value}
+    def to_json(self) -> list[dict[str, Any]]:
+        def dump(n: Node) -> dict[str, Any]:
+            d: dict[str, Any] = {"value": n.value}
             if n.alias:
                 d["alias"] = n.alias
             if n.children:
@@ -232,8 +234,8 @@ class Taxonomy:
         return [dump(n) for n in self._roots]
 
     @classmethod
-    def from_json(cls, data: Sequence[Mapping]) -> Taxonomy:
-        def load(d: Mapping) -> Node:
+    def from_json(cls, data: Sequence[Mapping[str, Any]]) -> Taxonomy:
+        def load(d: Mapping[str, Any]) -> Node:
             return Node(str(d["value"]), d.get("alias"), [load(c) for c in d.get("children", [])])
 
         return cls([load(d) for d in data])

@@ -504,11 +504,13 @@ def test_the_server_serves_the_app_and_keeps_the_reason_phrase(tmp_path, fake_ls
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
                 time.sleep(0.2)
         assert health["status"] == "UP"
-        req = urllib.request.Request(f"{base}/setup", data=json.dumps({**setup_body(), "hostname": fake_ls.url}).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(f"{base}/setup", data=json.dumps({**setup_body(), "hostname": fake_ls.url}).encode(),
+                                     headers={"Content-Type": "application/json"})
         assert json.loads(urllib.request.urlopen(req, timeout=3).read()) == {"model_version": "untrained"}
         import requests
 
-        text_config = '<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>'
+        text_config = ('<View><Text name="t" value="$t"/>'
+                       '<Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>')
         bad = requests.post(f"{base}/setup", json={**setup_body(), "schema": text_config}, timeout=3)
         assert bad.status_code == 400 and "<Image>" in bad.reason and "<Image>" in bad.json()["error"]
         with pytest.raises(requests.HTTPError, match="no <Image> tag"):

@@ -174,7 +174,7 @@ def test_every_mismatch_is_refused(tmp_path: Path, backbone_state) -> None:
         load_bundle(tmp_path, "20200101T000000-000000")
     with pytest.raises(BundleError, match="taxonomy needs"):
         publish(tmp_path, TAX, CFG, backbone_state, small_heads(taxonomy=other), 1.0, {}, "fp")
-    with pytest.raises(BundleError, match="features \(encoder\) give 256-d"):
+    with pytest.raises(BundleError, match=r"features \(encoder\) give 256-d"):
         publish(tmp_path, TAX, CFG, backbone_state, small_heads(dim=64), 1.0, {}, "fp")
     assert list_versions(tmp_path) == [m.version]
 

@@ -304,7 +304,8 @@ def test_malformed_requests_get_clear_answers_and_the_server_keeps_serving(stack
 
 
 def test_a_label_config_we_cannot_serve_is_shown_in_label_studio(stack: Stack) -> None:
-    text_config = '<View><Text name="text" value="$text"/><Choices name="c" toName="text"><Choice value="a"/><Choice value="b"/></Choices></View>'
+    text_config = ('<View><Text name="text" value="$text"/>'
+                   '<Choices name="c" toName="text"><Choice value="a"/><Choice value="b"/></Choices></View>')
     pid = stack.ls.create_project(text_config, title="not an image project")
     answer = stack.ls.api("POST", "/api/ml", expect=(201, 400),
                           json={"project": pid, "url": stack.backend.url, "title": "taxomoco", **LS_AUTH})

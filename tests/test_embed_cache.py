@@ -85,7 +85,7 @@ def test_half_written_tail_is_invisible_and_trimmed(tmp_path: Path) -> None:
     np.testing.assert_array_equal(emb, np.stack([_row(3), _row(1)]))
 
 
-def _reader(root: str, total: int, ready: "mp.Event", queue: "mp.Queue[tuple[int, int, str]]") -> None:
+def _reader(root: str, total: int, ready: mp.Event, queue: mp.Queue[tuple[int, int, str]]) -> None:
     cache = EmbeddingCache(Path(root), "v1", DIM)
     keys = [_key(i) for i in range(total)]
     checks, problems, seen = 0, "", 0

@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ml_backend.configs import encoder_config
-from model.ssl.recipe import ImageSummary
 from ml_backend.settings import Settings
 from model.encoder.backbone import build_backbone, encoder_version, init_weights_arch
 from model.encoder.config import Arch, EncoderConfig, eval_transform
@@ -21,6 +20,7 @@ from model.encoder.embedder import Embedder
 from model.errors import ConfigError, ResourceError
 from model.ssl.augment import moco_v2_transform
 from model.ssl.config import AugmentConfig
+from model.ssl.recipe import ImageSummary
 
 
 @pytest.fixture(autouse=True)

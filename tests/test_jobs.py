@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ml_backend.labelstudio.errors import LabelStudioUnreachable
 from ml_backend.paths import ProjectPaths
 from ml_backend.settings import Settings
 from ml_backend.training import jobs
@@ -111,7 +112,7 @@ def test_job_against_unreachable_label_studio_is_recorded(tmp_path: Path) -> Non
 
     url = f"http://127.0.0.1:{free_port()}"
     jobs.use_settings(Settings.from_env(env={}, label_studio_url=url, label_studio_api_key="0123456789abcdef"))
-    with pytest.raises(Exception):
+    with pytest.raises(LabelStudioUnreachable):
         jobs.train_project(4, str(tmp_path))
     record = JobRecords(ProjectPaths(tmp_path, 4)).read()
     assert record["last_outcome"] == "failed" and "127.0.0.1" in record["last_failure"]["reason"]

@@ -19,6 +19,7 @@ from PIL import Image
 from ml_backend.labelstudio import predictions as ls_predictions
 from ml_backend.labelstudio import tabs as ls_tabs
 from ml_backend.labelstudio.client import LabelStudioClient
+from ml_backend.labelstudio.errors import LabelStudioUnreachable
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.order import LABEL_NEXT_TAB, read_queue
 from ml_backend.prelabel.progress import PrelabelState, Progress, read_progress, write_progress
@@ -234,7 +235,7 @@ def test_failure_is_recorded_and_the_next_run_resumes(trained, tmp_path: Path) -
                                    done=progress.total, after_task=max(trained["targets"]), created=progress.total))
     broken = Settings.from_env(env={}, model_dir=paths.model_dir, label_studio_url="http://127.0.0.1:9",
                                label_studio_api_key="x" * 20)
-    with pytest.raises(Exception):
+    with pytest.raises(LabelStudioUnreachable):
         run_prelabel(broken, paths)
     failed = read_progress(paths)
     assert failed is not None and failed.state is PrelabelState.FAILED and "Unreachable" in (failed.error or "")

@@ -213,8 +213,8 @@ def test_backbone_weights_from_a_whole_moco_state_dict() -> None:
 
 def test_batchnorm_statistics_are_recomputed_on_the_images_after_pretraining() -> None:
     """A short pretraining leaves running statistics near their initial values; they must describe the data."""
-    from model.encoder.config import eval_transform
     from model.encoder.batchnorm import recalibrate_batchnorm
+    from model.encoder.config import eval_transform
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(150, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(8)]

@@ -33,7 +33,8 @@ def result(*path: str) -> list[dict]:
 
 def full(client: LabelStudioClient, pid: int) -> list[tuple[int, list]]:
     """What a full pull sees: (task id, annotation ids and results) per task."""
-    return [(t.id, sorted((a["id"], json.dumps(a["result"])) for a in t.annotations)) for t in sorted(client.iter_tasks(pid), key=lambda t: t.id)]
+    tasks = sorted(client.iter_tasks(pid), key=lambda t: t.id)
+    return [(t.id, sorted((a["id"], json.dumps(a["result"])) for a in t.annotations)) for t in tasks]
 
 
 def seen(tasks) -> list[tuple[int, list]]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ml_backend.labelstudio.label_config import ConfigKind, LabelConfig
 from model.crowd.types import Annotation
 from model.errors import TaxonomyError
+from model.taxonomy import Path  # a taxonomy path: one class name per level
 
 __all__ = ["AnnotationPaths", "annotation_paths", "annotations_from_tasks", "parse_annotation"]
 
@@ -136,7 +136,7 @@ def annotations_from_tasks(tasks: Iterable[Any], config: LabelConfig) -> tuple[l
                 out.append(Annotation(int(task_id), annotator, ()))
                 continue
             parsed = parse_annotation(ann.get("result"), config)
-            for path, reason in parsed.unknown:
+            for _path, reason in parsed.unknown:
                 problems.append(f"task {task_id}, annotation {ann.get('id')} by {annotator}: {reason}")
             out.append(Annotation(
                 item=int(task_id), annotator=annotator, paths=tuple(tuple(p) for p in parsed.paths),

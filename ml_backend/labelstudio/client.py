@@ -336,7 +336,7 @@ def preload_sdk() -> None:
     from label_studio_sdk import LabelStudio  # heavy: see LabelStudioClient.sdk
     from label_studio_sdk.core.api_error import ApiError  # noqa: F401
 
-    LabelStudio(base_url="http://127.0.0.1:9", api_key="preload").projects  # the projects client loads lazily
+    _ = LabelStudio(base_url="http://127.0.0.1:9", api_key="preload").projects  # the projects client loads lazily
 
 
 def _task_record(task: Mapping[str, Any]) -> TaskRecord:

@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def ensure_authenticated_webhook(settings: Settings, conn: LSConnection, project_id: int) -> list[str]:
-    """Make every webhook of ``project_id`` to this backend send Basic auth; returns the webhook URLs that are
-    right (one webhook with the header, none without) and needed no change in this call. Empty while Label Studio shows no ML backend of this project
-    that uses this backend's Basic-auth user (e.g. during the model's first connection, whose /setup comes before
-    the record is saved).
+    """Make every webhook of ``project_id`` to this backend send Basic auth; returns the webhook URLs that are right (one
+    webhook with the header, none without) and needed no change in this call. Empty while Label Studio shows no ML
+    backend of this project that uses this backend's Basic-auth user (e.g. during the model's first connection, whose
+    /setup comes before the record is saved).
 
     Raises:
         LabelStudioError: Label Studio could not be read or changed (the token may lack the permission).

@@ -23,5 +23,6 @@ class WebhookEvent(str, Enum):
 
 
 TRAINING_EVENTS = frozenset(
-    {WebhookEvent.ANNOTATION_CREATED, WebhookEvent.ANNOTATION_UPDATED, WebhookEvent.ANNOTATIONS_DELETED, WebhookEvent.START_TRAINING}
+    {WebhookEvent.ANNOTATION_CREATED, WebhookEvent.ANNOTATION_UPDATED, WebhookEvent.ANNOTATIONS_DELETED,
+     WebhookEvent.START_TRAINING}
 )

@@ -319,7 +319,7 @@ class EmbeddedScheduler(Scheduler):
         with self._cond:
             if self._stopping or self._spare is not None:
                 return
-        spare = self._start_child()
+        spare: _Child | None = self._start_child()
         with self._cond:
             if not self._stopping and self._spare is None:
                 self._spare, spare = spare, None

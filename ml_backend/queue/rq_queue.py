@@ -185,8 +185,9 @@ class RQScheduler(Scheduler):
         if not running and sum(q.count for q in self.queues.values()) >= self.settings.train_queue_max_projects:
             return {"action": ScheduleAction.DROPPED.value, "job_id": None}
         slot = 1 - running[0] if running else 0
-        if jobs[slot] is not None:
-            jobs[slot].delete()  # a finished/failed run under this id; its outcome is in the job record
+        old = jobs[slot]
+        if old is not None:
+            old.delete()  # a finished/failed run under this id; its outcome is in the job record
         queue_name = self.queue_for(pid, force_pretrain)
         job = self.queues[queue_name].enqueue(
             self.job_func,

@@ -252,4 +252,5 @@ class ModelStore:
             entry.loaded_at = time.time()
             entry.last_check = -1e9  # re-probe on the next call: LIVE may have moved during the load
             self._cond.notify_all()
-        log.info("project %s: serving model version %s (was %s), loaded in %.2f s", pid, model.version, old, time.monotonic() - t0)
+        log.info("project %s: serving model version %s (was %s), loaded in %.2f s", pid, model.version, old,
+                 time.monotonic() - t0)

@@ -78,7 +78,7 @@ def save_model_probs(paths: ProjectPaths, level_probs: Mapping[int, Sequence[Any
     arrays = {"items": np.asarray(items, dtype=np.int64)}
     for k in range(depth):
         arrays[f"level_{k}"] = np.stack([np.asarray(level_probs[i][k], dtype=np.float32) for i in items])
-    atomic_write(paths.model_probs, lambda out: np.savez_compressed(out, **arrays))
+    atomic_write(paths.model_probs, lambda out: np.savez_compressed(out, allow_pickle=False, **arrays))
 
 
 def load_model_probs(paths: ProjectPaths) -> dict[int, list[np.ndarray]] | None:

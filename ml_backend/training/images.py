@@ -2,7 +2,8 @@
 
 ``ProjectPaths.images`` holds one file per distinct image (named by its sha256); ``images/index.json`` maps an
 image URL — made absolute with the project's Label Studio origin — to the hash of what it gave, so a later run
-fetches only new values, and a project moved to another Label Studio never reuses the old origin's images. The serving limits apply:
+fetches only new values, and a project moved to another Label Studio never reuses the old origin's images.
+The serving limits apply:
 an image that is not an image, or has more pixels than ``IMAGE_MAX_PIXELS``, is refused from its header.
 """
 

@@ -2,7 +2,8 @@
 
 A project with fewer than ``PRETRAIN_MIN_IMAGES`` images is never pretrained unless asked (self-supervision on so
 few images measured worse than plain pixel features): its heads train on the initial encoder and the model choice
-compares them with plain image features. Otherwise a project is pretrained on its first training, when asked (``force_pretrain`` / ``POST /train``), when the live
+compares them with plain image features. Otherwise a project is pretrained on its first training, when asked
+(``force_pretrain`` / ``POST /train``), when the live
 encoder is missing, and when it grew by ``REPRETRAIN_NEW_FRACTION`` since the last pretraining; otherwise only the
 heads train on the live encoder. ``ProjectPaths.pretrain_record`` / ``pretrain_request`` hold the state.
 """

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from model.arrays import FloatArray
 from model.crowd.dawid_skene import CrowdConfig, CrowdFit, Observations, fit_crowd
 from model.crowd.flags import annotator_stats, apply_policy, find_flags
 from model.crowd.path_decode import CHUNK, PathDecoder
@@ -41,7 +42,7 @@ def consensus(
     annotations: Sequence[Annotation],
     taxonomy: Taxonomy,
     policy: ConsensusPolicy = ConsensusPolicy(),
-    level_probs: Mapping[int, Sequence[np.ndarray]] | None = None,
+    level_probs: Mapping[int, Sequence[FloatArray]] | None = None,
     crowd_config: CrowdConfig = CrowdConfig(),
 ) -> ConsensusResult:
     """Consensus paths, their quality, annotator statistics and flags for all items.
@@ -114,10 +115,10 @@ def consensus(
 
 
 def _model_matrices(
-    level_probs: Mapping[int, Sequence[np.ndarray]], items: list[int], row: dict[int, int], taxonomy: Taxonomy
-) -> list[np.ndarray]:
+    level_probs: Mapping[int, Sequence[FloatArray]], items: list[int], row: dict[int, int], taxonomy: Taxonomy
+) -> list[FloatArray]:
     """Per level ``(N, K_k)`` model probabilities (rows of zeros where the model has no opinion)."""
-    mats = [np.zeros((len(items), taxonomy.num_classes(k))) for k in range(taxonomy.depth)]
+    mats: list[FloatArray] = [np.zeros((len(items), taxonomy.num_classes(k))) for k in range(taxonomy.depth)]
     for item, probs in level_probs.items():
         if int(item) not in row:
             continue

@@ -32,6 +32,8 @@ import numpy as np
 from scipy import sparse
 from scipy.special import log_softmax, softmax
 
+from model.arrays import FloatArray, IntArray
+
 __all__ = ["CrowdConfig", "CrowdFit", "Observations", "fit_crowd"]
 
 
@@ -75,10 +77,10 @@ class Observations:
         weight: ``(E,)`` float64 in ``(0, 1]``; the weights of one annotator on one item sum to at most 1.
     """
 
-    item: np.ndarray
-    annotator: np.ndarray
-    label: np.ndarray
-    weight: np.ndarray
+    item: IntArray
+    annotator: IntArray
+    label: IntArray
+    weight: FloatArray
 
     def matrix(self, n_items: int, n_annotators: int, n_classes: int) -> sparse.csr_matrix:
         """``G``: shape ``(N, A*K)``, duplicate entries summed."""
@@ -104,17 +106,18 @@ class CrowdFit:
         iterations: EM iterations run.
     """
 
-    posterior: np.ndarray
-    confusion: np.ndarray | None
-    prior: np.ndarray
+    posterior: FloatArray
+    confusion: FloatArray | None
+    prior: FloatArray
     model_temperature: float | None
     full_confusion: bool
-    accuracy: np.ndarray
+    accuracy: FloatArray
     iterations: int
 
 
-def _normalise_rows(counts: np.ndarray) -> np.ndarray:
-    return counts / counts.sum(axis=-1, keepdims=True)
+def _normalise_rows(counts: FloatArray) -> FloatArray:
+    rows: FloatArray = counts / counts.sum(axis=-1, keepdims=True)
+    return rows
 
 
 def fit_crowd(
@@ -122,7 +125,7 @@ def fit_crowd(
     n_items: int,
     n_annotators: int,
     n_classes: int,
-    model_probs: np.ndarray | None = None,
+    model_probs: FloatArray | None = None,
     config: CrowdConfig = CrowdConfig(),
 ) -> CrowdFit:
     """Estimate each item's true class and each annotator's confusion matrix.
@@ -160,19 +163,19 @@ def fit_crowd(
     # Start from the majority vote (the model breaks ties and covers unlabelled items).
     T = _normalise_rows(votes + 1e-3 * (P if P is not None else 0.0) + 1e-9)
     beta: float | None = None
-    prior = np.full(K, 1.0 / K)
+    prior: FloatArray = np.full(K, 1.0 / K)
     full_allowed = A * K * K <= config.max_full_cells
     iterations = 0
-    fits: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, float | None, float]] = []
+    fits: list[tuple[FloatArray, FloatArray, FloatArray | None, FloatArray, float | None, float]] = []
     for one_coin, budget in ((True, config.one_coin_iter), (False, config.max_iter if full_allowed else 0)):
         loglik = 0.0
-        confusion: np.ndarray | None = None
+        confusion: FloatArray | None = None
         for _ in range(budget):
             iterations += 1
             # M-step: class prior, one-coin accuracies, and (second stage) the full confusion matrices.
             prior = (T.sum(axis=0) + config.prior_count) / (N + K * config.prior_count)
             right = np.bincount(obs.annotator, weights=obs.weight * T[obs.item, obs.label], minlength=A)
-            acc = (right + config.diag_prior) / (w_sum + config.diag_prior + config.off_prior)  # (A,)
+            acc: FloatArray = (right + config.diag_prior) / (w_sum + config.diag_prior + config.off_prior)  # (A,)
             off = (1.0 - acc) / max(K - 1, 1)  # (A,) probability of each particular wrong class
             if one_coin:
                 # E-step, one-coin: sum over labels of log(off) + [given == c] * log(acc / off).
@@ -222,7 +225,7 @@ def fit_crowd(
     return CrowdFit(T, confusion, prior, beta, full, acc, iterations)
 
 
-def _fit_temperature(log_p: np.ndarray, target: np.ndarray, beta: float, steps: int = 20) -> float:
+def _fit_temperature(log_p: FloatArray, target: IntArray, beta: float, steps: int = 20) -> float:
     """``beta >= 0`` maximising sum ``target * log softmax(beta * log_p)`` (Newton steps; the objective is concave).
 
     Args:

@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from model.crowd.types import BLOCKING, AnnotatorStats, ConsensusResult, Flag, FlagKind, ItemConsensus, Source
+from model.crowd.types import BLOCKING, AnnotatorStats, ConsensusPolicy, ConsensusResult, Flag, FlagKind, ItemConsensus, Source
 from model.taxonomy import Path, Taxonomy
 
 __all__ = ["annotator_stats", "apply_policy", "find_flags"]
@@ -61,12 +61,12 @@ def find_flags(result: ConsensusResult, taxonomy: Taxonomy) -> list[Flag]:
                 continue
             if g.model_prob > 1.0 - policy.model_confidence:
                 continue
-            k = g.first_wrong_level
-            if k is None:
+            level = g.first_wrong_level
+            if level is None:
                 model_code = ic.model_path or ()
-                k = next((k for k in range(len(g.paths[0])) if k >= len(model_code) or g.paths[0][k] != model_code[k]), 0)
+                level = next((k for k in range(len(g.paths[0])) if k >= len(model_code) or g.paths[0][k] != model_code[k]), 0)
             flags.append(Flag(
-                FlagKind.LABEL_ERROR_CANDIDATE, item, k, 1.0 - g.quality,
+                FlagKind.LABEL_ERROR_CANDIDATE, item, level, 1.0 - g.quality,
                 f"Label {', '.join(_fmt(p) for p in g.paths)} by {g.annotator} is probably wrong "
                 f"(p={g.quality:.2f}; the model gives it {g.model_prob:.2f} and prefers {_fmt(ic.model_path)}).",
                 annotator=g.annotator, given=g.paths, suggested=ic.path,
@@ -79,8 +79,8 @@ def annotator_stats(result: ConsensusResult, taxonomy: Taxonomy) -> dict[str, An
     """Per annotator: quality, per-level accuracy, count, agreement and the confusions that dominate."""
     qualities: dict[str, list[float]] = {a: [] for a in result.annotator_order}
     agree: dict[str, list[bool]] = {a: [] for a in result.annotator_order}
-    wrong_at: dict[str, Counter] = {a: Counter() for a in result.annotator_order}
-    confusions: dict[str, Counter] = {a: Counter() for a in result.annotator_order}
+    wrong_at: dict[str, Counter[int]] = {a: Counter() for a in result.annotator_order}
+    confusions: dict[str, Counter[tuple[int, str, str]]] = {a: Counter() for a in result.annotator_order}
     for ic in result.items.values():
         if ic.path is None:
             continue
@@ -129,7 +129,7 @@ def apply_policy(result: ConsensusResult) -> None:
             result.excluded[item] = reason
 
 
-def _exclusion(ic: ItemConsensus, policy, flag: Flag | None) -> str | None:
+def _exclusion(ic: ItemConsensus, policy: ConsensusPolicy, flag: Flag | None) -> str | None:
     if ic.path is None:
         return "no label: every annotation is cancelled, empty, or uses labels no longer in the label config"
     if ic.source in (Source.GROUND_TRUTH, Source.REVIEWED):

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy.special import softmax
 
+from model.arrays import BoolArray, FloatArray, IntArray
 from model.crowd.dawid_skene import CrowdFit
 from model.crowd.types import ConsensusPolicy, GivenLabel, ItemConsensus, Source, Vote
 from model.crowd.votes import level_weights, vote_tier
@@ -38,7 +39,7 @@ class PathDecoder:
     """
 
     def __init__(
-        self, taxonomy: Taxonomy, fits: list[CrowdFit], evidence: np.ndarray, model: list[np.ndarray] | None,
+        self, taxonomy: Taxonomy, fits: list[CrowdFit], evidence: FloatArray, model: list[FloatArray] | None,
         codes: Mapping[Path, Sequence[int]],
     ) -> None:
         self.taxonomy = taxonomy
@@ -47,11 +48,12 @@ class PathDecoder:
         self.paths, self.index = taxonomy.candidate_paths(leafs_only=True)  # P paths, (P, L)
         self.evidence = evidence  # (N, L)
         self.log_post = [np.log(np.clip(f.posterior, 1e-300, None)) for f in fits]  # L x (N, K_k)
-        self.has_model = None if model is None else np.stack([m.sum(axis=1) > 0 for m in model], 1).any(1)  # (N,)
+        # (N,) whether the model has an opinion on the item
+        self.has_model: BoolArray | None = None if model is None else np.any(np.stack([m.sum(axis=1) > 0 for m in model], 1), 1)
         self.model_log = None if model is None else [np.log(np.clip(m, 1e-12, None)) for m in model]
         self._under: dict[Path, tuple[int, ...]] = {}  # path -> candidate rows under it
 
-    def path_probs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def path_probs(self, rows: IntArray) -> tuple[FloatArray, FloatArray | None]:
         """Probabilities of every full path for the item ``rows``.
 
         Returns:
@@ -111,7 +113,9 @@ class PathDecoder:
             mp = None if model_probs is None else sum(self._mass(model_probs, p) for p in v.paths) / len(v.paths)
             given.append(GivenLabel(v.annotator, v.paths, q, mp, first_wrong(v.paths, path), v.ground_truth, v.reviewed))
 
-        level_votes, pairwise, agreement = [], [], []
+        level_votes: list[dict[str, float]] = []
+        pairwise: list[float | None] = []
+        agreement: list[float | None] = []
         first_div = None
         target = (self.taxonomy.encode(path) if path else np.full(L, IGNORE)).tolist()
         for k in range(L):

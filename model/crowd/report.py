@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict
+from typing import Any
 
 from model.crowd.types import ConsensusResult, Flag, ItemConsensus
 
 __all__ = ["result_to_json", "review_list"]
 
 
-def review_list(result: ConsensusResult) -> list[dict]:
+def review_list(result: ConsensusResult) -> list[dict[str, Any]]:
     """Items to review, most urgent first: ``{"item", "score", "kinds", "level", "consensus", "quality", "messages"}``."""
     by_item: dict[int, list[Flag]] = {}
     for f in result.flags:
         by_item.setdefault(f.item, []).append(f)
-    entries = []
+    entries: list[dict[str, Any]] = []
     for item, flags in by_item.items():
         ic = result.items[item]
         top = max(flags, key=lambda f: f.score)
@@ -29,7 +30,7 @@ def review_list(result: ConsensusResult) -> list[dict]:
     return entries
 
 
-def _item_json(ic: ItemConsensus) -> dict:
+def _item_json(ic: ItemConsensus) -> dict[str, Any]:
     return {
         "item": ic.item, "consensus": None if ic.path is None else list(ic.path), "quality": round(ic.quality, 6),
         "level_quality": [round(q, 6) for q in ic.level_quality], "source": ic.source.value,
@@ -50,7 +51,7 @@ def _item_json(ic: ItemConsensus) -> dict:
     }
 
 
-def result_to_json(result: ConsensusResult) -> dict:
+def result_to_json(result: ConsensusResult) -> dict[str, Any]:
     """The whole result as JSON-ready dicts (the report's data)."""
     counts = Counter(f.kind.value for f in result.flags)
     return {
@@ -66,7 +67,7 @@ def result_to_json(result: ConsensusResult) -> dict:
             {**asdict(s), "quality": round(s.quality, 6),
              "agreement_with_consensus": round(s.agreement_with_consensus, 6),
              "confusions": [{"given": g, "consensus": c, "count": n} for g, c, n in s.confusions]}
-            for s in sorted(result.annotators.values(), key=lambda s: s.quality)  # type: ignore[attr-defined]
+            for s in sorted(result.annotators.values(), key=lambda s: s.quality)
         ],
         "items": [_item_json(ic) for ic in result.items.values()],
         "excluded": {str(k): v for k, v in result.excluded.items()},

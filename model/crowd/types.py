@@ -9,12 +9,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Any
 
-import numpy as np
-
+from model.arrays import FloatArray
 from model.crowd.dawid_skene import CrowdFit
 from model.errors import ConfigError
+from model.taxonomy import Path  # a taxonomy path: one class name per level
 
 __all__ = [
     "Annotation",
@@ -179,17 +179,17 @@ class ConsensusResult:
     labels: dict[int, Path]
     excluded: dict[int, str]
     items: dict[int, ItemConsensus]
-    annotators: dict[str, object]
-    flags: list
+    annotators: dict[str, AnnotatorStats]
+    flags: list[Flag]
     policy: ConsensusPolicy
     problems: list[str] = field(default_factory=list)
     level_fits: list[CrowdFit] = field(default_factory=list, repr=False)
     item_order: list[int] = field(default_factory=list, repr=False)
     annotator_order: list[str] = field(default_factory=list, repr=False)
     used_model: bool = False
-    level_probs: Mapping[int, Sequence[np.ndarray]] | None = field(default=None, repr=False)
+    level_probs: Mapping[int, Sequence[FloatArray]] | None = field(default=None, repr=False)
 
-    def policy_record(self) -> dict:
+    def policy_record(self) -> dict[str, Any]:
         """What the model manifest records about the training labels."""
         return {
             "consensus_method": "dawid-skene per level" + (" + model" if self.used_model else "") + ", taxonomy-decoded",
@@ -254,7 +254,7 @@ class Flag:
         labels = "|".join("/".join(p) for p in self.given or ())
         return f"{self.kind.value}:{self.item}:{self.level}:{self.annotator or ''}:{labels}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind.value, "item": self.item, "level": self.level, "score": round(self.score, 6),
             "message": self.message, "annotator": self.annotator,

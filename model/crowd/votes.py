@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from model.crowd.types import Annotation, Vote
 from model.errors import TaxonomyError
-from model.taxonomy import IGNORE, Taxonomy
+from model.taxonomy import IGNORE, Path, Taxonomy  # Path: a taxonomy path, one class name per level
 
 __all__ = ["level_weights", "vote_tier"]
 

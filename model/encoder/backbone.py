@@ -17,7 +17,16 @@ from torchvision.models.resnet import BasicBlock
 from model.encoder.config import _WIDTHS, Arch, EncoderConfig
 from model.errors import ConfigError
 
-__all__ = ["ResNetBackbone", "build_backbone", "encoder_version", "init_weights_arch", "load_backbone_weights"]
+__all__ = ["ResNetBackbone", "build_backbone", "embedding_dim", "encoder_version", "init_weights_arch",
+           "load_backbone_weights"]
+
+
+def embedding_dim(backbone: nn.Module) -> int:
+    """The embedding width ``D`` of a backbone: its ``out_dim`` attribute (an int)."""
+    dim = getattr(backbone, "out_dim", None)  # any module with out_dim, not only ResNetBackbone
+    if not isinstance(dim, int):
+        raise ConfigError(f"{type(backbone).__name__} has no integer out_dim; a backbone must say its embedding width.")
+    return dim
 
 
 class ResNetBackbone(nn.Module):

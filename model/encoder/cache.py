@@ -19,19 +19,20 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model.arrays import BoolArray, FloatArray
 from model.errors import ConfigError, DataError
 
 __all__ = ["EmbeddingCache", "embed_through_cache"]
 
 if TYPE_CHECKING:
-    from model.encoder.embedder import Embedder
+    from model.features.extractor import Extractor
     from model.images import ImageSource
 
 _KEY_BYTES = 32
@@ -72,7 +73,7 @@ class EmbeddingCache:
         self._keys_path = self.dir / "keys.bin"
         self._index: dict[bytes, int] = {}
         self._keys_read = 0  # records of keys.bin already in _index
-        self._rows: np.memmap | None = None
+        self._rows: np.memmap[Any, np.dtype[np.float32]] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -131,7 +132,7 @@ class EmbeddingCache:
         self.refresh()
         return _digest(h) in self._index
 
-    def get(self, hashes: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, hashes: Iterable[str]) -> tuple[FloatArray, BoolArray]:
         """Looks embeddings up.
 
         Args:
@@ -150,7 +151,7 @@ class EmbeddingCache:
             out[found] = self._rows[rows[found]]
         return out, found
 
-    def put(self, hashes: Iterable[str], emb: np.ndarray) -> int:
+    def put(self, hashes: Iterable[str], emb: FloatArray) -> int:
         """Stores embeddings; keys already present are left as they are.
 
         Args:
@@ -196,12 +197,12 @@ class EmbeddingCache:
 
 
 def embed_through_cache(
-    embedder: Embedder,
+    embedder: Extractor,
     cache: EmbeddingCache | None,
     images: Sequence[ImageSource | None],
     hashes: Sequence[str | None] | None,
     progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[FloatArray, BoolArray]:
     """Embeddings of ``images``, read from ``cache`` where their content hash is known, computed (and stored)
     otherwise.
 
@@ -219,19 +220,22 @@ def embed_through_cache(
     n = len(images)
     out = np.full((n, embedder.out_dim), np.nan, dtype=np.float32)  # (N, D)
     ok = np.zeros(n, dtype=bool)
-    keyed = [i for i in range(n) if cache is not None and hashes is not None and hashes[i]]
-    if keyed:
-        got, found = cache.get([hashes[i] for i in keyed])  # type: ignore[index, union-attr]
+    key_of: dict[int, str] = {}  # row -> content hash, for the rows the cache can answer or store
+    if cache is not None and hashes is not None:
+        key_of = {i: h for i, h in enumerate(hashes) if h}
+    if cache is not None and key_of:
+        keyed = list(key_of)
+        got, found = cache.get([key_of[i] for i in keyed])
         rows = [i for i, hit in zip(keyed, found) if hit]
         out[rows] = got[found]
         ok[rows] = True
-    todo = [i for i in range(n) if not ok[i] and images[i] is not None]
+    todo = [(i, image) for i, image in enumerate(images) if not ok[i] and image is not None]
     if todo:
-        new, new_ok = embedder.embed_with_mask([images[i] for i in todo], progress=progress)  # (M, D), (M,)
-        rows = [i for i, good in zip(todo, new_ok) if good]
+        new, new_ok = embedder.embed_with_mask([image for _, image in todo], progress=progress)  # (M, D), (M,)
+        rows = [i for (i, _), good in zip(todo, new_ok) if good]
         out[rows] = new[new_ok]
         ok[rows] = True
-        store = [i for i in rows if hashes is not None and hashes[i]]
+        store = [i for i in rows if i in key_of]
         if cache is not None and store:
-            cache.put([hashes[i] for i in store], out[store])  # type: ignore[index]
+            cache.put([key_of[i] for i in store], out[store])
     return out, ok

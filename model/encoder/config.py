@@ -77,7 +77,7 @@ class EncoderConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
+    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:

@@ -27,7 +27,7 @@ def cpu_has_bf16() -> bool:
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast is worth using on ``device``."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return bool(torch.cuda.is_bf16_supported())
     return device.type == "cpu" and cpu_has_bf16()
 
 

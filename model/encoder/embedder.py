@@ -8,8 +8,9 @@ that runs out of memory is split in halves and retried.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from model.arrays import BoolArray, FloatArray, IntArray
 from model.data import ImageListDataset, collate_skipping
+from model.encoder.backbone import embedding_dim
 from model.encoder.config import EncoderConfig, eval_transform
 from model.encoder.device import bf16_supported, resolve_device
 from model.errors import ConfigError, ResourceError
@@ -82,7 +85,7 @@ class Embedder:
         self.num_workers = num_workers
         self.bf16 = bf16_supported(self.device) if bf16 is None else bf16
         self.channels_last = channels_last
-        self.out_dim = int(getattr(backbone, "out_dim"))
+        self.out_dim = embedding_dim(backbone)
         self.transform = eval_transform(cfg)
         self.backbone = backbone.to(self.device).eval()
         if channels_last:
@@ -119,7 +122,7 @@ class Embedder:
         return torch.cat(outs)
 
     @torch.inference_mode()
-    def embed_tensors(self, x: torch.Tensor) -> np.ndarray:
+    def embed_tensors(self, x: torch.Tensor) -> FloatArray:
         """Embeds already preprocessed images.
 
         Args:
@@ -131,14 +134,17 @@ class Embedder:
         out = [self._forward(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.out_dim), np.float32)
 
-    def _dataset(self, images: Sequence[ImageSource] | Dataset) -> Dataset:
+    def _dataset(self, images: Sequence[ImageSource] | Dataset[Any]) -> tuple[Dataset[Any], int]:
+        """The dataset to load and its length."""
         if isinstance(images, Dataset):
-            return images
-        return ImageListDataset(images, self.transform)
+            if not isinstance(images, Sized):
+                raise ConfigError(f"{type(images).__name__} has no length; give the embedder a map-style dataset with __len__.")
+            return images, len(images)
+        return ImageListDataset(images, self.transform), len(images)
 
     def iter_batches(
-        self, images: Sequence[ImageSource] | Dataset, progress: bool = False
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self, images: Sequence[ImageSource] | Dataset[Any], progress: bool = False
+    ) -> Iterator[tuple[IntArray, FloatArray]]:
         """Embeds images batch by batch.
 
         A ``Dataset`` must yield what :class:`~model.images.ImageListDataset` yields (``(tensor, index)``
@@ -151,7 +157,7 @@ class Embedder:
         Yields:
             ``(indices (B,) int64, embeddings (B, D) float32)`` in input order.
         """
-        dataset = self._dataset(images)
+        dataset, n = self._dataset(images)
         self.stats = EmbedStats(batch_size=self._chunk)
         loader = DataLoader(
             dataset,
@@ -162,7 +168,7 @@ class Embedder:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
-        with tqdm(total=len(dataset), desc="embed", unit="img", disable=not progress) as bar:
+        with tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar:
             for x, indices, skipped in loader:
                 self.stats.skipped.extend(skipped)
                 if x is not None:
@@ -173,8 +179,8 @@ class Embedder:
                 bar.update(len(indices) + len(skipped))
 
     def embed_into(
-        self, images: Sequence[ImageSource] | Dataset, out: np.ndarray, progress: bool = False
-    ) -> np.ndarray:
+        self, images: Sequence[ImageSource] | Dataset[Any], out: FloatArray, progress: bool = False
+    ) -> BoolArray:
         """Embeds images straight into a caller-given array (e.g. an ``np.memmap``), batch by batch.
 
         Args:
@@ -185,7 +191,7 @@ class Embedder:
         Returns:
             ``ok`` ``(N,)`` bool: True where a row was written.
         """
-        n = len(images)
+        _, n = self._dataset(images)
         if out.shape != (n, self.out_dim):
             raise ConfigError(f"output array has shape {out.shape}; expected ({n}, {self.out_dim}).")
         ok = np.zeros(n, dtype=bool)
@@ -195,18 +201,19 @@ class Embedder:
         return ok
 
     def embed_with_mask(
-        self, images: Sequence[ImageSource] | Dataset, progress: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, images: Sequence[ImageSource] | Dataset[Any], progress: bool = False
+    ) -> tuple[FloatArray, BoolArray]:
         """Embeds images in memory and says which could be read.
 
         Returns:
             ``(embeddings (N, D) float32, ok (N,) bool)``; rows where ``ok`` is False are NaN.
         """
-        out = np.full((len(images), self.out_dim), np.nan, dtype=np.float32)
+        _, n = self._dataset(images)
+        out = np.full((n, self.out_dim), np.nan, dtype=np.float32)  # (N, D)
         ok = self.embed_into(images, out, progress=progress)
         return out, ok
 
-    def embed(self, images: Sequence[ImageSource] | Dataset, progress: bool = False) -> np.ndarray:
+    def embed(self, images: Sequence[ImageSource] | Dataset[Any], progress: bool = False) -> FloatArray:
         """Embeds images in memory.
 
         Args:

@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
+from model.arrays import BoolArray, FloatArray
 from model.encoder.backbone import build_backbone
 from model.encoder.config import EncoderConfig
 from model.encoder.embedder import Embedder
@@ -42,7 +42,7 @@ class Extractor(Protocol):
 
     out_dim: int
 
-    def embed_with_mask(self, images: Sequence[ImageSource], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def embed_with_mask(self, images: Sequence[ImageSource], progress: bool = False) -> tuple[FloatArray, BoolArray]:
         ...
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from model.arrays import BoolArray, FloatArray
 from model.data import ImageListDataset, Skipped
 from model.errors import ConfigError
 from model.images import ImageSource
@@ -70,7 +71,7 @@ class PixelConfig:
         return cls(**data)
 
 
-def pixel_vector(img: Image.Image, cfg: PixelConfig) -> np.ndarray:
+def pixel_vector(img: Image.Image, cfg: PixelConfig) -> FloatArray:
     """The features of one RGB image: ``(D,)`` float32."""
     rgb = img if img.mode == "RGB" else img.convert("RGB")
     w, h = rgb.size
@@ -98,7 +99,7 @@ class PixelFeatures:
         self.version = self.cfg.version
         self.max_pixels = max_pixels
 
-    def embed_with_mask(self, images: Sequence[ImageSource], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def embed_with_mask(self, images: Sequence[ImageSource], progress: bool = False) -> tuple[FloatArray, BoolArray]:
         """Features of images (paths, bytes, PIL images, uint8 arrays).
 
         Returns:
@@ -114,6 +115,6 @@ class PixelFeatures:
             out[i], ok[i] = item[0], True
         return out, ok
 
-    def embed(self, images: Sequence[ImageSource], progress: bool = False) -> np.ndarray:
+    def embed(self, images: Sequence[ImageSource], progress: bool = False) -> FloatArray:
         """Features ``(N, D)``; NaN rows for unreadable images."""
         return self.embed_with_mask(images, progress)[0]

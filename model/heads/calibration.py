@@ -11,6 +11,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
 
+from model.arrays import FloatArray, IntArray
 from model.errors import DataError
 from model.heads.decode import LevelLogits, as_float64, full_path_log_probs, target_membership
 from model.taxonomy import IGNORE, Taxonomy
@@ -19,8 +20,8 @@ __all__ = ["fit_temperature", "path_nll"]
 
 
 def path_nll(
-    level_logits: LevelLogits, targets: np.ndarray, taxonomy: Taxonomy, temperature: float = 1.0
-) -> np.ndarray:
+    level_logits: LevelLogits, targets: IntArray, taxonomy: Taxonomy, temperature: float = 1.0
+) -> FloatArray:
     """Negative log-likelihood of each row's known (prefix of its) path, ``(N,)``; NaN for unlabelled rows."""
     logp_full = full_path_log_probs(level_logits, taxonomy, temperature)
     targets = np.asarray(targets)
@@ -33,7 +34,7 @@ def path_nll(
 
 def fit_temperature(
     level_logits: LevelLogits,
-    targets: np.ndarray,
+    targets: IntArray,
     taxonomy: Taxonomy,
     bounds: tuple[float, float] = (0.05, 20.0),
     prior_std: float = 1.0,

@@ -24,8 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-import numpy as np
-
+from model.arrays import FloatArray, IntArray
 from model.errors import ConfigError
 from model.heads.heads import HeadsConfig, TaxonomyHeads, train_heads
 from model.heads.linear import logistic_heads, prototype_heads
@@ -59,7 +58,7 @@ class Candidate:
     rank: int
     description: str
 
-    def train(self, emb: np.ndarray, targets: np.ndarray, num_classes: list[int],
+    def train(self, emb: FloatArray, targets: IntArray, num_classes: list[int],
               heads_cfg: HeadsConfig | None = None) -> TaxonomyHeads:
         """Fit this candidate's heads on labelled features ``(N, D)`` and targets ``(N, L)``."""
         if self.head is HeadKind.PROTOTYPES:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy.special import log_softmax, logsumexp
 
+from model.arrays import BoolArray, FloatArray, IntArray
 from model.errors import DataError
 from model.taxonomy import IGNORE, Path, Taxonomy
 
@@ -31,7 +32,7 @@ __all__ = [
     "target_membership",
 ]
 
-LevelLogits = Sequence[np.ndarray | torch.Tensor]
+LevelLogits = Sequence[FloatArray | torch.Tensor]
 
 
 @dataclass
@@ -51,7 +52,7 @@ class PathPrediction:
     alternatives: list[PathPrediction] = field(default_factory=list)
 
 
-def as_float64(level_logits: LevelLogits, taxonomy: Taxonomy) -> list[np.ndarray]:
+def as_float64(level_logits: LevelLogits, taxonomy: Taxonomy) -> list[FloatArray]:
     arrays = [
         (t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64))
         for t in level_logits
@@ -71,7 +72,7 @@ def as_float64(level_logits: LevelLogits, taxonomy: Taxonomy) -> list[np.ndarray
     return arrays
 
 
-def full_path_log_probs(level_logits: LevelLogits, taxonomy: Taxonomy, temperature: float = 1.0) -> np.ndarray:
+def full_path_log_probs(level_logits: LevelLogits, taxonomy: Taxonomy, temperature: float = 1.0) -> FloatArray:
     """Log-probabilities of every full path (``taxonomy.candidate_paths(True)`` order), renormalised.
 
     Args:
@@ -92,7 +93,7 @@ def full_path_log_probs(level_logits: LevelLogits, taxonomy: Taxonomy, temperatu
     return logp - logsumexp(logp, axis=1)[:, None]
 
 
-def target_membership(targets: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
+def target_membership(targets: IntArray, taxonomy: Taxonomy) -> BoolArray:
     """``(N, P_full)`` bool: full path j agrees with every known (non-IGNORE) level of row i."""
     _, index = taxonomy.candidate_paths(leafs_only=True)  # (P_full, L)
     known = targets != IGNORE  # (N, L)
@@ -100,22 +101,23 @@ def target_membership(targets: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
     return np.asarray(agree.all(axis=2))
 
 
-def _membership(taxonomy: Taxonomy, leafs_only: bool) -> np.ndarray:
+def _membership(taxonomy: Taxonomy, leafs_only: bool) -> BoolArray:
     """``(P, P_full)`` bool: full path j lies under (or is) candidate path i of ``candidate_paths(leafs_only)``."""
     _, index = taxonomy.candidate_paths(leafs_only=leafs_only)  # (P, L), IGNORE below inner nodes
     return target_membership(index, taxonomy)
 
 
-def _marginals(logp_full: np.ndarray, member: np.ndarray) -> np.ndarray:
+def _marginals(logp_full: FloatArray, member: BoolArray) -> FloatArray:
     """Log marginals ``(N, P)`` of candidate sets ``member (P, P_full)`` from full-path log-probs ``(N, P_full)``."""
     m = logp_full.max(axis=1, keepdims=True)  # (N, 1)
     with np.errstate(divide="ignore"):
-        return np.log(np.exp(logp_full - m) @ member.T.astype(np.float64)) + m
+        marginals: FloatArray = np.log(np.exp(logp_full - m) @ member.T.astype(np.float64)) + m
+    return marginals
 
 
 def path_log_probs(
     level_logits: LevelLogits, taxonomy: Taxonomy, leafs_only: bool = True, temperature: float = 1.0
-) -> tuple[list[Path], np.ndarray]:
+) -> tuple[list[Path], FloatArray]:
     """Log-probability of every candidate path.
 
     Args:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from model.arrays import FloatArray, IntArray
 from model.errors import ConfigError, DataError
 from model.taxonomy import IGNORE, Taxonomy
 
@@ -91,14 +93,14 @@ class HeadsConfig:
             raise ConfigError(f"HeadsConfig lr must be positive (got {self.lr}); the default is 2e-3.")
         object.__setattr__(self, "normalization", Normalization(self.normalization))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for manifests)."""
         d = asdict(self)
         d["normalization"] = self.normalization.value
         return d
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> HeadsConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> HeadsConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused so a typo does not pass silently."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
@@ -121,6 +123,9 @@ class TaxonomyHeads(nn.Module):
         normalization: embedding normalisation; standardisation statistics are buffers ``mean``/``std``
             (set by :func:`train_heads`, identity until then).
     """
+
+    mean: Tensor  # (D,) buffer
+    std: Tensor  # (D,) buffer
 
     def __init__(
         self,
@@ -165,7 +170,7 @@ class TaxonomyHeads(nn.Module):
         x = self.normalize(emb)  # (N, D)
         return [head(x) for head in self.heads]
 
-    def architecture(self) -> dict:
+    def architecture(self) -> dict[str, Any]:
         """The constructor arguments (JSON-able), enough to rebuild the module before loading its weights."""
         return {
             "in_dim": self.in_dim,
@@ -219,12 +224,13 @@ def _class_weights(col: Tensor, k: int) -> Tensor:
 def _sample_weights(targets: Tensor) -> Tensor:
     """Per-sample draw weights ``(N,)`` inversely proportional to the count of the sample's target row."""
     _, inverse, counts = torch.unique(targets, dim=0, return_inverse=True, return_counts=True)
-    return 1.0 / counts[inverse].float()
+    weights: Tensor = 1.0 / counts[inverse].float()
+    return weights
 
 
 def train_heads(
-    emb: np.ndarray | Tensor,
-    targets: np.ndarray | Tensor,
+    emb: FloatArray | Tensor,
+    targets: IntArray | Tensor,
     num_classes: Sequence[int] | Taxonomy,
     cfg: HeadsConfig | None = None,
     progress: bool = False,
@@ -335,7 +341,7 @@ def _train_heads(
                 )
             opt.zero_grad(set_to_none=True)
             if loss.requires_grad:
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
                 opt.step()
             sched.step()
     heads.train_config = cfg

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from model.arrays import FloatArray, IntArray
 from model.errors import DataError
 from model.heads.heads import Normalization, TaxonomyHeads
 from model.taxonomy import IGNORE
@@ -31,8 +32,8 @@ UNSEEN_BIAS = -1e4
 """Bias of a class no labelled image has: its probability is 0 after any calibration temperature."""
 
 
-def _start(emb: np.ndarray, targets: np.ndarray, num_classes: Sequence[int], normalization: Normalization
-           ) -> tuple[TaxonomyHeads, np.ndarray, np.ndarray]:
+def _start(emb: FloatArray, targets: IntArray, num_classes: Sequence[int], normalization: Normalization
+           ) -> tuple[TaxonomyHeads, FloatArray, FloatArray]:
     x = np.asarray(emb, dtype=np.float32)  # (N, D)
     y = np.asarray(targets, dtype=np.int64)  # (N, L)
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or y.shape[1] != len(num_classes):
@@ -50,15 +51,15 @@ def _start(emb: np.ndarray, targets: np.ndarray, num_classes: Sequence[int], nor
     return heads, z, y
 
 
-def _set_level(heads: TaxonomyHeads, level: int, weight: np.ndarray, bias: np.ndarray) -> None:
+def _set_level(heads: TaxonomyHeads, level: int, weight: FloatArray, bias: FloatArray) -> None:
     """Load ``weight (K, D)`` and ``bias (K,)`` into the level's linear layer."""
-    layer = heads.heads[level][0]
+    layer = heads.heads[level][0]  # type: ignore[index]  # ModuleList items are typed Module; each is a Sequential
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
         layer.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
 
 
-def prototype_heads(emb: np.ndarray, targets: np.ndarray, num_classes: Sequence[int],
+def prototype_heads(emb: FloatArray, targets: IntArray, num_classes: Sequence[int],
                     normalization: Normalization = Normalization.L2_STANDARDIZE) -> TaxonomyHeads:
     """Nearest-class-mean heads (see the module docstring).
 
@@ -87,7 +88,7 @@ def prototype_heads(emb: np.ndarray, targets: np.ndarray, num_classes: Sequence[
     return heads.eval()
 
 
-def logistic_heads(emb: np.ndarray, targets: np.ndarray, num_classes: Sequence[int], c: float = 1.0,
+def logistic_heads(emb: FloatArray, targets: IntArray, num_classes: Sequence[int], c: float = 1.0,
                    max_iter: int = 300, normalization: Normalization = Normalization.STANDARDIZE) -> TaxonomyHeads:
     """Multinomial logistic regression per level (L2 penalty ``1 / c``) on normalised features.
 

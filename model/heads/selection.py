@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.arrays import FloatArray, IntArray
 from model.errors import DataError
 from model.evaluation import hierarchical_prf, true_paths
 from model.heads.candidates import Candidate, FeatureSource
@@ -95,14 +96,14 @@ class Selection:
                 "candidates": {n: s.to_dict() for n, s in self.scores.items()}, "skipped": dict(self.skipped)}
 
 
-def path_folds(targets: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+def path_folds(targets: IntArray, folds: int, seed: int = 0) -> IntArray:
     """Fold id ``(N,)`` per labelled row, stratified by the full target row (its label path)."""
     _, strata = np.unique(np.asarray(targets), axis=0, return_inverse=True)
     return stratified_folds(np.asarray(strata).reshape(-1), folds, seed)
 
 
-def cross_validate_candidate(candidate: Candidate, x: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy,
-                             fold_of: np.ndarray, labelled_index: np.ndarray | None = None,
+def cross_validate_candidate(candidate: Candidate, x: FloatArray, targets: IntArray, taxonomy: Taxonomy,
+                             fold_of: IntArray, labelled_index: IntArray | None = None,
                              heads_cfg: HeadsConfig | None = None) -> CrossValidation:
     """Out-of-fold logits of one candidate on features ``x (N_lab, D)`` → calibrated :class:`CrossValidation`."""
     n = len(targets)
@@ -129,8 +130,8 @@ def _score(name: str, cv: CrossValidation, taxonomy: Taxonomy, seconds: float) -
                           float(cv.metrics.get("path_accuracy", 0.0)), seconds)
 
 
-def select(features: Mapping[FeatureSource, np.ndarray], candidates: Sequence[Candidate], targets: np.ndarray,
-           taxonomy: Taxonomy, folds: int = 3, labelled_index: np.ndarray | None = None,
+def select(features: Mapping[FeatureSource, FloatArray], candidates: Sequence[Candidate], targets: IntArray,
+           taxonomy: Taxonomy, folds: int = 3, labelled_index: IntArray | None = None,
            heads_cfg: HeadsConfig | None = None, seed: int = 0) -> Selection:
     """Cross-validate every candidate whose features are given and choose one (see the module docstring).
 
@@ -184,8 +185,8 @@ def select(features: Mapping[FeatureSource, np.ndarray], candidates: Sequence[Ca
     return Selection(chosen, reason, scores, k, cvs[chosen.name], skipped)
 
 
-def select_and_fit(features: Mapping[FeatureSource, np.ndarray], candidates: Sequence[Candidate], targets: np.ndarray,
-                   taxonomy: Taxonomy, folds: int = 3, labelled_index: np.ndarray | None = None,
+def select_and_fit(features: Mapping[FeatureSource, FloatArray], candidates: Sequence[Candidate], targets: IntArray,
+                   taxonomy: Taxonomy, folds: int = 3, labelled_index: IntArray | None = None,
                    heads_cfg: HeadsConfig | None = None) -> tuple[Selection, TaxonomyHeads]:
     """:func:`select`, then the winner's heads trained on every labelled row (what gets published)."""
     selection = select(features, candidates, targets, taxonomy, folds, labelled_index, heads_cfg)

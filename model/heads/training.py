@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.special import softmax
 from tqdm.auto import tqdm
 
+from model.arrays import FloatArray, IntArray
 from model.errors import DataError
 from model.evaluation import evaluate
 from model.heads.calibration import fit_temperature
@@ -59,17 +61,17 @@ class FitResult:
 
     heads: TaxonomyHeads
     temperature: float
-    oof_level_probs: list[np.ndarray]
-    oof_level_logits: list[np.ndarray]
+    oof_level_probs: list[FloatArray]
+    oof_level_logits: list[FloatArray]
     oof_predictions: list[PathPrediction]
-    metrics: dict
-    labelled_index: np.ndarray
-    targets: np.ndarray
+    metrics: dict[str, Any]
+    labelled_index: IntArray
+    targets: IntArray
     seconds: float
-    fold_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    fold_of: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-def stratified_folds(strata: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def stratified_folds(strata: IntArray, folds: int, seed: int) -> IntArray:
     """Fold id per row ``(N,)``: rows of each stratum are shuffled and dealt round-robin over the folds.
 
     Works for any stratum size (a class with 2 rows lands in 2 folds); fold sizes differ by at most one.
@@ -82,7 +84,7 @@ def stratified_folds(strata: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
-def _check_classes(targets: np.ndarray, taxonomy: Taxonomy, labelled: Sequence[Sequence[str]]) -> None:
+def _check_classes(targets: IntArray, taxonomy: Taxonomy, labelled: Sequence[Sequence[str]]) -> None:
     """Raise DataError unless some level has labels of at least two classes."""
     if any(len(np.unique(targets[targets[:, k] != IGNORE, k])) >= 2 for k in range(taxonomy.depth)):
         return
@@ -98,7 +100,7 @@ def _check_classes(targets: np.ndarray, taxonomy: Taxonomy, labelled: Sequence[S
     )
 
 
-def heads_logits(heads: TaxonomyHeads, emb: torch.Tensor, batch: int = 8192) -> list[np.ndarray]:
+def heads_logits(heads: TaxonomyHeads, emb: torch.Tensor, batch: int = 8192) -> list[FloatArray]:
     """Eval-mode logits per level for ``emb (N, D)``: L arrays ``(N, K_k)`` float32."""
     heads.eval()
     with torch.inference_mode():
@@ -114,17 +116,17 @@ class CrossValidation:
     """
 
     temperature: float
-    oof_level_probs: list[np.ndarray]
-    oof_level_logits: list[np.ndarray]
+    oof_level_probs: list[FloatArray]
+    oof_level_logits: list[FloatArray]
     oof_predictions: list[PathPrediction]
-    metrics: dict
-    labelled_index: np.ndarray
-    targets: np.ndarray
-    fold_of: np.ndarray
+    metrics: dict[str, Any]
+    labelled_index: IntArray
+    targets: IntArray
+    fold_of: IntArray
 
 
-def labelled_rows(emb: np.ndarray, paths: Sequence[Sequence[str] | None], taxonomy: Taxonomy
-              ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+def labelled_rows(emb: FloatArray, paths: Sequence[Sequence[str] | None], taxonomy: Taxonomy
+              ) -> tuple[IntArray, IntArray, torch.Tensor]:
     """Validated ``(labelled_index (N_lab,), targets (N_lab, L), x (N_lab, D))`` of the labelled rows.
 
     Raises:
@@ -144,7 +146,7 @@ def labelled_rows(emb: np.ndarray, paths: Sequence[Sequence[str] | None], taxono
 
 
 def cross_validate(
-    emb: np.ndarray,
+    emb: FloatArray,
     paths: Sequence[Sequence[str] | None],
     taxonomy: Taxonomy,
     cfg: HeadsConfig | None = None,
@@ -178,13 +180,13 @@ def cross_validate(
     return calibrated_cv(level_logits, targets, taxonomy, labelled_index, fold_of)
 
 
-def calibrated_cv(level_logits: list[np.ndarray], targets: np.ndarray, taxonomy: Taxonomy, labelled_index: np.ndarray,
-                  fold_of: np.ndarray) -> CrossValidation:
+def calibrated_cv(level_logits: Sequence[FloatArray], targets: IntArray, taxonomy: Taxonomy, labelled_index: IntArray,
+                  fold_of: IntArray) -> CrossValidation:
     """A :class:`CrossValidation` from out-of-fold logits (L arrays ``(N_lab, K_k)``): the temperature fitted on
     them, the calibrated decoding, the metrics (``folds`` = the number of distinct folds)."""
     cv = CrossValidation(1.0, [], [], [], {}, labelled_index, targets, fold_of)
     cv.temperature = float(fit_temperature(level_logits, targets, taxonomy))
-    cv.oof_level_logits = level_logits
+    cv.oof_level_logits = list(level_logits)
     cv.oof_predictions = decode(level_logits, taxonomy, leafs_only=True, temperature=cv.temperature)
     metrics = evaluate(level_logits, targets, taxonomy, cv.temperature, predictions=cv.oof_predictions)
     raw = evaluate(level_logits, targets, taxonomy, 1.0)
@@ -198,7 +200,7 @@ def calibrated_cv(level_logits: list[np.ndarray], targets: np.ndarray, taxonomy:
 
 
 def fit(
-    emb: np.ndarray,
+    emb: FloatArray,
     paths: Sequence[Sequence[str] | None],
     taxonomy: Taxonomy,
     cfg: HeadsConfig | None = None,
@@ -257,7 +259,7 @@ def fit(
 def predict(
     heads: TaxonomyHeads,
     temperature: float,
-    emb: np.ndarray,
+    emb: FloatArray,
     taxonomy: Taxonomy,
     leafs_only: bool = True,
     prefix_threshold: float = 0.5,

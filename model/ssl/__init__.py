@@ -1,4 +1,5 @@
-"""Self-supervised pretraining of the encoder: MoCo v2 from lightly blocks, its augmentations and run settings, the Lightning driver and its loss log."""
+"""Self-supervised pretraining of the encoder: MoCo v2 from lightly blocks, its augmentations and run settings, the
+Lightning driver and its loss log."""
 
 __all__ = [
     "augment",

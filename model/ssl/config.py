@@ -59,7 +59,7 @@ class AugmentConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AugmentConfig":
+    def from_dict(cls, d: dict[str, Any]) -> AugmentConfig:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         if "blur_sigmas" in d:
@@ -141,7 +141,7 @@ class PretrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         if "augment" in d:

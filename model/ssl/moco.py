@@ -20,6 +20,7 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
+from model.encoder.backbone import embedding_dim
 from model.ssl.plan import warmup_cosine
 
 __all__ = ["MoCoV2"]
@@ -67,7 +68,7 @@ class MoCoV2(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
-        dim = int(getattr(backbone, "out_dim"))
+        dim = embedding_dim(backbone)
         self.backbone = backbone
         self.projection_head = MoCoProjectionHead(dim, proj_hidden_dim, proj_out_dim)
         self.backbone_momentum = copy.deepcopy(self.backbone)
@@ -81,26 +82,28 @@ class MoCoV2(pl.LightningModule):
         )
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
+        if self.hparams["channels_last"]:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Query projections ``(B, proj_out_dim)`` of images ``(B, 3, S, S)``."""
-        return self.projection_head(self.backbone(self._prepare(x)))  # (B, P)
+        query: torch.Tensor = self.projection_head(self.backbone(self._prepare(x)))  # (B, P)
+        return query
 
     @torch.no_grad()
     def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
         """Key projections ``(B, proj_out_dim)`` from the momentum encoder, detached."""
-        return self.projection_head_momentum(self.backbone_momentum(self._prepare(x))).detach()  # (B, P)
+        key: torch.Tensor = self.projection_head_momentum(self.backbone_momentum(self._prepare(x)))  # (B, P)
+        return key.detach()
 
     def ema_momentum(self) -> float:
         """The key-encoder momentum for the current global step (cosine from ema_start to ema_end)."""
         if self._trainer is None:
-            return float(self.hparams.ema_start)
-        total = max(1, int(self.hparams.total_steps))
+            return float(self.hparams["ema_start"])
+        total = max(1, int(self.hparams["total_steps"]))
         step = min(int(self.global_step), total - 1)
-        return cosine_schedule(step, total, self.hparams.ema_start, self.hparams.ema_end)
+        return float(cosine_schedule(step, total, self.hparams["ema_start"], self.hparams["ema_end"]))
 
     def momentum_update(self, m: float) -> None:
         """``key = m * key + (1 - m) * query`` for backbone and projection head parameters."""
@@ -111,7 +114,8 @@ class MoCoV2(pl.LightningModule):
         """InfoNCE of query views against their keys and the memory bank (updates the bank)."""
         query = self.forward(x_query)  # (B, P)
         key = self.forward_momentum(x_key)  # (B, P)
-        return self.criterion(query, key)
+        loss: torch.Tensor = self.criterion(query, key)
+        return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         views, indices, _skipped = batch
@@ -126,11 +130,11 @@ class MoCoV2(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         params = list(self.backbone.parameters()) + list(self.projection_head.parameters())
         optimizer = torch.optim.SGD(
-            params, lr=self.hparams.lr, momentum=self.hparams.momentum, weight_decay=self.hparams.weight_decay
+            params, lr=self.hparams["lr"], momentum=self.hparams["momentum"], weight_decay=self.hparams["weight_decay"]
         )
         # A closure (not a callable object) so that a resumed run uses the current plan: LambdaLR saves only
         # the step counter of a plain function.
-        total, warmup = max(1, int(self.hparams.total_steps)), int(self.hparams.warmup_steps)
+        total, warmup = max(1, int(self.hparams["total_steps"])), int(self.hparams["warmup_steps"])
 
         def factor(step: int) -> float:
             return warmup_cosine(step, total, warmup)
@@ -143,6 +147,7 @@ class MoCoV2(pl.LightningModule):
         # cosine); set it from the current plan for the step we resume at.
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
+            assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)  # configure_optimizers made it
             for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["lr"] = base * factor(sched.last_epoch)
 

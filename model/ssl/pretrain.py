@@ -19,11 +19,11 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -244,7 +244,7 @@ def pretrain(
             accelerator=cfg.accelerator,
             devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
             strategy=cfg.strategy,
-            precision=_precision(cfg),
+            precision=_precision(cfg),  # type: ignore[arg-type]  # Lightning types it as a Literal of its names
             sync_batchnorm="ddp" in cfg.strategy,
             callbacks=[recorder, quality, *callbacks, checkpointing],
             logger=False,
@@ -266,9 +266,9 @@ def pretrain(
     if trainer.is_global_zero:
         write_loss_plot(csv_path, out_dir / "loss.png", quality_csv=quality_path,
                         bank_full_step=plan.memory_bank_size // cfg.batch_size)
-    backbone = module.backbone
-    recalibrate_batchnorm(backbone, images, encoder_cfg, cfg.bn_recalibration_images, cfg.batch_size)
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in backbone.state_dict().items()}
+    trained = module.backbone
+    recalibrate_batchnorm(trained, images, encoder_cfg, cfg.bn_recalibration_images, cfg.batch_size)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trained.state_dict().items()}
     result = PretrainResult(
         backbone_state=state,
         encoder_version=encoder_version(state),

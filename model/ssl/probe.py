@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +19,7 @@ PROBE_STEPS = 4
 """Steps the probe runs (the first is not timed: it pays for lazy initialisation)."""
 
 
-def probe_seconds_per_step(module: MoCoV2, loader: DataLoader, precision: str, accelerator: str) -> float:
+def probe_seconds_per_step(module: MoCoV2, loader: DataLoader[Any], precision: str, accelerator: str) -> float:
     """Seconds of one training step (loading + augmenting a batch, forward, backward, SGD) on a throw-away copy of
     the module, on the device the run will use."""
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
@@ -41,7 +42,7 @@ def probe_seconds_per_step(module: MoCoV2, loader: DataLoader, precision: str, a
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = probe.contrastive_loss(views[0].to(device), views[1].to(device))
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         optimizer.step()
         if on_gpu:
             torch.cuda.synchronize()

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import csv
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -33,8 +34,8 @@ from model.data import ImageListDataset, collate_skipping
 from model.images import ImageSource
 from model.ssl.plan import PretrainPlan
 
-__all__ = ["LEARNED_GAIN", "QUALITY_CHECKS", "QUALITY_IMAGES", "QualityCallback", "ViewQuality", "learned", "measure_view_quality", "read_quality_csv",
-           "write_quality_row"]
+__all__ = ["LEARNED_GAIN", "QUALITY_CHECKS", "QUALITY_IMAGES", "QualityCallback", "ViewQuality", "learned",
+           "measure_view_quality", "read_quality_csv", "write_quality_row"]
 
 QUALITY_IMAGES = 256
 QUALITY_CHECKS = 8
@@ -56,7 +57,7 @@ class ViewQuality:
 
 
 def _batch_statistics(backbone: nn.Module) -> list[tuple[nn.Module, Any, bool]]:
-    saved = []
+    saved: list[tuple[nn.Module, Any, bool]] = []
     for m in backbone.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             saved.append((m, m.momentum, m.training))

@@ -20,9 +20,10 @@ An explicit ``ENCODER_INPUT_SIZE`` / ``PRETRAIN_AUGMENT`` overrides the rule.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
