@@ -293,7 +293,7 @@ class OutboundGate:
         try:
             left = REDIRECT_BODY_MAX
             while left > 0:
-                chunk = response.read1(min(CHUNK, left + 1), decode_content=False)  # type: ignore[union-attr]
+                chunk = response.read1(min(CHUNK, left + 1), decode_content=False)
                 if not chunk:
                     return not deadline.fired
                 left -= len(chunk)
@@ -309,7 +309,7 @@ class OutboundGate:
         try:
             while True:
                 # read1: whatever has arrived (a trickling server cannot hold a full-chunk read)
-                chunk = response.read1(CHUNK, decode_content=True)  # type: ignore[union-attr]
+                chunk = response.read1(CHUNK, decode_content=True)
                 if not chunk:
                     break
                 buf.extend(chunk)

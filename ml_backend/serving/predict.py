@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from cachetools import LRUCache
 
@@ -92,7 +92,8 @@ class PredictService:
         version = self.states.label(project_id, model.version)  # what /setup reports for this model
         values = [_image_value(task, config.image_key) for task in tasks]
         images = self._fetcher(project_id, values).fetch_task_images(values)
-        preds = self._run(model, images, config)
+        # the server's store loads Predictors (default_loader); ServedModel is the part the store itself needs
+        preds = self._run(cast(Predictor, model), images, config)
         pid = str(project_id)
         out: list[dict[str, Any]] = []
         for task, image, pred in zip(tasks, images, preds):

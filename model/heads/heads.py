@@ -280,8 +280,8 @@ def _threads_for(values: int, device: str | torch.device) -> Iterator[None]:
 
 
 def _train_heads(
-    emb: np.ndarray | Tensor,
-    targets: np.ndarray | Tensor,
+    emb: FloatArray | Tensor,
+    targets: IntArray | Tensor,
     num_classes: Sequence[int] | Taxonomy,
     cfg: HeadsConfig | None,
     progress: bool,
