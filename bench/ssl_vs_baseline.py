@@ -348,7 +348,8 @@ def supervised_cnn_predict(
 
 def _cache_key(cfg: BenchConfig, n_images: int) -> str:
     blob = json.dumps(
-        {"encoder": cfg.encoder.to_dict(), "pretrain": cfg.pretrain.to_dict(), "cpu_minutes": cfg.pretrain_cpu_minutes, "wall_cap": cfg.max_wall_minutes,
+        {"encoder": cfg.encoder.to_dict(), "pretrain": cfg.pretrain.to_dict(),
+         "cpu_minutes": cfg.pretrain_cpu_minutes, "wall_cap": cfg.max_wall_minutes,
          "images": n_images, "split": [cfg.test_size, cfg.split_seed]},
         sort_keys=True,
     )
@@ -632,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = BenchConfig()
     if args.quick:
-        cfg = replace(cfg, n_images=1500, test_size=500, fractions=(0.05, 0.2), seeds=(0,), pretrain_cpu_minutes=0.5, max_wall_minutes=0.5,
+        cfg = replace(cfg, n_images=1500, test_size=500, fractions=(0.05, 0.2), seeds=(0,),
+                      pretrain_cpu_minutes=0.5, max_wall_minutes=0.5,
                       cnn_steps=10,
                       heads=replace(cfg.heads, epochs=10), pretrain=replace(cfg.pretrain, batch_size=64,
                                                                               memory_bank_size=512))
