@@ -53,14 +53,14 @@ FAILED=0
 
 if [ $DRY = 1 ]; then
   DEV=cpu
-  PRETRAIN_ARGS=(--device cpu --batch 8 --steps 2 --warmup 1 --images 32 --bank 64 --repeats 1 --threads 1)
+  PRETRAIN_ARGS=(--device cpu --batch 8 --steps 2 --warmup 1 --images 32 --bank 16 --repeats 1 --threads 1 --plan-epochs 2)
   EMBED_ARGS=(--device cpu --n 64 --batch 32 --stream-n 128 --rounds 1 --repeat 1 --threads 1)
   DDP_IMAGES=64; DDP_PX=64; DDP_DEVICES=2; DDP_FLAGS=(--max-minutes 0.1 --epochs 1 --batch-size 16)
   WORKER_ARGS=(--dry-run)
 else
   DEV=cuda
   # the product's GPU defaults: resnet18-half at 96 px, batch 128, memory bank 4096, loader workers 0
-  PRETRAIN_ARGS=(--device cuda --size 96 --image-px 128 --batch 128 --bank 4096 --steps 40 --warmup 5 --images 4096 --repeats 3 --threads 4)
+  PRETRAIN_ARGS=(--device cuda --size 96 --image-px 128 --batch 128 --bank 2048 --steps 40 --warmup 5 --images 4096 --repeats 3 --threads 4)
   EMBED_ARGS=(--device cuda --size 96 --image-px 128 --batch 256 --n 8192 --stream-n 20000 --rounds 3 --repeat 2 --threads 4)
   DDP_IMAGES=8192; DDP_PX=128; DDP_DEVICES=all; DDP_FLAGS=(--max-minutes "$MINUTES")
   WORKER_ARGS=(--device cuda --tasks 2000 --labelled 200 --pretrain-minutes "$MINUTES")
