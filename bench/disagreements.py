@@ -1,28 +1,42 @@
 """Benchmark: consensus labels, review ranking, label-error candidates and annotator quality on animal-mnist.
 
-Simulated annotators (seeded) label the 10,000 real animal-mnist images (two-level taxonomy: group/animal):
-good annotators of varied accuracy, annotators with class-confusion noise (their mistakes stay within the same
-group three times out of four), and one spammer who picks uniformly at random. Every image gets 1–5
-annotations. The model's probabilities are out-of-fold (5-fold cross-validated) probabilities of a
-multinomial logistic regression on 50 PCA components of the pixels, trained on the majority-vote leaf labels;
-the group probabilities are the sums of the animal probabilities.
+Simulated annotators (seeded) label the 10,000 real animal-mnist images (two-level taxonomy: group/animal); every
+image gets 1-5 annotations from 12 annotators (7 good of accuracy 0.93-0.81, 4 confusers 0.75-0.60, 1 spammer).
+Two simulators (``--regime``):
+
+* ``difficulty`` (the default, the hard case): each image has a difficulty, the lack of confidence of a
+  *reference* model in the true class (out-of-fold logistic regression on 50 PCA components of the pixels trained
+  on the true labels); an annotator of base accuracy ``acc`` is right with probability
+  ``sigmoid(logit(acc) - 1.5 z)`` (``z``: the standardised difficulty), and a mistake goes, 60 % of the time, to the
+  class the reference model confuses the image with (else to the annotator's favourite confusion): annotators
+  err on the images the model gets wrong, and agree with the model's mistakes. Nothing here is Dawid-Skene's
+  assumption of errors that depend on the true class alone.
+* ``confusion``: the class-confusion model Dawid-Skene assumes (each annotator a fixed confusion matrix;
+  confusers' mistakes stay within the group three times out of four), the earlier version of this benchmark.
+
+The model probabilities the methods use are out-of-fold (5-fold) probabilities of the same kind of logistic
+regression trained on the *majority-vote* leaf labels (what a project has); group probabilities are sums of
+animal probabilities. ``--seeds`` seeds (default 5) re-draw the annotations and folds; each figure is the mean ±
+std over seeds, and a difference within one (the larger) std is reported as a tie.
 
 Compared, on the same annotations and probabilities:
     * ``majority``: plain majority vote per level (ties broken at random); review score = 1 - fraction agreeing;
       annotation error score = 1 - fraction of the item's annotators giving that label; annotator quality =
       agreement with the majority.
+    * ``Dawid-Skene``: the classic EM (Dawid & Skene 1979: one full confusion matrix per annotator, class priors,
+      majority-vote start), flat per level, without the model; review score = 1 - posterior of the consensus.
     * ``crowdlab``: ``cleanlab.multiannotator.get_label_quality_multiannotator`` run flat on each level.
-    * ``ours``: ``model.crowd.consensus.consensus`` (per-level Dawid–Skene with the model as an annotator,
+    * ``ours``: ``model.crowd.consensus.consensus`` (per-level Dawid-Skene with the model as an annotator,
       decoded to consistent paths).
 
-Run: ``.venv/bin/python bench/disagreements.py`` (about a minute on two CPU cores). Prints a markdown table and
-writes it to ``bench/results/disagreements.txt``.
+Run: ``.venv/bin/python bench/disagreements.py [--regime difficulty|confusion] [--seeds 5]``; writes
+``bench/results/disagreements.txt`` (``--append`` adds to it).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import statistics
 import sys
 import time
 import warnings
@@ -36,16 +50,24 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from threadpoolctl import threadpool_limits
 
 from bench.datasets import ANIMAL_CLASSES, ANIMAL_TAXONOMY, animal_path, load_animal_mnist_arrays
+from bench.provenance import header, load_line, write_result
 from model.crowd.consensus import consensus
-from model.crowd.report import result_to_json
 from model.crowd.types import Annotation, ConsensusPolicy
 
 LEVELS = ("group", "animal")
 OURS = "ours (Dawid-Skene per level + model, path-decoded)"
+CROWDLAB = "CROWDLAB (cleanlab, per level)"
+DS = "Dawid-Skene (classic EM, per level, no model)"
+MAJORITY = "majority vote"
+DIFFICULTY_SLOPE = 1.5
+"""How much harder a hard image is: log-odds of a right label fall by this per standard deviation of difficulty."""
+TOWARDS_MODEL = 0.6
+"""Share of mistakes that go to the class the reference model confuses the image with."""
 
 
 # ----- simulation -----------------------------------------------------------------------------------------
@@ -59,8 +81,16 @@ def annotator_profiles() -> list[tuple[str, str, float]]:
     ]
 
 
-def simulate(truth: np.ndarray, rng: np.random.Generator) -> tuple[list[tuple[int, int, int]], list[str]]:
-    """Annotations ``(item, annotator index, given leaf class)`` for every item, and the annotator names."""
+def simulate(truth: np.ndarray, rng: np.random.Generator, ref_probs: np.ndarray | None = None
+             ) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """Annotations ``(item, annotator index, given leaf class)`` for every item, and the annotator names.
+
+    Args:
+        truth: true leaf class per item ``(N,)``.
+        rng: the seed's generator.
+        ref_probs: the reference model's out-of-fold leaf probabilities ``(N, K)``: with them, the ``difficulty``
+            regime (item difficulty, mistakes towards the model's confusion); without, the ``confusion`` regime.
+    """
     profiles = annotator_profiles()
     names = [p[0] for p in profiles]
     k = len(ANIMAL_CLASSES)
@@ -87,11 +117,28 @@ def simulate(truth: np.ndarray, rng: np.random.Generator) -> tuple[list[tuple[in
     workload = np.array([3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 1.5])
     workload = workload / workload.sum()
     n_per_item = rng.choice([1, 2, 3, 4, 5], size=len(truth), p=[0.25, 0.2, 0.3, 0.15, 0.1])
+    if ref_probs is not None:
+        hard = 1.0 - ref_probs[np.arange(len(truth)), truth]  # (N,) lack of confidence in the true class
+        z = (hard - hard.mean()) / hard.std()
+        rival = np.where(np.eye(k, dtype=bool)[truth], -1.0, ref_probs).argmax(axis=1)  # (N,) model's confusion
     out = []
     for i, (t, n) in enumerate(zip(truth, n_per_item)):
         who = rng.choice(len(profiles), size=n, replace=False, p=workload)
         for a in who:
-            out.append((i, int(a), int(rng.choice(k, p=confusions[a][t]))))
+            kind, acc = profiles[a][1], profiles[a][2]
+            if ref_probs is None or kind == "spammer":
+                out.append((i, int(a), int(rng.choice(k, p=confusions[a][t]))))
+                continue
+            p_right = 1.0 / (1.0 + np.exp(-(np.log(acc / (1 - acc)) - DIFFICULTY_SLOPE * z[i])))
+            if rng.random() < p_right:
+                given = t
+            elif rng.random() < TOWARDS_MODEL:
+                given = rival[i]
+            else:
+                wrong = confusions[a][t].copy()
+                wrong[t] = 0.0
+                given = rng.choice(k, p=wrong / wrong.sum())
+            out.append((i, int(a), int(given)))
     return out, names
 
 
@@ -114,10 +161,14 @@ def majority(labels: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.n
     return cons, frac
 
 
-def model_probs(images: np.ndarray, train_labels: np.ndarray, seed: int) -> np.ndarray:
-    """Out-of-fold leaf probabilities ``(N, 10)`` of logistic regression on 50 PCA components."""
+def pca_features(images: np.ndarray) -> np.ndarray:
+    """50 PCA components of the pixels ``(N, 50)`` (label-free, the same for every seed)."""
     x = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    feats = PCA(n_components=50, random_state=seed).fit_transform(x)
+    return PCA(n_components=50, random_state=0).fit_transform(x)
+
+
+def model_probs(feats: np.ndarray, train_labels: np.ndarray, seed: int) -> np.ndarray:
+    """Out-of-fold leaf probabilities ``(N, 10)`` of logistic regression on the PCA features."""
     clf = LogisticRegression(max_iter=300, C=1.0)
     cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
     return cross_val_predict(clf, feats, train_labels, cv=cv, method="predict_proba")
@@ -140,75 +191,96 @@ def run_crowdlab(labels: np.ndarray, probs: np.ndarray) -> dict:
     }
 
 
+def dawid_skene(labels: np.ndarray, k: int, iters: int = 50) -> dict:
+    """Classic Dawid-Skene EM on one level: labels ``(N, M)`` (-1 = none) -> posteriors ``(N, K)`` and the
+    annotators' confusion matrices ``(M, K, K)``; starts from the vote fractions."""
+    n, m = labels.shape
+    onehot = np.zeros((n, m, k))  # (N, M, K)
+    rows, cols = np.nonzero(labels >= 0)
+    onehot[rows, cols, labels[rows, cols]] = 1.0
+    post = onehot.sum(axis=1) + 1e-9
+    post /= post.sum(axis=1, keepdims=True)  # (N, K)
+    for _ in range(iters):
+        prior = post.mean(axis=0) + 1e-9  # (K,)
+        conf = np.einsum("nk,nml->mkl", post, onehot) + 0.01  # (M, K, K) true -> given, smoothed
+        conf /= conf.sum(axis=2, keepdims=True)
+        log_post = np.log(prior) + np.einsum("nml,mkl->nk", onehot, np.log(conf))
+        log_post -= log_post.max(axis=1, keepdims=True)
+        new = np.exp(log_post)
+        new /= new.sum(axis=1, keepdims=True)
+        if np.abs(new - post).max() < 1e-6:
+            post = new
+            break
+        post = new
+    quality = np.einsum("k,mkk->m", post.mean(axis=0), conf)  # (M,) expected accuracy per annotator
+    return {"posterior": post, "consensus": post.argmax(axis=1), "annotator_quality": quality}
+
+
 # ----- metrics --------------------------------------------------------------------------------------------
 def precision_at(scores: np.ndarray, wrong: np.ndarray, k: int) -> float:
     top = np.argsort(-scores, kind="stable")[:k]
     return float(wrong[top].mean())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "disagreements.txt")
-    args = parser.parse_args()
-    rng = np.random.default_rng(args.seed)
-
-    images, truth_leaf = load_animal_mnist_arrays()
+def one_seed(feats: np.ndarray, truth_leaf: np.ndarray, seed: int, ref_probs: np.ndarray | None) -> dict:
+    """Simulate with ``seed`` and score every method; ``{"rows": {method: {metric: value}}, ...}``."""
+    rng = np.random.default_rng(seed)
     n = len(truth_leaf)
     g_of = group_of_leaf()
     truth = [g_of[truth_leaf], truth_leaf]  # per level (N,)
-    ann, names = simulate(truth_leaf, rng)
+    ann, names = simulate(truth_leaf, rng, ref_probs)
     m = len(names)
     leaf_lab = np.full((n, m), -1)
     for i, a, c in ann:
         leaf_lab[i, a] = c
     level_lab = [np.where(leaf_lab >= 0, g_of[np.maximum(leaf_lab, 0)], -1), leaf_lab]
     ks = [len(ANIMAL_TAXONOMY.levels[0]), len(ANIMAL_CLASSES)]
-    true_acc = np.array([(leaf_lab[:, a][leaf_lab[:, a] >= 0] == truth_leaf[leaf_lab[:, a] >= 0]).mean() for a in range(m)])
+    seen = [leaf_lab[:, a] >= 0 for a in range(m)]
+    true_acc = np.array([(leaf_lab[seen[a], a] == truth_leaf[seen[a]]).mean() for a in range(m)])
     ann_item = np.array([i for i, _, _ in ann])
     ann_who = np.array([a for _, a, _ in ann])
-    ann_wrong = np.array([c != truth_leaf[i] for i, _, c in ann])
+    ann_given = np.array([c for _, _, c in ann])
+    ann_wrong = ann_given != truth_leaf[ann_item]
+    timing: dict[str, float] = {}
 
-    # Majority vote
-    mv = [majority(level_lab[k], ks[k], rng) for k in range(2)]
-    t0 = time.perf_counter()
-    leaf_probs = model_probs(images, mv[1][0], args.seed)  # (N, 10)
-    t_model = time.perf_counter() - t0
-    group_probs = np.stack([leaf_probs[:, g_of == g].sum(axis=1) for g in range(ks[0])], axis=1)  # (N, 3)
-    level_probs_arr = [group_probs, leaf_probs]
-    model_acc = [(p.argmax(1) == t).mean() for p, t in zip(level_probs_arr, truth)]
+    def level_metrics(cons: list[np.ndarray], review: list[np.ndarray]) -> dict[str, float]:
+        out = {}
+        for k in range(2):
+            wrong = cons[k] != truth[k]
+            out[f"acc_{LEVELS[k]}"] = float((~wrong).mean())
+            out[f"auroc_{LEVELS[k]}"] = roc_auc_score(wrong, review[k])
+        return out
 
     rows: dict[str, dict[str, float]] = {}
-    mv_row: dict[str, float] = {}
-    for k in range(2):
-        cons, frac = mv[k]
-        wrong = cons != truth[k]
-        mv_row[f"acc_{LEVELS[k]}"] = float((~wrong).mean())
-        mv_row[f"auroc_{LEVELS[k]}"] = roc_auc_score(wrong, 1 - frac)
-        mv_row[f"auprc_{LEVELS[k]}"] = average_precision_score(wrong, 1 - frac)
+    mv = [majority(level_lab[k], ks[k], rng) for k in range(2)]
+    t0 = time.perf_counter()
+    leaf_probs = model_probs(feats, mv[1][0], seed)  # (N, 10), trained on majority-vote labels
+    timing["model"] = time.perf_counter() - t0
+    group_probs = np.stack([leaf_probs[:, g_of == g].sum(axis=1) for g in range(ks[0])], axis=1)  # (N, 3)
+    level_probs_arr = [group_probs, leaf_probs]
+    model_acc = [float((p.argmax(1) == t).mean()) for p, t in zip(level_probs_arr, truth)]
+
     counts = np.stack([(leaf_lab == c).sum(axis=1) for c in range(ks[1])], axis=1)
     n_ann = (leaf_lab >= 0).sum(axis=1)
-    mv_err = 1 - counts[ann_item, [c for _, _, c in ann]] / n_ann[ann_item]
-    mv_err = mv_err + rng.random(len(mv_err)) * 1e-6
-    mv_q = np.array([(leaf_lab[:, a][leaf_lab[:, a] >= 0] == mv[1][0][leaf_lab[:, a] >= 0]).mean() for a in range(m)])
-    rows["majority vote"] = {**mv_row, **_error_metrics(mv_err, ann_wrong), "spearman": spearmanr(mv_q, true_acc)[0]}
+    mv_err = 1 - counts[ann_item, ann_given] / n_ann[ann_item] + rng.random(len(ann)) * 1e-6
+    mv_q = np.array([(leaf_lab[seen[a], a] == mv[1][0][seen[a]]).mean() for a in range(m)])
+    rows[MAJORITY] = {**level_metrics([c for c, _ in mv], [1 - f for _, f in mv]),
+                      **_error_metrics(mv_err, ann_wrong), "spearman": spearmanr(mv_q, true_acc)[0]}
 
-    # CROWDLAB, flat per level
+    t0 = time.perf_counter()
+    ds = [dawid_skene(level_lab[k], ks[k]) for k in range(2)]
+    timing["dawid_skene"] = time.perf_counter() - t0
+    ds_err = 1 - ds[1]["posterior"][ann_item, ann_given]
+    rows[DS] = {**level_metrics([d["consensus"] for d in ds], [1 - d["posterior"].max(axis=1) for d in ds]),
+                **_error_metrics(ds_err, ann_wrong), "spearman": spearmanr(ds[1]["annotator_quality"], true_acc)[0]}
+
     t0 = time.perf_counter()
     cl = [run_crowdlab(level_lab[k], level_probs_arr[k]) for k in range(2)]
-    t_cl = time.perf_counter() - t0
-    cl_row: dict[str, float] = {}
-    for k in range(2):
-        wrong = cl[k]["consensus"] != truth[k]
-        cl_row[f"acc_{LEVELS[k]}"] = float((~wrong).mean())
-        cl_row[f"auroc_{LEVELS[k]}"] = roc_auc_score(wrong, 1 - cl[k]["quality"])
-        cl_row[f"auprc_{LEVELS[k]}"] = average_precision_score(wrong, 1 - cl[k]["quality"])
+    timing["crowdlab"] = time.perf_counter() - t0
     cl_err = 1 - cl[1]["detailed"][ann_item, ann_who]
-    rows["CROWDLAB (cleanlab, per level)"] = {
-        **cl_row, **_error_metrics(cl_err, ann_wrong), "spearman": spearmanr(cl[1]["annotator_quality"], true_acc)[0]
-    }
+    rows[CROWDLAB] = {**level_metrics([c["consensus"] for c in cl], [1 - c["quality"] for c in cl]),
+                      **_error_metrics(cl_err, ann_wrong), "spearman": spearmanr(cl[1]["annotator_quality"], true_acc)[0]}
 
-    # Ours
     annotations = [Annotation(i, names[a], (animal_path(c),)) for i, a, c in ann]
     # The taxonomy orders level-1 classes by group; the package orders them alphabetically.
     tax_col = np.array([ANIMAL_TAXONOMY.encode(animal_path(c))[1] for c in range(ks[1])])
@@ -217,98 +289,117 @@ def main() -> None:
     level_probs = {i: [group_probs[i], tax_leaf_probs[i]] for i in range(n)}
     t0 = time.perf_counter()
     res = consensus(annotations, ANIMAL_TAXONOMY, ConsensusPolicy(), level_probs)
-    t_ours = time.perf_counter() - t0
-    ours_row: dict[str, float] = {}
-    for k in range(2):
-        pred = np.array([
-            ANIMAL_TAXONOMY.encode(res.items[i].path)[0] if k == 0 else leaf_index(res.items[i].path) for i in range(n)
-        ])
-        wrong = pred != truth[k]
-        q = np.array([res.items[i].level_quality[k] for i in range(n)])
-        ours_row[f"acc_{LEVELS[k]}"] = float((~wrong).mean())
-        ours_row[f"auroc_{LEVELS[k]}"] = roc_auc_score(wrong, 1 - q)
-        ours_row[f"auprc_{LEVELS[k]}"] = average_precision_score(wrong, 1 - q)
+    timing["ours"] = time.perf_counter() - t0
+    cons = [np.array([ANIMAL_TAXONOMY.encode(res.items[i].path)[0] for i in range(n)]),
+            np.array([leaf_index(res.items[i].path) for i in range(n)])]
+    review = [np.array([1 - res.items[i].level_quality[k] for i in range(n)]) for k in range(2)]
     given_q = {(i, g.annotator): g.quality for i in range(n) for g in res.items[i].given}
     ours_err = np.array([1 - given_q[(i, names[a])] for i, a, _ in ann])
     ours_q = np.array([res.annotators[a].quality for a in names])
-    rows[OURS] = {
-        **ours_row, **_error_metrics(ours_err, ann_wrong), "spearman": spearmanr(ours_q, true_acc)[0]
-    }
+    rows[OURS] = {**level_metrics(cons, review), **_error_metrics(ours_err, ann_wrong),
+                  "spearman": spearmanr(ours_q, true_acc)[0]}
 
-    # Speed: 10k tasks x 3 annotators, with model probabilities
-    def noisy_leaf(i: int) -> int:  # the true animal with probability 0.9, otherwise one of the 9 others
-        return int(rng.choice(10, p=[0.9 if c == truth_leaf[i] else 0.1 / 9 for c in range(10)]))
+    kept = list(res.labels)
+    return {"rows": rows, "timing": timing, "n": n, "model_acc": model_acc, "n_ann": len(ann),
+            "err_rate": float(ann_wrong.mean()), "true_acc": true_acc, "names": names,
+            "kept": len(kept), "kept_acc": float(np.mean([leaf_index(res.labels[i]) == truth_leaf[i] for i in kept]))}
 
-    speed_ann = [Annotation(i, names[a], (animal_path(noisy_leaf(i)),))
-                 for i in range(n) for a in rng.choice(m, size=3, replace=False)]
-    t0, c0 = time.perf_counter(), time.process_time()
-    speed_res = consensus(speed_ann, ANIMAL_TAXONOMY, ConsensusPolicy(), level_probs)
-    t_speed, c_speed = time.perf_counter() - t0, time.process_time() - c0
-    t0, c0 = time.perf_counter(), time.process_time()
-    consensus(speed_ann, ANIMAL_TAXONOMY, ConsensusPolicy())
-    t_speed_nomodel, c_speed_nomodel = time.perf_counter() - t0, time.process_time() - c0
 
-    text = _table(rows, names, true_acc, res, model_acc, len(ann), ann_wrong.mean(), n)
-    kept = [i for i in res.labels]
-    kept_acc = np.mean([leaf_index(res.labels[i]) == truth_leaf[i] for i in kept])
-    counts_by_kind = result_to_json(res)["summary"]["flags"]
-    name_index = {a: j for j, a in enumerate(names)}
-    wrong_of = {(i, a): c != truth_leaf[i] for i, a, c in ann}
-    err_flags = [f for f in res.flags if f.kind.value == "label_error_candidate"]
-    flag_precision = np.mean([wrong_of[(f.item, name_index[f.annotator])] for f in err_flags]) if err_flags else 0.0
-    flag_recall = len(err_flags) * flag_precision / max(int(ann_wrong.sum()), 1)
-    text += (
-        f"\nTraining labels under the default policy (flagged tasks excluded): {len(kept)} of {n} tasks kept, "
-        f"animal-level accuracy {kept_acc:.3f} (all tasks: {rows[OURS]['acc_animal']:.3f}, majority vote "
-        f"{rows['majority vote']['acc_animal']:.3f}); flags: {counts_by_kind}; label-error-candidate flags: precision "
-        f"{flag_precision:.3f}, recall {flag_recall:.3f} of the wrong annotations.\n"
-    )
-    text += (
-        f"\nTiming (wall clock on 2 CPU cores shared with other work, load average {os.getloadavg()[0]:.1f}): ours on "
-        f"the benchmark {t_ours:.2f} s; 10,000 tasks x 3 annotators {t_speed:.2f} s wall / {c_speed:.2f} s CPU with "
-        f"model probabilities, {t_speed_nomodel:.2f} s wall / {c_speed_nomodel:.2f} s CPU without "
-        f"({len(speed_res.flags)} flags); CROWDLAB both levels {t_cl:.2f} s; model (PCA+LR, 5-fold) {t_model:.2f} s.\n"
-    )
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+COLS = [("acc_group", "acc L0"), ("acc_animal", "acc L1"), ("auroc_group", "review AUROC L0"),
+        ("auroc_animal", "review AUROC L1"), ("p@R", "label-error R-prec"), ("err_auroc", "label-error AUROC"),
+        ("spearman", "annotator Spearman")]
+
+
+def compare(a: list[float], b: list[float]) -> str:
+    """``a`` vs ``b`` over seeds: win / loss when the mean difference exceeds the larger std, else a tie."""
+    diff = statistics.mean(a) - statistics.mean(b)
+    spread = max(statistics.stdev(a), statistics.stdev(b)) if len(a) > 1 else 0.0
+    if abs(diff) <= spread or abs(diff) < 5e-4:
+        return f"tie ({diff:+.3f})"
+    return f"{'win' if diff > 0 else 'loss'} ({diff:+.3f})"
+
+
+def report(regime: str, seeds: list[int], runs: list[dict]) -> list[str]:
+    methods = list(runs[0]["rows"])
+    first = runs[0]
+    lines = [
+        f"## Regime `{regime}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± std over seeds",
+        "",
+        f"animal-mnist: {first['n']} images, {statistics.mean(r['n_ann'] for r in runs):.0f} simulated annotations per seed "
+        f"({statistics.mean(r['err_rate'] for r in runs):.1%} wrong at the animal level), 12 annotators, 1-5 per image; "
+        f"the methods' model (out-of-fold, trained on majority-vote labels): accuracy L0 "
+        f"{statistics.mean(r['model_acc'][0] for r in runs):.3f}, L1 {statistics.mean(r['model_acc'][1] for r in runs):.3f}.",
+        "",
+        "| method | " + " | ".join(c[1] for c in COLS) + " |",
+        "|---|" + "---|" * len(COLS),
+    ]
+    for meth in methods:
+        cells = []
+        for key, _ in COLS:
+            vals = [r["rows"][meth][key] for r in runs]
+            cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}")
+        lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+    lines += ["", "Ours against each baseline (win / loss: the mean difference exceeds the larger std over seeds; "
+                  "otherwise a tie):", "", "| ours vs | " + " | ".join(c[1] for c in COLS) + " |",
+              "|---|" + "---|" * len(COLS)]
+    for meth in methods:
+        if meth == OURS:
+            continue
+        cells = [compare([r["rows"][OURS][k] for r in runs], [r["rows"][meth][k] for r in runs]) for k, _ in COLS]
+        lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+    lines += ["", "| annotator | true accuracy (seed " + str(seeds[0]) + ") |", "|---|---|"]
+    lines += [f"| {a} | {acc:.3f} |" for a, acc in zip(first["names"], first["true_acc"])]
+    timing = {k: statistics.mean(r["timing"][k] for r in runs) for k in first["timing"]}
+    lines += ["",
+              "Training labels under the default policy (flagged tasks excluded): "
+              f"{statistics.mean(r['kept'] for r in runs):.0f} of {first['n']} tasks kept, animal accuracy "
+              f"{statistics.mean(r['kept_acc'] for r in runs):.3f}.",
+              "Seconds per seed (wall clock, under load): " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items()) + "."]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regime", choices=["difficulty", "confusion", "both"], default="both")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--items", type=int, default=0, help="use a random subset of this many images (0 = all)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "disagreements.txt")
+    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    args = parser.parse_args()
+    # one BLAS thread: on a loaded 2-core machine multi-threaded BLAS made the logistic regressions ~90x slower
+    threadpool_limits(1)
+    head = header("Disagreements: ours vs CROWDLAB vs Dawid-Skene vs majority vote on simulated annotators")
+    images, truth_leaf = load_animal_mnist_arrays()
+    if args.items:
+        keep = np.random.default_rng(12345).permutation(len(images))[: args.items]
+        images, truth_leaf = images[keep], truth_leaf[keep]
+    feats = pca_features(images)
+    # the reference model behind item difficulty: trained on the true labels (fixed folds, seed 1000)
+    ref_probs = model_probs(feats, truth_leaf, 1000)
+    seeds = list(range(args.seeds))
+    regimes = ["difficulty", "confusion"] if args.regime == "both" else [args.regime]
+    lines = head + [
+        "Metrics: consensus accuracy per level (L0 group, L1 animal); AUROC of each method's review ranking for "
+        "a wrong consensus per level; R-precision and AUROC of the label-error ranking over all single annotations "
+        "(wrong animal); Spearman of estimated annotator quality with true accuracy. Reference model behind the "
+        f"difficulty (trained on true labels, out-of-fold): animal accuracy {(ref_probs.argmax(1) == truth_leaf).mean():.3f}.",
+        ""]
+    for regime in regimes:
+        runs = []
+        for seed in seeds:
+            runs.append(one_seed(feats, truth_leaf, seed, ref_probs if regime == "difficulty" else None))
+            print(f"{regime} seed {seed}: " + ", ".join(f"{k}: {v['acc_animal']:.3f}" for k, v in runs[-1]["rows"].items()),
+                  flush=True)
+        lines += report(regime, seeds, runs) + [""]
+    lines.append(load_line("at the end"))
+    write_result(args.out, "\n".join(lines) + "\n", append=args.append)
 
 
 def _error_metrics(scores: np.ndarray, wrong: np.ndarray) -> dict[str, float]:
     return {
-        "p@1000": precision_at(scores, wrong, 1000),
-        "p@3000": precision_at(scores, wrong, 3000),
         "p@R": precision_at(scores, wrong, int(wrong.sum())),
         "err_auroc": roc_auc_score(wrong, scores),
     }
-
-
-def _table(rows, names, true_acc, res, model_acc, n_ann, err_rate, n) -> str:
-    cols = [
-        ("acc_group", "acc L0"), ("acc_animal", "acc L1"), ("auroc_group", "AUROC L0"), ("auroc_animal", "AUROC L1"),
-        ("auprc_group", "AUPRC L0"), ("auprc_animal", "AUPRC L1"), ("p@1000", "P@1000"), ("p@3000", "P@3000"),
-        ("p@R", "R-prec"), ("err_auroc", "err AUROC"), ("spearman", "Spearman"),
-    ]
-    out = [
-        f"animal-mnist: {n} images, {n_ann} simulated annotations ({err_rate:.1%} wrong at the animal level), "
-        f"{len(names)} annotators; model = 5-fold out-of-fold logistic regression on 50 PCA components "
-        f"(accuracy L0 {model_acc[0]:.3f}, L1 {model_acc[1]:.3f}), trained on majority-vote labels.",
-        "",
-        "Consensus accuracy per level (L0 group, L1 animal); AUROC/AUPRC of the review ranking for wrong consensus "
-        "per level; P@k (R-prec: k = number of wrong annotations) and err AUROC of the label-error ranking over all "
-        "single annotations (wrong animal); "
-        "Spearman of estimated annotator quality with true accuracy.",
-        "",
-        "| method | " + " | ".join(c[1] for c in cols) + " |",
-        "|---|" + "---|" * len(cols),
-    ]
-    for name, r in rows.items():
-        out.append(f"| {name} | " + " | ".join(f"{r[c[0]]:.3f}" for c in cols) + " |")
-    out += ["", "| annotator | true accuracy | ours quality | labels |", "|---|---|---|---|"]
-    for a, acc in zip(names, true_acc):
-        s = res.annotators[a]
-        out.append(f"| {a} | {acc:.3f} | {s.quality:.3f} | {s.n_labeled} |")
-    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

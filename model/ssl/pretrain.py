@@ -100,11 +100,14 @@ class PretrainResult:
                 "quality_last": last, "learned": self.learned, "skipped_images": len(self.skipped)}
 
 
+def _on_gpu(cfg: PretrainConfig) -> bool:
+    return cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+
+
 def _precision(cfg: PretrainConfig) -> str:
     if cfg.precision is not None:
         return cfg.precision
-    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if on_gpu else "cpu")
+    device = torch.device("cuda" if _on_gpu(cfg) else "cpu")
     return "bf16-mixed" if bf16_supported(device) else "32-true"
 
 
@@ -245,7 +248,8 @@ def pretrain(
             devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
             strategy=cfg.strategy,
             precision=_precision(cfg),  # type: ignore[arg-type]  # Lightning types it as a Literal of its names
-            sync_batchnorm="ddp" in cfg.strategy,
+            # SyncBatchNorm exists on CUDA only; DDP across CPU processes (gloo) keeps per-process statistics
+            sync_batchnorm="ddp" in cfg.strategy and _on_gpu(cfg),
             callbacks=[recorder, quality, *callbacks, checkpointing],
             logger=False,
             enable_checkpointing=False,  # no default ModelCheckpoint: _LastCheckpoint writes the one checkpoint
