@@ -110,3 +110,13 @@ def test_quality_signal_is_measured_without_changing_batchnorm_and_logged_throug
     assert len(history) == 2 + len(range(2, 20, 2))  # before, every 20 // 8 = 2 steps, and at the end
     assert result.learned is learned(history) and isinstance(result.learned, bool)
     assert result.summary()["learned"] is result.learned
+
+
+def test_ddp_processes_each_see_their_share_of_an_epoch() -> None:
+    from model.ssl.runtime import processes
+
+    assert processes(PretrainConfig(devices=2, strategy="ddp", accelerator="cpu")) == 2
+    assert processes(PretrainConfig(devices=(0, 1, 2), strategy="ddp")) == 3
+    assert processes(PretrainConfig(accelerator="cpu")) == 1
+    # two processes: an epoch of 1,000 images is 500 per process -> 3 steps of 128, not 7
+    assert plan_run(-(-1000 // 2), 128, 10, None, None, 4096).steps_per_epoch == 3

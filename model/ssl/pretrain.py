@@ -18,11 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -34,16 +31,16 @@ from model.data import ImageListDataset, collate_skipping
 from model.encoder.backbone import build_backbone, encoder_version, load_backbone_weights
 from model.encoder.batchnorm import recalibrate_batchnorm
 from model.encoder.config import EncoderConfig
-from model.encoder.device import bf16_supported
 from model.errors import ConfigError, DataError
 from model.images import ImageSource
 from model.ssl.augment import moco_v2_transform
 from model.ssl.config import PretrainConfig
 from model.ssl.loss_log import _Recorder, _truncate_loss_csv, write_loss_plot
 from model.ssl.moco import MoCoV2
-from model.ssl.plan import SAFETY, PretrainPlan, plan_run
+from model.ssl.plan import PretrainPlan, plan_run
 from model.ssl.probe import probe_seconds_per_step
 from model.ssl.quality import QualityCallback, ViewQuality, learned
+from model.ssl.runtime import on_gpu, precision, processes, quiet_lightning, time_limit
 
 __all__ = ["PretrainResult", "pretrain"]
 
@@ -100,15 +97,7 @@ class PretrainResult:
                 "quality_last": last, "learned": self.learned, "skipped_images": len(self.skipped)}
 
 
-def _on_gpu(cfg: PretrainConfig) -> bool:
-    return cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
 
-
-def _precision(cfg: PretrainConfig) -> str:
-    if cfg.precision is not None:
-        return cfg.precision
-    device = torch.device("cuda" if _on_gpu(cfg) else "cpu")
-    return "bf16-mixed" if bf16_supported(device) else "32-true"
 
 
 def _check_resume(config_path: Path, encoder_cfg: EncoderConfig, cfg: PretrainConfig) -> PretrainPlan | None:
@@ -223,12 +212,13 @@ def pretrain(
         return module.to(memory_format=torch.channels_last) if cfg.channels_last else module
 
     plan = saved_plan
+    per_process = -(-len(images) // processes(cfg))  # images one process sees per epoch
     if plan is None:
         seconds = None
         if cfg.max_minutes is not None:
-            unplanned = plan_run(len(images), cfg.batch_size, cfg.epochs, None, None, cfg.memory_bank_size)
-            seconds = probe_seconds_per_step(build_module(unplanned, 1), loader, _precision(cfg), cfg.accelerator)
-        plan = plan_run(len(images), cfg.batch_size, cfg.epochs, cfg.max_minutes, seconds, cfg.memory_bank_size)
+            unplanned = plan_run(per_process, cfg.batch_size, cfg.epochs, None, None, cfg.memory_bank_size)
+            seconds = probe_seconds_per_step(build_module(unplanned, 1), loader, precision(cfg), cfg.accelerator)
+        plan = plan_run(per_process, cfg.batch_size, cfg.epochs, cfg.max_minutes, seconds, cfg.memory_bank_size)
     log.info("Pretraining plan: %d steps (%.1f epochs, limited by %s), warm-up %d, memory bank %d, %s s/step.",
              plan.steps, plan.epochs, plan.limited_by, plan.warmup_steps, plan.memory_bank_size,
              f"{plan.seconds_per_step:.2f}" if plan.seconds_per_step else "unmeasured")
@@ -238,18 +228,18 @@ def pretrain(
     recorder = _Recorder(csv_path)
     quality = QualityCallback(images, two_views, plan, quality_path, cfg.seed)
     checkpointing = _LastCheckpoint(last)
-    with _quiet_lightning():
+    with quiet_lightning():
         trainer = pl.Trainer(
             # whole-epoch plans stop on the epoch count (a finished epoch is complete on resume); others on steps
             max_steps=-1 if plan.whole_epochs else plan.steps,
             max_epochs=plan.steps // plan.steps_per_epoch if plan.whole_epochs else -1,
-            max_time=_time_limit(cfg, plan),
+            max_time=time_limit(cfg, plan),
             accelerator=cfg.accelerator,
             devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
             strategy=cfg.strategy,
-            precision=_precision(cfg),  # type: ignore[arg-type]  # Lightning types it as a Literal of its names
+            precision=precision(cfg),  # type: ignore[arg-type]  # Lightning types it as a Literal of its names
             # SyncBatchNorm exists on CUDA only; DDP across CPU processes (gloo) keeps per-process statistics
-            sync_batchnorm="ddp" in cfg.strategy and _on_gpu(cfg),
+            sync_batchnorm="ddp" in cfg.strategy and on_gpu(cfg),
             callbacks=[recorder, quality, *callbacks, checkpointing],
             logger=False,
             enable_checkpointing=False,  # no default ModelCheckpoint: _LastCheckpoint writes the one checkpoint
@@ -264,7 +254,7 @@ def pretrain(
         saved = torch.load(last, map_location="cpu", weights_only=False)
         resumed_from = int(saved["epoch"]) + 1
         _truncate_loss_csv(csv_path, int(saved["global_step"]))
-    with _quiet_lightning():
+    with quiet_lightning():
         trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if resuming else None)
 
     if trainer.is_global_zero:
@@ -298,33 +288,4 @@ def pretrain(
     return result
 
 
-def _time_limit(cfg: PretrainConfig, plan: PretrainPlan) -> timedelta | None:
-    """Lightning's hard stop: the budget, or the planned steps' measured time when the plan had to take more
-    (``MIN_STEPS``); a resumed run's plan may have no measured speed."""
-    if not cfg.max_minutes:
-        return None
-    seconds = cfg.max_minutes * 60.0
-    if plan.seconds_per_step:
-        seconds = max(seconds, plan.steps * plan.seconds_per_step / SAFETY)
-    return timedelta(seconds=seconds)
 
-
-@contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Keeps Lightning's advertising, device summary and known-harmless warnings out of the console."""
-    with warnings.catch_warnings():
-        for message in (".*does not have many workers.*", ".*exceeds max_steps.*",
-                        ".*Checkpoint directory .* exists and is not empty.*", ".*LitLogger.*", ".*litlogger.*",
-                        ".*tensorboardX.*", ".*GPU available but not used.*", ".*LeafSpec.*",
-                        ".*callbacks used to create the checkpoint.*"):
-            warnings.filterwarnings("ignore", message=message)
-        noisy = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning", "lightning.pytorch",
-                                               "pytorch_lightning.utilities.rank_zero")]
-        levels = [lg.level for lg in noisy]
-        for lg in noisy:
-            lg.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for lg, level in zip(noisy, levels):
-                lg.setLevel(level)
