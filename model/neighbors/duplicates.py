@@ -1,0 +1,175 @@
+"""Near-duplicate groups of a project's images, and duplicates whose labels disagree.
+
+Two items are duplicates when their images are byte-identical (same content hash: *exact*) or when their
+embeddings' cosine similarity reaches a threshold (*near*: re-encoded, resized, slightly cropped or flipped
+copies). Groups are the connected components of that relation (single linkage, ``scipy.sparse.csgraph``),
+built from the index's range search (:meth:`~model.neighbors.index.NeighborIndex.pairs_above`).
+
+How :data:`NEAR_DUPLICATE_THRESHOLD` was chosen (``bench/similarity.py``, ``bench/results/similarity.txt``):
+animal-mnist (10,000 images, of which 284 already appear twice) embedded by a MoCo v2 encoder pretrained on
+it (resnet18-half at 32 px, the README's folder example) with 500 injected copies of each kind — exact
+copies, 1-2 px crops resized back, horizontal flips, JPEG at quality 75 — as positives and, for every
+distinct image, the similarity to its most similar *other* image as the negatives (the hardest distinct
+pair each image has). The threshold is the smallest value at which at most 0.5 % of the distinct images
+have a distinct neighbour above it (:func:`calibrate_threshold`): precision first, because a false group
+sends unrelated tasks to review and merges clusters. At that value the benchmark reports the recall of each
+kind of copy. A project whose encoder behaves differently can set ``NEAR_DUPLICATE_THRESHOLD``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from model.errors import ConfigError
+from model.neighbors.index import NeighborIndex
+
+__all__ = [
+    "NEAR_DUPLICATE_THRESHOLD",
+    "DuplicateGroup",
+    "DuplicateKind",
+    "Threshold",
+    "calibrate_threshold",
+    "conflicting_groups",
+    "duplicate_groups",
+]
+
+NEAR_DUPLICATE_THRESHOLD = 0.97
+"""Default cosine similarity from which two different images count as near-duplicates (see the module docstring)."""
+
+
+class DuplicateKind(str, enum.Enum):
+    """How the members of a group are duplicates."""
+
+    EXACT = "exact"  # all members' images are byte-identical
+    NEAR = "near"  # at least two different images, joined by embedding similarity
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Items whose images are duplicates of each other.
+
+    Attributes:
+        items: the member items (task ids), ascending; at least two.
+        kind: exact (one content) or near (several contents).
+        similarity: the weakest similarity that joined the group (1.0 for exact groups).
+        keys: the distinct content keys of the members, ascending.
+    """
+
+    items: tuple[int, ...]
+    kind: DuplicateKind
+    similarity: float
+    keys: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"items": list(self.items), "kind": self.kind.value, "similarity": round(self.similarity, 4),
+                "keys": list(self.keys)}
+
+
+def duplicate_groups(items: Sequence[int], keys: Sequence[str], index: NeighborIndex | None,
+                     threshold: float = NEAR_DUPLICATE_THRESHOLD) -> list[DuplicateGroup]:
+    """Group items whose images are exact or near duplicates.
+
+    Args:
+        items: N item ids (task ids).
+        keys: N content keys (image content hashes); equal keys are exact duplicates.
+        index: the embeddings of the keys; None (or a key not in it) allows exact grouping only.
+        threshold: cosine similarity from which two different images are near-duplicates.
+
+    Returns:
+        Groups of at least two items, largest first (then by first item).
+    """
+    if len(items) != len(keys):
+        raise ConfigError(f"{len(items)} items but {len(keys)} keys; pass one content key per item.")
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"near-duplicate threshold {threshold} is outside (0, 1]; a cosine similarity is needed.")
+    distinct = sorted(set(keys))
+    node = {k: i for i, k in enumerate(distinct)}
+    edges_a: list[np.ndarray] = []
+    edges_b: list[np.ndarray] = []
+    weakest: dict[tuple[int, int], float] = {}
+    if index is not None and len(index):
+        pairs, sims = index.pairs_above(threshold)  # (P, 2) index rows, (P,)
+        index_keys = index.keys
+        mapped = np.array([[node.get(index_keys[a], -1), node.get(index_keys[b], -1)] for a, b in pairs],
+                          dtype=np.int64).reshape(-1, 2)  # (P, 2) nodes, -1 for keys of other items
+        keep = (mapped >= 0).all(axis=1)
+        edges_a.append(mapped[keep, 0])
+        edges_b.append(mapped[keep, 1])
+        for (a, b), s in zip(mapped[keep], sims[keep]):
+            weakest[(int(a), int(b))] = float(s)
+    n = len(distinct)
+    a = np.concatenate(edges_a) if edges_a else np.zeros(0, dtype=np.int64)
+    b = np.concatenate(edges_b) if edges_b else np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)  # (n,) component per distinct key
+    members: dict[int, list[int]] = {}
+    contents: dict[int, set[str]] = {}
+    for item, key in zip(items, keys):
+        c = int(component[node[key]])
+        members.setdefault(c, []).append(int(item))
+        contents.setdefault(c, set()).add(key)
+    low: dict[int, float] = {}
+    for (x, _), s in weakest.items():
+        c = int(component[x])
+        low[c] = min(low.get(c, 1.0), s)
+    groups = []
+    for c, its in members.items():
+        if len(its) < 2:
+            continue
+        kind = DuplicateKind.EXACT if len(contents[c]) == 1 else DuplicateKind.NEAR
+        sim = 1.0 if kind is DuplicateKind.EXACT else low.get(c, 1.0)
+        groups.append(DuplicateGroup(tuple(sorted(set(its))), kind, sim, tuple(sorted(contents[c]))))
+    groups.sort(key=lambda g: (-len(g.items), g.items[0]))
+    return groups
+
+
+def conflicting_groups(groups: Sequence[DuplicateGroup], labels: Mapping[int, Any]) -> list[DuplicateGroup]:
+    """Groups whose labelled members carry different labels (at least two labelled members).
+
+    Args:
+        groups: duplicate groups.
+        labels: item -> its label (e.g. the consensus taxonomy path); items without one are left out.
+    """
+    out = []
+    for group in groups:
+        given = {tuple(labels[i]) if isinstance(labels[i], (list, tuple)) else labels[i]
+                 for i in group.items if labels.get(i) is not None}
+        if len(given) > 1:
+            out.append(group)
+    return out
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A calibrated threshold and what it achieves on the calibration data."""
+
+    value: float
+    false_positive_rate: float  # share of the negatives at or above the value
+    recall: float  # share of the positives at or above the value
+
+
+def calibrate_threshold(positives: np.ndarray, negatives: np.ndarray, max_false_positive_rate: float = 0.005
+                        ) -> Threshold:
+    """The smallest similarity at which at most ``max_false_positive_rate`` of the negatives reach it.
+
+    Args:
+        positives: ``(P,)`` similarities of true duplicate pairs (copy vs original).
+        negatives: ``(M,)`` similarities of distinct pairs (each image's most similar other image).
+        max_false_positive_rate: the share of negatives allowed at or above the threshold.
+    """
+    neg = np.sort(np.asarray(negatives, dtype=np.float64))
+    pos = np.asarray(positives, dtype=np.float64)
+    if neg.size == 0:
+        raise ConfigError("calibrate_threshold needs distinct pairs (negatives) to bound the false positives.")
+    allowed = int(np.floor(max_false_positive_rate * neg.size))  # negatives allowed at or above the threshold
+    value = float(np.nextafter(neg[neg.size - allowed - 1], np.inf))  # just above the highest excluded negative
+    value = min(value, 1.0)
+    return Threshold(value=value, false_positive_rate=float((neg >= value).mean()),
+                     recall=float((pos >= value).mean()) if pos.size else float("nan"))
