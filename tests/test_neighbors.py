@@ -14,6 +14,7 @@ from model.neighbors.duplicates import (
     calibrate_threshold,
     conflicting_groups,
     duplicate_groups,
+    near_pairs,
 )
 from model.neighbors.index import NeighborIndex, load_index
 
@@ -129,29 +130,28 @@ def test_duplicate_groups_exact_near_and_apart():
     # tasks 10 and 11 hold the same bytes (h1); task 20 holds h0 and task 21 its near copy; the rest are distinct
     items = [10, 11, 20, 21, 30, 31, 32]
     hashes = ["h1", "h1", "h0", "h0b", "h2", "h3", "h4"]
-    groups = duplicate_groups(items, hashes, index, threshold=0.95)
+    groups = duplicate_groups(items, hashes, near_pairs(index, threshold=0.95))
     by_items = {g.items: g for g in groups}
     assert set(by_items) == {(10, 11), (20, 21)}
     assert by_items[(10, 11)].kind is DuplicateKind.EXACT and by_items[(10, 11)].similarity == 1.0
     assert by_items[(20, 21)].kind is DuplicateKind.NEAR and 0.95 <= by_items[(20, 21)].similarity < 1.0
     assert by_items[(20, 21)].to_dict()["keys"] == ["h0", "h0b"]
     # without an index only the exact group remains
-    assert [g.items for g in duplicate_groups(items, hashes, None)] == [(10, 11)]
+    assert [g.items for g in duplicate_groups(items, hashes)] == [(10, 11)]
     # a threshold of 1.0 keeps the near copy apart
-    assert [g.items for g in duplicate_groups(items, hashes, index, threshold=1.0)] == [(10, 11)]
+    assert [g.items for g in duplicate_groups(items, hashes, near_pairs(index, threshold=1.0))] == [(10, 11)]
 
 
 def test_near_duplicates_chain_into_one_group():
     a = rows(1, d=16, seed=1)[0]
     chain = np.vstack([a + 0.02 * i * rows(1, d=16, seed=10 + i)[0] for i in range(4)])
     index = NeighborIndex.build(["c0", "c1", "c2", "c3"], chain)
-    groups = duplicate_groups([1, 2, 3, 4], ["c0", "c1", "c2", "c3"], index, threshold=0.99)
+    groups = duplicate_groups([1, 2, 3, 4], ["c0", "c1", "c2", "c3"], near_pairs(index, threshold=0.99))
     assert len(groups) == 1 and groups[0].items == (1, 2, 3, 4)
 
 
 def test_conflicting_groups_need_two_different_labels():
-    index = NeighborIndex.build(["x"], rows(1))
-    groups = duplicate_groups([1, 2, 3, 4, 5], ["x", "x", "y", "y", "z"], index)
+    groups = duplicate_groups([1, 2, 3, 4, 5], ["x", "x", "y", "y", "z"])
     assert [g.items for g in conflicting_groups(groups, {1: ("A", "Cat"), 2: ("A", "Dog"), 3: ("A",)})] == [(1, 2)]
     assert conflicting_groups(groups, {1: ("A", "Cat"), 2: ("A", "Cat"), 3: ("A",), 4: None}) == []
 
@@ -164,3 +164,16 @@ def test_calibrate_threshold_bounds_false_positives():
     assert t.recall == pytest.approx(2 / 3)
     strict = calibrate_threshold(positives, negatives, max_false_positive_rate=0.0)
     assert strict.false_positive_rate == 0.0 and strict.value > 0.9
+
+
+def test_incremental_pairs_equal_a_full_pass():
+    base = rows(300, d=8, seed=6)
+    base[250] = base[10] + 1e-3  # a near copy arriving later
+    base[260] = base[255] + 1e-3  # two near copies both new
+    index = NeighborIndex.build(keys(200), base[:200])
+    before = near_pairs(index, 0.999)
+    index.add(keys(300), base)
+    after = before + near_pairs(index, 0.999, start=200)
+    full = near_pairs(NeighborIndex.build(keys(300), base), 0.999)
+    assert sorted((a, b) for a, b, _ in after) == sorted((a, b) for a, b, _ in full)
+    assert {(keys(300)[10], keys(300)[250]), (keys(300)[255], keys(300)[260])} <= {(a, b) for a, b, _ in full}

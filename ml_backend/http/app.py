@@ -21,6 +21,7 @@ from ml_backend.http.auth import decide
 from ml_backend.http.data_routes import register_routes as register_data_routes
 from ml_backend.http.health import SchedulerHealth
 from ml_backend.http.metrics import Registry, project_collector
+from ml_backend.http.similar_routes import register_routes as register_similar_routes
 from ml_backend.labelstudio import connections
 from ml_backend.labelstudio.ids import project_id_of
 from ml_backend.labelstudio.label_config import parse_label_config
@@ -222,6 +223,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     metrics.add_collector(project_collector(store, scheduler, _all_projects))
 
     register_data_routes(app, settings)
+    register_similar_routes(app, settings, store)
     return app
 
 

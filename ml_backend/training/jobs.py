@@ -10,7 +10,8 @@ scheduler's child process and an RQ worker on another machine run exactly the sa
 3. images of all tasks, labelled or not, downloaded once into ``ProjectPaths.images`` by content hash;
 4. the pretraining policy (``ml_backend.training.policy``): MoCo v2 pretraining on all images → a new encoder, or
    heads only on the live encoder;
-5. embeddings through the per-encoder embedding cache (only missing images are computed);
+5. embeddings through the per-encoder embedding cache (only missing images are computed), and the project's kNN
+   index and duplicate groups (``ml_backend.training.neighbors``: new images added, rebuilt for a new encoder);
 6. heads fit with out-of-fold probabilities → a new model version published atomically (only when
    everything succeeded), old versions pruned;
 7. disagreement analysis with the out-of-fold probabilities → report saved, flags posted to Label Studio
@@ -43,6 +44,7 @@ from ml_backend.training.encoder import embed_all, live_encoder, pending_run, pr
 from ml_backend.training.fit import cross_validate_after_publish, fit_heads
 from ml_backend.training.images import sync_images
 from ml_backend.training.labels import consensus_labels, labels_shortfall
+from ml_backend.training.neighbors import update_neighbors
 from ml_backend.training.policy import (
     clear_pretrain_request,
     decide_pretrain,
@@ -164,6 +166,8 @@ def _train_pulled(settings: Settings, paths: ProjectPaths, force_pretrain: bool,
     with _timed(durations, "embed"):
         emb, ok = embed_all(settings, paths, encoder, images)  # (N, D), (N,)
     counts["embedded"] = int(ok.sum())
+    with _timed(durations, "neighbors"):
+        counts.update(update_neighbors(settings, paths, source, images, encoder.version, emb, ok))
     with _timed(durations, "fit"):
         fit, reuse = fit_heads(settings, paths, source, labels, images, emb, ok, encoder)
     counts["trained_on"] = len(fit.task_ids)

@@ -3,7 +3,7 @@
 Two items are duplicates when their images are byte-identical (same content hash: *exact*) or when their
 embeddings' cosine similarity reaches a threshold (*near*: re-encoded, resized, slightly cropped or flipped
 copies). Groups are the connected components of that relation (single linkage, ``scipy.sparse.csgraph``),
-built from the index's range search (:meth:`~model.neighbors.index.NeighborIndex.pairs_above`).
+built from the index's range search (:func:`near_pairs`, incremental: only rows added since the last call).
 
 How :data:`NEAR_DUPLICATE_THRESHOLD` was chosen (``bench/similarity.py``, ``bench/results/similarity.txt``):
 animal-mnist (10,000 images, of which 284 already appear twice) embedded by a MoCo v2 encoder pretrained on
@@ -19,7 +19,7 @@ kind of copy. A project whose encoder behaves differently can set ``NEAR_DUPLICA
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from model.errors import ConfigError
+from model.neighbors import NEAR_DUPLICATE_THRESHOLD
 from model.neighbors.index import NeighborIndex
 
 __all__ = [
@@ -38,10 +39,8 @@ __all__ = [
     "calibrate_threshold",
     "conflicting_groups",
     "duplicate_groups",
+    "near_pairs",
 ]
-
-NEAR_DUPLICATE_THRESHOLD = 0.97
-"""Default cosine similarity from which two different images count as near-duplicates (see the module docstring)."""
 
 
 class DuplicateKind(str, enum.Enum):
@@ -71,43 +70,54 @@ class DuplicateGroup:
         return {"items": list(self.items), "kind": self.kind.value, "similarity": round(self.similarity, 4),
                 "keys": list(self.keys)}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DuplicateGroup:
+        """The inverse of :meth:`to_dict`."""
+        return cls(tuple(int(i) for i in data["items"]), DuplicateKind(data["kind"]), float(data["similarity"]),
+                   tuple(str(k) for k in data.get("keys", ())))
 
-def duplicate_groups(items: Sequence[int], keys: Sequence[str], index: NeighborIndex | None,
-                     threshold: float = NEAR_DUPLICATE_THRESHOLD) -> list[DuplicateGroup]:
+
+def near_pairs(index: NeighborIndex, threshold: float = NEAR_DUPLICATE_THRESHOLD, start: int = 0
+               ) -> list[tuple[str, str, float]]:
+    """Pairs of indexed keys whose embeddings' cosine similarity reaches ``threshold``.
+
+    Args:
+        index: the embeddings.
+        threshold: cosine similarity from which two different images are near-duplicates.
+        start: only pairs involving rows added at or after this row (incremental update; see
+            :meth:`NeighborIndex.pairs_above`).
+
+    Returns:
+        ``(key_a, key_b, similarity)`` with ``key_a`` the earlier row.
+    """
+    _check_threshold(threshold)
+    pairs, sims = index.pairs_above(threshold, start=start)  # (P, 2), (P,)
+    keys = index.keys
+    return [(keys[int(a)], keys[int(b)], float(s)) for (a, b), s in zip(pairs, sims)]
+
+
+def duplicate_groups(items: Sequence[int], keys: Sequence[str], near: Iterable[tuple[str, str, float]] = ()
+                     ) -> list[DuplicateGroup]:
     """Group items whose images are exact or near duplicates.
 
     Args:
         items: N item ids (task ids).
         keys: N content keys (image content hashes); equal keys are exact duplicates.
-        index: the embeddings of the keys; None (or a key not in it) allows exact grouping only.
-        threshold: cosine similarity from which two different images are near-duplicates.
+        near: near-duplicate pairs of content keys (:func:`near_pairs`); pairs naming a key of no item are
+            ignored. None given: exact grouping only.
 
     Returns:
         Groups of at least two items, largest first (then by first item).
     """
     if len(items) != len(keys):
         raise ConfigError(f"{len(items)} items but {len(keys)} keys; pass one content key per item.")
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"near-duplicate threshold {threshold} is outside (0, 1]; a cosine similarity is needed.")
     distinct = sorted(set(keys))
     node = {k: i for i, k in enumerate(distinct)}
-    edges_a: list[np.ndarray] = []
-    edges_b: list[np.ndarray] = []
-    weakest: dict[tuple[int, int], float] = {}
-    if index is not None and len(index):
-        pairs, sims = index.pairs_above(threshold)  # (P, 2) index rows, (P,)
-        index_keys = index.keys
-        mapped = np.array([[node.get(index_keys[a], -1), node.get(index_keys[b], -1)] for a, b in pairs],
-                          dtype=np.int64).reshape(-1, 2)  # (P, 2) nodes, -1 for keys of other items
-        keep = (mapped >= 0).all(axis=1)
-        edges_a.append(mapped[keep, 0])
-        edges_b.append(mapped[keep, 1])
-        for (a, b), s in zip(mapped[keep], sims[keep]):
-            weakest[(int(a), int(b))] = float(s)
+    edges = [(node[a], node[b], s) for a, b, s in near if a in node and b in node and a != b]
     n = len(distinct)
-    a = np.concatenate(edges_a) if edges_a else np.zeros(0, dtype=np.int64)
-    b = np.concatenate(edges_b) if edges_b else np.zeros(0, dtype=np.int64)
-    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+    a = np.array([e[0] for e in edges], dtype=np.int64)
+    b = np.array([e[1] for e in edges], dtype=np.int64)
+    graph = coo_matrix((np.ones(len(edges)), (a, b)), shape=(n, n))
     _, component = connected_components(graph, directed=False)  # (n,) component per distinct key
     members: dict[int, list[int]] = {}
     contents: dict[int, set[str]] = {}
@@ -116,7 +126,7 @@ def duplicate_groups(items: Sequence[int], keys: Sequence[str], index: NeighborI
         members.setdefault(c, []).append(int(item))
         contents.setdefault(c, set()).add(key)
     low: dict[int, float] = {}
-    for (x, _), s in weakest.items():
+    for x, _, s in edges:
         c = int(component[x])
         low[c] = min(low.get(c, 1.0), s)
     groups = []
@@ -128,6 +138,11 @@ def duplicate_groups(items: Sequence[int], keys: Sequence[str], index: NeighborI
         groups.append(DuplicateGroup(tuple(sorted(set(its))), kind, sim, tuple(sorted(contents[c]))))
     groups.sort(key=lambda g: (-len(g.items), g.items[0]))
     return groups
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"near-duplicate threshold {threshold} is outside (0, 1]; a cosine similarity is needed.")
 
 
 def conflicting_groups(groups: Sequence[DuplicateGroup], labels: Mapping[int, Any]) -> list[DuplicateGroup]:

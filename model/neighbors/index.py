@@ -153,6 +153,10 @@ class NeighborIndex:
         """Row keys in row order (a copy)."""
         return list(self._keys)
 
+    def key(self, row: int) -> str:
+        """The key of ``row`` (IndexError outside ``0..len-1``)."""
+        return self._keys[row]
+
     def row(self, key: str) -> int:
         """The row of ``key``. Raises KeyError when it is not indexed."""
         return self._rows[key]
@@ -217,26 +221,30 @@ class NeighborIndex:
                 sims[start + j, :len(ss)] = ss
         return KnnGraph(self.keys, neighbors, sims)
 
-    def pairs_above(self, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """Every pair of distinct rows whose cosine similarity is at least ``threshold`` (faiss range search).
+    def pairs_above(self, threshold: float, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs of distinct rows whose cosine similarity is at least ``threshold`` (faiss range search).
+
+        Args:
+            threshold: the cosine similarity a pair must reach.
+            start: only pairs with at least one row ``>= start`` (the rows added since an earlier call with the
+                old length: an incremental update costs ``(N - start) × N`` products instead of ``N × N``).
 
         Returns:
             ``(pairs (P, 2) int64 with i < j, similarities (P,) float32)``.
         """
         n = len(self)
-        if n < 2:
-            return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32)
-        firsts, seconds, values = [], [], []
+        firsts, seconds, values = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
         # faiss keeps results with inner product > radius: step just below the threshold to include it
         radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
-        for start in range(0, n, _SEARCH_BATCH):
-            stop = min(n, start + _SEARCH_BATCH)
-            block = self._index.reconstruct_n(start, stop - start)  # (B, D)
+        for lo in range(max(0, int(start)), n, _SEARCH_BATCH):
+            hi = min(n, lo + _SEARCH_BATCH)
+            block = self._index.reconstruct_n(lo, hi - lo)  # (B, D)
             lims, dist, rows = self._index.range_search(block, radius)
-            owner = np.repeat(np.arange(start, stop), np.diff(lims).astype(np.int64))  # (R,)
-            keep = rows > owner
-            firsts.append(owner[keep])
-            seconds.append(rows[keep])
+            owner = np.repeat(np.arange(lo, hi), np.diff(lims).astype(np.int64))  # (R,)
+            rows = rows.astype(np.int64)
+            keep = (rows > owner) | (rows < start)  # each pair once: old rows are never queries
+            firsts.append(np.minimum(owner, rows)[keep])
+            seconds.append(np.maximum(owner, rows)[keep])
             values.append(dist[keep])
         pairs = np.stack([np.concatenate(firsts), np.concatenate(seconds)], axis=1).astype(np.int64)  # (P, 2)
         return pairs, np.concatenate(values).astype(np.float32)
