@@ -1,8 +1,8 @@
 """The ``taxomoco`` command line.
 
 Model commands work on folders of images without Label Studio (``pretrain``, ``train``, ``evaluate``,
-``predict``); service commands run the backend (``serve``, ``worker``) and the disagreement report
-(``disagreements``). Heavy libraries are imported only by the command that needs them.
+``predict``, ``similar IMAGE``); service commands run the backend (``serve``, ``worker``), the disagreement report
+(``disagreements``) and similar-task search (``similar --project``). Heavy libraries are imported only by the command that needs them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from model.errors import TaxomocoError
+from model.errors import DataError, TaxomocoError
 
 __all__ = ["build_parser", "main"]
 
@@ -86,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--device", default=None)
 
+    p = sub.add_parser("similar", help="similar images: of a Label Studio task (--project, --task) or of image files "
+                                       "among a folder's images (IMAGE ... --models DIR [--among FOLDER])")
+    p.add_argument("images", type=Path, nargs="*", help="query image files (folder mode)")
+    p.add_argument("--project", type=int, default=None, help="Label Studio project id (with --task)")
+    p.add_argument("--task", type=int, default=None, help="task whose similar tasks to list (with --project)")
+    p.add_argument("--k", type=int, default=20, help="neighbours per query")
+    p.add_argument("--model-dir", type=Path, default=None, help="MODEL_DIR of the backend (project mode)")
+    p.add_argument("--models", type=Path, default=Path("taxomoco-models"), help="model directory (folder mode)")
+    p.add_argument("--among", type=Path, default=None,
+                   help="folder of images to search (indexed and kept beside the model; default: the images "
+                        "`taxomoco train` indexed)")
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("disagreements", help="annotator disagreement report of a Label Studio project")
     p.add_argument("--project", type=int, required=True)
     p.add_argument("--model-dir", type=Path, default=None)
@@ -94,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "similar" and args.project is None:
+        if args.task is not None or not args.images:
+            raise DataError("taxomoco similar: pass --project ID --task TID, or image files with --models DIR.")
+        from ml_backend import cli_folders as pipeline
+
+        return pipeline.run_command(args)
     if args.command in ("pretrain", "train", "evaluate", "predict"):
         from ml_backend import cli_folders as pipeline
 
@@ -115,6 +134,12 @@ def _run(args: argparse.Namespace) -> int:
 
         report = run_cli(settings, args.project, args.out)
         print(json.dumps(report, indent=2) if isinstance(report, dict) else report)
+    elif args.command == "similar":
+        from ml_backend.serving.similar import similar_tasks
+
+        if args.task is None:
+            raise DataError("taxomoco similar --project ID needs --task TID.")
+        print(json.dumps(similar_tasks(settings.project(args.project), args.task, args.k), indent=2))
     return 0
 
 

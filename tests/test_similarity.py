@@ -314,3 +314,49 @@ def test_training_indexes_the_project_and_label_studio_shows_duplicates_and_simi
         store.close()
         client.close()
         connections.forget_all()
+
+
+# ----- the command line ------------------------------------------------------------------------------------------
+
+
+def test_cli_similar_tasks_of_a_project(tmp_path, capsys):
+    from ml_backend.cli import main
+
+    assert main(["similar", "--project", "7", "--task", "100", "--model-dir", str(tmp_path)]) == 2
+    assert "no trained model yet" in capsys.readouterr().err
+    project = Project(tmp_path)
+    project.publish()
+    project.index(_settings(tmp_path), sorted(project.images))
+    assert main(["similar", "--project", "7", "--task", "100", "--k", "3", "--model-dir", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == 100 and [r["task"] for r in out["results"]][0] == 110 and len(out["results"]) == 3
+    assert main(["similar", "--project", "7", "--task", "120", "--model-dir", str(tmp_path)]) == 2
+    assert "no usable image" in capsys.readouterr().err
+
+
+def test_cli_similar_images_in_folders(tmp_path, capsys):
+    from ml_backend.cli import main
+
+    labelled = tmp_path / "labelled"
+    for path, rgb in COLOURS.items():
+        d = labelled.joinpath(*path)
+        d.mkdir(parents=True)
+        for i in range(4):
+            (d / f"{i}.png").write_bytes(picture(rgb, seed=10 * i + len(path[1])))
+    models = tmp_path / "models"
+    fast = ["--arch", "resnet18-half", "--input-size", "32", "--device", "cpu"]
+    assert main(["train", str(labelled), "--models", str(models), *fast]) == 0
+    capsys.readouterr()
+    query = labelled / "Cold" / "Blue" / "0.png"
+    assert main(["similar", str(query), "--models", str(models), "--k", "3", "--device", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(row["similar"]) == 3 and str(query.resolve()) not in [s["path"] for s in row["similar"]]
+    # a folder with a copy of the query: indexed on the way, the copy comes first
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "copy.png").write_bytes(query.read_bytes())
+    assert main(["similar", str(query), "--models", str(models), "--among", str(other), "--device", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["similar"][0]["path"] == str((other / "copy.png").resolve()) and row["similar"][0]["score"] > 0.999
+    assert main(["similar", "--models", str(models)]) == 2
+    assert "pass --project ID --task TID, or image files" in capsys.readouterr().err

@@ -16,10 +16,11 @@ import numpy as np
 
 from ml_backend.paths import ProjectPaths
 from ml_backend.training.neighbors import IndexedTask, read_task_map
+from model.bundle import MANIFEST, VERSIONS, Manifest, live_version
 from model.errors import DataError
 from model.neighbors.index import NeighborIndex, load_index
 
-__all__ = ["Neighbor", "ProjectNeighbors", "TaskNotIndexed", "load_project_neighbors"]
+__all__ = ["Neighbor", "ProjectNeighbors", "TaskNotIndexed", "load_project_neighbors", "similar_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +131,24 @@ def load_project_neighbors(paths: ProjectPaths, version: str, encoder_version: s
     index = load_index(directory)
     tasks, unusable = read_task_map(paths)
     return ProjectNeighbors(paths.project_id, version, index, tasks, unusable)
+
+
+def similar_tasks(paths: ProjectPaths, task_id: int, k: int) -> dict[str, Any]:
+    """``taxomoco similar --project ID --task TID``: the live version's index read from disk (no server needed).
+
+    Raises:
+        DataError: no trained model, no index for it, or a task the index cannot answer for (with the remedy).
+    """
+    version = live_version(paths.models)
+    if version is None:
+        raise DataError(f"Project {paths.project_id} has no trained model yet in {paths.models}: train it first "
+                        "(Train button in Label Studio, or POST /train).")
+    mpath = paths.models / VERSIONS / version / MANIFEST
+    manifest = Manifest.from_json(mpath.read_text(encoding="utf-8"), str(mpath))
+    neighbors = load_project_neighbors(paths, version, manifest.encoder_version)
+    if neighbors is None:
+        raise DataError(f"Project {paths.project_id}'s model {version} has no similarity index: it is built by "
+                        "training; retrain the project.")
+    found = neighbors.similar_to_task(task_id, k)
+    return {"project": paths.project_id, "task": int(task_id), "model_version": version,
+            "results": [n.to_dict() for n in found]}
