@@ -10,5 +10,5 @@ __all__ = [
     "index",
 ]
 
-NEAR_DUPLICATE_THRESHOLD = 0.97
+NEAR_DUPLICATE_THRESHOLD = 0.9996
 """Default cosine similarity from which two different images count as near-duplicates (``model.neighbors.duplicates``)."""
