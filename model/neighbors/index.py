@@ -55,11 +55,11 @@ def normalise(emb: np.ndarray) -> np.ndarray:
     x = np.array(emb, dtype=np.float32, copy=True, order="C")  # (N, D)
     if x.ndim != 2:
         raise DataError(f"embeddings must be a (N, D) array, got shape {x.shape}.")
-    if not np.isfinite(x).all():
+    sq = np.einsum("ij,ij->i", x, x)  # (N,) squared lengths; NaN or inf anywhere in a row makes its length so
+    if not np.isfinite(sq).all():
         raise DataError("embeddings hold NaN or infinite values (an unreadable image); index only rows that embedded.")
-    norms = np.linalg.norm(x, axis=1)  # (N,)
-    if x.shape[0] and not (norms > 0).all():
-        raise DataError(f"{int((norms <= 0).sum())} embeddings have zero length; they have no direction to compare.")
+    if x.shape[0] and not (sq > 0).all():
+        raise DataError(f"{int((sq <= 0).sum())} embeddings have zero length; they have no direction to compare.")
     faiss.normalize_L2(x)
     return x
 
@@ -134,7 +134,7 @@ class NeighborIndex:
                 new[k] = i
         if not new:
             return 0
-        rows = normalise(emb[list(new.values())])  # (M, D) unit rows
+        rows = normalise(emb if len(new) == len(keys) else emb[list(new.values())])  # (M, D) unit rows
         self._index.add(rows)
         for k in new:
             self._rows[k] = len(self._keys)
