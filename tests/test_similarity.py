@@ -304,6 +304,9 @@ def test_training_indexes_the_project_and_label_studio_shows_duplicates_and_simi
         tab = {t["id"]: t for t in ls_tabs.list_tabs(client, pid)}[made["tab"]]
         hidden = tab["data"]["hiddenColumns"]
         assert "tasks:data.image" not in hidden["explore"] and "tasks:data.image" not in hidden["labeling"]
+        default = {t["data"]["title"]: t for t in ls_tabs.list_tabs(client, pid)}["Default"]["data"]["hiddenColumns"]
+        for column in ("tasks:annotations_results", "tasks:predictions_results"):  # hidden by Label Studio's default
+            assert column in default["explore"] and column not in hidden["explore"], (column, hidden)
         assert made["url"] == f"{label_studio.url}/projects/{pid}/data?tab={made['tab']}"
         # asking again updates the same tab
         again = app.post("/similar/tab", json={"project": pid, "task": ids[0], "k": 2}, headers=HEADERS).get_json()

@@ -27,13 +27,16 @@ from model.bundle import live_version
 from model.errors import DataError, TaxomocoError
 from model.images import check_image_header, load_image
 
-__all__ = ["DEFAULT_K", "MAX_K", "SIMILAR_TAB_PREFIX", "register_routes"]
+__all__ = ["DEFAULT_K", "MAX_K", "SIMILAR_TAB_COLUMNS", "SIMILAR_TAB_PREFIX", "register_routes"]
 
 DEFAULT_K = 20
 MAX_K = 500
 """Most neighbours one call returns (a Data Manager tab filters at most this many task ids)."""
 SIMILAR_TAB_PREFIX = "taxomoco: similar to task"
 """Title of the tab ``POST /similar/tab`` creates: ``"taxomoco: similar to task N"``."""
+SIMILAR_TAB_COLUMNS = ("tasks:annotations_results", "tasks:predictions_results")
+"""Columns the similar-to tab shows beside the image thumbnail (Label Studio hides them by default): the labels
+given so far and the model's, so a person sees at once how the cluster is labelled."""
 LOAD_WAIT_S = 10.0
 
 
@@ -90,7 +93,7 @@ def register_routes(app: Flask, settings: Settings, store: ModelStore) -> None:
             image_key = parse_label_config(client.get_project(pid).label_config).image_key
             title = f"{SIMILAR_TAB_PREFIX} {tid}"
             tab_id = upsert_task_tab(client, pid, title, [tid] + [n.task_id for n in found],
-                                     shown=(f"tasks:data.{image_key}",))
+                                     shown=(f"tasks:data.{image_key}",) + SIMILAR_TAB_COLUMNS)
         finally:
             client.close()
         return jsonify(tab=tab_id, title=title, project=pid, task=tid, tasks=[tid] + [n.task_id for n in found],
