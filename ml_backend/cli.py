@@ -1,8 +1,9 @@
 """The ``taxomoco`` command line.
 
 Model commands work on folders of images without Label Studio (``pretrain``, ``train``, ``evaluate``,
-``predict``, ``similar IMAGE``); service commands run the backend (``serve``, ``worker``), the disagreement report
-(``disagreements``) and similar-task search (``similar --project``). Heavy libraries are imported only by the command that needs them.
+``predict``, ``similar IMAGE``); service commands run the backend (``serve``, ``worker``), the disagreement
+report (``disagreements``) and similar-task search (``similar --project``). Heavy libraries are imported only
+by the command that needs them.
 """
 
 from __future__ import annotations

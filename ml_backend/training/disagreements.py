@@ -1,9 +1,10 @@
 """The training job's disagreement step, and the saved disagreement report.
 
 After a version is published, the job computes the consensus again with the model's out-of-sample opinion
-(:func:`analyse_disagreements`), adds the duplicate groups whose labels disagree, saves the report (``ProjectPaths.disagreement_report``, served by
-``GET /disagreements``) with the model's probabilities beside it (so ``taxomoco disagreements`` can recompute
-later), and shows the flags in Label Studio (``ml_backend.labelstudio.flags``).
+(:func:`analyse_disagreements`), adds the duplicate groups whose labels disagree, saves the report
+(``ProjectPaths.disagreement_report``, served by ``GET /disagreements``) with the model's probabilities beside it
+(so ``taxomoco disagreements`` can recompute later), and shows the flags and the duplicate tabs in Label Studio
+(``ml_backend.labelstudio.flags``, ``ml_backend.labelstudio.duplicate_tabs``).
 """
 
 from __future__ import annotations

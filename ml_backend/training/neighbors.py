@@ -24,8 +24,8 @@ from ml_backend.training.images import ProjectImages
 from ml_backend.training.pull import ProjectSource
 from model.atomic import atomic_write_json
 from model.bundle import MANIFEST, VERSIONS, list_versions
-from model.errors import DataError
 from model.crowd.types import ConsensusResult
+from model.errors import DataError
 from model.neighbors.duplicates import DuplicateGroup, conflicting_groups, duplicate_groups, near_pairs
 from model.neighbors.index import NeighborIndex, load_index
 
@@ -183,7 +183,9 @@ def duplicate_conflicts(paths: ProjectPaths, result: ConsensusResult) -> dict[st
     except DataError:
         return None
     groups = [DuplicateGroup.from_dict(g) for g in saved.get("groups", [])]
-    labels = {item: c.path for item, c in result.items.items() if c.path is not None}
+    # model.crowd.types annotates taxonomy paths as pathlib.Path; they are tuples of names
+    labels: dict[int, tuple[str, ...]] = {item: tuple(c.path) for item, c in result.items.items()  # type: ignore[arg-type]
+                                          if c.path is not None}
     conflicting = []
     for group in conflicting_groups(groups, labels):
         entry = group.to_dict()

@@ -16,9 +16,9 @@ unrelated tasks to review and, grouped by single linkage, chains groups together
 whole set the grouping then has pair precision 0.95, finds every exact copy and 80 % of the JPEG copies, and
 almost none of the crops and flips: this encoder puts 1 px crops and flips of a 28 px silhouette (median
 similarity to the original 0.996 / 0.992) about as close as two different silhouettes (median similarity of an
-image to its most similar distinct one 0.995); lower thresholds chain thousands of images into one group. So near-duplicates here means
-re-encoded or re-saved copies; a project whose encoder separates images better (larger images, longer
-pretraining) can lower ``NEAR_DUPLICATE_THRESHOLD`` after checking ``GET /duplicates``.
+image to its most similar distinct one 0.995); lower thresholds chain thousands of images into one group. So
+near-duplicates here means re-encoded or re-saved copies; a project whose encoder separates images better
+(larger images, longer pretraining) can lower ``NEAR_DUPLICATE_THRESHOLD`` after checking ``GET /duplicates``.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class NeighborIndex:
             raise ConfigError(f"dim={dim} must be >= 1.")
         self.dim = int(dim)
         self.encoder_version = str(encoder_version)
-        self._index = faiss.IndexFlatIP(self.dim)
+        self._index: faiss.Index = faiss.IndexFlatIP(self.dim)
         self._keys: list[str] = []
         self._rows: dict[str, int] = {}
 
@@ -314,7 +314,7 @@ def _load_generation(gen: Path) -> NeighborIndex:
     except (OSError, ValueError, RuntimeError) as exc:  # faiss raises RuntimeError for a damaged file
         raise DataError(f"the neighbour index in {gen} cannot be read ({exc.__class__.__name__}); it is rebuilt "
                         "by the next training (or delete the directory).") from None
-    if meta.get("format") != FORMAT or flat.d != meta.get("dim") or not flat.ntotal == len(keys) == meta.get("count"):
+    if not isinstance(flat, faiss.IndexFlatIP) or meta.get("format") != FORMAT or flat.d != meta.get("dim") or not flat.ntotal == len(keys) == meta.get("count"):
         raise DataError(f"the neighbour index in {gen} is inconsistent (meta {meta}, {flat.ntotal} vectors, "
                         f"{len(keys)} keys); it is rebuilt by the next training (or delete the directory).")
     index = NeighborIndex(int(meta["dim"]), str(meta.get("encoder_version", "")))
