@@ -139,6 +139,26 @@ def test_the_training_step_builds_then_adds_and_groups_duplicates(tmp_path):
     assert (project.paths.neighbor_index(encoder) / "CURRENT").read_text() == current
 
 
+def test_a_new_encoder_gets_a_new_index_and_unused_ones_are_removed(tmp_path):
+    import shutil
+
+    project = Project(tmp_path)
+    settings = _settings(tmp_path)
+    first = project.publish()
+    project.index(settings, [100, 101, 102])
+    old = load_live(project.paths.models).manifest.encoder_version
+    publish_tiny_bundle(project.paths.models, project.config.taxonomy, seed=1)  # pretraining: another encoder
+    new = load_live(project.paths.models).manifest.encoder_version
+    assert new != old
+    out = project.index(settings, [100, 101, 102, 103])
+    assert out["indexed"] == 4 and out["added"] == 4  # built from every embedding, not added to the old one
+    assert load_index(project.paths.neighbor_index(new)).encoder_version == new
+    assert project.paths.neighbor_index(old).is_dir()  # a kept version still uses the old encoder
+    shutil.rmtree(project.paths.models / "versions" / first)  # pruned
+    project.index(settings, [100, 101, 102, 103])
+    assert not project.paths.neighbor_index(old).exists() and project.paths.neighbor_index(new).is_dir()
+
+
 @pytest.fixture
 def served(tmp_path):
     settings = _settings(tmp_path)
