@@ -10,6 +10,7 @@ usable image, 409 while the project has no trained model or its model has no ind
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -50,6 +51,7 @@ class _Answer(Exception):
 
 def register_routes(app: Flask, settings: Settings, store: ModelStore) -> None:
     """Add the similarity routes to ``app`` (see the module docstring)."""
+    forwards = threading.BoundedSemaphore(settings.predict_concurrency)  # uploads embedded at once (own budget)
 
     @app.errorhandler(_Answer)
     def _answer(exc: _Answer) -> ResponseReturnValue:
@@ -72,7 +74,8 @@ def register_routes(app: Flask, settings: Settings, store: ModelStore) -> None:
             raise _Answer(503, f"Project {pid}'s model is being reloaded; try again in a few seconds.")
         check_image_header(data, settings.image_max_pixels, name="the uploaded image")
         image = load_image(data, settings.image_max_pixels)
-        emb, ok = model.embedder.embed_with_mask([image])  # type: ignore[attr-defined]  # (1, D), (1,)
+        with forwards:
+            emb, ok = model.embedder.embed_with_mask([image])  # type: ignore[attr-defined]  # (1, D), (1,)
         if not ok[0]:
             raise DataError("The uploaded image could not be embedded; send a PNG or JPEG image.")
         found = neighbors.similar_to_vector(emb[0], k)
