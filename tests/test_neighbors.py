@@ -177,3 +177,34 @@ def test_incremental_pairs_equal_a_full_pass():
     full = near_pairs(NeighborIndex.build(keys(300), base), 0.999)
     assert sorted((a, b) for a, b, _ in after) == sorted((a, b) for a, b, _ in full)
     assert {(keys(300)[10], keys(300)[250]), (keys(300)[255], keys(300)[260])} <= {(a, b) for a, b, _ in full}
+
+
+def test_a_forked_child_can_search_after_the_parent_did():
+    """RQ runs each job in a forked work horse: GNU OpenMP hangs there if the parent ran a multi-threaded search."""
+    import os
+    import signal
+    import time
+
+    import faiss
+
+    faiss.omp_set_num_threads(2)  # whatever the process had set, the index keeps faiss at one thread
+    base = rows(3000, d=32, seed=11)
+    index = NeighborIndex.build(keys(3000), base)
+    assert faiss.omp_get_max_threads() == 1
+    near_pairs(index, 0.5)  # many queries at once in the parent
+    pid = os.fork()
+    if pid == 0:  # the child: the same search, then leave without running pytest's teardown
+        try:
+            near_pairs(index, 0.5)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung in faiss (OpenMP after fork)")

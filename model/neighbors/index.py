@@ -36,7 +36,7 @@ import numpy as np
 from model.atomic import atomic_write_text, fsync_dir
 from model.errors import ConfigError, DataError
 
-__all__ = ["KnnGraph", "NeighborIndex", "load_index", "normalise"]
+__all__ = ["KnnGraph", "NeighborIndex", "load_index", "normalise", "single_threaded"]
 
 CURRENT = "CURRENT"
 INDEX_FILE = "index.faiss"
@@ -46,12 +46,24 @@ FORMAT = 1
 _SEARCH_BATCH = 4096  # query rows per faiss call in knn(): bounds the (B, N) distance block
 
 
+def single_threaded() -> None:
+    """Keep faiss's OpenMP at one thread (called before every faiss call of this module).
+
+    GNU OpenMP hangs in a forked child once the parent ran a parallel region, and RQ runs every job in a forked
+    work horse: a worker (or a test process) that searched with several threads would deadlock its next job.
+    One thread also suits the queries here (one at a time) and a server whose cores serve requests.
+    """
+    if faiss.omp_get_max_threads() != 1:
+        faiss.omp_set_num_threads(1)
+
+
 def normalise(emb: np.ndarray) -> np.ndarray:
     """Unit-length float32 copy of ``emb`` ``(N, D)``.
 
     Raises:
         DataError: a row is not finite or has zero length (an unreadable image's NaN row, an all-zero vector).
     """
+    single_threaded()
     x = np.array(emb, dtype=np.float32, copy=True, order="C")  # (N, D)
     if x.ndim != 2:
         raise DataError(f"embeddings must be a (N, D) array, got shape {x.shape}.")
@@ -93,6 +105,7 @@ class NeighborIndex:
     def __init__(self, dim: int, encoder_version: str = "") -> None:
         if int(dim) < 1:
             raise ConfigError(f"dim={dim} must be >= 1.")
+        single_threaded()
         self.dim = int(dim)
         self.encoder_version = str(encoder_version)
         self._index: faiss.Index = faiss.IndexFlatIP(self.dim)
@@ -307,6 +320,7 @@ def _prune_generations(root: Path, keep: set[str]) -> None:
 
 
 def _load_generation(gen: Path) -> NeighborIndex:
+    single_threaded()
     try:
         meta = json.loads((gen / META_FILE).read_text(encoding="utf-8"))
         keys = (gen / KEYS_FILE).read_text(encoding="utf-8").splitlines()
