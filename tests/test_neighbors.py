@@ -208,3 +208,20 @@ def test_a_forked_child_can_search_after_the_parent_did():
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung in faiss (OpenMP after fork)")
+
+
+def test_knn_graph_of_a_plain_matrix_skips_unusable_rows():
+    from model.neighbors.index import knn_graph
+
+    base = rows(200, d=8, seed=12)
+    base[5] = np.nan  # an unreadable image
+    base[7] = 0.0  # a zero vector has no direction
+    idx, sim = knn_graph(base, 4)
+    assert idx.shape == (200, 4) and sim.dtype == np.float32
+    assert (idx[5] == -1).all() and (idx[7] == -1).all() and (sim[5] == 0).all()
+    assert not np.isin(idx, [5, 7]).any() and not (idx == np.arange(200)[:, None]).any()
+    usable = np.array([i for i in range(200) if i not in (5, 7)])
+    expected = brute_force(base[usable], base[usable][:20], 5)[:, 1:]
+    assert (idx[usable[:20]] == usable[expected]).mean() > 0.99
+    small, _ = knn_graph(base[:3], 4)  # fewer rows than k: the rest is -1
+    assert (small[:, 2:] == -1).all() and (small[:, :2] >= 0).all()

@@ -36,7 +36,7 @@ import numpy as np
 from model.atomic import atomic_write_text, fsync_dir
 from model.errors import ConfigError, DataError
 
-__all__ = ["KnnGraph", "NeighborIndex", "load_index", "normalise", "single_threaded"]
+__all__ = ["KnnGraph", "NeighborIndex", "knn_graph", "load_index", "normalise", "single_threaded"]
 
 CURRENT = "CURRENT"
 INDEX_FILE = "index.faiss"
@@ -303,6 +303,35 @@ class NeighborIndex:
         return load_index(directory)
 
 
+def knn_graph(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar other rows of every row of a plain embedding matrix (label propagation's graph).
+
+    Args:
+        emb: ``(N, D)`` embeddings; rows with a NaN (unreadable images) or of zero length get no neighbours and
+            are nobody's.
+        k: neighbours per row (at most the number of other usable rows).
+
+    Returns:
+        ``idx (N, k)`` int64 row indices (-1: none) and ``sim (N, k)`` float32 cosine similarities (0 where none),
+        most similar first, the row itself excluded: :meth:`NeighborIndex.knn` on the usable rows.
+    """
+    x = np.asarray(emb, dtype=np.float32)  # (N, D)
+    n = len(x)
+    idx = np.full((n, int(k)), -1, dtype=np.int64)  # (N, k)
+    sim = np.zeros((n, int(k)), dtype=np.float32)  # (N, k)
+    with np.errstate(invalid="ignore", over="ignore"):
+        usable = np.isfinite(x).all(axis=1) & (np.einsum("ij,ij->i", x, x) > 0)  # (N,)
+    rows = np.flatnonzero(usable)
+    k_eff = min(int(k), len(rows) - 1)
+    if k_eff < 1:
+        return idx, sim
+    graph = NeighborIndex.build([str(r) for r in rows], x[rows]).knn(k_eff)  # rows keyed by their position
+    found = graph.neighbors >= 0  # (M, k_eff)
+    idx[rows, :k_eff] = np.where(found, rows[np.maximum(graph.neighbors, 0)], -1)
+    sim[rows, :k_eff] = np.where(found, graph.similarities, 0.0)
+    return idx, sim
+
+
 def _generations(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("gen-"))
 
@@ -328,7 +357,8 @@ def _load_generation(gen: Path) -> NeighborIndex:
     except (OSError, ValueError, RuntimeError) as exc:  # faiss raises RuntimeError for a damaged file
         raise DataError(f"the neighbour index in {gen} cannot be read ({exc.__class__.__name__}); it is rebuilt "
                         "by the next training (or delete the directory).") from None
-    if not isinstance(flat, faiss.IndexFlatIP) or meta.get("format") != FORMAT or flat.d != meta.get("dim") or not flat.ntotal == len(keys) == meta.get("count"):
+    consistent = meta.get("format") == FORMAT and flat.d == meta.get("dim") and flat.ntotal == len(keys) == meta.get("count")
+    if not isinstance(flat, faiss.IndexFlatIP) or not consistent:
         raise DataError(f"the neighbour index in {gen} is inconsistent (meta {meta}, {flat.ntotal} vectors, "
                         f"{len(keys)} keys); it is rebuilt by the next training (or delete the directory).")
     index = NeighborIndex(int(meta["dim"]), str(meta.get("encoder_version", "")))
