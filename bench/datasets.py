@@ -12,8 +12,9 @@ natural second level on top of them (:data:`ANIMAL_TAXONOMY_TREE`):
     farm          Cow, Horse, Sheep
     pet-and-bird  Bird, Cat, Dog
 
-284 images appear twice (byte-identical, same label); :func:`content_groups` gives one id per distinct image so
-that splits can keep both copies on the same side.
+284 images appear twice (byte-identical, same label); :func:`content_groups` gives one id per distinct image, and
+:func:`duplicate_ids` one id per duplicate group (byte-identical, and near-duplicates when vectors are given:
+``model.neighbors``), so that :func:`test_split` keeps every copy of an image on one side.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from pathlib import Path as FsPath
 import numpy as np
 
 from model.errors import DataError
+from model.neighbors import NEAR_DUPLICATE_THRESHOLD
+from model.neighbors.duplicates import duplicate_groups, near_pairs
+from model.neighbors.index import NeighborIndex
 from model.taxonomy import Path, Taxonomy
 
 ANIMAL_CLASSES: tuple[str, ...] = (
@@ -146,3 +150,59 @@ def content_groups(images: np.ndarray) -> np.ndarray:
         key = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
         out[i] = ids.setdefault(key, len(ids))
     return out
+
+
+def duplicate_ids(images: np.ndarray, vectors: np.ndarray | None = None,
+                  threshold: float = NEAR_DUPLICATE_THRESHOLD) -> np.ndarray:
+    """One id per duplicate group, for splits that keep every copy of an image on one side.
+
+    Args:
+        images: ``(N, ...)`` array of images; byte-identical ones share an id.
+        vectors: ``(N, D)`` embeddings (or pixels) of the images; with them, near-duplicates (cosine similarity at
+            least ``threshold``, grouped like the product does: ``model.neighbors.duplicates``) share an id too.
+        threshold: the near-duplicate threshold for ``vectors``.
+
+    Returns:
+        int64 ``(N,)``, ids numbered by first appearance.
+    """
+    exact = content_groups(images)  # (N,)
+    keys = [str(int(g)) for g in exact]
+    pairs: list[tuple[str, str, float]] = []
+    if vectors is not None:
+        pairs = near_pairs(NeighborIndex.build(keys, np.asarray(vectors)), threshold)
+    out = exact.copy()
+    for group in duplicate_groups(list(range(len(keys))), keys, pairs):
+        out[list(group.items)] = exact[group.items[0]]
+    _, first = np.unique(out, return_index=True)
+    renumber = {int(out[i]): n for n, i in enumerate(sorted(first))}
+    return np.array([renumber[int(g)] for g in out], dtype=np.int64)
+
+
+def test_split(labels: np.ndarray, groups: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified test split that keeps each duplicate group on one side.
+
+    Args:
+        labels: leaf class per image ``(N,)``.
+        groups: duplicate group per image ``(N,)`` (:func:`duplicate_ids` or :func:`content_groups`).
+        size: number of test images (about ``size / K`` per class).
+        seed: split seed.
+
+    Returns:
+        ``(test, rest)``: sorted int64 indices.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = size // len(classes)
+    test: list[int] = []
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        taken: set[int] = set()
+        for g in rng.permutation(np.unique(groups[members])):
+            if len(taken) >= per_class:
+                break
+            taken.update(np.flatnonzero(groups == g).tolist())
+        test.extend(sorted(taken))
+    test_arr = np.array(sorted(test), dtype=np.int64)
+    rest = np.setdiff1d(np.arange(len(labels)), test_arr)
+    assert not set(groups[test_arr]) & set(groups[rest]), "a duplicate straddles the test split"
+    return test_arr, rest

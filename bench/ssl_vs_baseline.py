@@ -53,7 +53,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench.datasets import ANIMAL_TAXONOMY, content_groups, load_animal_mnist
+from bench.datasets import ANIMAL_TAXONOMY, duplicate_ids, load_animal_mnist, test_split
 from model.encoder.backbone import build_backbone
 from model.encoder.config import Arch, EncoderConfig
 from model.encoder.device import cpu_has_bf16
@@ -141,36 +141,6 @@ class BenchConfig:
 
 
 # ----- data and splits -----------------------------------------------------------------------------------
-
-
-def test_split(labels: np.ndarray, groups: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A stratified test split that keeps byte-identical images on one side.
-
-    Args:
-        labels: leaf class per image ``(N,)``.
-        groups: content id per image ``(N,)`` (:func:`bench.datasets.content_groups`).
-        size: number of test images (about ``size / K`` per class).
-        seed: split seed.
-
-    Returns:
-        ``(test, rest)``: sorted int64 indices.
-    """
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per_class = size // len(classes)
-    test: list[int] = []
-    for c in classes:
-        members = np.flatnonzero(labels == c)
-        taken: set[int] = set()
-        for g in rng.permutation(np.unique(groups[members])):
-            if len(taken) >= per_class:
-                break
-            taken.update(np.flatnonzero(groups == g).tolist())
-        test.extend(sorted(taken))
-    test_arr = np.array(sorted(test), dtype=np.int64)
-    rest = np.setdiff1d(np.arange(len(labels)), test_arr)
-    assert not set(groups[test_arr]) & set(groups[rest]), "a duplicate straddles the test split"
-    return test_arr, rest
 
 
 def labelled_subsets(
@@ -477,7 +447,7 @@ def run(cfg: BenchConfig, out_dir: Path, retrain: bool, methods: Sequence[Method
         images, paths = images[keep], [paths[i] for i in keep]
     leaf = np.array([ANIMAL_TAXONOMY.node(p).index for p in paths])  # (N,) leaf index at level 1
     targets = ANIMAL_TAXONOMY.encode_many(paths)  # (N, 2)
-    test, rest = test_split(leaf, content_groups(images), cfg.test_size, cfg.split_seed)
+    test, rest = test_split(leaf, duplicate_ids(images), cfg.test_size, cfg.split_seed)  # exact copies together
     subsets = {seed: labelled_subsets(leaf, rest, cfg.fractions, len(images), seed) for seed in cfg.seeds}
     print(f"animal-mnist: {len(images)} images, test {len(test)}, pool {len(rest)}; labelled per fraction "
           f"{ {f: len(subsets[cfg.seeds[0]][f]) for f in cfg.fractions} }", flush=True)

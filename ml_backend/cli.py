@@ -1,8 +1,9 @@
 """The ``taxomoco`` command line.
 
 Model commands work on folders of images without Label Studio (``pretrain``, ``train``, ``evaluate``,
-``predict``); service commands run the backend (``serve``, ``worker``), the disagreement report
-(``disagreements``) and the labeling order (``queue``). Heavy libraries are imported only by the command that needs them.
+``predict``, ``similar IMAGE``); service commands run the backend (``serve``, ``worker``), the disagreement
+report (``disagreements``), the labeling order (``queue``) and similar-task search (``similar --project``). Heavy
+libraries are imported only by the command that needs them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ml_backend.settings import Settings
-from model.errors import TaxomocoError
+from model.errors import DataError, TaxomocoError
 
 __all__ = ["build_parser", "main"]
 
@@ -138,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     _setting(p, "--device")
 
+    p = _command(sub, "similar", "similar images: of a Label Studio task (--project, --task) or of image files "
+                                "among a folder's images (IMAGE ... --models DIR [--among FOLDER])")
+    p.add_argument("images", type=Path, nargs="*", help="query image files (folder mode)")
+    p.add_argument("--project", type=int, default=None, help="Label Studio project id (with --task; default: none, "
+                                                             "folder mode)")
+    p.add_argument("--task", type=int, default=None, help="task whose similar tasks to list (with --project; "
+                                                          "default: none)")
+    p.add_argument("--k", type=int, default=20, help="neighbours per query (default: %(default)s)")
+    _override(p, "--model-dir", "model_dir", Path)
+    p.add_argument("--models", type=Path, default=Path("taxomoco-models"),
+                   help="model directory (folder mode; default: %(default)s)")
+    p.add_argument("--among", type=Path, default=None,
+                   help="folder of images to search (indexed and kept beside the model; default: the images "
+                        "`taxomoco train` indexed)")
+    _setting(p, "--device")
+
     p = _command(sub, "disagreements", "annotator disagreement report of a Label Studio project")
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
     _override(p, "--model-dir", "model_dir", Path)
@@ -152,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name, None) for name in set(SETTING_FLAGS.values())}
     overrides.update({k: getattr(args, k, None) for k in ("host", "port", "model_dir", "redis_url")})
+    if args.command == "similar" and args.project is None:
+        if args.task is not None or not args.images:
+            raise DataError("taxomoco similar: pass --project ID --task TID, or image files with --models DIR.")
     settings = Settings.from_env(**overrides)
-    if args.command in ("pretrain", "train", "evaluate", "predict"):
+    if args.command in ("pretrain", "train", "evaluate", "predict") or (args.command == "similar" and not args.project):
         from ml_backend import cli_folders  # torch and the model stack, paid only by the folder commands
 
         return cli_folders.run_command(args, settings)
@@ -176,6 +196,12 @@ def _run(args: argparse.Namespace) -> int:
         queue = read_queue(settings.project(args.project))
         queue["tasks"] = queue.get("tasks", [])[:max(0, args.limit)]
         print(json.dumps(queue, indent=2))
+    elif args.command == "similar":
+        from ml_backend.serving.similar import similar_tasks
+
+        if args.task is None:
+            raise DataError("taxomoco similar --project ID needs --task TID.")
+        print(json.dumps(similar_tasks(settings.project(args.project), args.task, args.k), indent=2))
     return 0
 
 

@@ -1,8 +1,9 @@
-"""The method on folders of images, without Label Studio: what ``taxomoco pretrain|train|evaluate|predict`` run.
+"""The method on folders of images, without Label Studio: what ``taxomoco pretrain|train|evaluate|predict|similar`` run.
 
 A labelled folder tree names taxonomy paths (``IMAGES/wild/Bear/001.png`` → ``("wild", "Bear")``). An encoder
 directory (written by ``pretrain``) holds ``encoder.safetensors`` + ``encoder.json``; a model directory holds
-published versions (``model.bundle``) and the embedding cache.
+published versions (``model.bundle``), the embedding cache and ``neighbors/<encoder version>/``, the kNN index of
+the trained (and ``similar --among``) images keyed by absolute path.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from model.heads.heads import HeadsConfig
 from model.heads.selection import Selection, select_and_fit
 from model.heads.training import heads_logits, labelled_rows
 from model.images import content_hash
+from model.neighbors.index import NeighborIndex, load_index
 from model.predictor import Predictor
 from model.report import write_report
 from model.ssl.recipe import summarize_images
@@ -49,6 +51,7 @@ __all__ = [
     "pretrain_folder",
     "run_command",
     "save_encoder",
+    "similar_files",
     "train_folder",
 ]
 
@@ -56,6 +59,8 @@ log = logging.getLogger(__name__)
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_META = "encoder.json"
+NEIGHBORS = "neighbors"
+"""Folder of a model directory holding one kNN index per encoder version, keyed by absolute image path."""
 
 
 def save_encoder(out_dir: Path, cfg: EncoderConfig, state: dict) -> str:
@@ -207,6 +212,8 @@ def train_folder(args: argparse.Namespace, settings: Settings) -> str:
                "model": selection.chosen.name, "model_choice": selection.to_dict()},
         features=spec,
     )
+    _index_files(args.models, manifest.encoder_version, [files[i] for i in keep],
+                 features[FeatureSource.ENCODER][keep])
     _print_choice(selection)
     _print_metrics(metrics, f"cross-validated ({selection.chosen.name})")
     if args.report is not None:
@@ -265,6 +272,58 @@ def predict_files(args: argparse.Namespace, settings: Settings) -> list[dict]:
     return rows
 
 
+def _index_files(models: Path, encoder: str, files: Sequence[Path], emb: np.ndarray) -> NeighborIndex:
+    """Add image files (keyed by absolute path) to the model directory's kNN index of ``encoder``."""
+    directory = models / NEIGHBORS / encoder
+    try:
+        index = load_index(directory)
+    except DataError:
+        index = NeighborIndex(emb.shape[1], encoder)
+    if index.add([str(f.resolve()) for f in files], emb):
+        index.save(directory)
+    return index
+
+
+def similar_files(args: argparse.Namespace, settings: Settings) -> list[dict]:
+    """``taxomoco similar IMAGE ... --models DIR [--among FOLDER]``: one JSON line per query image with its ``k``
+    most similar images (path and cosine similarity) among the indexed ones (``--among`` adds a folder first)."""
+    bundle = load_live(args.models)
+    cfg, state, encoder = bundle.encoder_cfg, bundle.backbone_state, bundle.manifest.encoder_version
+    cache = args.models / "cache"
+    if args.among is not None:
+        files = scan_images(args.among)
+        if not files:
+            raise DataError(f"No images found under {args.among}; point --among at a folder of .png/.jpg files.")
+        try:
+            index = load_index(args.models / NEIGHBORS / encoder)
+        except DataError:
+            index = NeighborIndex(bundle.manifest.embedding_dim, encoder)
+        new = [f for f in files if str(f.resolve()) not in index]
+        if new:
+            emb, ok = embed_files(new, cfg, state, cache, settings.device)
+            index = _index_files(args.models, encoder, [f for f, good in zip(new, ok) if good], emb[ok])
+    else:
+        try:
+            index = load_index(args.models / NEIGHBORS / encoder)
+        except DataError:
+            raise DataError(f"{args.models} has no image index for its model: `taxomoco train` builds one from the "
+                            "labelled images, or pass --among FOLDER to index a folder.") from None
+    emb, ok = embed_files(list(args.images), cfg, state, cache, settings.device)
+    rows = []
+    for f, vector, good in zip(args.images, emb, ok):
+        row: dict = {"image": str(f), "model_version": bundle.manifest.version}
+        if not good:
+            row["error"] = "unreadable image"
+        else:
+            sims, found = index.search(vector[None, :], args.k + 1)  # (1, k+1)
+            me = str(Path(f).resolve())
+            hits = [(index.key(int(r)), float(s)) for s, r in zip(sims[0], found[0]) if r >= 0]
+            row["similar"] = [{"path": key, "score": round(s, 4)} for key, s in hits if key != me][:args.k]
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
+
+
 def _print_metrics(metrics: dict, title: str) -> None:
     levels = metrics.get("levels") or []
     if not levels:
@@ -286,5 +345,5 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "train":
         train_folder(args, settings)
     else:
-        {"evaluate": evaluate_folder, "predict": predict_files}[args.command](args, settings)
+        {"evaluate": evaluate_folder, "predict": predict_files, "similar": similar_files}[args.command](args, settings)
     return 0

@@ -15,6 +15,8 @@
         labeling_queue.json     the labeling order ``GET /queue`` serves (``ml_backend.prelabel``)
         prediction_copies.json  annotations seen to copy a prediction (``labelstudio.copies``)
         disagreements/          report.json, model_probs.npz, posted.json and the CLI's CSV/HTML files
+        neighbors/              <encoder_version>/ kNN index per encoder (``model.neighbors.index``), tasks.json
+                                (task id -> content hash, image), duplicates.json
 
 Shared by the server, the embedded trainer's child processes and RQ workers on other machines (the same
 ``MODEL_DIR`` volume). Nothing is created by reading a path.
@@ -156,6 +158,28 @@ class ProjectPaths:
     def posted_flags(self) -> Path:
         """Keys of the flags already posted to Label Studio as comments."""
         return self.disagreements / "posted.json"
+
+    # ----- similarity ---------------------------------------------------------------------------------
+    @property
+    def neighbors(self) -> Path:
+        """Nearest-neighbour indexes (one per encoder version), the task map and the duplicate groups."""
+        return self.root / "neighbors"
+
+    def neighbor_index(self, encoder_version: str) -> Path:
+        """The kNN index directory of one encoder's embeddings (``model.neighbors.index``)."""
+        if not encoder_version or "/" in encoder_version or encoder_version.startswith("."):
+            raise ValueError(f"encoder version {encoder_version!r} cannot name a directory")
+        return self.neighbors / encoder_version
+
+    @property
+    def neighbor_tasks(self) -> Path:
+        """Task id -> content hash and image value of every indexed task, as of the last training."""
+        return self.neighbors / "tasks.json"
+
+    @property
+    def duplicates(self) -> Path:
+        """The duplicate groups of the last training (``GET /duplicates``)."""
+        return self.neighbors / "duplicates.json"
 
     # ----- all projects -------------------------------------------------------------------------------
     @classmethod

@@ -137,3 +137,24 @@ def test_metrics_and_consistent_paths(protocol) -> None:
     l1[0, ANIMAL_TAXONOMY.node(("farm", "Cow")).index] = 5.0
     best = protocol.best_paths([l0, l1], ANIMAL_TAXONOMY)
     assert best.tolist() == [ANIMAL_TAXONOMY.encode(("farm", "Cow")).tolist()]
+
+
+def test_duplicate_ids_merge_exact_and_near_duplicates() -> None:
+    from bench.datasets import duplicate_ids
+
+    x = np.array([[1, 2], [3, 4], [1, 2], [5, 6], [7, 8]], dtype=np.uint8)
+    assert duplicate_ids(x).tolist() == content_groups(x).tolist() == [0, 1, 0, 2, 3]
+    vectors = np.array([[1, 0], [0, 1], [1, 0], [0.02, 1], [1, 1]], dtype=np.float32)  # 3 is a near copy of 1
+    assert duplicate_ids(x, vectors, threshold=0.99).tolist() == [0, 1, 0, 1, 2]
+    assert duplicate_ids(x, vectors, threshold=1.0).tolist() == [0, 1, 0, 2, 3]
+
+
+def test_duplicate_ids_of_animal_mnist_keep_the_split_of_content_groups(protocol, animal) -> None:
+    from bench.datasets import duplicate_ids
+
+    images, paths = animal
+    assert np.array_equal(duplicate_ids(images), content_groups(images))  # exact only: the committed split stays
+    leaf = np.array([ANIMAL_TAXONOMY.node(p).index for p in paths])
+    a, _ = protocol.test_split(leaf, duplicate_ids(images), 2000, seed=0)
+    b, _ = protocol.test_split(leaf, content_groups(images), 2000, seed=0)
+    assert np.array_equal(a, b)

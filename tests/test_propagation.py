@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.knn_graph import knn_graph
+from model.neighbors.index import knn_graph
 from model.propagation import level_probs, propagate
 
 

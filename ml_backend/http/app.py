@@ -23,6 +23,7 @@ from ml_backend.http.health import SchedulerHealth
 from ml_backend.http.loop_routes import prelabel_status
 from ml_backend.http.loop_routes import register_routes as register_loop_routes
 from ml_backend.http.metrics import CONTENT_TYPE, ProjectCollector, Registry
+from ml_backend.http.similar_routes import register_routes as register_similar_routes
 from ml_backend.labelstudio import connections
 from ml_backend.labelstudio.ids import project_id_of
 from ml_backend.labelstudio.label_config import parse_label_config
@@ -234,6 +235,7 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
 
     register_data_routes(app, settings)
     register_loop_routes(app, settings, metrics, _all_projects)
+    register_similar_routes(app, settings, store)
     return app
 
 

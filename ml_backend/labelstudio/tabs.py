@@ -50,10 +50,12 @@ def _hidden_columns(client: LabelStudioClient, project_id: int) -> dict[str, lis
 
 
 def tab_data(client: LabelStudioClient, project_id: int, title: str, filters: Mapping[str, Any] | None = None,
-             ordering: Sequence[str] = ()) -> dict[str, Any]:
-    """A tab's ``data`` as the Data Manager writes it (columns, widths, grid), with our title, filters, ordering."""
+             ordering: Sequence[str] = (), shown: Sequence[str] = ()) -> dict[str, Any]:
+    """A tab's ``data`` as the Data Manager writes it (columns, widths, grid), with our title, filters, ordering;
+    ``shown`` names more columns to show in both modes (e.g. ``tasks:data.image``, the image thumbnail)."""
     hidden = _hidden_columns(client, project_id)
-    hidden["explore"] = [c for c in hidden["explore"] if c not in SHOWN_COLUMNS]
+    hidden["explore"] = [c for c in hidden["explore"] if c not in SHOWN_COLUMNS and c not in shown]
+    hidden["labeling"] = [c for c in hidden["labeling"] if c not in shown]
     return {"title": str(title), "ordering": list(ordering), "type": "list", "target": "tasks",
             "filters": dict(filters or {"conjunction": "and", "items": []}), "hiddenColumns": hidden,
             "columnsWidth": {}, "columnsDisplayType": {}, "gridWidth": 4, "gridFitImagesToWidth": False,
@@ -71,7 +73,7 @@ def ensure_default_tab(client: LabelStudioClient, project_id: int) -> None:
 
 
 def upsert_task_tab(client: LabelStudioClient, project_id: int, title: str, task_ids: Iterable[int],
-                    ordering: Sequence[str] = ()) -> int:
+                    ordering: Sequence[str] = (), shown: Sequence[str] = ()) -> int:
     """Create or update the tab ``title`` so that it shows exactly ``task_ids`` (none: it matches no task).
 
     Args:
@@ -80,6 +82,7 @@ def upsert_task_tab(client: LabelStudioClient, project_id: int, title: str, task
         title: the tab's title (tabs are found by title).
         task_ids: the tasks to show.
         ordering: Data Manager ordering, e.g. ``["tasks:predictions_score"]`` (least confident first).
+        shown: columns to show although Label Studio hides them by default.
 
     Returns:
         The tab's id.
@@ -90,7 +93,7 @@ def upsert_task_tab(client: LabelStudioClient, project_id: int, title: str, task
     existing = [t for t in list_tabs(client, project_id) if (t.get("data") or {}).get("title") == title]
     if not existing:
         ensure_default_tab(client, project_id)
-    body = {"project": int(project_id), "data": tab_data(client, project_id, title, filters, ordering)}
+    body = {"project": int(project_id), "data": tab_data(client, project_id, title, filters, ordering, shown)}
     if existing:
         tab_id = int(existing[0]["id"])
         client.request("PATCH", f"/api/dm/views/{tab_id}/", f"update Data Manager tab {title!r}", json=body)

@@ -17,6 +17,7 @@ from ml_backend.net.images import ImageFetcher
 from ml_backend.reports.disagreement_html import thumbnail_png, write_csvs, write_html
 from ml_backend.settings import Settings
 from ml_backend.training.disagreements import build_report, load_model_probs, load_report
+from ml_backend.training.neighbors import duplicate_conflicts
 from ml_backend.training.pull import pull_project
 from model.atomic import atomic_write_json
 from model.crowd.consensus import consensus
@@ -51,7 +52,7 @@ def run_cli(settings: Settings, project_id: int, out_dir: Path | None = None, ma
     version = None
     if level_probs and paths.disagreement_report.is_file():
         version = load_report(paths).get("model_version")
-    report = build_report(result, project_id, version, problems)
+    report = build_report(result, project_id, version, problems, duplicate_conflicts(paths, result))
 
     out = Path(out_dir) if out_dir is not None else saved_dir
     out.mkdir(parents=True, exist_ok=True)

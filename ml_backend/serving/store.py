@@ -23,11 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ml_backend.serving.similar import ProjectNeighbors, load_project_neighbors
 from ml_backend.settings import Settings
 from model.bundle import list_versions, live_version, load_live
 from model.predictor import Predictor
 
-__all__ = ["Loader", "ModelStore", "Probe", "ServedModel", "UNTRAINED", "default_loader", "default_probe"]
+__all__ = ["Loader", "ModelStore", "NeighborsLoader", "Probe", "ServedModel", "UNTRAINED", "default_loader",
+           "default_neighbors_loader", "default_probe"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class ServedModel(Protocol):
 
 Loader = Callable[[int], ServedModel]
 Probe = Callable[[int], "str | None"]
+NeighborsLoader = Callable[[int, ServedModel], "ProjectNeighbors | None"]
 
 
 def default_probe(settings: Settings) -> Probe:
@@ -62,9 +65,23 @@ def default_loader(settings: Settings) -> Loader:
     return load
 
 
+def default_neighbors_loader(settings: Settings) -> NeighborsLoader:
+    """The similarity index of the served model's encoder (``ml_backend.serving.similar``); None when the model
+    has no bundle manifest (a test double) or training has not built an index for its encoder yet."""
+    def load(project_id: int, model: ServedModel) -> ProjectNeighbors | None:
+        manifest = getattr(getattr(model, "bundle", None), "manifest", None)
+        if manifest is None:
+            return None
+        return load_project_neighbors(settings.project(project_id), model.version, manifest.encoder_version)
+
+    return load
+
+
 @dataclass
 class _Entry:
     served: ServedModel | None = None
+    neighbors: ProjectNeighbors | None = None
+    neighbors_error: str | None = None
     live: str | None = None
     loading: str | None = None
     last_check: float = -1e9
@@ -82,6 +99,8 @@ class ModelStore:
     Args:
         settings: the process settings (project directories, device).
         loader: builds the served model of a project's live version (default: bundle + Predictor).
+        neighbors_loader: loads the similarity index beside the model (default: the index of its encoder); a
+            failure there is recorded and leaves similarity search off for that version, never the model.
         probe: reads a project's live version cheaply (default: ``model.bundle.live_version``).
         check_interval_s: at most one probe per project per interval.
         retry_after_s: wait this long before loading a version that failed again.
@@ -94,6 +113,7 @@ class ModelStore:
         settings: Settings,
         loader: Loader | None = None,
         probe: Probe | None = None,
+        neighbors_loader: NeighborsLoader | None = None,
         check_interval_s: float = 1.0,
         retry_after_s: float = 30.0,
         watch: bool = True,
@@ -102,6 +122,7 @@ class ModelStore:
 
         self._list_versions = list_versions
         self._loader = loader or default_loader(settings)
+        self._neighbors_loader = neighbors_loader or default_neighbors_loader(settings)
         self._probe = probe or default_probe(settings)
         self.check_interval_s = check_interval_s
         self.retry_after_s = retry_after_s
@@ -148,6 +169,13 @@ class ModelStore:
                 self._cond.wait(left)
             return entry.served
 
+    def neighbors(self, project_id: int) -> ProjectNeighbors | None:
+        """The similarity index loaded with the served model (None before a model, or without an index)."""
+        self._check(project_id)
+        with self._cond:
+            entry = self._entries[int(project_id)]
+            return entry.neighbors if entry.served is not None else None
+
     def status(self, project_id: int) -> dict[str, Any]:
         """What the store knows of a project: served/live/loading versions, last error (no probing)."""
         with self._cond:
@@ -158,6 +186,7 @@ class ModelStore:
                 "loading_version": e.loading,
                 "loads": e.loads,
                 "load_error": e.error,
+                "neighbors_error": e.neighbors_error,
                 "probe_error": e.probe_error,
             }
 
@@ -243,10 +272,16 @@ class ModelStore:
                 entry.loading = None
                 self._cond.notify_all()
             return
+        try:
+            neighbors, neighbors_error = self._neighbors_loader(pid, model), None
+        except Exception as exc:  # the model serves without similarity search; say why in /health and the log
+            log.warning("project %s: similarity index of version %s not loaded: %s", pid, version, exc)
+            neighbors, neighbors_error = None, f"{exc.__class__.__name__}: {exc}"
         with self._cond:
             entry = self._entries[pid]
             old = entry.served.version if entry.served is not None else None
-            entry.served = model  # the one reference swap
+            entry.served = model  # the one reference swap (the index with it)
+            entry.neighbors, entry.neighbors_error = neighbors, neighbors_error
             entry.loading, entry.error, entry.failed_version = None, None, None
             entry.loads += 1
             entry.loaded_at = time.time()

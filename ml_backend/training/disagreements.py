@@ -1,9 +1,10 @@
 """The training job's disagreement step, and the saved disagreement report.
 
 After a version is published, the job computes the consensus again with the model's out-of-sample opinion
-(:func:`analyse_disagreements`), saves the report (``ProjectPaths.disagreement_report``, served by
-``GET /disagreements``) with the model's probabilities beside it (so ``taxomoco disagreements`` can recompute
-later), and shows the flags in Label Studio (``ml_backend.labelstudio.flags``).
+(:func:`analyse_disagreements`), adds the duplicate groups whose labels disagree, saves the report
+(``ProjectPaths.disagreement_report``, served by ``GET /disagreements``) with the model's probabilities beside it
+(so ``taxomoco disagreements`` can recompute later), and shows the flags and the duplicate tabs in Label Studio
+(``ml_backend.labelstudio.flags``, ``ml_backend.labelstudio.duplicate_tabs``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ml_backend.labelstudio.duplicate_tabs import post_duplicate_tabs
 from ml_backend.labelstudio.flags import post_flags
 from ml_backend.paths import ProjectPaths
 from ml_backend.settings import Settings
 from ml_backend.training.fit import Fit
 from ml_backend.training.images import ProjectImages
 from ml_backend.training.labels import Labels
+from ml_backend.training.neighbors import duplicate_conflicts
 from ml_backend.training.pull import ProjectSource
 from model.atomic import atomic_write, atomic_write_json
 from model.crowd.consensus import consensus
@@ -35,23 +38,28 @@ log = logging.getLogger(__name__)
 
 
 def build_report(
-    result: ConsensusResult, project_id: int, model_version: str | None = None, problems: Sequence[str] = ()
+    result: ConsensusResult, project_id: int, model_version: str | None = None, problems: Sequence[str] = (),
+    duplicates: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report dict: the consensus result's JSON plus project, model version and input problems."""
+    """The report dict: the consensus result's JSON plus project, model version, input problems and the
+    duplicate groups whose labels disagree (``ml_backend.training.neighbors.duplicate_conflicts``)."""
     data = result_to_json(result)
     data["project"] = int(project_id)
     data["model_version"] = model_version
     data["problems"] = list(problems) + data.get("problems", [])
+    if duplicates is not None:
+        data["duplicates"] = {k: v for k, v in duplicates.items() if k != "tasks_in_groups"}
+        data["summary"]["conflicting_duplicate_groups"] = len(duplicates.get("conflicting", []))
     return data
 
 
 def save_report(paths: ProjectPaths, result: ConsensusResult, model_version: str | None = None,
-                problems: Sequence[str] = ()) -> None:
+                problems: Sequence[str] = (), duplicates: Mapping[str, Any] | None = None) -> None:
     """Save the report where :func:`load_report` finds it, with the model's probabilities beside it."""
     if result.level_probs:
         save_model_probs(paths, result.level_probs)
-    atomic_write_json(paths.disagreement_report, build_report(result, paths.project_id, model_version, problems),
-                      indent=1)
+    atomic_write_json(paths.disagreement_report,
+                      build_report(result, paths.project_id, model_version, problems, duplicates), indent=1)
 
 
 def load_report(paths: ProjectPaths) -> dict[str, Any]:
@@ -114,8 +122,11 @@ def analyse_disagreements(settings: Settings, paths: ProjectPaths, source: Proje
         for j, i in enumerate(others):
             level_probs[images.task_ids[i]] = [p[j] for p in probs]
     result = consensus(labels.annotations, source.config.taxonomy, labels.policy, level_probs=level_probs)
-    save_report(paths, result, model_version=version, problems=labels.problems)
+    duplicates = duplicate_conflicts(paths, result)
+    save_report(paths, result, model_version=version, problems=labels.problems, duplicates=duplicates)
     if settings.post_flags_to_label_studio:
         summary = post_flags(paths, source.client, result)
+        if duplicates is not None:
+            summary["tabs"].update(post_duplicate_tabs(source.client, paths.project_id, duplicates))
         log.info("Project %s: %d flags; shown in Label Studio: %s", paths.project_id, len(result.flags), summary)
     return len(result.flags)

@@ -11,7 +11,9 @@ scheduler's child process and an RQ worker on another machine run exactly the sa
 4. the pretraining policy (``ml_backend.training.policy``): MoCo v2 pretraining on all images → a new encoder, or
    heads only on the live encoder;
 5. features of every candidate's source (``ml_backend.training.features``: the encoder, the previous live
-   encoder after a pretraining, plain pixels) through the embedding cache (only missing images are computed);
+   encoder after a pretraining, plain pixels) through the embedding cache (only missing images are computed), and
+   the project's kNN index and duplicate groups of the published encoder (``ml_backend.training.neighbors``: new
+   images added, rebuilt for a new encoder);
 6. the candidates compared by cross-validated hierarchical F1, the best one's heads fitted with out-of-fold
    calibration (``ml_backend.training.fit``) → a new model version published atomically (only when
    everything succeeded), old versions pruned;
@@ -47,6 +49,7 @@ from ml_backend.training.features import embed_features
 from ml_backend.training.fit import cross_validate_after_publish, fit_heads
 from ml_backend.training.images import sync_images
 from ml_backend.training.labels import consensus_labels, labels_shortfall
+from ml_backend.training.neighbors import update_neighbors
 from ml_backend.training.policy import (
     clear_pretrain_request,
     decide_pretrain,
@@ -58,6 +61,7 @@ from ml_backend.training.publish import publish_version, published_encoder
 from ml_backend.training.pull import ProjectSource, pull_project
 from ml_backend.training.records import JobRecords, run_recorded
 from model.errors import DataError, TaxomocoError
+from model.heads.candidates import FeatureSource
 
 __all__ = ["current_job_id", "job_settings", "train_project", "use_settings", "warm_up"]
 
@@ -181,6 +185,9 @@ def _train_pulled(settings: Settings, paths: ProjectPaths, force_pretrain: bool,
         fit, reuse = fit_heads(settings, paths, source, labels, images, features, ok, encoder)
     counts["trained_on"] = len(fit.task_ids)
     served = published_encoder(fit, encoder, previous)
+    with _timed(durations, "neighbors"):  # the similarity index of the published encoder's embeddings
+        source_of_served = FeatureSource.PREVIOUS if served is previous else FeatureSource.ENCODER
+        counts.update(update_neighbors(settings, paths, source, images, served.version, features[source_of_served], ok))
     with _timed(durations, "publish"):
         version = publish_version(settings, paths, source, labels, images, served, fit, decision, counts, reuse,
                                   pretrain_report)

@@ -1,0 +1,389 @@
+"""Exact nearest neighbours over L2-normalised embeddings: the one kNN index of the product.
+
+:class:`NeighborIndex` wraps a faiss ``IndexFlatIP`` (exact inner product; on unit vectors the inner product
+is the cosine similarity) and names every row by a string key (an image content hash in the backend, a file
+path on folders). The same index answers "images similar to this one" (:meth:`NeighborIndex.search`), gives
+the k-nearest-neighbour graph that label propagation and the near-duplicate grouping use
+(:meth:`NeighborIndex.knn`, :meth:`NeighborIndex.pairs_above`), and is persisted beside the model versions.
+
+Exact search is the default up to at least 1M rows: ``bench/similarity.py`` measured the query latency and
+memory of ``IndexFlatIP`` against brute-force numpy at 10k, 100k and 1M rows (``bench/results/similarity.txt``).
+
+Persistence (:meth:`NeighborIndex.save`, :func:`load_index`), like ``model.bundle``'s ``LIVE`` pointer::
+
+    dir/CURRENT               the name of the complete generation (replaced atomically)
+    dir/gen-<ns>-<hex>/       index.faiss (faiss.write_index), keys.txt (one key a line), meta.json
+
+A save writes a hidden temporary directory, renames it to a new generation and only then replaces
+``CURRENT``; the generation before stays (a reader may be opening it) and older ones are removed. A crash at
+any point leaves the previous index loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from model.arrays import FloatArray, IntArray
+from model.atomic import atomic_write_text, fsync_dir
+from model.errors import ConfigError, DataError
+
+__all__ = ["KnnGraph", "NeighborIndex", "knn_graph", "load_index", "normalise", "single_threaded"]
+
+CURRENT = "CURRENT"
+INDEX_FILE = "index.faiss"
+KEYS_FILE = "keys.txt"
+META_FILE = "meta.json"
+FORMAT = 1
+_SEARCH_BATCH = 4096  # query rows per faiss call in knn(): bounds the (B, N) distance block
+
+
+def single_threaded() -> None:
+    """Keep faiss's OpenMP at one thread (called before every faiss call of this module).
+
+    GNU OpenMP hangs in a forked child once the parent ran a parallel region, and RQ runs every job in a forked
+    work horse: a worker (or a test process) that searched with several threads would deadlock its next job.
+    One thread also suits the queries here (one at a time) and a server whose cores serve requests.
+    """
+    if faiss.omp_get_max_threads() != 1:
+        faiss.omp_set_num_threads(1)
+
+
+def normalise(emb: FloatArray) -> FloatArray:
+    """Unit-length float32 copy of ``emb`` ``(N, D)``.
+
+    Raises:
+        DataError: a row is not finite or has zero length (an unreadable image's NaN row, an all-zero vector).
+    """
+    single_threaded()
+    x = np.array(emb, dtype=np.float32, copy=True, order="C")  # (N, D)
+    if x.ndim != 2:
+        raise DataError(f"embeddings must be a (N, D) array, got shape {x.shape}.")
+    sq = np.einsum("ij,ij->i", x, x)  # (N,) squared lengths; NaN or inf anywhere in a row makes its length so
+    if not np.isfinite(sq).all():
+        raise DataError("embeddings hold NaN or infinite values (an unreadable image); index only rows that embedded.")
+    if x.shape[0] and not (sq > 0).all():
+        raise DataError(f"{int((sq <= 0).sum())} embeddings have zero length; they have no direction to compare.")
+    faiss.normalize_L2(x)
+    return x
+
+
+@dataclass(frozen=True)
+class KnnGraph:
+    """The k-nearest-neighbour graph of an index's rows (each row's own entry left out).
+
+    Attributes:
+        keys: the N row keys (row ``i`` is ``keys[i]``).
+        neighbors: ``(N, k)`` int64 row numbers, most similar first; -1 pads rows with fewer than k others.
+        similarities: ``(N, k)`` float32 cosine similarities aligned with ``neighbors`` (-inf where padded).
+    """
+
+    keys: list[str]
+    neighbors: IntArray
+    similarities: FloatArray
+
+
+class NeighborIndex:
+    """Exact cosine-similarity search over keyed embeddings (faiss ``IndexFlatIP`` on unit vectors).
+
+    Args:
+        dim: embedding dimension D.
+        encoder_version: the encoder whose embeddings these are (recorded; an index never mixes encoders).
+
+    Not thread-safe for writers: build or add in one thread, then share the object for searching (faiss
+    searches of an ``IndexFlatIP`` that is not being modified may run in parallel).
+    """
+
+    def __init__(self, dim: int, encoder_version: str = "") -> None:
+        if int(dim) < 1:
+            raise ConfigError(f"dim={dim} must be >= 1.")
+        single_threaded()
+        self.dim = int(dim)
+        self.encoder_version = str(encoder_version)
+        self._index: faiss.Index = faiss.IndexFlatIP(self.dim)
+        self._keys: list[str] = []
+        self._rows: dict[str, int] = {}
+
+    # ----- building -----------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, keys: Sequence[str], emb: FloatArray, encoder_version: str = "") -> NeighborIndex:
+        """An index of ``emb`` ``(N, D)`` keyed by ``keys`` (a repeated key keeps its first row)."""
+        emb = np.asarray(emb)
+        if emb.ndim != 2:
+            raise DataError(f"embeddings must be a (N, D) array, got shape {emb.shape}.")
+        index = cls(emb.shape[1], encoder_version)
+        index.add(keys, emb)
+        return index
+
+    def add(self, keys: Sequence[str], emb: FloatArray) -> int:
+        """Add rows whose key is not indexed yet; returns how many were added.
+
+        Args:
+            keys: N keys (non-empty strings without line breaks).
+            emb: ``(N, D)`` embeddings; normalised here.
+
+        Raises:
+            DataError: shapes disagree, a key is malformed, or a row is not finite / has zero length.
+        """
+        keys = [str(k) for k in keys]
+        emb = np.asarray(emb)
+        if emb.ndim != 2 or emb.shape != (len(keys), self.dim):
+            raise DataError(f"add got embeddings of shape {emb.shape} for {len(keys)} keys; expected "
+                            f"({len(keys)}, {self.dim}).")
+        bad = [k for k in keys if not k or "\n" in k or "\r" in k]
+        if bad:
+            raise DataError(f"index keys must be non-empty single-line strings; got {bad[0]!r}.")
+        new: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self._rows and k not in new:
+                new[k] = i
+        if not new:
+            return 0
+        rows = normalise(emb if len(new) == len(keys) else emb[list(new.values())])  # (M, D) unit rows
+        self._index.add(rows)
+        for k in new:
+            self._rows[k] = len(self._keys)
+            self._keys.append(k)
+        return len(new)
+
+    # ----- reading ------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._rows
+
+    @property
+    def keys(self) -> list[str]:
+        """Row keys in row order (a copy)."""
+        return list(self._keys)
+
+    def key(self, row: int) -> str:
+        """The key of ``row`` (IndexError outside ``0..len-1``)."""
+        return self._keys[row]
+
+    def row(self, key: str) -> int:
+        """The row of ``key``. Raises KeyError when it is not indexed."""
+        return self._rows[key]
+
+    def vectors(self, keys: Iterable[str]) -> FloatArray:
+        """The stored unit vectors ``(M, D)`` of ``keys`` (KeyError for a key not indexed)."""
+        rows = [self._rows[k] for k in keys]
+        out = np.empty((len(rows), self.dim), dtype=np.float32)  # (M, D)
+        for j, r in enumerate(rows):
+            out[j] = self._index.reconstruct(int(r))
+        return out
+
+    def search(self, queries: FloatArray, k: int) -> tuple[FloatArray, IntArray]:
+        """The ``k`` most similar rows of each query.
+
+        Args:
+            queries: ``(Q, D)`` embeddings (normalised here).
+            k: neighbours per query (at most ``len(self)`` are real).
+
+        Returns:
+            ``(similarities (Q, k) float32, rows (Q, k) int64)``, most similar first; -1 rows (similarity
+            -inf) pad when the index has fewer than ``k`` rows.
+        """
+        if k < 1:
+            raise DataError(f"k={k} must be >= 1.")
+        q = normalise(np.atleast_2d(queries))  # (Q, D)
+        if q.shape[1] != self.dim:
+            raise DataError(f"queries have {q.shape[1]} dimensions; this index holds {self.dim}-d embeddings of "
+                            f"encoder {self.encoder_version or '?'}.")
+        sims, rows = self._index.search(q, int(k))  # (Q, k), (Q, k)
+        sims = np.where(rows >= 0, sims, -np.inf).astype(np.float32)
+        return sims, rows.astype(np.int64)
+
+    def similar_to(self, key: str, k: int) -> list[tuple[str, float]]:
+        """The ``k`` rows most similar to the indexed row ``key`` (itself left out), as ``(key, similarity)``."""
+        sims, rows = self.search(self.vectors([key]), k + 1)
+        me = self._rows[key]
+        out = [(self._keys[int(r)], float(s)) for s, r in zip(sims[0], rows[0]) if r >= 0 and int(r) != me]
+        return out[:k]
+
+    def knn(self, k: int) -> KnnGraph:
+        """The k-nearest-neighbour graph of every row (exact; ``N × N`` inner products in blocks).
+
+        Its own row is removed from each row's list (an identical vector stored under another key stays:
+        it is a different image with the same embedding).
+        """
+        n = len(self)
+        k = int(k)
+        if k < 1:
+            raise DataError(f"k={k} must be >= 1.")
+        neighbors = np.full((n, k), -1, dtype=np.int64)  # (N, k)
+        sims = np.full((n, k), -np.inf, dtype=np.float32)  # (N, k)
+        want = min(k + 1, n)
+        for start in range(0, n, _SEARCH_BATCH):
+            stop = min(n, start + _SEARCH_BATCH)
+            block = self._index.reconstruct_n(start, stop - start)  # (B, D)
+            s, r = self._index.search(block, want)  # (B, k+1)
+            for j in range(stop - start):
+                keep = (r[j] >= 0) & (r[j] != start + j)
+                rr, ss = r[j][keep][:k], s[j][keep][:k]
+                neighbors[start + j, :len(rr)] = rr
+                sims[start + j, :len(ss)] = ss
+        return KnnGraph(self.keys, neighbors, sims)
+
+    def pairs_above(self, threshold: float, start: int = 0) -> tuple[IntArray, FloatArray]:
+        """Pairs of distinct rows whose cosine similarity is at least ``threshold`` (faiss range search).
+
+        Args:
+            threshold: the cosine similarity a pair must reach.
+            start: only pairs with at least one row ``>= start`` (the rows added since an earlier call with the
+                old length: an incremental update costs ``(N - start) × N`` products instead of ``N × N``).
+
+        Returns:
+            ``(pairs (P, 2) int64 with i < j, similarities (P,) float32)``.
+        """
+        n = len(self)
+        firsts, seconds, values = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+        # faiss keeps results with inner product > radius: step just below the threshold to include it
+        radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+        for lo in range(max(0, int(start)), n, _SEARCH_BATCH):
+            hi = min(n, lo + _SEARCH_BATCH)
+            block = self._index.reconstruct_n(lo, hi - lo)  # (B, D)
+            lims, dist, rows = self._index.range_search(block, radius)
+            owner = np.repeat(np.arange(lo, hi), np.diff(lims).astype(np.int64))  # (R,)
+            rows = rows.astype(np.int64)
+            keep = (rows > owner) | (rows < start)  # each pair once: old rows are never queries
+            firsts.append(np.minimum(owner, rows)[keep])
+            seconds.append(np.maximum(owner, rows)[keep])
+            values.append(dist[keep])
+        pairs = np.stack([np.concatenate(firsts), np.concatenate(seconds)], axis=1).astype(np.int64)  # (P, 2)
+        return pairs, np.concatenate(values).astype(np.float32)
+
+    # ----- persistence --------------------------------------------------------------------------------
+    def save(self, directory: Path | str, durable: bool = False) -> Path:
+        """Write the index as a new generation of ``directory`` and make it current (see the module docstring).
+
+        Args:
+            directory: the index directory (created).
+            durable: fsync files and directories (a crash after the call cannot lose the index).
+
+        Returns:
+            The new generation's directory.
+        """
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"gen-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts by creation time
+        tmp = root / f".tmp-{name}"
+        tmp.mkdir()
+        try:
+            faiss.write_index(self._index, str(tmp / INDEX_FILE))
+            (tmp / KEYS_FILE).write_text("".join(k + "\n" for k in self._keys), encoding="utf-8")
+            meta = {"format": FORMAT, "dim": self.dim, "count": len(self), "encoder_version": self.encoder_version,
+                    "metric": "cosine", "faiss": faiss.__version__}
+            (tmp / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+            if durable:
+                for f in (INDEX_FILE, KEYS_FILE, META_FILE):
+                    with open(tmp / f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                fsync_dir(tmp)
+            tmp.rename(root / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(root / CURRENT, name + "\n", durable=durable)
+        _prune_generations(root, keep={name, _previous(root, name)})
+        return root / name
+
+    @classmethod
+    def load(cls, directory: Path | str) -> NeighborIndex:
+        """The current generation of ``directory`` (see :func:`load_index`)."""
+        return load_index(directory)
+
+
+def knn_graph(emb: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
+    """The ``k`` most similar other rows of every row of a plain embedding matrix (label propagation's graph).
+
+    Args:
+        emb: ``(N, D)`` embeddings; rows with a NaN (unreadable images) or of zero length get no neighbours and
+            are nobody's.
+        k: neighbours per row (at most the number of other usable rows).
+
+    Returns:
+        ``idx (N, k)`` int64 row indices (-1: none) and ``sim (N, k)`` float32 cosine similarities (0 where none),
+        most similar first, the row itself excluded: :meth:`NeighborIndex.knn` on the usable rows.
+    """
+    x = np.asarray(emb, dtype=np.float32)  # (N, D)
+    n = len(x)
+    idx = np.full((n, int(k)), -1, dtype=np.int64)  # (N, k)
+    sim = np.zeros((n, int(k)), dtype=np.float32)  # (N, k)
+    with np.errstate(invalid="ignore", over="ignore"):
+        usable = np.isfinite(x).all(axis=1) & (np.einsum("ij,ij->i", x, x) > 0)  # (N,)
+    rows = np.flatnonzero(usable)
+    k_eff = min(int(k), len(rows) - 1)
+    if k_eff < 1:
+        return idx, sim
+    graph = NeighborIndex.build([str(r) for r in rows], x[rows]).knn(k_eff)  # rows keyed by their position
+    found = graph.neighbors >= 0  # (M, k_eff)
+    idx[rows, :k_eff] = np.where(found, rows[np.maximum(graph.neighbors, 0)], -1)
+    sim[rows, :k_eff] = np.where(found, graph.similarities, 0.0)
+    return idx, sim
+
+
+def _generations(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("gen-"))
+
+
+def _previous(root: Path, name: str) -> str:
+    older = [g for g in _generations(root) if g < name]
+    return older[-1] if older else ""
+
+
+def _prune_generations(root: Path, keep: set[str]) -> None:
+    for p in root.iterdir():
+        stale_tmp = p.name.startswith(".tmp-") and time.time() - p.stat().st_mtime > 3600
+        if (p.name.startswith("gen-") and p.name not in keep) or stale_tmp:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _load_generation(gen: Path) -> NeighborIndex:
+    single_threaded()
+    try:
+        meta = json.loads((gen / META_FILE).read_text(encoding="utf-8"))
+        keys = (gen / KEYS_FILE).read_text(encoding="utf-8").splitlines()
+        flat = faiss.read_index(str(gen / INDEX_FILE))
+    except (OSError, ValueError, RuntimeError) as exc:  # faiss raises RuntimeError for a damaged file
+        raise DataError(f"the neighbour index in {gen} cannot be read ({exc.__class__.__name__}); it is rebuilt "
+                        "by the next training (or delete the directory).") from None
+    consistent = meta.get("format") == FORMAT and flat.d == meta.get("dim") and flat.ntotal == len(keys) == meta.get("count")
+    if not isinstance(flat, faiss.IndexFlatIP) or not consistent:
+        raise DataError(f"the neighbour index in {gen} is inconsistent (meta {meta}, {flat.ntotal} vectors, "
+                        f"{len(keys)} keys); it is rebuilt by the next training (or delete the directory).")
+    index = NeighborIndex(int(meta["dim"]), str(meta.get("encoder_version", "")))
+    index._index = flat
+    index._keys = keys
+    index._rows = {k: i for i, k in enumerate(keys)}
+    return index
+
+
+def load_index(directory: Path | str) -> NeighborIndex:
+    """Load the current generation of an index directory written by :meth:`NeighborIndex.save`.
+
+    Raises:
+        DataError: no index there yet, or its files are damaged or disagree (naming the remedy).
+    """
+    root = Path(directory)
+    for attempt in range(3):  # a save may retire the generation between reading CURRENT and its files
+        try:
+            name = (root / CURRENT).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise DataError(f"no neighbour index in {root} yet: it is built by training.") from None
+        try:
+            return _load_generation(root / name)
+        except DataError:
+            if attempt == 2 or (root / CURRENT).read_text(encoding="utf-8").strip() == name:
+                raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,227 @@
+"""The kNN index (model.neighbors.index) against a brute-force numpy reference, its persistence, and the
+duplicate grouping (model.neighbors.duplicates)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from model.errors import DataError
+from model.neighbors.duplicates import (
+    DuplicateKind,
+    calibrate_threshold,
+    conflicting_groups,
+    duplicate_groups,
+    near_pairs,
+)
+from model.neighbors.index import NeighborIndex, load_index
+
+
+def rows(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)  # (N, D)
+
+
+def keys(n: int, prefix: str = "k") -> list[str]:
+    return [hashlib.sha256(f"{prefix}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def brute_force(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    b = base / np.linalg.norm(base, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    return np.argsort(-(q @ b.T), axis=1, kind="stable")[:, :k]  # (Q, k)
+
+
+def test_search_matches_brute_force_and_scores_are_cosines():
+    base, queries = rows(500), rows(20, seed=1)
+    index = NeighborIndex.build(keys(500), base, encoder_version="enc")
+    sims, found = index.search(queries, 10)
+    assert found.shape == (20, 10) and sims.dtype == np.float32
+    assert (found == brute_force(base, queries, 10)).mean() > 0.99  # ties aside, the same rows
+    cos = (queries[0] / np.linalg.norm(queries[0])) @ (base[found[0, 0]] / np.linalg.norm(base[found[0, 0]]))
+    assert sims[0, 0] == pytest.approx(cos, abs=1e-5)
+    assert (np.diff(sims, axis=1) <= 1e-6).all()  # most similar first
+
+
+def test_similar_to_leaves_the_row_itself_out_and_pads_small_indexes():
+    index = NeighborIndex.build(["a", "b", "c"], rows(3))
+    got = index.similar_to("a", 5)
+    assert [k for k, _ in got] and "a" not in [k for k, _ in got] and len(got) == 2
+    sims, found = index.search(rows(1, seed=3), 5)
+    assert (found[0, 3:] == -1).all() and np.isneginf(sims[0, 3:]).all()
+
+
+def test_add_is_incremental_and_skips_known_keys():
+    base = rows(300)
+    index = NeighborIndex.build(keys(200), base[:200])
+    assert index.add(keys(300), base) == 100  # only the new keys
+    assert len(index) == 300 and keys(300)[250] in index
+    whole = NeighborIndex.build(keys(300), base)
+    q = rows(5, seed=7)
+    assert (index.search(q, 8)[1] == whole.search(q, 8)[1]).all()
+
+
+def test_bad_rows_are_refused_with_the_reason():
+    index = NeighborIndex(4)
+    with pytest.raises(DataError, match="NaN"):
+        index.add(["a"], np.array([[np.nan, 0, 0, 1]], dtype=np.float32))
+    with pytest.raises(DataError, match="zero length"):
+        index.add(["a"], np.zeros((1, 4), dtype=np.float32))
+    with pytest.raises(DataError, match="shape"):
+        index.add(["a", "b"], np.ones((1, 4), dtype=np.float32))
+    with pytest.raises(DataError, match="single-line"):
+        index.add(["a\nb"], np.ones((1, 4), dtype=np.float32))
+    assert len(index) == 0
+
+
+def test_knn_graph_matches_brute_force_without_self_loops():
+    base = rows(5000, d=8, seed=2)  # more rows than one search block
+    graph = NeighborIndex.build(keys(5000), base).knn(5)
+    assert graph.neighbors.shape == (5000, 5) and len(graph.keys) == 5000
+    assert not (graph.neighbors == np.arange(5000)[:, None]).any()
+    sample = np.arange(0, 5000, 97)
+    expected = brute_force(base, base[sample], 6)[:, 1:]  # first column: the row itself
+    assert (graph.neighbors[sample] == expected).mean() > 0.99
+
+
+def test_save_load_round_trip_and_generations(tmp_path):
+    base = rows(100)
+    index = NeighborIndex.build(keys(100), base, encoder_version="enc1")
+    first = index.save(tmp_path / "nn")
+    loaded = load_index(tmp_path / "nn")
+    assert loaded.keys == index.keys and loaded.encoder_version == "enc1" and loaded.dim == 16
+    q = rows(3, seed=5)
+    assert (loaded.search(q, 7)[1] == index.search(q, 7)[1]).all()
+    loaded.add(keys(120), rows(120))
+    second = loaded.save(tmp_path / "nn")
+    third = loaded.save(tmp_path / "nn")
+    assert len(load_index(tmp_path / "nn")) == 120
+    gens = sorted(p.name for p in (tmp_path / "nn").iterdir() if p.name.startswith("gen-"))
+    assert gens == sorted([second.name, third.name]) and first.name not in gens  # current + previous kept
+
+
+def test_a_crashed_save_leaves_the_previous_index_and_damage_is_reported(tmp_path, monkeypatch):
+    index = NeighborIndex.build(keys(10), rows(10))
+    index.save(tmp_path / "nn")
+    bigger = NeighborIndex.build(keys(20), rows(20))
+
+    def crash(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("model.neighbors.index.faiss.write_index", crash)
+    with pytest.raises(OSError):
+        bigger.save(tmp_path / "nn")
+    monkeypatch.undo()
+    assert len(load_index(tmp_path / "nn")) == 10
+    assert not [p for p in (tmp_path / "nn").iterdir() if p.name.startswith(".tmp-")]
+    current = (tmp_path / "nn" / "CURRENT").read_text().strip()
+    (tmp_path / "nn" / current / "keys.txt").write_text("only-one\n")
+    with pytest.raises(DataError, match="inconsistent.*rebuilt by the next training"):
+        load_index(tmp_path / "nn")
+    with pytest.raises(DataError, match="no neighbour index"):
+        load_index(tmp_path / "elsewhere")
+
+
+def test_duplicate_groups_exact_near_and_apart():
+    base = rows(6, d=32, seed=4)
+    near = base[0] + 0.01 * rows(1, d=32, seed=9)[0]  # a slightly changed copy of image 0
+    index = NeighborIndex.build(["h0", "h1", "h2", "h3", "h4", "h5", "h0b"], np.vstack([base, near]))
+    # tasks 10 and 11 hold the same bytes (h1); task 20 holds h0 and task 21 its near copy; the rest are distinct
+    items = [10, 11, 20, 21, 30, 31, 32]
+    hashes = ["h1", "h1", "h0", "h0b", "h2", "h3", "h4"]
+    groups = duplicate_groups(items, hashes, near_pairs(index, threshold=0.95))
+    by_items = {g.items: g for g in groups}
+    assert set(by_items) == {(10, 11), (20, 21)}
+    assert by_items[(10, 11)].kind is DuplicateKind.EXACT and by_items[(10, 11)].similarity == 1.0
+    assert by_items[(20, 21)].kind is DuplicateKind.NEAR and 0.95 <= by_items[(20, 21)].similarity < 1.0
+    assert by_items[(20, 21)].to_dict()["keys"] == ["h0", "h0b"]
+    # without an index only the exact group remains
+    assert [g.items for g in duplicate_groups(items, hashes)] == [(10, 11)]
+    # a threshold of 1.0 keeps the near copy apart
+    assert [g.items for g in duplicate_groups(items, hashes, near_pairs(index, threshold=1.0))] == [(10, 11)]
+
+
+def test_near_duplicates_chain_into_one_group():
+    a = rows(1, d=16, seed=1)[0]
+    chain = np.vstack([a + 0.02 * i * rows(1, d=16, seed=10 + i)[0] for i in range(4)])
+    index = NeighborIndex.build(["c0", "c1", "c2", "c3"], chain)
+    groups = duplicate_groups([1, 2, 3, 4], ["c0", "c1", "c2", "c3"], near_pairs(index, threshold=0.99))
+    assert len(groups) == 1 and groups[0].items == (1, 2, 3, 4)
+
+
+def test_conflicting_groups_need_two_different_labels():
+    groups = duplicate_groups([1, 2, 3, 4, 5], ["x", "x", "y", "y", "z"])
+    assert [g.items for g in conflicting_groups(groups, {1: ("A", "Cat"), 2: ("A", "Dog"), 3: ("A",)})] == [(1, 2)]
+    assert conflicting_groups(groups, {1: ("A", "Cat"), 2: ("A", "Cat"), 3: ("A",), 4: None}) == []
+
+
+def test_calibrate_threshold_bounds_false_positives():
+    negatives = np.linspace(0.0, 0.9, 1000)
+    positives = np.array([0.95, 0.99, 0.5])
+    t = calibrate_threshold(positives, negatives, max_false_positive_rate=0.01)
+    assert t.false_positive_rate <= 0.01 and t.value <= 0.9
+    assert t.recall == pytest.approx(2 / 3)
+    strict = calibrate_threshold(positives, negatives, max_false_positive_rate=0.0)
+    assert strict.false_positive_rate == 0.0 and strict.value > 0.9
+
+
+def test_incremental_pairs_equal_a_full_pass():
+    base = rows(300, d=8, seed=6)
+    base[250] = base[10] + 1e-3  # a near copy arriving later
+    base[260] = base[255] + 1e-3  # two near copies both new
+    index = NeighborIndex.build(keys(200), base[:200])
+    before = near_pairs(index, 0.999)
+    index.add(keys(300), base)
+    after = before + near_pairs(index, 0.999, start=200)
+    full = near_pairs(NeighborIndex.build(keys(300), base), 0.999)
+    assert sorted((a, b) for a, b, _ in after) == sorted((a, b) for a, b, _ in full)
+    assert {(keys(300)[10], keys(300)[250]), (keys(300)[255], keys(300)[260])} <= {(a, b) for a, b, _ in full}
+
+
+def test_a_forked_child_can_search_after_the_parent_did():
+    """RQ runs each job in a forked work horse: GNU OpenMP hangs there if the parent ran a multi-threaded search."""
+    import os
+    import signal
+    import time
+
+    import faiss
+
+    faiss.omp_set_num_threads(2)  # whatever the process had set, the index keeps faiss at one thread
+    base = rows(3000, d=32, seed=11)
+    index = NeighborIndex.build(keys(3000), base)
+    assert faiss.omp_get_max_threads() == 1
+    near_pairs(index, 0.5)  # many queries at once in the parent
+    pid = os.fork()
+    if pid == 0:  # the child: the same search, then leave without running pytest's teardown
+        try:
+            near_pairs(index, 0.5)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung in faiss (OpenMP after fork)")
+
+
+def test_knn_graph_of_a_plain_matrix_skips_unusable_rows():
+    from model.neighbors.index import knn_graph
+
+    base = rows(200, d=8, seed=12)
+    base[5] = np.nan  # an unreadable image
+    base[7] = 0.0  # a zero vector has no direction
+    idx, sim = knn_graph(base, 4)
+    assert idx.shape == (200, 4) and sim.dtype == np.float32
+    assert (idx[5] == -1).all() and (idx[7] == -1).all() and (sim[5] == 0).all()
+    assert not np.isin(idx, [5, 7]).any() and not (idx == np.arange(200)[:, None]).any()
+    usable = np.array([i for i in range(200) if i not in (5, 7)])
+    expected = brute_force(base[usable], base[usable][:20], 5)[:, 1:]
+    assert (idx[usable[:20]] == usable[expected]).mean() > 0.99
+    small, _ = knn_graph(base[:3], 4)  # fewer rows than k: the rest is -1
+    assert (small[:, 2:] == -1).all() and (small[:, :2] >= 0).all()
