@@ -24,7 +24,7 @@ from PIL import Image
 from model.arrays import BoolArray, FloatArray
 from model.bundle import ModelBundle
 from model.encoder.cache import EmbeddingCache, embed_through_cache
-from model.features.extractor import Extractor, make_extractor
+from model.features.extractor import ENCODER_FEATURES, Extractor, FeatureKind, features_kind, make_extractor
 from model.heads.decode import PathPrediction, decode
 from model.images import check_image_header, load_image
 
@@ -51,6 +51,8 @@ class Predictor:
         # the encoder's Embedder, or the pixel features (model.features.extractor): same interface
         self.embedder: Extractor = make_extractor(bundle.features, bundle.encoder_cfg, bundle.backbone_state,
                                                   device=device, batch_size=batch_size)
+        self._device, self._batch_size = device, batch_size
+        self._encoder_embedder: Extractor | None = None
         self.heads = bundle.heads.eval()
         self.temperature = float(bundle.temperature)
         self.cache = (
@@ -59,6 +61,17 @@ class Predictor:
             else None
         )
         self._heads_lock = threading.Lock()
+
+    @property
+    def encoder_embedder(self) -> Extractor:
+        """The version's encoder (every version stores one, also when pixel features won the model choice): what
+        the similarity index holds, so image search works whatever features the heads read. Built on first use."""
+        if features_kind(self.bundle.features) is FeatureKind.ENCODER:
+            return self.embedder
+        if self._encoder_embedder is None:
+            self._encoder_embedder = make_extractor(ENCODER_FEATURES, self.bundle.encoder_cfg, self.bundle.backbone_state,
+                                                    device=self._device, batch_size=self._batch_size)
+        return self._encoder_embedder
 
     def level_logits(self, emb: FloatArray) -> list[torch.Tensor]:
         """Head logits per level for embeddings ``(N, D)``: a list of ``(N, K_k)`` tensors."""

@@ -112,6 +112,9 @@ def test_pixels_win_where_only_pixels_separate_the_classes_and_the_pixel_model_s
     # pixel features cached under their own id: served from the cache, empty bytes never decoded
     again, again_errors = predictor.predict_encoded([(b"", h) for _, h in items])
     assert not again_errors and [p.path for p in again] == [p.path for p in preds]
+    # image search uses the version's encoder (what the similarity index holds), not the pixel features
+    vectors, ok = predictor.encoder_embedder.embed_with_mask(held[:2])  # (2, D)
+    assert ok.all() and vectors.shape == (2, build_backbone(bundle.encoder_cfg).out_dim)
     assert manifest.version == bundle.manifest.version
 
 

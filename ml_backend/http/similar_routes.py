@@ -75,7 +75,7 @@ def register_routes(app: Flask, settings: Settings, store: ModelStore) -> None:
         check_image_header(data, settings.image_max_pixels, name="the uploaded image")
         image = load_image(data, settings.image_max_pixels)
         with forwards:
-            emb, ok = model.embedder.embed_with_mask([image])  # type: ignore[attr-defined]  # (1, D), (1,)
+            emb, ok = model.encoder_embedder.embed_with_mask([image])  # type: ignore[attr-defined]  # (1, D), (1,)
         if not ok[0]:
             raise DataError("The uploaded image could not be embedded; send a PNG or JPEG image.")
         found = neighbors.similar_to_vector(emb[0], k)
