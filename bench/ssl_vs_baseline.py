@@ -44,8 +44,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +61,8 @@ from threadpoolctl import threadpool_limits
 from bench.datasets import ANIMAL_TAXONOMY, content_groups, load_animal_mnist
 from bench.shapes import SHAPES_TAXONOMY, load_shapes
 from bench.ssl_baselines import CnnConfig, knn, logreg, pixel_representations, random_init_heads, supervised_cnn
-from bench.ssl_protocol import Budget, labelled_subset, scores, split, verdict
+from bench.ssl_protocol import Budget, labelled_subset, scores, split
+from bench.ssl_report import METHODS, changed_settings, combine, machine, write_results
 from ml_backend.configs import encoder_config, pretrain_config
 from ml_backend.settings import Settings
 from model.encoder.backbone import build_backbone
@@ -83,7 +82,6 @@ from model.taxonomy import Path, Taxonomy
 
 OUT_DIR = ROOT / "bench" / "out"
 RESULTS = ROOT / "bench" / "results" / "ssl_vs_baseline"
-METHODS = ("ours", "pixels+logreg", "pixels+knn", "random-init+heads", "supervised-cnn")
 BUDGETS = (Budget(1), Budget(2), Budget(5), Budget(10), Budget(share=0.01), Budget(share=0.05), Budget(share=0.10))
 QUICK_BUDGETS = (Budget(2), Budget(share=0.05))
 QUICK_SETTINGS = {"PRETRAIN_MAX_MINUTES": "0.1", "PRETRAIN_MIN_IMAGES": "0"}
@@ -120,7 +118,7 @@ class Dataset:
         return lambda pred_leaf: score([self.leaf_paths[int(i)] for i in pred_leaf])
 
 
-def load_dataset(name: str, quick: bool) -> Dataset:
+def load_dataset(name: str, quick: bool, work: FsPath) -> Dataset:
     """``animal-mnist`` (all 10,000, or 60 per animal with ``quick``) or ``shapes`` (250 per leaf, 30 quick)."""
     if name == "animal-mnist":
         images, paths = load_animal_mnist()
@@ -131,7 +129,7 @@ def load_dataset(name: str, quick: bool) -> Dataset:
         return Dataset(name, images, paths, ANIMAL_TAXONOMY)
     if name == "shapes":
         per_leaf = 30 if quick else 250
-        cache = OUT_DIR / f"shapes-{per_leaf}x64-seed0.npz"
+        cache = work / f"shapes-{per_leaf}x64-seed0.npz"
         if cache.exists():
             images = np.load(cache)["images"]
             paths = [leaf.path for leaf in SHAPES_TAXONOMY.leaves() for _ in range(per_leaf)]
@@ -201,8 +199,9 @@ def seed_settings(base: Settings, seed: int) -> Settings:
 
 
 def run_dataset(data: Dataset, base: Settings, seeds: Sequence[int], budgets: Sequence[Budget], cnn: CnnConfig,
-                methods: Sequence[str], on_seed: Callable[[dict], None]) -> dict:
-    """Every method at every budget for each seed; ``on_seed`` gets the results so far after each seed."""
+                methods: Sequence[str], on_seed: Callable[[dict], None], work: FsPath) -> dict:
+    """Every method at every budget for each seed; ``on_seed`` gets the results so far after each seed;
+    pretraining runs go to ``work/<dataset>/seed<k>``."""
     s = data.split
     print(f"{data.name}: {len(data.images)} images, test {len(s.test)}, validation {len(s.validation)}, "
           f"pool {len(s.pool)}", flush=True)
@@ -215,7 +214,7 @@ def run_dataset(data: Dataset, base: Settings, seeds: Sequence[int], budgets: Se
         "levels": [data.taxonomy.num_classes(k) for k in range(data.taxonomy.depth)], "pretraining": {}, "rows": []}
     for seed in seeds:
         settings = seed_settings(base, seed)
-        backbone, cfg, pre = product_encoder(settings, data, OUT_DIR / "ssl" / data.name / f"seed{seed}")
+        backbone, cfg, pre = product_encoder(settings, data, work / data.name / f"seed{seed}")
         result["pretraining"][str(seed)] = pre
         print(f"[{data.name} seed {seed}] encoder: {json.dumps(pre)}", flush=True)
         features = {FeatureSource.ENCODER: embed(backbone, cfg, data.images, settings.device),
@@ -274,165 +273,6 @@ def run_dataset(data: Dataset, base: Settings, seeds: Sequence[int], budgets: Se
     return result
 
 
-# ----- the report --------------------------------------------------------------------------------------------
-
-
-def changed_settings(settings: Settings) -> dict[str, str]:
-    """Every public setting whose value differs from its default, by env var (PRETRAIN_SEED is per seed)."""
-    out = {}
-    for f in dataclasses.fields(Settings):
-        if f.name != "pretrain_seed" and getattr(settings, f.name) != f.default:
-            out[f.metadata["env"]] = str(getattr(settings, f.name))
-    return out
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in FsPath("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-            "python": platform.python_version(), "torch": torch.__version__, "load_average": os.getloadavg(),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": commit, "command": " ".join(sys.argv)}
-
-
-def _stats(rows: list[dict], method: str, budget: str, metric: str) -> list[float]:
-    return [r[metric] for r in sorted(rows, key=lambda r: r["seed"]) if r["method"] == method and r["budget"] == budget]
-
-
-def dataset_tables(res: dict) -> tuple[list[str], list[dict]]:
-    """Markdown tables (hF with verdict, leaf macro-F1) of one dataset, and the verdicts."""
-    rows = res["rows"]
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    budgets = list(dict.fromkeys(r["budget"] for r in rows))
-    baselines = [m for m in methods if m != "ours"]
-    verdicts = []
-    lines = []
-    for metric, title in (("hF", "hierarchical F1"), ("leaf_f1", "leaf macro-F1")):
-        extra = " best baseline | ours − best | verdict |" if metric == "hF" else ""
-        lines += [f"{title}, mean ± std over seeds:", "",
-                  "| budget | labels | " + " | ".join(methods) + " |" + extra,
-                  "|---|---|" + "---|" * len(methods) + ("---|---|---|" if extra else "")]
-        for b in budgets:
-            labels = next(r["labelled"] for r in rows if r["budget"] == b)
-            same = next((r.get("same_subset_as") for r in rows if r["budget"] == b), None)
-            cells = []
-            for m in methods:
-                v = _stats(rows, m, b, metric)
-                cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "–")
-            line = f"| {b}{f' (= {same})' if same else ''} | {labels} | " + " | ".join(cells) + " |"
-            if extra and "ours" in methods and baselines:
-                best = max(baselines, key=lambda m: np.mean(_stats(rows, m, b, metric)))
-                word, diff, margin = verdict(_stats(rows, "ours", b, metric), _stats(rows, best, b, metric))
-                verdicts.append({"dataset": res["dataset"], "budget": b, "best_baseline": best, "diff": diff,
-                                 "margin": margin, "verdict": word})
-                line += f" {best} | {diff:+.3f} (±{margin:.3f}) | **{word}** |"
-            lines.append(line)
-        lines.append("")
-    if "ours" in methods:
-        lines.append("ours' model choice (product cross-validation), per budget over seeds: " + "; ".join(
-            f"{b}: " + ", ".join(f"{c} ×{n}" for c, n in sorted(
-                {c: sum(1 for r in rows if r["method"] == "ours" and r["budget"] == b and r["choice"]["chosen"] == c)
-                 for c in {r["choice"]["chosen"] for r in rows if r["method"] == "ours" and r["budget"] == b}}.items()))
-            for b in budgets))
-        lines.append("")
-    return lines, verdicts
-
-
-def report_text(results: dict) -> str:
-    lines = ["# The product on its defaults vs baselines with few labels (bench/ssl_vs_baseline.py)", "",
-             f"public settings changed from their defaults: {results['settings_changed'] or 'none'}; "
-             f"PRETRAIN_SEED = the seed ({results['seeds']}).",
-             f"machine: {json.dumps(results['machine'])}", ""]
-    all_verdicts = []
-    for res in results["datasets"]:
-        seeds = sorted({r["seed"] for r in res["rows"]})
-        lines += [f"## {res['dataset']}: {res['n_images']} images, levels {res['levels']} classes; test "
-                  f"{res['split']['test']}, validation {res['split']['validation']}, pool {res['split']['pool']}; "
-                  f"seeds {seeds}", ""]
-        for seed, pre in sorted(res["pretraining"].items()):
-            if pre.get("pretrained"):
-                plan = pre["plan"]
-                lines.append(f"- seed {seed}: pretrained {pre['images']} images at {pre['input_size']} px, "
-                             f"{pre['steps_done']}/{plan['steps']} steps ({plan['limited_by']}), {pre['wall_seconds']:.0f} s "
-                             f"wall, {pre['images_per_second']:.0f} img/s, final epoch loss {pre['final_epoch_loss']}, "
-                             f"view retrieval {pre['view_retrieval']}, learned: {pre['learned']}")
-            else:
-                lines.append(f"- seed {seed}: not pretrained ({pre['images']} images < PRETRAIN_MIN_IMAGES): the "
-                             "initial encoder, as the product does")
-        lines.append("")
-        tables, verdicts = dataset_tables(res)
-        lines += tables
-        all_verdicts += verdicts
-    if all_verdicts:
-        misses = [v for v in all_verdicts if v["verdict"] != "win"]
-        lines.append("Goal 1 (ours ≥ the best baseline at every budget): " + (
-            "met" if all(v["verdict"] != "miss" for v in all_verdicts) else "MISSED") + "; not a clear win at: "
-            + (", ".join(f"{v['dataset']} {v['budget']} ({v['verdict']}, {v['diff']:+.3f} vs {v['best_baseline']})"
-                         for v in misses) or "none"))
-        few = [v for v in all_verdicts if v["dataset"] == "animal-mnist" and v["budget"] in ("1/class", "2/class", "5/class")]
-        if few:
-            lines.append("Goal 2 (≥ +0.05 hF over the best baseline at 1-5 labels per class on animal-mnist): " + (
-                "met" if all(v["diff"] >= 0.05 for v in few) else "MISSED") + " (" + ", ".join(
-                f"{v['budget']} {v['diff']:+.3f}" for v in few) + ")")
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, png: FsPath) -> None:
-    """hF against the number of labels, one panel per dataset, mean ± std over seeds."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional heavy import, only for the figure
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6 * len(results["datasets"]), 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    for i, res in enumerate(results["datasets"]):
-        ax = fig.add_subplot(1, len(results["datasets"]), i + 1)
-        rows = [r for r in res["rows"] if "same_subset_as" not in r]
-        for m in METHODS:
-            pts = sorted({(r["labelled"], r["budget"]) for r in rows if r["method"] == m})
-            if not pts:
-                continue
-            mean = [np.mean(_stats(rows, m, b, "hF")) for _, b in pts]
-            std = [np.std(_stats(rows, m, b, "hF")) for _, b in pts]
-            ax.errorbar([n for n, _ in pts], mean, yerr=std, marker="o", capsize=3, label=m,
-                        linewidth=2.5 if m == "ours" else 1.2)
-        ax.set_xscale("log")
-        ax.set_xlabel("labelled images")
-        ax.set_ylabel("hierarchical F1 on the test split")
-        ax.set_title(res["dataset"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png)
-
-
-def write_results(results: dict, dest: FsPath) -> None:
-    text = report_text(results)
-    print(text, flush=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.with_suffix(".txt").write_text(text)
-    dest.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    plot(results, dest.with_suffix(".png"))
-    print(f"wrote {dest}.txt/.json/.png", flush=True)
-
-
-def combine(parts: Sequence[dict]) -> dict:
-    """One report from runs of the same settings (e.g. one process per dataset)."""
-    first = parts[0]
-    for p in parts[1:]:
-        if p["settings_changed"] != first["settings_changed"]:
-            raise SystemExit("the result files were made with different settings; rerun them with the same ones")
-    return {**first, "datasets": [d for p in parts for d in p["datasets"]],
-            "machine": [p["machine"] for p in parts] if len(parts) > 1 else first["machine"]}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data and pretraining, one seed")
@@ -440,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", type=FsPath, default=None, help="write OUT.{txt,json,png}")
+    parser.add_argument("--work", type=FsPath, default=None,
+                        help="pretraining runs and the rendered dataset (default bench/out/<OUT name>)")
     parser.add_argument("--combine", type=FsPath, nargs="+", default=None, help="merge result JSONs into one report")
     args = parser.parse_args(argv)
     if args.combine:
@@ -457,11 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
     cnn = CnnConfig(eval_every=5, patience=2, warmup_steps=5) if args.quick else CnnConfig()
     dest = args.out or (OUT_DIR / "quick" if args.quick else RESULTS)
+    work = args.work or OUT_DIR / dest.name
     results = {"settings_changed": changed_settings(base), "seeds": seeds, "quick": args.quick,
                "cnn": dataclasses.asdict(cnn), "machine": machine(), "datasets": []}
     print(f"public settings changed from their defaults: {results['settings_changed']}", flush=True)
     for name in args.datasets:
-        data = load_dataset(name, args.quick)
+        data = load_dataset(name, args.quick, work)
         results["datasets"].append({})
 
         def on_seed(res: dict) -> None:
@@ -469,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["machine"] = machine()
             write_results(results, dest)
 
-        run_dataset(data, base, seeds, budgets, cnn, args.methods, on_seed)
+        run_dataset(data, base, seeds, budgets, cnn, args.methods, on_seed, work)
     return 0
 
 
