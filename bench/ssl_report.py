@@ -15,12 +15,15 @@ from pathlib import Path as FsPath
 import numpy as np
 import torch
 
+from bench.datasets import ANIMAL_TAXONOMY
+from bench.shapes import SHAPES_TAXONOMY
 from bench.ssl_protocol import verdict
 from ml_backend.settings import Settings
 
 __all__ = ["METHODS", "changed_settings", "combine", "machine", "report_text", "write_results"]
 
 ROOT = FsPath(__file__).resolve().parents[1]
+TAXONOMIES = {"animal-mnist": ANIMAL_TAXONOMY, "shapes": SHAPES_TAXONOMY}
 METHODS = ("ours", "pixels+logreg", "pixels+knn", "random-init+heads", "supervised-cnn")
 
 
@@ -48,6 +51,15 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
             "python": platform.python_version(), "torch": torch.__version__, "load_average": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": commit, "command": " ".join(sys.argv)}
+
+
+def chance_hf(dataset: str) -> float:
+    """Expected hF of a uniformly random leaf on a test split with equally many images per leaf (both datasets)."""
+    tax = TAXONOMIES[dataset]
+    leaves = [n.path for n in tax.leaves()]
+    share = [np.mean([sum(q[: k + 1] == p[: k + 1] for q in leaves) / len(leaves) for k in range(len(p))])
+             for p in leaves]
+    return float(np.mean(share))
 
 
 def _stats(rows: list[dict], method: str, budget: str, metric: str) -> list[float]:
@@ -103,7 +115,7 @@ def report_text(results: dict) -> str:
         seeds = sorted({r["seed"] for r in res["rows"]})
         lines += [f"## {res['dataset']}: {res['n_images']} images, levels {res['levels']} classes; test "
                   f"{res['split']['test']}, validation {res['split']['validation']}, pool {res['split']['pool']}; "
-                  f"seeds {seeds}", ""]
+                  f"seeds {seeds}; hF of a random leaf (chance) {chance_hf(res['dataset']):.3f}", ""]
         for seed, pre in sorted(res["pretraining"].items()):
             if pre.get("pretrained"):
                 plan = pre["plan"]
