@@ -309,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def on_seed(res: dict) -> None:
             results["datasets"][-1] = res
-            results["machine"] = machine()
+            results["machine"] = {**machine(), "commit": results["machine"]["commit"]}  # the code that ran
             write_results(results, dest)
 
         run_dataset(data, base, seeds, budgets, cnn, args.methods, on_seed, work)
