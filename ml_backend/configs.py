@@ -58,4 +58,5 @@ def pretrain_config(settings: Settings, n_images: int, summary: ImageSummary) ->
                           max_minutes=settings.pretrain_max_minutes or None, lr=settings.pretrain_lr,
                           temperature=settings.pretrain_temperature,
                           memory_bank_size=max(batch, settings.pretrain_memory_bank), accelerator=accelerator,
-                          devices=devices, strategy=settings.pretrain_strategy, augment=augment)
+                          devices=devices, strategy=settings.pretrain_strategy, augment=augment,
+                          seed=settings.pretrain_seed)

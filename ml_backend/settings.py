@@ -82,6 +82,7 @@ class Settings:
     pretrain_lr: float = field(default=_PRETRAIN.lr, metadata={"env": "PRETRAIN_LR", "help": "MoCo SGD learning rate (after warm-up; cosine to 0 over the run)."})
     pretrain_temperature: float = field(default=_PRETRAIN.temperature, metadata={"env": "PRETRAIN_TEMPERATURE", "help": "InfoNCE temperature."})
     pretrain_memory_bank: int = field(default=_PRETRAIN.memory_bank_size, metadata={"env": "PRETRAIN_MEMORY_BANK", "help": "Largest MoCo memory bank (negatives); fitted down to the number of images."})
+    pretrain_seed: int = field(default=_PRETRAIN.seed, metadata={"env": "PRETRAIN_SEED", "help": "Seed of pretraining (weights, augmentations, shuffling); another seed gives another, equally valid encoder."})
     pretrain_augment: str = field(default=RecipeKind.AUTO.value, metadata={"env": "PRETRAIN_AUGMENT", "help": "Augmentation recipe: auto (chosen from the images' size and colour), small-images, or moco-v2."})
     pretrain_devices: str = field(default="1", metadata={"env": "PRETRAIN_DEVICES", "help": "Devices one pretraining uses: a count, or `all` (every GPU the worker sees; with PRETRAIN_STRATEGY=ddp_spawn)."})
     pretrain_strategy: str = field(default="auto", metadata={"env": "PRETRAIN_STRATEGY", "help": "Lightning strategy of pretraining: auto, or ddp_spawn for data-parallel on several GPUs inside a worker (plain ddp re-launches the script: use it with `taxomoco pretrain`)."})
