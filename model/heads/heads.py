@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from model.arrays import FloatArray, IntArray
 from model.errors import ConfigError, DataError
+from model.heads.threads import one_thread_when_small
 from model.taxonomy import IGNORE, Taxonomy
 
 __all__ = [
@@ -255,28 +256,8 @@ def train_heads(
         DataError: shapes disagree, targets out of range, non-finite embeddings, or no labelled row.
     """
     values = int(emb.numel()) if isinstance(emb, Tensor) else int(np.asarray(emb).size)
-    with _threads_for(values, device):
+    with one_thread_when_small(values, device):
         return _train_heads(emb, targets, num_classes, cfg, progress, device)
-
-
-SINGLE_THREAD_BELOW = 5_000_000
-"""Heads train with one torch thread on the CPU below this many embedding values (N x D): their matrices are so small
-that more threads only wait on each other (measured: 200 steps on 80 x 256 embeddings took 2.6 s with one thread and
-12.4 s with two on a loaded 2-core machine)."""
-
-
-@contextmanager
-def _threads_for(values: int, device: str | torch.device) -> Iterator[None]:
-    """One torch thread while training heads on fewer than ``SINGLE_THREAD_BELOW`` embedding values on the CPU."""
-    before = torch.get_num_threads()
-    single = torch.device(device).type == "cpu" and values < SINGLE_THREAD_BELOW
-    if single:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if single:
-            torch.set_num_threads(before)
 
 
 def _train_heads(

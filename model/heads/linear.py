@@ -24,6 +24,7 @@ import torch
 from model.arrays import FloatArray, IntArray
 from model.errors import DataError
 from model.heads.heads import Normalization, TaxonomyHeads
+from model.heads.threads import one_thread_when_small
 from model.taxonomy import IGNORE
 
 __all__ = ["UNSEEN_BIAS", "logistic_heads", "prototype_heads"]
@@ -105,7 +106,8 @@ def logistic_heads(emb: FloatArray, targets: IntArray, num_classes: Sequence[int
         if len(classes) == 1:
             bias[classes] = 0.0
         elif len(classes) > 1:
-            model = LogisticRegression(C=c, max_iter=max_iter).fit(z[known], y[known, k])
+            with one_thread_when_small(int(z[known].size)):
+                model = LogisticRegression(C=c, max_iter=max_iter).fit(z[known], y[known, k])
             coef, intercept = model.coef_, model.intercept_  # (C, D), (C,) or (1, D), (1,) for two classes
             if len(classes) == 2:
                 coef = np.concatenate([-coef / 2, coef / 2])
