@@ -134,10 +134,10 @@ class MoCoV2(pl.LightningModule):
         )
         # A closure (not a callable object) so that a resumed run uses the current plan: LambdaLR saves only
         # the step counter of a plain function.
-        total, warmup = max(1, int(self.hparams["total_steps"])), int(self.hparams["warmup_steps"])
+        warmup = int(self.hparams["warmup_steps"])
 
-        def factor(step: int) -> float:
-            return warmup_cosine(step, total, warmup)
+        def factor(step: int) -> float:  # reads the plan each step: a run re-fitted to its budget shortens it
+            return warmup_cosine(step, max(1, int(self.hparams["total_steps"])), warmup)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

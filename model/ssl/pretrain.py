@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -40,7 +40,7 @@ from model.ssl.moco import MoCoV2
 from model.ssl.plan import PretrainPlan, plan_run
 from model.ssl.probe import probe_seconds_per_step
 from model.ssl.quality import QualityCallback, ViewQuality, learned
-from model.ssl.runtime import on_gpu, precision, processes, quiet_lightning, time_limit
+from model.ssl.runtime import BudgetKeeper, on_gpu, precision, processes, quiet_lightning, time_limit
 
 __all__ = ["PretrainResult", "pretrain"]
 
@@ -219,28 +219,34 @@ def pretrain(
             unplanned = plan_run(per_process, cfg.batch_size, cfg.epochs, None, None, cfg.memory_bank_size)
             seconds = probe_seconds_per_step(build_module(unplanned, 1), loader, precision(cfg), cfg.accelerator)
         plan = plan_run(per_process, cfg.batch_size, cfg.epochs, cfg.max_minutes, seconds, cfg.memory_bank_size)
+    def write_run_config() -> None:
+        config_path.write_text(json.dumps({"encoder": encoder_cfg.to_dict(), "pretrain": cfg.to_dict(),
+                                           "plan": plan.to_dict()}, indent=2))
+
     log.info("Pretraining plan: %d steps (%.1f epochs, limited by %s), warm-up %d, memory bank %d, %s s/step.",
              plan.steps, plan.epochs, plan.limited_by, plan.warmup_steps, plan.memory_bank_size,
              f"{plan.seconds_per_step:.2f}" if plan.seconds_per_step else "unmeasured")
-    config_path.write_text(json.dumps({"encoder": encoder_cfg.to_dict(), "pretrain": cfg.to_dict(),
-                                       "plan": plan.to_dict()}, indent=2))
+    write_run_config()
 
     recorder = _Recorder(csv_path)
     quality = QualityCallback(images, two_views, plan, quality_path, cfg.seed)
     checkpointing = _LastCheckpoint(last)
+    limit = time_limit(cfg, plan)
+    keeper = BudgetKeeper(limit)
+    result_planned = plan.steps
     with quiet_lightning():
         trainer = pl.Trainer(
             # whole-epoch plans stop on the epoch count (a finished epoch is complete on resume); others on steps
             max_steps=-1 if plan.whole_epochs else plan.steps,
             max_epochs=plan.steps // plan.steps_per_epoch if plan.whole_epochs else -1,
-            max_time=time_limit(cfg, plan),
+            max_time=limit,
             accelerator=cfg.accelerator,
             devices=list(cfg.devices) if isinstance(cfg.devices, tuple) else cfg.devices,
             strategy=cfg.strategy,
             precision=precision(cfg),  # type: ignore[arg-type]  # Lightning types it as a Literal of its names
             # SyncBatchNorm exists on CUDA only; DDP across CPU processes (gloo) keeps per-process statistics
             sync_batchnorm="ddp" in cfg.strategy and on_gpu(cfg),
-            callbacks=[recorder, quality, *callbacks, checkpointing],
+            callbacks=[recorder, quality, keeper, *callbacks, checkpointing],
             logger=False,
             enable_checkpointing=False,  # no default ModelCheckpoint: _LastCheckpoint writes the one checkpoint
             enable_progress_bar=progress,
@@ -263,6 +269,11 @@ def pretrain(
     trained = module.backbone
     recalibrate_batchnorm(trained, images, encoder_cfg, cfg.bn_recalibration_images, cfg.batch_size)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trained.state_dict().items()}
+    if keeper.shortened_to is not None:  # the machine slowed down: the plan was re-fitted to the time limit
+        plan = replace(plan, steps=keeper.shortened_to, limited_by="budget (re-fitted during the run)")
+        log.info("Pretraining re-fitted to its time limit: %d steps instead of %d (steps got slower after the "
+                 "probe).", plan.steps, result_planned)
+        write_run_config()
     result = PretrainResult(
         backbone_state=state,
         encoder_version=encoder_version(state),

@@ -4,18 +4,24 @@ console free of Lightning's advertising and harmless warnings."""
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Callback
 
 from model.encoder.device import bf16_supported
 from model.ssl.config import PretrainConfig
 from model.ssl.plan import SAFETY, PretrainPlan
 
-__all__ = ["on_gpu", "precision", "processes", "quiet_lightning", "time_limit"]
+__all__ = ["BudgetKeeper", "on_gpu", "precision", "processes", "quiet_lightning", "time_limit"]
+
+CHECK_EVERY = 5
+"""Steps between two projections of a run's end (:class:`BudgetKeeper`)."""
 
 
 def on_gpu(cfg: PretrainConfig) -> bool:
@@ -72,3 +78,36 @@ def quiet_lightning() -> Iterator[None]:
         finally:
             for lg, level in zip(noisy, levels):
                 lg.setLevel(level)
+
+
+class BudgetKeeper(Callback):
+    """Keeps a run's schedule finishing within its time limit when the machine slows down after the speed probe.
+
+    Every ``CHECK_EVERY`` steps it projects the run's end from the speed measured so far in this call; when the
+    planned steps no longer fit into ``SAFETY`` of the limit, the plan is shortened to what fits (the learning-rate
+    and key-momentum schedules read ``total_steps`` each step, so they finish with it) and the run stops there,
+    instead of being cut by Lightning's hard stop with its learning rate still high. ``shortened_to`` records it.
+    """
+
+    def __init__(self, limit: timedelta | None) -> None:
+        self.limit_s = limit.total_seconds() if limit is not None else None
+        self.shortened_to: int | None = None
+        self._t0 = 0.0
+        self._step0 = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0, self._step0 = time.monotonic(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        step, total = trainer.global_step, int(pl_module.hparams["total_steps"])
+        if step >= total:
+            trainer.should_stop = True  # a shortened plan ends here
+            return
+        done = step - self._step0
+        if self.limit_s is None or done < CHECK_EVERY or done % CHECK_EVERY:
+            return
+        elapsed = time.monotonic() - self._t0
+        fits = step + int((SAFETY * self.limit_s - elapsed) / (elapsed / done))
+        if fits < total:
+            pl_module.hparams["total_steps"] = max(step + 1, fits)
+            self.shortened_to = int(pl_module.hparams["total_steps"])
