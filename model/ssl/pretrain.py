@@ -219,14 +219,14 @@ def pretrain(
             unplanned = plan_run(per_process, cfg.batch_size, cfg.epochs, None, None, cfg.memory_bank_size)
             seconds = probe_seconds_per_step(build_module(unplanned, 1), loader, precision(cfg), cfg.accelerator)
         plan = plan_run(per_process, cfg.batch_size, cfg.epochs, cfg.max_minutes, seconds, cfg.memory_bank_size)
-    def write_run_config() -> None:
+    def write_run_config(fitted: PretrainPlan) -> None:
         config_path.write_text(json.dumps({"encoder": encoder_cfg.to_dict(), "pretrain": cfg.to_dict(),
-                                           "plan": plan.to_dict()}, indent=2))
+                                           "plan": fitted.to_dict()}, indent=2))
 
     log.info("Pretraining plan: %d steps (%.1f epochs, limited by %s), warm-up %d, memory bank %d, %s s/step.",
              plan.steps, plan.epochs, plan.limited_by, plan.warmup_steps, plan.memory_bank_size,
              f"{plan.seconds_per_step:.2f}" if plan.seconds_per_step else "unmeasured")
-    write_run_config()
+    write_run_config(plan)
 
     recorder = _Recorder(csv_path)
     quality = QualityCallback(images, two_views, plan, quality_path, cfg.seed)
@@ -273,7 +273,7 @@ def pretrain(
         plan = replace(plan, steps=keeper.shortened_to, limited_by="budget (re-fitted during the run)")
         log.info("Pretraining re-fitted to its time limit: %d steps instead of %d (steps got slower after the "
                  "probe).", plan.steps, result_planned)
-        write_run_config()
+        write_run_config(plan)
     result = PretrainResult(
         backbone_state=state,
         encoder_version=encoder_version(state),
