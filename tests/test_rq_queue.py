@@ -7,6 +7,7 @@ workers: in-process ``work(burst=True)`` or ``run_worker`` in subprocesses that 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from ml_backend.queue.rq_queue import RQScheduler, job_ids
 from ml_backend.queue.worker import build_worker
 from ml_backend.settings import Settings
 from ml_backend.training.policy import write_pretrain_record
+from ml_backend.training.records import JobOutcome, JobRecords
 from tests.servers import REPO_ROOT, stop_process, wait_until
 from tests.test_scheduler import live_version, read_runs, set_control
 
@@ -91,7 +93,7 @@ def test_enqueue_worker_runs_job_and_publishes(scheduler, settings: Settings, tm
     set_control(tmp_path, 1)
     out = scheduler.schedule(1, "ANNOTATION_CREATED")
     assert out["action"] == "queued" and out["job_id"] == job_ids(1)[0]
-    assert out["queue"] == settings.pretrain_queue  # never pretrained: the heavy queue
+    assert out["queue"] == settings.pretrain_queue  # never pretrained: the heavy queue (settings: no minimum)
     assert scheduler.status(1)["queued"] is True and scheduler.status(1)["queued_reason"] == "ANNOTATION_CREATED"
     burst(settings)
     status = scheduler.status(1)
@@ -104,6 +106,22 @@ def test_enqueue_worker_runs_job_and_publishes(scheduler, settings: Settings, tm
     assert again["action"] == "queued" and again["queue"] == settings.heads_queue
     burst(settings)
     assert scheduler.status(1)["counts"]["succeeded"] == 2 and len(complete_versions(tmp_path, 1)) == 2
+
+
+def test_a_project_too_small_to_pretrain_goes_to_the_heads_queue(settings: Settings) -> None:
+    JobRecords(settings.project(5)).mark_finished(JobOutcome.SUCCEEDED, 1.0, "j1", version="v1", result={
+        "pretrain": {"pretrain": False, "reason": "too few images", "n_images": 120}})
+    small = make_scheduler(dataclasses.replace(settings, pretrain_min_images=500), job_func=JOB)
+    grown = make_scheduler(dataclasses.replace(settings, pretrain_min_images=100), job_func=JOB)
+    try:
+        assert isinstance(small, RQScheduler) and isinstance(grown, RQScheduler)
+        assert small.queue_for(5, force_pretrain=False) == settings.heads_queue
+        assert small.queue_for(5, force_pretrain=True) == settings.pretrain_queue
+        # grown past the minimum: its first pretraining goes to the heavy queue
+        assert grown.queue_for(5, force_pretrain=False) == settings.pretrain_queue
+    finally:
+        small.close()
+        grown.close()
 
 
 def test_burst_of_100_webhooks_runs_at_most_twice(scheduler, settings: Settings, tmp_path: Path) -> None:

@@ -120,9 +120,19 @@ class RQScheduler(Scheduler):
     def queue_for(self, project_id: int, force_pretrain: bool) -> str:
         """The queue a job of this project goes to (cheap: small file reads)."""
         paths = self.settings.project(project_id)
-        if force_pretrain or pretrain_requested(paths) or read_pretrain_record(paths) is None:
+        if force_pretrain or pretrain_requested(paths):
+            return self.settings.pretrain_queue
+        if read_pretrain_record(paths) is None and not self._too_small_to_pretrain(paths):
             return self.settings.pretrain_queue
         return self.settings.heads_queue
+
+    def _too_small_to_pretrain(self, paths: ProjectPaths) -> bool:
+        """Whether the project's last training found it below PRETRAIN_MIN_IMAGES (its runs are heads-only; one
+        that has grown past it meanwhile pretrains once on the heads queue)."""
+        last = JobRecords(paths).read().get("last_success") or {}
+        decision = (last.get("result") or {}).get("pretrain") or {}
+        n_images = decision.get("n_images")
+        return isinstance(n_images, int) and n_images < self.settings.pretrain_min_images
 
     def schedule(self, project_id: int, reason: str, force_pretrain: bool = False) -> dict[str, Any]:
         pid = int(project_id)
