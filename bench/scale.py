@@ -152,6 +152,7 @@ def one_size(n: int, unique: int, batch: int, predict_tasks: int, predict_batch:
 
     torch.set_num_threads(THREADS)
     ls = LabelStudioServer(work / "ls", label_studio_binary())
+    os.environ.update(LS_ENV)  # Label Studio's own settings (--ls-env): its server inherits them
     model_dir = work / "models"
     ls.start()
     os.environ.update({"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls.url,
@@ -216,6 +217,22 @@ def one_size(n: int, unique: int, batch: int, predict_tasks: int, predict_batch:
         logging.getLogger("ml_backend.training.jobs").addHandler(handler)
         logging.getLogger("ml_backend.training.jobs").setLevel(logging.INFO)
         print(f"N={n}: training job ...", flush=True)
+        if PROFILE:  # the bulk prediction write under cProfile (its time is then not comparable)
+            import cProfile  # only for --profile-prelabel
+            import pstats
+
+            from ml_backend.training import jobs
+
+            plain = jobs.after_publish
+
+            def profiled(*a, **k):
+                prof = cProfile.Profile()
+                try:
+                    return prof.runcall(plain, *a, **k)
+                finally:
+                    pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(40)
+
+            jobs.after_publish = profiled
         stages.start()
         result = train_project(pid, str(model_dir))
         stages.stop("prelabel (bulk prediction write)")
@@ -288,6 +305,8 @@ def one_size(n: int, unique: int, batch: int, predict_tasks: int, predict_batch:
 
 
 THREADS = 1
+PROFILE = False
+LS_ENV: dict[str, str] = {}
 
 
 def exponent(t1: float, t2: float, n1: int, n2: int) -> float:
@@ -299,12 +318,12 @@ def report(argv: list[str], sizes: list[int], results: dict[int, dict], args: ar
                    argv)
     lines += [f"Changed public settings (else defaults): {', '.join(f'{k}={v}' for k, v in CHANGED_SETTINGS.items())}"
               " (no MoCo pretraining: it is capped by PRETRAIN_MAX_MINUTES whatever N).",
+              f"Label Studio environment beyond tests/servers.py's: {args.ls_env or 'none'}.",
               f"Images: {args.unique} distinct animal-mnist PNGs (28x28), task k shows image k mod {args.unique}; half the "
               "tasks labelled, 1 in 10 labelled tasks with a second annotation. Torch threads: 1.", "",
               "Wall seconds (peak RSS MiB of the benchmark process during the stage; for /predict: the server's):", ""]
-    head = "| stage | " + " | ".join(f"{n:,} tasks" for n in sizes) + " | " + " | ".join(
-        f"exponent {a:,}→{b:,}" for a, b in zip(sizes, sizes[1:])) + " |"
-    lines += [head, "|" + "---|" * (1 + len(sizes) + len(sizes) - 1)]
+    cols = ["stage", *(f"{n:,} tasks" for n in sizes), *(f"exponent {a:,}→{b:,}" for a, b in zip(sizes, sizes[1:]))]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for stage in STAGES:
         cells, times = [], []
         for n in sizes:
@@ -318,7 +337,7 @@ def report(argv: list[str], sizes: list[int], results: dict[int, dict], args: ar
             times.append(row["s"])
         exps = [f"{exponent(a, b, n1, n2):.2f}" if a is not None and b is not None else "—"
                 for (a, b, n1, n2) in zip(times, times[1:], sizes, sizes[1:])]
-        lines.append(f"| {stage} | " + " | ".join(cells) + " | " + " | ".join(exps) + " |")
+        lines.append("| " + " | ".join([stage, *cells, *exps]) + " |")
     lines.append("")
     for n in sizes:
         lines.append(f"N={n:,}: Label Studio peak RSS {results[n]['ls_rss_mib']:.0f} MiB")
@@ -328,7 +347,7 @@ def report(argv: list[str], sizes: list[int], results: dict[int, dict], args: ar
 
 
 def main() -> None:
-    global THREADS
+    global THREADS, PROFILE, LS_ENV
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--unique", type=int, default=1000, help="distinct images (repeated over the tasks)")
@@ -337,10 +356,14 @@ def main() -> None:
     ap.add_argument("--predict-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.txt")
+    ap.add_argument("--ls-env", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="environment of Label Studio, e.g. its feature flags (printed in the result)")
+    ap.add_argument("--profile-prelabel", action="store_true", help="cProfile the bulk prediction write (printed)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size in this process, JSON to --json
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    THREADS = args.threads
+    THREADS, PROFILE = args.threads, args.profile_prelabel
+    LS_ENV = dict(kv.split("=", 1) for kv in args.ls_env)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.one:
         with tempfile.TemporaryDirectory(prefix=f"taxomoco-scale-{args.one}-") as tmp:
@@ -354,11 +377,12 @@ def main() -> None:
             js = Path(tmp) / f"{n}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(n), "--json", str(js),
                    "--unique", str(args.unique), "--batch", str(args.batch), "--predict-tasks",
-                   str(args.predict_tasks), "--predict-batch", str(args.predict_batch), "--threads", str(args.threads)]
+                   str(args.predict_tasks), "--predict-batch", str(args.predict_batch), "--threads", str(args.threads)] + (["--profile-prelabel"] if PROFILE else []) + ["--ls-env", *args.ls_env]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
             subprocess.run(cmd, check=True, env=env, cwd=ROOT)
             results[n] = json.loads(js.read_text())
-    write_result(args.out, report(argv, args.sizes, results, args))
+            done = [m for m in args.sizes if m in results]  # written after each size: a long size keeps the others
+            write_result(args.out, report(argv, done, results, args))
 
 
 if __name__ == "__main__":
