@@ -32,11 +32,13 @@ Usage: ``nice .venv/bin/python bench/scale.py [--sizes 1000 10000] [--unique 100
 from __future__ import annotations
 
 import argparse
+import cProfile
 import io
 import json
 import logging
 import math
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -52,10 +54,16 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.datasets import ANIMAL_TAXONOMY_TREE, load_animal_mnist  # noqa: E402
 from bench.provenance import header, load_line, write_result  # noqa: E402
+from ml_backend.labelstudio import snapshot  # noqa: E402
+from ml_backend.settings import Settings  # noqa: E402
+from ml_backend.training import jobs  # noqa: E402
+from ml_backend.training.jobs import train_project  # noqa: E402
+from ml_backend.training.pull import pull_project  # noqa: E402
 from tests.servers import LabelStudioServer, free_port, label_studio_binary, stop_process, wait_until  # noqa: E402
 
 CHANGED_SETTINGS = {"PRETRAIN_MIN_IMAGES": "1000000000"}
@@ -148,8 +156,6 @@ def png(pixels: np.ndarray) -> bytes:
 
 def one_size(n: int, unique: int, batch: int, predict_tasks: int, predict_batch: int, work: Path) -> dict:
     """Every stage for ``n`` tasks; returns ``{"rows": {stage: {...}}, "ls_rss_mib": ..., "notes": [...]}``."""
-    import torch
-
     torch.set_num_threads(THREADS)
     ls = LabelStudioServer(work / "ls", label_studio_binary())
     os.environ.update(LS_ENV)  # Label Studio's own settings (--ls-env): its server inherits them
@@ -157,12 +163,7 @@ def one_size(n: int, unique: int, batch: int, predict_tasks: int, predict_batch:
     ls.start()
     os.environ.update({"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": ls.url,
                        "LABEL_STUDIO_API_KEY": ls.admin.token, **CHANGED_SETTINGS})
-    # product imports after the environment is set (Settings.from_env reads it per job)
-    from ml_backend.labelstudio import snapshot
-    from ml_backend.settings import Settings
-    from ml_backend.training.jobs import train_project
-    from ml_backend.training.pull import pull_project
-
+    # Settings.from_env (here and in the job) reads the environment set above
     stages = Stages()
     notes: list[str] = []
     backend = None
@@ -218,11 +219,6 @@ def one_size(n: int, unique: int, batch: int, predict_tasks: int, predict_batch:
         logging.getLogger("ml_backend.training.jobs").setLevel(logging.INFO)
         print(f"N={n}: training job ...", flush=True)
         if PROFILE:  # the bulk prediction write under cProfile (its time is then not comparable)
-            import cProfile  # only for --profile-prelabel
-            import pstats
-
-            from ml_backend.training import jobs
-
             plain = jobs.after_publish
 
             def profiled(*a, **k):
