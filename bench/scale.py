@@ -373,7 +373,9 @@ def main() -> None:
             js = Path(tmp) / f"{n}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(n), "--json", str(js),
                    "--unique", str(args.unique), "--batch", str(args.batch), "--predict-tasks",
-                   str(args.predict_tasks), "--predict-batch", str(args.predict_batch), "--threads", str(args.threads)] + (["--profile-prelabel"] if PROFILE else []) + ["--ls-env", *args.ls_env]
+                   str(args.predict_tasks), "--predict-batch", str(args.predict_batch), "--threads",
+                   str(args.threads)]
+            cmd += (["--profile-prelabel"] if PROFILE else []) + ["--ls-env", *args.ls_env]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
             subprocess.run(cmd, check=True, env=env, cwd=ROOT)
             results[n] = json.loads(js.read_text())
