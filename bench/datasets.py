@@ -22,10 +22,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import io
 import pickle
 from pathlib import Path as FsPath
 
 import numpy as np
+from PIL import Image
 
 from model.errors import DataError
 from model.neighbors import NEAR_DUPLICATE_THRESHOLD
@@ -206,3 +208,26 @@ def test_split(labels: np.ndarray, groups: np.ndarray, size: int, seed: int) -> 
     rest = np.setdiff1d(np.arange(len(labels)), test_arr)
     assert not set(groups[test_arr]) & set(groups[rest]), "a duplicate straddles the test split"
     return test_arr, rest
+
+
+def animal_label_config() -> str:
+    """A Label Studio label config for animal-mnist: an image and a two-level ``<Taxonomy>`` over
+    :data:`ANIMAL_TAXONOMY_TREE` (one leaf path per task)."""
+    groups = "".join(
+        f'<Choice value="{group}">' + "".join(f'<Choice value="{a}"/>' for a in animals) + "</Choice>"
+        for group, animals in ANIMAL_TAXONOMY_TREE.items()
+    )
+    return (f'<View><Image name="image" value="$image"/><Taxonomy name="taxonomy" toName="image" leafsOnly="true" '
+            f'maxUsages="1">{groups}</Taxonomy></View>')
+
+
+def taxonomy_result(path: tuple[str, ...]) -> list[dict]:
+    """A Label Studio annotation result choosing ``path`` in :func:`animal_label_config`'s taxonomy."""
+    return [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy", "value": {"taxonomy": [list(path)]}}]
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A uint8 image array ``(H, W)`` or ``(H, W, 3)`` as PNG file bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()

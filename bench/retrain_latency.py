@@ -27,7 +27,6 @@ Usage: ``.venv/bin/python bench/retrain_latency.py [--tasks 1000] [--rounds 5] [
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import statistics
@@ -43,9 +42,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from bench.datasets import ANIMAL_TAXONOMY_TREE, load_animal_mnist  # noqa: E402
+from bench.datasets import animal_label_config, load_animal_mnist, png_bytes, taxonomy_result  # noqa: E402
 from ml_backend.labelstudio.label_config import parse_label_config  # noqa: E402
 from ml_backend.paths import ProjectPaths  # noqa: E402
 from tests.servers import BackendServer, LabelStudioServer, label_studio_binary, wait_until  # noqa: E402
@@ -56,23 +54,10 @@ AFTER = ("cross_validation", "disagreements")
 """Job steps after the version went live (not part of the measured latency)."""
 
 
-def label_config() -> str:
-    groups = "".join(
-        f'<Choice value="{group}">' + "".join(f'<Choice value="{a}"/>' for a in animals) + "</Choice>"
-        for group, animals in ANIMAL_TAXONOMY_TREE.items()
-    )
-    return (f'<View><Image name="image" value="$image"/><Taxonomy name="taxonomy" toName="image" leafsOnly="true" '
-            f'maxUsages="1">{groups}</Taxonomy></View>')
 
 
-def taxonomy_result(path: tuple[str, ...]) -> list[dict]:
-    return [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy", "value": {"taxonomy": [list(path)]}}]
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
 
 
 class Bench:
@@ -84,7 +69,7 @@ class Bench:
                "MIN_LABELS_TO_TRAIN": "10", "LOG_LEVEL": "INFO", "CALIBRATION_REUSE_FRACTION": str(reuse_fraction)}
         self.backend = BackendServer(work / "backend", env=env)
         self.n_tasks = n_tasks
-        self.config = label_config()
+        self.config = animal_label_config()
         self.pid = 0
         self.task_ids: list[int] = []
         self.paths: list[tuple[str, str]] = []  # label path of each task, in task order
@@ -104,7 +89,7 @@ class Bench:
         rng = np.random.default_rng(0)
         for i in rng.permutation(len(images))[: self.n_tasks]:
             name = f"{int(i):05d}.png"
-            (folder / name).write_bytes(png(images[i]))
+            (folder / name).write_bytes(png_bytes(images[i]))
             path = tuple(paths[i])
             self.paths.append(path)
             self.files.append(folder / name)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import json
 import logging
 import math
@@ -55,9 +54,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from bench.datasets import ANIMAL_TAXONOMY_TREE, load_animal_mnist  # noqa: E402
+from bench.datasets import animal_label_config, load_animal_mnist, png_bytes, taxonomy_result  # noqa: E402
 from bench.provenance import header, load_line, write_result  # noqa: E402
 from ml_backend.labelstudio import snapshot  # noqa: E402
 from ml_backend.settings import Settings  # noqa: E402
@@ -135,23 +133,10 @@ class JobSteps(logging.Handler):
 
 
 # ---- the project -------------------------------------------------------------------------------------------
-def label_config() -> str:
-    groups = "".join(
-        f'<Choice value="{group}">' + "".join(f'<Choice value="{a}"/>' for a in animals) + "</Choice>"
-        for group, animals in ANIMAL_TAXONOMY_TREE.items()
-    )
-    return (f'<View><Image name="image" value="$image"/><Taxonomy name="taxonomy" toName="image" leafsOnly="true" '
-            f'maxUsages="1">{groups}</Taxonomy></View>')
 
 
-def taxonomy_result(path: tuple[str, ...]) -> list[dict]:
-    return [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy", "value": {"taxonomy": [list(path)]}}]
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def one_size(n: int, unique: int, batch: int, predict_tasks: int, predict_batch: int, work: Path) -> dict:
@@ -168,7 +153,7 @@ def one_size(n: int, unique: int, batch: int, predict_tasks: int, predict_batch:
     notes: list[str] = []
     backend = None
     try:
-        config = label_config()
+        config = animal_label_config()
         pid = ls.create_project(config, title=f"scale {n}")
         folder = ls.files_root / "animal"
         folder.mkdir(parents=True, exist_ok=True)
@@ -178,7 +163,7 @@ def one_size(n: int, unique: int, batch: int, predict_tasks: int, predict_batch:
         rng = np.random.default_rng(0)
         picks = rng.permutation(len(images))[:unique]
         for i in picks:
-            (folder / f"{int(i):05d}.png").write_bytes(png(images[i]))
+            (folder / f"{int(i):05d}.png").write_bytes(png_bytes(images[i]))
         leaves = sorted({tuple(p) for p in paths})
         tasks = []
         for k in range(n):

@@ -19,6 +19,17 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+WARM_COLD_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Taxonomy name="taxonomy" toName="image" leafsOnly="true" maxUsages="1">
+    <Choice value="Warm"><Choice value="Red"/><Choice value="Orange"/></Choice>
+    <Choice value="Cold"><Choice value="Blue"/></Choice>
+  </Taxonomy>
+</View>"""
+"""A two-level colour taxonomy whose leaves plain colour images separate (the training job tests' projects)."""
+WARM_COLD_COLOURS = {("Warm", "Red"): (220, 30, 30), ("Warm", "Orange"): (240, 150, 20), ("Cold", "Blue"): (30, 40, 220)}
+"""The RGB colour of each leaf of :data:`WARM_COLD_CONFIG`."""
+
 TWO_LEVEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <Taxonomy name="taxonomy" toName="image" leafsOnly="true" maxUsages="1">

@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from ml_backend.prelabel.order import LABEL_NEXT_TAB
-from tests.servers import BackendServer, LabelStudioServer, wait_until
-from tests.test_prelabel import COLOURS, CONFIG, _png, _result
+from tests.servers import WARM_COLD_COLOURS, WARM_COLD_CONFIG, BackendServer, LabelStudioServer, wait_until
+from tests.test_prelabel import _png, _result
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -47,11 +47,12 @@ def project(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFa
         "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]})
     backend.start()
     try:
-        pid = label_studio.create_project(CONFIG, title="taxomoco in a browser")
-        ids = label_studio.import_images(pid, {f"b{i:02d}.png": _png(COLOURS[list(COLOURS)[i % 3]], seed=100 + i)
+        pid = label_studio.create_project(WARM_COLD_CONFIG, title="taxomoco in a browser")
+        leaves = list(WARM_COLD_COLOURS)
+        ids = label_studio.import_images(pid, {f"b{i:02d}.png": _png(WARM_COLD_COLOURS[leaves[i % 3]], seed=100 + i)
                                                for i in range(21)})
         for i, tid in enumerate(ids[:9]):
-            label_studio.annotate(tid, _result(list(COLOURS)[i % 3]))
+            label_studio.annotate(tid, _result(list(WARM_COLD_COLOURS)[i % 3]))
         label_studio.connect_backend(pid, backend.url, auth_method="BASIC_AUTH", basic_auth_user=AUTH[0],
                                      basic_auth_pass=AUTH[1])
         http = requests.Session()

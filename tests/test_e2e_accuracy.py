@@ -10,17 +10,15 @@ pre-annotation) are compared with the truth, and with pixels + logistic regressi
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from bench.datasets import ANIMAL_TAXONOMY_TREE, animal_path, content_groups, load_animal_mnist_arrays
+from bench.datasets import animal_label_config, animal_path, content_groups, load_animal_mnist_arrays, png_bytes, taxonomy_result
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.settings import Settings
 from tests.servers import FAST_TRAINING_ENV, BackendServer, LabelStudioServer, wait_until
@@ -44,19 +42,6 @@ def _defaults_env() -> dict[str, str]:
         value = defaults[name]
         env[name] = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     return env
-
-
-def _config() -> str:
-    groups = "".join(f'<Choice value="{g}">' + "".join(f'<Choice value="{a}"/>' for a in animals) + "</Choice>"
-                     for g, animals in ANIMAL_TAXONOMY_TREE.items())
-    return ('<View><Image name="image" value="$image"/><Taxonomy name="taxonomy" toName="image" leafsOnly="true" '
-            f'maxUsages="1">{groups}</Taxonomy></View>')
-
-
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _split(images: np.ndarray, labels: np.ndarray) -> tuple[list[int], list[int]]:
@@ -92,20 +77,19 @@ def test_served_pre_annotations_beat_pixels_and_logistic_regression(label_studio
                                                                     backend: BackendServer) -> None:
     images, labels = load_animal_mnist_arrays()
     train, test = _split(images, labels)
-    pid = label_studio.create_project(_config(), title="taxomoco accuracy on defaults")
+    pid = label_studio.create_project(animal_label_config(), title="taxomoco accuracy on defaults")
     order = train + test
     ids: list[int] = []
     for start in range(0, len(order), 100):  # Label Studio takes at most 100 files per upload
         chunk = order[start:start + 100]
-        ids += label_studio.import_images(pid, {f"a{i:05d}.png": _png(images[i]) for i in chunk})
+        ids += label_studio.import_images(pid, {f"a{i:05d}.png": png_bytes(images[i]) for i in chunk})
     task_of = dict(zip(order, ids))
     label_studio.api("POST", "/api/ml", json={"project": pid, "url": backend.url, "title": "taxomoco",
                                               "auth_method": "BASIC_AUTH", "basic_auth_user": AUTH[0],
                                               "basic_auth_pass": AUTH[1]})
     for i in train:
         path = animal_path(int(labels[i]))
-        label_studio.annotate(task_of[i], [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy",
-                                            "value": {"taxonomy": [list(path)]}}])
+        label_studio.annotate(task_of[i], taxonomy_result(path))
     held_out = {task_of[i]: animal_path(int(labels[i])) for i in test}
 
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)

@@ -20,6 +20,7 @@ from ml_backend.training.policy import PretrainReason, decide_pretrain, read_pre
 from ml_backend.training.records import JobRecords
 from model.encoder.device import lightning_device
 from model.errors import ConfigError
+from tests.servers import WARM_COLD_COLOURS, WARM_COLD_CONFIG
 
 
 @pytest.fixture(autouse=True)
@@ -122,15 +123,7 @@ def test_job_against_unreachable_label_studio_is_recorded(tmp_path: Path) -> Non
 # The whole job against a real Label Studio (and through a real RQ worker)
 # --------------------------------------------------------------------------------------------------------
 
-TAXONOMY_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Taxonomy name="taxonomy" toName="image" leafsOnly="true" maxUsages="1">
-    <Choice value="Warm"><Choice value="Red"/><Choice value="Orange"/></Choice>
-    <Choice value="Cold"><Choice value="Blue"/></Choice>
-  </Taxonomy>
-</View>"""
 
-COLOURS = {("Warm", "Red"): (220, 30, 30), ("Warm", "Orange"): (240, 150, 20), ("Cold", "Blue"): (30, 40, 220)}
 
 
 def _png(rgb: tuple[int, int, int], seed: int) -> bytes:
@@ -160,11 +153,11 @@ def _fast_settings(model_dir: Path, label_studio, **overrides: object) -> Settin
 @pytest.fixture
 def labelled_project(label_studio) -> tuple[int, dict[int, tuple[str, str]]]:
     """A Label Studio project with 18 uploaded images, 9 of them annotated (3 per leaf)."""
-    pid = label_studio.create_project(TAXONOMY_CONFIG, title="taxomoco job e2e")
+    pid = label_studio.create_project(WARM_COLD_CONFIG, title="taxomoco job e2e")
     images, truth = {}, []
     for i in range(18):
-        path = list(COLOURS)[i % 3]
-        images[f"img{i:02d}.png"] = _png(COLOURS[path], seed=i)
+        path = list(WARM_COLD_COLOURS)[i % 3]
+        images[f"img{i:02d}.png"] = _png(WARM_COLD_COLOURS[path], seed=i)
         truth.append(path)
     task_ids = label_studio.import_images(pid, images)
     labels = {}
@@ -236,7 +229,7 @@ def test_train_project_end_to_end(label_studio, labelled_project, tmp_path: Path
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_too_few_labels_is_a_recorded_skip(label_studio, tmp_path: Path) -> None:
-    pid = label_studio.create_project(TAXONOMY_CONFIG, title="taxomoco skip e2e")
+    pid = label_studio.create_project(WARM_COLD_CONFIG, title="taxomoco skip e2e")
     task_ids = label_studio.import_images(pid, {"a.png": _png((200, 0, 0), 1), "b.png": _png((0, 0, 200), 2)})
     label_studio.annotate(task_ids[0], [{"from_name": "taxonomy", "to_name": "image", "type": "taxonomy",
                                          "value": {"taxonomy": [["Warm", "Red"]]}}])

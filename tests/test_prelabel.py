@@ -27,16 +27,7 @@ from ml_backend.prelabel.writer import run_prelabel, versions_to_delete
 from ml_backend.settings import Settings
 from ml_backend.training import jobs
 from model.ranking import Reason, is_cold_start, labeling_order, least_confidence, typical_cover
-
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Taxonomy name="taxonomy" toName="image" leafsOnly="true" maxUsages="1">
-    <Choice value="Warm"><Choice value="Red"/><Choice value="Orange"/></Choice>
-    <Choice value="Cold"><Choice value="Blue"/></Choice>
-  </Taxonomy>
-</View>"""
-COLOURS = {("Warm", "Red"): (220, 30, 30), ("Warm", "Orange"): (240, 150, 20), ("Cold", "Blue"): (30, 40, 220)}
-
+from tests.servers import WARM_COLD_COLOURS, WARM_COLD_CONFIG
 
 # ---- the ranking rule (pure numpy) -------------------------------------------------------------------------
 
@@ -126,11 +117,11 @@ def trained(label_studio, tmp_path_factory: pytest.TempPathFactory):
 
     torch.set_num_threads(1)
     model_dir = tmp_path_factory.mktemp("prelabel")
-    pid = label_studio.create_project(CONFIG, title="taxomoco prelabel")
-    images = {f"img{i:02d}.png": _png(COLOURS[list(COLOURS)[i % 3]], seed=i) for i in range(21)}
+    pid = label_studio.create_project(WARM_COLD_CONFIG, title="taxomoco prelabel")
+    images = {f"img{i:02d}.png": _png(WARM_COLD_COLOURS[list(WARM_COLD_COLOURS)[i % 3]], seed=i) for i in range(21)}
     ids = label_studio.import_images(pid, images)
     for i, tid in enumerate(ids[:9]):
-        label_studio.annotate(tid, _result(list(COLOURS)[i % 3]))
+        label_studio.annotate(tid, _result(list(WARM_COLD_COLOURS)[i % 3]))
     label_studio.annotate(ids[9], [], was_cancelled=True)  # skipped: no label, still gets a prediction
     settings = _settings(model_dir, label_studio, prelabel_chunk=4)
     jobs.use_settings(settings)
@@ -161,7 +152,7 @@ def test_every_unlabelled_task_gets_one_prediction_of_the_version_and_the_projec
     task = label_studio.task(trained["targets"][0])
     prediction = task["predictions"][0]
     path = prediction["result"][0]["value"]["taxonomy"][0]
-    assert tuple(path) in COLOURS and 0 < prediction["score"] <= 1  # a valid leaf path with its score
+    assert tuple(path) in WARM_COLD_COLOURS and 0 < prediction["score"] <= 1  # a valid leaf path with its score
     # the Data Manager's Prediction score column has values now (it averages the pinned version only)
     rows = label_studio.api("GET", "/api/tasks", params={"project": pid, "fields": "all", "page_size": 100}).json()
     scores = {t["id"]: t.get("predictions_score") for t in rows["tasks"]}
@@ -290,7 +281,7 @@ class _RecordingBackend:
 def test_the_training_pull_does_not_make_label_studio_predict(label_studio) -> None:
     backend = _RecordingBackend()
     try:
-        pid = label_studio.create_project(CONFIG, title="taxomoco pull without predict",
+        pid = label_studio.create_project(WARM_COLD_CONFIG, title="taxomoco pull without predict",
                                           evaluate_predictions_automatically=True)
         ids = label_studio.import_images(pid, {f"p{i}.png": _png((200, 30, 30), i) for i in range(5)})
         label_studio.connect_backend(pid, backend.url, title="stub")
