@@ -19,7 +19,8 @@ from ml_backend.labelstudio.predictions import delete_model_version, import_pred
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.progress import read_progress
 from ml_backend.training import jobs
-from tests.test_prelabel import COLOURS, CONFIG, _png, _result, _settings
+from tests.servers import WARM_COLD_COLOURS, WARM_COLD_CONFIG
+from tests.test_prelabel import _png, _result, _settings
 
 RED, ORANGE, BLUE = ("Warm", "Red"), ("Warm", "Orange"), ("Cold", "Blue")
 
@@ -29,7 +30,7 @@ def _ann(aid: int, path: tuple[str, ...], parent: int | None = None, lead: float
 
 
 def test_the_rule_on_task_records() -> None:
-    config = parse_label_config(CONFIG)
+    config = parse_label_config(WARM_COLD_CONFIG)
     pred = {"id": 7, "model_version": "v", "result": _result(RED), "score": 0.8}
     tasks = [
         TaskRecord(1, {}, [_ann(11, RED, parent=7)], [pred]),              # bulk action: no lead time
@@ -57,9 +58,9 @@ def test_copies_are_left_out_of_training_counted_and_remembered_after_their_pred
     import torch
 
     torch.set_num_threads(1)
-    pid = label_studio.create_project(CONFIG, title="taxomoco prediction copies")
-    leaves = list(COLOURS)
-    ids = label_studio.import_images(pid, {f"c{i:02d}.png": _png(COLOURS[leaves[i % 3]], seed=200 + i)
+    pid = label_studio.create_project(WARM_COLD_CONFIG, title="taxomoco prediction copies")
+    leaves = list(WARM_COLD_COLOURS)
+    ids = label_studio.import_images(pid, {f"c{i:02d}.png": _png(WARM_COLD_COLOURS[leaves[i % 3]], seed=200 + i)
                                            for i in range(15)})
     for i, tid in enumerate(ids[:6]):  # 2 human labels per class
         label_studio.annotate(tid, _result(leaves[i % 3]))
