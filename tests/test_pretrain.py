@@ -183,20 +183,39 @@ def test_empty_input_and_bad_config(tmp_path: Path) -> None:
 
 
 class _SlowSteps(pl.Callback):
-    """Makes every step slower than the probe measured, as a machine that gets busy during a run would."""
+    """Makes every step look ``seconds`` slower than the probe measured to the run's budget keeper, as a machine
+    that gets busy during a run would; the keeper's clock is moved on instead of sleeping, so the test does not
+    depend on how fast the machine running it is."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
 
     def on_train_batch_end(self, *args: object) -> None:
-        time.sleep(0.2)
+        self.offset += self.seconds
 
 
-def test_a_run_that_slows_down_is_refitted_to_its_budget_and_can_continue(tmp_path: Path) -> None:
+def test_a_run_that_slows_down_is_refitted_to_its_budget_and_can_continue(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from model.ssl import runtime
+
     images = _images(32)
-    cfg = PretrainConfig(**{**TINY.__dict__, "epochs": 50, "max_minutes": 0.05})  # 3 s
-    first = pretrain(images, ENC, cfg, tmp_path, progress=False, callbacks=[_SlowSteps()])
-    # steps got 0.2 s slower than the probe measured: the plan was shortened to what fits, and finished
+    cfg = PretrainConfig(**{**TINY.__dict__, "epochs": 50, "max_minutes": 0.5})  # 30 s
+    slow = _SlowSteps(seconds=2.0)
+    monkeypatch.setattr(runtime, "time", types.SimpleNamespace(monotonic=slow.monotonic))
+    first = pretrain(images, ENC, cfg, tmp_path, progress=False, callbacks=[slow])
+    # each step took 2 s more than the probe measured: after the first 5 (10 s of 27 planned), the plan was
+    # shortened to what fits (8 more steps), and finished on its own schedule, well before Lightning's hard stop
     assert first.plan is not None and first.plan.limited_by == "budget (re-fitted during the run)"
     assert first.finished_plan and first.steps_done == first.plan.steps < 50 * 4
+    assert first.plan.steps <= 5 + 9
     assert first.epochs_done < 50 and len(first.step_losses) >= 1
+    monkeypatch.undo()
     unlimited = PretrainConfig(**{**TINY.__dict__, "epochs": first.epochs_done + 1})
     second = pretrain(images, ENC, unlimited, tmp_path, progress=False)
     assert second.epochs_done == first.epochs_done + 1

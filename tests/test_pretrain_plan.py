@@ -120,3 +120,40 @@ def test_ddp_processes_each_see_their_share_of_an_epoch() -> None:
     assert processes(PretrainConfig(accelerator="cpu")) == 1
     # two processes: an epoch of 1,000 images is 500 per process -> 3 steps of 128, not 7
     assert plan_run(-(-1000 // 2), 128, 10, None, None, 4096).steps_per_epoch == 3
+
+
+def _keep_budget(step_seconds: list[float], limit_s: float, planned: int,
+                 monkeypatch: pytest.MonkeyPatch) -> tuple[int, float]:
+    """Runs :class:`BudgetKeeper` over steps of the given durations (a fake clock); returns the step the run
+    stopped at and the clock there."""
+    import types
+    from datetime import timedelta
+
+    from model.ssl import runtime
+
+    clock = [0.0]
+    monkeypatch.setattr(runtime, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    keeper = runtime.BudgetKeeper(timedelta(seconds=limit_s))
+    trainer = types.SimpleNamespace(global_step=0, should_stop=False)
+    module = types.SimpleNamespace(hparams={"total_steps": planned})
+    keeper.on_train_start(trainer, module)  # type: ignore[arg-type]
+    for seconds in step_seconds:
+        clock[0] += seconds
+        trainer.global_step += 1
+        keeper.on_train_batch_end(trainer, module)  # type: ignore[arg-type]
+        if trainer.should_stop or clock[0] >= limit_s:
+            break
+    return trainer.global_step, clock[0]
+
+
+def test_a_slowdown_late_in_a_run_shortens_the_plan_before_the_hard_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the probe planned 80 steps of 0.1 s into 10 s; from step 6 on, steps take 1 s (the machine got busy)
+    step, clock = _keep_budget([0.1] * 5 + [1.0] * 100, limit_s=10.0, planned=80, monkeypatch=monkeypatch)
+    # the schedule ended on its shortened plan before Lightning's hard stop at 10 s (a projection every 5 steps
+    # from the run's average speed saw the slowdown only at step 10, and was cut at step 14)
+    assert clock < 10.0 and 8 <= step < 14
+
+
+def test_a_steady_run_keeps_its_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    step, clock = _keep_budget([0.1] * 100, limit_s=10.0, planned=80, monkeypatch=monkeypatch)
+    assert step == 80 and clock == pytest.approx(8.0)

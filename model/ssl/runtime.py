@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -83,10 +84,12 @@ def quiet_lightning() -> Iterator[None]:
 class BudgetKeeper(Callback):
     """Keeps a run's schedule finishing within its time limit when the machine slows down after the speed probe.
 
-    Every ``CHECK_EVERY`` steps it projects the run's end from the speed measured so far in this call; when the
-    planned steps no longer fit into ``SAFETY`` of the limit, the plan is shortened to what fits (the learning-rate
-    and key-momentum schedules read ``total_steps`` each step, so they finish with it) and the run stops there,
-    instead of being cut by Lightning's hard stop with its learning rate still high. ``shortened_to`` records it.
+    After each step (once ``CHECK_EVERY`` steps give a speed) it projects the run's end at the slower of the
+    run's average speed and that of its last ``CHECK_EVERY`` steps, so a slowdown late in the run counts at once;
+    when the planned steps no longer fit into ``SAFETY`` of the limit, the plan is shortened to what fits (the
+    learning-rate and key-momentum schedules read ``total_steps`` each step, so they finish with it) and the run
+    stops there, instead of being cut by Lightning's hard stop with its learning rate still high.
+    ``shortened_to`` records it.
     """
 
     def __init__(self, limit: timedelta | None) -> None:
@@ -94,20 +97,27 @@ class BudgetKeeper(Callback):
         self.shortened_to: int | None = None
         self._t0 = 0.0
         self._step0 = 0
+        self._recent: deque[float] = deque(maxlen=CHECK_EVERY + 1)  # clock at the last steps' ends
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0, self._step0 = time.monotonic(), trainer.global_step
+        self._recent.clear()
+        self._recent.append(self._t0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         step, total = trainer.global_step, int(pl_module.hparams["total_steps"])
         if step >= total:
             trainer.should_stop = True  # a shortened plan ends here
             return
+        now = time.monotonic()
+        self._recent.append(now)
         done = step - self._step0
-        if self.limit_s is None or done < CHECK_EVERY or done % CHECK_EVERY:
+        if self.limit_s is None or done < CHECK_EVERY:
             return
-        elapsed = time.monotonic() - self._t0
-        fits = step + int((SAFETY * self.limit_s - elapsed) / (elapsed / done))
+        elapsed = now - self._t0
+        recent = (now - self._recent[0]) / (len(self._recent) - 1)
+        seconds_per_step = max(elapsed / done, recent)
+        fits = step + int((SAFETY * self.limit_s - elapsed) / seconds_per_step)
         if fits < total:
             pl_module.hparams["total_steps"] = max(step + 1, fits)
             self.shortened_to = int(pl_module.hparams["total_steps"])
