@@ -208,6 +208,9 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # faiss logs each CPU-specific build it tries and cannot load ("Could not load library ... ModuleNotFoundError")
+    # at INFO, which reads like a failure in the server's start-up log; the build it does load works.
+    logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return _run(args)
     except TaxomocoError as exc:

@@ -36,6 +36,7 @@ from model.heads.selection import Selection, select_and_fit
 from model.heads.training import heads_logits, labelled_rows
 from model.images import content_hash
 from model.neighbors.index import NeighborIndex, load_index
+from model.paired_gain import GainRule
 from model.predictor import Predictor
 from model.report import write_report
 from model.ssl.recipe import summarize_images
@@ -194,7 +195,8 @@ def train_folder(args: argparse.Namespace, settings: Settings) -> str:
     kept_paths = [paths[i] for i in keep]
     _, targets, _ = labelled_rows(features[FeatureSource.ENCODER][keep], kept_paths, taxonomy)
     selection, heads = select_and_fit({s: f[keep] for s, f in features.items()}, candidates, targets, taxonomy,
-                                      folds=args.folds or Settings.cv_folds, heads_cfg=HeadsConfig())
+                                      folds=args.folds or Settings.cv_folds, heads_cfg=HeadsConfig(),
+                                      rule=GainRule(settings.model_choice))
     metrics = {**selection.cv.metrics, "model_choice": selection.to_dict()}
     hashes = _file_hashes([files[i] for i in keep])
     fingerprint = data_fingerprint(zip(hashes, kept_paths))

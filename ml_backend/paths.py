@@ -13,6 +13,11 @@
                                 pretrain_pending.json, calibration.json, prelabel.json (bulk pre-annotation
                                 progress and resume cursor)
         labeling_queue.json     the labeling order ``GET /queue`` serves (``ml_backend.prelabel``)
+        start_encoder.safetensors  the encoder used before the first model version (cold start, label
+                                propagation; ``training.encoder``), which the first training continues from
+        propagation/            label propagation before the heads train: LIVE (the version served),
+                                <version>.json (each task's propagated path) and knn-<encoder>.npz (the kNN
+                                graph, extended by the next run; ``training.propagation``)
         prediction_copies.json  annotations seen to copy a prediction (``labelstudio.copies``)
         disagreements/          report.json, model_probs.npz, posted.json and the CLI's CSV/HTML files
         neighbors/              <encoder_version>/ kNN index per encoder (``model.neighbors.index``), tasks.json
@@ -132,6 +137,16 @@ class ProjectPaths:
     def labeling_queue(self) -> Path:
         """The ranked labeling order written with the last bulk pre-annotation (``GET /queue``)."""
         return self.root / "labeling_queue.json"
+
+    @property
+    def start_encoder(self) -> Path:
+        """The encoder of a project without a model version yet (weights + config in one safetensors file)."""
+        return self.root / "start_encoder.safetensors"
+
+    @property
+    def propagation(self) -> Path:
+        """Propagated predictions before the heads train: ``LIVE`` and one JSON file per version."""
+        return self.root / "propagation"
 
     @property
     def prediction_copies(self) -> Path:

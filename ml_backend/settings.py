@@ -16,6 +16,8 @@ from ml_backend.paths import ProjectPaths
 from model.errors import ConfigError
 from model.heads.candidates import parse_candidates
 from model.neighbors import NEAR_DUPLICATE_THRESHOLD
+from model.paired_gain import GainRule
+from model.propagation_choice import ChoiceRule
 from model.ssl.config import PretrainConfig
 from model.ssl.plan import PRETRAIN_MIN_IMAGES
 from model.ssl.recipe import RecipeKind
@@ -82,7 +84,7 @@ class Settings:
     pretrain_lr: float = field(default=_PRETRAIN.lr, metadata={"env": "PRETRAIN_LR", "help": "MoCo SGD learning rate (after warm-up; cosine to 0 over the run)."})
     pretrain_temperature: float = field(default=_PRETRAIN.temperature, metadata={"env": "PRETRAIN_TEMPERATURE", "help": "InfoNCE temperature."})
     pretrain_memory_bank: int = field(default=_PRETRAIN.memory_bank_size, metadata={"env": "PRETRAIN_MEMORY_BANK", "help": "Largest MoCo memory bank (negatives); fitted down to the number of images."})
-    pretrain_seed: int = field(default=_PRETRAIN.seed, metadata={"env": "PRETRAIN_SEED", "help": "Seed of pretraining (weights, augmentations, shuffling); another seed gives another, equally valid encoder."})
+    pretrain_seed: int = field(default=_PRETRAIN.seed, metadata={"env": "PRETRAIN_SEED", "help": "Seed of pretraining (weights, augmentations, shuffling) and of the random weights a project starts from before any pretraining; another seed gives another, equally valid encoder."})
     pretrain_augment: str = field(default=RecipeKind.AUTO.value, metadata={"env": "PRETRAIN_AUGMENT", "help": "Augmentation recipe: auto (chosen from the images' size and colour), small-images, or moco-v2."})
     pretrain_devices: str = field(default="1", metadata={"env": "PRETRAIN_DEVICES", "help": "Devices one pretraining uses: a count, or `all` (every GPU the worker sees; with PRETRAIN_STRATEGY=ddp_spawn)."})
     pretrain_strategy: str = field(default="auto", metadata={"env": "PRETRAIN_STRATEGY", "help": "Lightning strategy of pretraining: auto, or ddp_spawn for data-parallel on several GPUs inside a worker (plain ddp re-launches the script: use it with `taxomoco pretrain`)."})
@@ -90,8 +92,10 @@ class Settings:
     min_labels_to_train: int = field(default=4, metadata={"env": "MIN_LABELS_TO_TRAIN", "help": "Labelled tasks needed before the first training."})
     prefix_threshold: float = field(default=0.2, metadata={"env": "PREFIX_THRESHOLD", "help": "With leafsOnly=false: predict the deepest prefix whose probability reaches this (0.2: a leaf unless it is no better than a guess among its siblings; measured in bench/results/prefix_threshold.txt)."})
     tasks_full_pull_every_s: float = field(default=3600.0, metadata={"env": "TASKS_FULL_PULL_EVERY_S", "help": "A training run reads only the tasks changed since the last run; every this many seconds it reads all of them again."})
-    calibration_reuse_fraction: float = field(default=0.02, metadata={"env": "CALIBRATION_REUSE_FRACTION", "help": "A heads-only retrain whose labels differ from the last cross-validated ones by at most this fraction publishes at once with the last calibration temperature (the cross-validation runs after publishing); 0 = always cross-validate first."})
+    calibration_reuse_fraction: float = field(default=0.1, metadata={"env": "CALIBRATION_REUSE_FRACTION", "help": "A heads-only retrain whose labels differ from the last cross-validated ones by at most this fraction publishes at once with the last model choice and calibration temperature (the cross-validation runs after publishing, or in the last training of a burst); 0 = always cross-validate first. 0.1: three labelers on 1,000 tasks change 2-5 % of the labels between two trainings (bench/results/retrain_latency.txt)."})
     model_candidates: tuple[str, ...] = field(default=("pixels+linear", "encoder+prototypes", "encoder+mlp", "previous-encoder+mlp"), metadata={"env": "MODEL_CANDIDATES", "help": "Models every training compares by cross-validated hierarchical F1 before publishing the best (comma-separated; a tie within 0.005 goes to the one listed first here): pixels+linear (downscaled pixels + colour statistics, logistic regression), encoder+prototypes (nearest class mean on the encoder's embeddings), encoder+mlp (MLP heads), previous-encoder+mlp (the live model's encoder when a training pretrained a new one)."})
+    propagation_choice: str = field(default="one-se", metadata={"env": "PROPAGATION_CHOICE", "help": "Whether label propagation over the kNN graph (alone, or averaged with the heads) may replace the chosen heads once they train, scored on the same cross-validation folds with each fold's labels removed from the seeds: one-se (only when its mean per-fold gain in hierarchical F1 exceeds one standard error of the gains), mean (the higher mean wins), heads (never). one-se chosen with bench/label_propagation.py --choice on validation draws; the served version's manifest names it (extra.served_model)."})
+    model_choice: str = field(default=GainRule.ONE_SE.value, metadata={"env": "MODEL_CHOICE", "help": "How the model choice treats a near tie between candidates, compared on the same cross-validation folds: one-se (a simpler candidate, earlier in MODEL_CANDIDATES' rank order, wins unless the best one's mean per-fold gain in hierarchical F1 over it exceeds one standard error of those paired gains and 0.005), mean (the highest mean wins unless within 0.005). one-se chosen with bench/model_choice.py on validation draws (test draws, 2 labels per animal on animal-mnist: regret against the best candidate 0.010 vs 0.021 leaf accuracy, picks worse than pixels+linear by over 5 points 2/20 vs 4/20; 5 per animal: 0.000 vs 0.021), at no extra cost; the choice and its rule are in /job_status (model_choice)."})
     cv_folds: int = field(default=3, metadata={"env": "CV_FOLDS", "help": "Cross-validation folds of the model choice and the calibration (stratified by label path; at most one per labelled task)."})
     keep_versions: int = field(default=5, metadata={"env": "KEEP_VERSIONS", "help": "Model versions kept per project (the live one always)."})
 
@@ -99,14 +103,16 @@ class Settings:
     prelabel: bool = field(default=True, metadata={"env": "PRELABEL", "help": "After each new model version, write its predictions for every task without a human annotation into Label Studio (chunked, resumable), pin the project's model version to it, rank the tasks for labeling (GET /queue, the \"label next\" tab) and delete older versions' predictions."})
     prelabel_chunk: int = field(default=500, metadata={"env": "PRELABEL_CHUNK", "help": "Predictions written per Label Studio request (1-500: one import is one transaction in Label Studio)."})
     prelabel_keep_versions: int = field(default=2, metadata={"env": "PRELABEL_KEEP_VERSIONS", "help": "This backend's model versions whose predictions stay in Label Studio (the live one and the ones before it); older ones are deleted once the live version covers every unlabelled task."})
-    cold_start_per_class: float = field(default=2.0, metadata={"env": "COLD_START_LABELS_PER_CLASS", "help": "Labels per leaf class (on average) below which the labeling order covers the embedding space (typical images of unlabelled clusters) before following the model's uncertainty."})
+    cold_start_per_class: float = field(default=10.0, metadata={"env": "COLD_START_LABELS_PER_CLASS", "help": "Labels per leaf class (on average) below which the labeling order covers the embedding space (typical images of unlabelled clusters) before following the model's uncertainty (10: chosen with bench/labeling_session.py on validation seeds, where covering longer beat switching at 2 or 5)."})
     label_next_tab_tasks: int = field(default=100, metadata={"env": "LABEL_NEXT_TAB_TASKS", "help": "Tasks of the \"taxomoco: label next\" Data Manager tab (the head of the labeling order); 0 = no tab."})
+    propagation: bool = field(default=True, metadata={"env": "PROPAGATION", "help": "Before the heads can train (from the first label until MIN_LABELS_TO_TRAIN labels of 2 top-level classes): spread the labels over the kNN graph of the embeddings and serve every task's propagated path as a prediction (version propagation-<labels>-<UTC stamp>-<hash>) in /predict and, with PRELABEL, written into Label Studio and ranking the labeling order; off: no predictions before the first model."})
     train_on_prediction_copies: bool = field(default=False, metadata={"env": "TRAIN_ON_PREDICTION_COPIES", "help": "Train on annotations that merely copy a prediction (\"Create annotations from predictions\", or a pre-annotation submitted unchanged within a second of opening the task); off: they are left out and counted in /job_status (counts.prediction_copies)."})
 
     # --- consensus (disagreements) ----------------------------------------------------------------------
     min_annotators: int = field(default=1, metadata={"env": "CONSENSUS_MIN_ANNOTATORS", "help": "Annotators a task needs before its consensus label is trained on."})
     min_agreement: float = field(default=0.0, metadata={"env": "CONSENSUS_MIN_AGREEMENT", "help": "Fraction of annotators agreeing needed to train on a task."})
     post_flags_to_label_studio: bool = field(default=True, metadata={"env": "POST_FLAGS_TO_LABEL_STUDIO", "help": "Show disagreement flags in Label Studio: Data Manager tabs per flag kind (every edition) and task comments where the edition has a comment API."})
+    label_error_neighbours: bool = field(default=True, metadata={"env": "LABEL_ERROR_NEIGHBOURS", "help": "Label-error flags also weigh the neighbours' verdict: each trained task's label distribution propagated over the kNN graph of the embeddings from the other folds' labels (its own removed); a given label they contradict scores higher, one they confirm lower (bench/disagreements.py --propagation: label-error R-precision and AUROC up on validation and test seeds)."})
     near_duplicate_threshold: float = field(default=NEAR_DUPLICATE_THRESHOLD, metadata={"env": "NEAR_DUPLICATE_THRESHOLD", "help": "Cosine similarity of two images' embeddings from which they count as near-duplicates (calibrated on animal-mnist, see docs/design.md); 1 = byte-identical images only."})
 
     # --- queue ----------------------------------------------------------------------------------------
@@ -181,12 +187,17 @@ class Settings:
             raise ConfigError(f"TASKS_FULL_PULL_EVERY_S={self.tasks_full_pull_every_s} must be >= 0 (0 = always read "
                               "every task).")
         parse_candidates(self.model_candidates)
+        if self.propagation_choice not in {r.value for r in ChoiceRule}:
+            raise ConfigError(f"PROPAGATION_CHOICE={self.propagation_choice!r}: use one of "
+                              f"{', '.join(r.value for r in ChoiceRule)}.")
+        if self.model_choice not in {r.value for r in GainRule}:
+            raise ConfigError(f"MODEL_CHOICE={self.model_choice!r}: use one of {', '.join(r.value for r in GainRule)}.")
         if self.cv_folds < 2:
             raise ConfigError(f"CV_FOLDS={self.cv_folds} must be at least 2; 3 keeps a training fast, 5 scores more "
                               "steadily.")
         if not 0.0 <= self.calibration_reuse_fraction < 1.0:
             raise ConfigError(f"CALIBRATION_REUSE_FRACTION={self.calibration_reuse_fraction} must lie in [0, 1); "
-                              "0.02 reuses the calibration for changes of up to 2 % of the labels, 0 never.")
+                              "0.1 reuses the calibration for changes of up to 10 % of the labels, 0 never.")
         if not 1 <= self.prelabel_chunk <= 500:
             raise ConfigError(f"PRELABEL_CHUNK={self.prelabel_chunk} must lie in 1..500 (Label Studio imports at most "
                               "500 predictions in one transaction).")

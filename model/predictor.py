@@ -25,8 +25,9 @@ from model.arrays import BoolArray, FloatArray
 from model.bundle import ModelBundle
 from model.encoder.cache import EmbeddingCache, embed_through_cache
 from model.features.extractor import ENCODER_FEATURES, Extractor, FeatureKind, features_kind, make_extractor
-from model.heads.decode import PathPrediction, decode
+from model.heads.decode import PathPrediction, decode, full_path_log_probs
 from model.images import check_image_header, load_image
+from model.propagation import path_predictions
 
 __all__ = ["Encoded", "Predictor"]
 
@@ -78,6 +79,31 @@ class Predictor:
         with self._heads_lock, torch.inference_mode():
             return [t.float() for t in self.heads(torch.from_numpy(np.ascontiguousarray(emb)))]
 
+    def decode_rows(self, logits: Sequence[torch.Tensor], hashes: Sequence[str | None], leafs_only: bool = True,
+                    prefix_threshold: float = 0.5) -> tuple[list[PathPrediction], FloatArray]:
+        """Served predictions and top full-path probabilities ``(N,)`` of rows with head ``logits`` (L x ``(N, K_k)``).
+
+        A version chosen as label propagation or its blend (``bundle.propagated``) serves, for an image in its
+        propagated table (by content hash), the propagated or blended path distribution; every other image gets the
+        heads' calibrated decoding.
+        """
+        preds = decode(logits, self.taxonomy, leafs_only=leafs_only, prefix_threshold=prefix_threshold,
+                       temperature=self.temperature)
+        full = np.exp(full_path_log_probs(logits, self.taxonomy, self.temperature))  # (N, P_full)
+        table = self.bundle.propagated
+        if table is None:
+            return preds, full.max(axis=1) if full.shape[1] else np.zeros(len(full))
+        served = table.served(full, hashes)
+        leaf_paths = self.taxonomy.candidate_paths(leafs_only=True)[0]
+        override = [i for i, h in enumerate(hashes) if h and h in table]
+        if override:
+            decoded = path_predictions(served[override], np.ones(len(override), dtype=bool), leaf_paths, leafs_only,
+                                       prefix_threshold)
+            for i, pred in zip(override, decoded):
+                if pred is not None:
+                    preds[i] = pred
+        return preds, served.max(axis=1) if served.shape[1] else np.zeros(len(served))
+
     def predict(
         self,
         images: Sequence[Image.Image | None],
@@ -104,13 +130,8 @@ class Predictor:
         if not index:
             return results
         emb = emb[ok]
-        preds = decode(
-            self.level_logits(emb),
-            self.taxonomy,
-            leafs_only=leafs_only,
-            prefix_threshold=prefix_threshold,
-            temperature=self.temperature,
-        )
+        keys = [hashes[i] if hashes is not None else None for i in index]
+        preds, _ = self.decode_rows(self.level_logits(emb), keys, leafs_only, prefix_threshold)
         for i, pred in zip(index, preds):
             results[i] = pred
         return results
@@ -164,8 +185,8 @@ class Predictor:
             self._embed_batch(items, batch, emb, ok, errors, max_pixels)
         rows = np.flatnonzero(ok)
         if len(rows):
-            preds = decode(self.level_logits(emb[rows]), self.taxonomy, leafs_only=leafs_only,
-                           prefix_threshold=prefix_threshold, temperature=self.temperature)
+            keys = [items[i][1] for i in rows.tolist()]
+            preds, _ = self.decode_rows(self.level_logits(emb[rows]), keys, leafs_only, prefix_threshold)
             for i, pred in zip(rows.tolist(), preds):
                 results[i] = pred
         return results, errors

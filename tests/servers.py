@@ -188,6 +188,126 @@ class RedisServer:
 
 
 # --------------------------------------------------------------------------------------------------------
+# PostgreSQL (a database for Label Studio)
+# --------------------------------------------------------------------------------------------------------
+
+POSTGRES_INSTALL_HINT = ("sudo apt-get install -y postgresql   (Debian's package puts initdb and postgres in "
+                         "/usr/lib/postgresql/<major>/bin; or point TAXOMOCO_TEST_POSTGRES_BIN at such a directory)")
+
+
+def postgres_bin_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The directory holding ``initdb`` and ``postgres``: ``$TAXOMOCO_TEST_POSTGRES_BIN``, else the newest
+    ``/usr/lib/postgresql/<major>/bin`` (Debian's layout), else the directory of ``initdb`` on the PATH.
+
+    Raises:
+        ServerStartError: none found, with the command that installs PostgreSQL.
+    """
+    env = os.environ if env is None else env
+    candidates = [Path(env["TAXOMOCO_TEST_POSTGRES_BIN"])] if env.get("TAXOMOCO_TEST_POSTGRES_BIN") else []
+    debian = Path("/usr/lib/postgresql")
+    if debian.is_dir():
+        majors = [p for p in debian.iterdir() if p.name.isdigit()]
+        candidates += [p / "bin" for p in sorted(majors, key=lambda p: int(p.name), reverse=True)]
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(Path(on_path).parent)
+    for directory in candidates:
+        if (directory / "initdb").is_file() and (directory / "postgres").is_file():
+            return directory
+    raise ServerStartError(f"PostgreSQL (initdb, postgres) is not installed; install it with: {POSTGRES_INSTALL_HINT}")
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster: ``initdb`` in a fresh directory, ``postgres`` on a free port of
+    127.0.0.1 (no Unix socket), trust authentication for its one superuser, one empty database.
+
+    PostgreSQL refuses to run as root: when this process is root, the cluster's directory belongs to the
+    unprivileged ``postgres`` user (Debian's package creates it; else set ``run_as``) and ``initdb`` and
+    ``postgres`` run as that user (``subprocess``'s ``user=``). The directory is a new one under the system's
+    temporary directory (a test's ``tmp_path`` is private to root) and is removed by :meth:`stop`.
+
+    Args:
+        bin_dir: where ``initdb`` and ``postgres`` are (default :func:`postgres_bin_dir`).
+        database: the database created for the client.
+        user: the superuser's name (any password is accepted: trust authentication on loopback).
+        run_as: the user the server runs as when this process is root.
+    """
+
+    def __init__(self, bin_dir: Path | None = None, database: str = "labelstudio", user: str = "taxomoco",
+                 run_as: str = "postgres") -> None:
+        self.bin_dir = bin_dir or postgres_bin_dir()
+        self.database = database
+        self.user = user
+        self.run_as = run_as if os.geteuid() == 0 else None
+        self.port = free_port()
+        self.workdir: Path | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        assert self.workdir is not None, "start() the server first"
+        return self.workdir / "postgres.log"
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """``initdb``, start ``postgres`` and create the database; waits until the database accepts connections.
+
+        Raises:
+            ServerStartError: a step failed or the server did not answer, with the log's tail.
+        """
+        import tempfile
+
+        self.workdir = Path(tempfile.mkdtemp(prefix="taxomoco-postgres-"))
+        if self.run_as:
+            shutil.chown(self.workdir, user=self.run_as)
+        data = self.workdir / "data"
+        as_user = {"user": self.run_as} if self.run_as else {}
+        init = subprocess.run([str(self.bin_dir / "initdb"), "-D", str(data), "-U", self.user, "--auth=trust",
+                               "-E", "UTF8", "--locale=C", "--no-instructions"], capture_output=True, text=True,
+                              cwd=self.workdir, **as_user)
+        if init.returncode != 0:
+            raise ServerStartError(f"initdb failed ({init.returncode}): {init.stdout[-2000:]}{init.stderr[-2000:]}")
+        cmd = [str(self.bin_dir / "postgres"), "-D", str(data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+               "-c", "unix_socket_directories="]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                         start_new_session=True, **as_user)
+        ready = [str(self.bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user]
+
+        def accepting() -> bool:
+            return subprocess.run(ready, capture_output=True).returncode == 0
+
+        if not wait_until(lambda: accepting() or self.proc.poll() is not None, timeout_s, 0.3) or not accepting():
+            message = (f"postgres on port {self.port} did not accept connections within {timeout_s}s; "
+                       f"log:\n{log_tail(self.log_path)}")
+            self.stop()
+            raise ServerStartError(message)
+        made = subprocess.run([str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                               self.user, self.database], capture_output=True, text=True)
+        if made.returncode != 0:
+            self.stop()
+            raise ServerStartError(f"createdb {self.database} failed: {made.stderr[-2000:]}")
+
+    def label_studio_env(self) -> dict[str, str]:
+        """The environment that makes Label Studio 1.23 use this database (``core/settings/base.py``)."""
+        return {"DJANGO_DB": "default", "POSTGRE_NAME": self.database, "POSTGRE_USER": self.user,
+                "POSTGRE_PASSWORD": "unused-trust-authentication", "POSTGRE_HOST": "127.0.0.1",
+                "POSTGRE_PORT": str(self.port)}
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT: clients are disconnected), then remove the cluster's directory."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                stop_process(self.proc)
+        self.proc = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+# --------------------------------------------------------------------------------------------------------
 # Label Studio
 # --------------------------------------------------------------------------------------------------------
 
@@ -234,15 +354,18 @@ class LabelStudioServer:
     Args:
         workdir: directory for the SQLite database, uploads, local files and the server log.
         binary: the ``label-studio`` executable.
+        env: Label Studio settings applied over the clean environment (e.g. its feature flags, or
+            :meth:`PostgresServer.label_studio_env` to run it on PostgreSQL instead of SQLite).
     """
 
     ADMIN_EMAIL = "admin@taxomoco.test"
     ADMIN_PASSWORD = "admin-pass-1234"
     ADMIN_TOKEN = "taxomoco-test-admin-token-0001"
 
-    def __init__(self, workdir: Path, binary: Path) -> None:
+    def __init__(self, workdir: Path, binary: Path, env: Mapping[str, str] | None = None) -> None:
         self.workdir = workdir
         self.binary = binary
+        self.extra_env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = workdir / "data"
@@ -274,7 +397,13 @@ class LabelStudioServer:
             "SECRET_KEY": "taxomoco-test-secret-key-not-for-production",
             "HOME": str(self.workdir),
         })
+        env.update(self.extra_env)
         return env
+
+    @property
+    def uses_sqlite(self) -> bool:
+        """Whether the server keeps its data in SQLite (Label Studio's default; else ``env`` chose a DJANGO_DB)."""
+        return self.extra_env.get("DJANGO_DB", "sqlite") == "sqlite"
 
     def start(self, timeout_s: float = 240.0) -> None:
         """Start the server and wait until ``/health/`` answers (first start migrates: ~30-40 s).
@@ -285,7 +414,8 @@ class LabelStudioServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.files_root.mkdir(parents=True, exist_ok=True)
         template = self.template_path()
-        from_template = template.is_file() and not self.database.exists()
+        # the SQLite template only: on PostgreSQL the first start migrates its empty database
+        from_template = self.uses_sqlite and template.is_file() and not self.database.exists()
         if from_template:
             shutil.copyfile(template, self.database)
         cmd = [str(self.binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port)]
@@ -299,7 +429,7 @@ class LabelStudioServer:
                 f"Label Studio ({self.binary}) did not answer {self.url}/health/ within {timeout_s}s "
                 f"(exit code {self.proc.returncode if self.proc else None}); log {self.log_path}:\n{log_tail(self.log_path)}"
             )
-        if not from_template:
+        if self.uses_sqlite and not from_template:
             self._save_template(template)
 
     @property
@@ -406,12 +536,19 @@ class LabelStudioServer:
         return int(self.api("POST", "/api/projects", json=body).json()["id"])
 
     def import_images(self, project_id: int, images: Mapping[str, bytes]) -> list[int]:
-        """Upload image files (name -> bytes); one task per file. Returns the new task ids in order."""
-        files = [(f"file{i}", (name, data, "application/octet-stream")) for i, (name, data) in enumerate(images.items())]
-        answer = self.api("POST", f"/api/projects/{project_id}/import", files=files,
-                          params={"return_task_ids": "true"}).json()
-        assert answer["task_count"] == len(images), answer
-        return [int(t) for t in answer["task_ids"]]
+        """Upload image files (name -> bytes); one task per file. Returns the new task ids in order.
+
+        Label Studio takes at most 100 files per upload: more are sent in uploads of 100."""
+        items = list(images.items())
+        ids: list[int] = []
+        for start in range(0, len(items), 100):
+            part = items[start:start + 100]
+            files = [(f"file{i}", (name, data, "application/octet-stream")) for i, (name, data) in enumerate(part)]
+            answer = self.api("POST", f"/api/projects/{project_id}/import", files=files,
+                              params={"return_task_ids": "true"}).json()
+            assert answer["task_count"] == len(part), answer
+            ids += [int(t) for t in answer["task_ids"]]
+        return ids
 
     def import_tasks(self, project_id: int, tasks: list[dict]) -> list[int]:
         """Import task dicts (``{"image": url}`` or ``{"data": {...}}``). Returns the new task ids."""
@@ -425,9 +562,13 @@ class LabelStudioServer:
         token = (user or self.admin).token
         return int(self.api("POST", f"/api/tasks/{task_id}/annotations/", token=token, json=body).json()["id"])
 
-    def connect_backend(self, project_id: int, url: str, title: str = "taxomoco", **fields) -> dict:
-        """Connect an ML backend to the project (``POST /api/ml``); returns Label Studio's record of it."""
+    def connect_backend(self, project_id: int, url: str, title: str = "taxomoco",
+                        auth: tuple[str, str] | None = None, **fields) -> dict:
+        """Connect an ML backend to the project (``POST /api/ml``), with HTTP Basic ``auth`` (user, password) when
+        given; returns Label Studio's record of it."""
         body = {"project": project_id, "url": url, "title": title, **fields}
+        if auth is not None:
+            body.update(auth_method="BASIC_AUTH", basic_auth_user=auth[0], basic_auth_pass=auth[1])
         return self.api("POST", "/api/ml", json=body).json()
 
     def task(self, task_id: int, token: str | None = None) -> dict:

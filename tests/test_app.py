@@ -234,6 +234,30 @@ def test_setup_reports_untrained_then_live_version_and_remembers_connection(env)
     assert post(client, "/setup", setup_body()).get_json() == {"model_version": "v1"}
 
 
+def test_before_a_model_setup_and_predict_serve_the_live_propagation_version(env):
+    from ml_backend.training.propagation import Propagated, save_propagated
+
+    client, models, settings, _ = env
+    connect(client)
+    version = "propagation-2-20260101T000000-abcdef"
+    save_propagated(settings.project(7), Propagated(version, 2, "enc", "abcdef" * 10, True, "2026-01-01T00:00:00",
+                                                    [("Animal", "Cat"), ("Plant",)], {11: (0, 0.75, 0.75),
+                                                                                     12: (1, 0.6, 0.6)}))
+    assert wait_until(lambda: post(client, "/setup", setup_body()).get_json() == {"model_version": version}, 5)
+    tasks = [{"id": 11, "data": {"image": "red.png"}}, {"id": 13, "data": {"image": "red.png"}},
+             {"id": 12, "data": {"image": "green.png"}}]
+    body = post(client, "/predict", {"tasks": tasks, "project": "7.1712345678", "label_config": CONFIG}).get_json()
+    assert body["model_version"] == version and len(body["results"]) == 3  # one item per task, in order
+    first, missing, plant = body["results"]
+    assert first["result"][0]["value"]["taxonomy"] == [["Animal", "Cat"]] and first["score"] == 0.75
+    assert missing == {"result": [], "score": 0.0, "model_version": version}  # a task the version does not hold
+    assert plant["result"][0]["value"]["taxonomy"] == [["Plant"]] and plant["model_version"] == version
+    models.publish(7, "v1")  # the heads trained: the model takes over
+    assert wait_until(lambda: post(client, "/setup", setup_body()).get_json() == {"model_version": "v1"}, 5)
+    body = post(client, "/predict", {"tasks": tasks[:1], "project": 7, "label_config": CONFIG}).get_json()
+    assert body["model_version"] == "v1"
+
+
 def test_setup_rejects_unservable_config_and_bad_bodies(env):
     client = env[0]
     bad = CONFIG.replace('toName="image"', 'toName="picture"')
@@ -371,15 +395,22 @@ def test_choices_config_gets_choices_items(env):
 
 
 def test_webhook_filters_events_and_schedules(env):
-    client, _, _, scheduler = env
+    client, models, _, scheduler = env
     connect(client)
     connect(client, pid=9)
     r = post(client, "/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 7}, "annotation": {"id": 1}})
-    assert r.status_code == 200 and r.get_json()["action"] in ("queued", "follow-up")
+    # connecting scheduled the project's first job (http/first_job), which may still wait in line
+    assert r.status_code == 200 and r.get_json()["action"] in ("queued", "follow-up", "coalesced")
     r = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 7}})
     assert r.get_json()["action"] in ("coalesced", "follow-up", "queued")
     r = post(client, "/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}], "task": {"project": 9}})
     assert r.status_code == 200 and r.get_json()["project_id"] == 9
+    # new tasks schedule a run only while the project has no model (its cold-start work covers them)
+    r = post(client, "/webhook", {"action": "TASKS_CREATED", "project": {"id": 9}, "tasks": [{"id": 5}]})
+    assert r.status_code == 200 and r.get_json()["status"] == "ok" and r.get_json()["project_id"] == 9
+    models.publish(9, "v1")
+    r = post(client, "/webhook", {"action": "TASKS_CREATED", "project": {"id": 9}, "tasks": [{"id": 6}]})
+    assert r.get_json()["status"] == "ignored" and "model version" in r.get_json()["reason"]
     r = post(client, "/webhook", {"action": "PROJECT_UPDATED", "project": {"id": 7}})
     assert r.get_json() == {"status": "ignored", "action": "PROJECT_UPDATED"}
     assert post(client, "/webhook", {"action": "SOMETHING_NEW"}).get_json()["status"] == "ignored"

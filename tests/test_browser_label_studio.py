@@ -41,10 +41,11 @@ def _binary(env: str, *names: str) -> str:
 
 @pytest.fixture(scope="module")
 def project(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """21 images, 9 labelled (3 per leaf: past the cold start), trained and pre-annotated by the connected backend."""
+    """21 images, 9 labelled (3 per leaf: past a cold start of 2 per leaf), trained and pre-annotated by the connected backend."""
     backend = BackendServer(tmp_path_factory.mktemp("browser-backend"), env={
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.admin.token,
-        "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]})
+        "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1],
+        "COLD_START_LABELS_PER_CLASS": "2"})  # 3 labels per leaf: past the cold start
     backend.start()
     try:
         pid = label_studio.create_project(WARM_COLD_CONFIG, title="taxomoco in a browser")
@@ -53,16 +54,17 @@ def project(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFa
                                                for i in range(21)})
         for i, tid in enumerate(ids[:9]):
             label_studio.annotate(tid, _result(list(WARM_COLD_COLOURS)[i % 3]))
-        label_studio.connect_backend(pid, backend.url, auth_method="BASIC_AUTH", basic_auth_user=AUTH[0],
-                                     basic_auth_pass=AUTH[1])
+        label_studio.connect_backend(pid, backend.url, auth=AUTH)
         http = requests.Session()
         http.auth = AUTH
         assert http.post(f"{backend.url}/train", json={"project": pid}, timeout=10).status_code == 200
         status: dict = {}
 
-        def prelabelled() -> bool:
+        def prelabelled() -> bool:  # connecting started a job too (/setup): wait until both are over
             status.update(http.post(f"{backend.url}/job_status", json={"project": pid}, timeout=10).json())
-            return (status.get("prelabel") or {}).get("state") == "done"
+            prelabel, success = status.get("prelabel") or {}, status.get("last_success") or {}
+            idle = not status.get("queued") and not status.get("running")
+            return idle and prelabel.get("state") == "done" and prelabel.get("version") == success.get("version")
 
         assert wait_until(prelabelled, 300, 2.0), f"{status}\n{backend.log()[-4000:]}"
         queue = http.get(f"{backend.url}/queue", params={"project": pid, "limit": 100}, timeout=10).json()

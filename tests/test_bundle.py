@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import model.bundle as bundle_mod
+import model.bundle.writer as bundle_mod
 from model.bundle import (
     ENCODERS,
     HEADS,
@@ -87,7 +87,7 @@ def test_crash_while_publishing_keeps_the_live_version(tmp_path: Path, backbone_
         raise OSError("disk died")
 
     with monkeypatch.context() as mp:  # crash before the version directory is renamed into place
-        mp.setattr(bundle_mod.os, "rename", boom)
+        mp.setattr(os, "rename", boom)
         with pytest.raises(OSError, match="disk died"):
             do_publish(tmp_path, backbone_state, small_heads(1))
     assert live_version(tmp_path) == first.version and list_versions(tmp_path) == [first.version]
@@ -100,7 +100,7 @@ def test_crash_while_publishing_keeps_the_live_version(tmp_path: Path, backbone_
     assert load_live(tmp_path).manifest.version == first.version
 
     with monkeypatch.context() as mp:  # crash when switching the pointer: the new version exists, LIVE is old
-        mp.setattr(bundle_mod.os, "replace", boom)
+        mp.setattr(os, "replace", boom)
         with pytest.raises(OSError):
             do_publish(tmp_path, backbone_state, small_heads(3))
     assert live_version(tmp_path) == first.version and len(list_versions(tmp_path)) == 2

@@ -40,3 +40,29 @@ def test_reuse_only_for_the_same_encoder_and_small_changes(tmp_path: Path) -> No
     assert not decide_reuse(record, "enc2", label_digests(PAIRS), 0.02).reuse  # a new encoder
     assert not decide_reuse(None, "enc1", label_digests(PAIRS), 0.02).reuse
     assert not decide_reuse(record, "enc1", label_digests(PAIRS), 0.0).reuse  # switched off
+
+
+def test_the_model_choice_stands_until_the_labels_grow_by_half() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ml_backend.training.calibration import CalibrationRecord
+    from ml_backend.training.fit import RESELECT_GROWTH, _kept_candidate
+    from model.heads.candidates import CANDIDATES, FeatureSource, parse_candidates
+
+    assert RESELECT_GROWTH == 1.5
+    record = CalibrationRecord(1.2, {"model_choice": {"chosen": "pixels+linear", "n_labelled": 100}}, "enc1", "v1", 120,
+                               candidate="pixels+linear")
+    enc = SimpleNamespace(version="enc1")
+    enabled = parse_candidates(["pixels+linear", "encoder+mlp"])
+    features = {FeatureSource.PIXELS: np.zeros((1, 2)), FeatureSource.ENCODER: np.zeros((1, 2))}
+    assert _kept_candidate(record, enc, enabled, features, 149) is CANDIDATES["pixels+linear"]
+    assert _kept_candidate(record, enc, enabled, features, 150) is None  # compare again
+    assert _kept_candidate(record, SimpleNamespace(version="enc2"), enabled, features, 120) is None
+    assert _kept_candidate(record, enc, parse_candidates(["encoder+mlp"]), features, 120) is None
+    assert _kept_candidate(None, enc, enabled, features, 120) is None
+    older = CalibrationRecord(1.2, {"model_choice": {"chosen": "pixels+linear"}}, "enc1", "v1", 120,
+                              candidate="pixels+linear")  # a record from before the choice carried its size
+    assert _kept_candidate(older, enc, enabled, features, 179) is not None
+    assert _kept_candidate(older, enc, enabled, features, 180) is None

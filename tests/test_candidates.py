@@ -153,6 +153,27 @@ def test_folds_are_stratified_by_path_and_a_single_label_class_is_fine() -> None
     assert len(selection.cv.oof_predictions) == len(paths) and 0.05 <= selection.cv.temperature <= 20
 
 
+def test_duplicate_images_share_a_fold_and_do_not_inflate_the_score() -> None:
+    """Thirty distinct images, each imported three times, with labels unrelated to the image: a model that memorises
+    scores well when a copy of the held-out image sits in the training folds; grouped folds keep it honest."""
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(30, 16)).astype(np.float32)
+    paths = [LEAVES[i % 4] for i in rng.permutation(30)]  # label independent of the image
+    rows = np.repeat(np.arange(30), 3)  # (90,) each image three times
+    emb = distinct[rows] + rng.normal(size=(90, 16)).astype(np.float32) * 0.01
+    targets = TAX.encode_many([paths[r] for r in rows])
+    fold_of = path_folds(targets, 3, groups=rows)
+    assert all(len(set(fold_of[rows == g].tolist())) == 1 for g in range(30))
+    assert sorted(np.bincount(fold_of, minlength=3).tolist()) == [30, 30, 30]
+    mlp = parse_candidates(["encoder+mlp"])
+    leaky = select({FeatureSource.ENCODER: emb}, mlp, targets, TAX, folds=3)
+    honest = select({FeatureSource.ENCODER: emb}, mlp, targets, TAX, folds=3, groups=rows)
+    assert leaky.scores["encoder+mlp"].path_accuracy > 0.8  # a copy of each held-out image was trained on
+    assert honest.scores["encoder+mlp"].path_accuracy < 0.5  # chance is 0.25
+    single = path_folds(targets[:3], 3, groups=np.zeros(3, dtype=np.int64))  # one group: rows dealt one by one
+    assert sorted(single.tolist()) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("fit_heads", [prototype_heads, logistic_heads])
 def test_linear_heads_never_predict_a_class_without_labels(fit_heads) -> None:
     rng = np.random.default_rng(0)

@@ -7,8 +7,9 @@ import pytest
 
 from model.crowd.consensus import consensus
 from model.crowd.dawid_skene import CrowdConfig, Observations, fit_crowd
+from model.crowd.report import result_to_json
 from model.crowd.types import Annotation, ConsensusPolicy, Source
-from model.errors import ConfigError, TaxonomyError
+from model.errors import ConfigError, DataError, TaxonomyError
 from model.taxonomy import Taxonomy
 
 TREE = Taxonomy.from_nested({"A": ["a1", "a2"], "B": ["b1", "b2"], "C": None})  # ragged: C is a leaf at level 0
@@ -205,7 +206,8 @@ def test_model_probabilities_help_and_flag_a_contradicted_single_label() -> None
     flags = [f for f in res.flags if f.kind.value == "label_error_candidate"]
     assert [(f.item, f.annotator, f.level) for f in flags] == [(0, "u1", 0)]
     assert flags[0].given == (("B", "b2"),) and flags[0].suggested == truth[0]
-    assert 0 in res.excluded and "model" in res.excluded[0]
+    # the consensus no annotator gave stays out of training: one annotator against the model is no certainty
+    assert 0 in res.excluded and res.items[0].quality < ConsensusPolicy().min_quality
     without = consensus(anns, TREE, ConsensusPolicy())
     assert without.labels[0] == ("B", "b2")  # without the model nothing contradicts it
     assert res.level_fits[0].model_temperature is not None and res.level_fits[0].model_temperature > 0.5
@@ -273,3 +275,68 @@ def test_many_classes_use_the_one_coin_model_without_dense_confusions() -> None:
     assert fit.confusion is None and not fit.full_confusion and fit.posterior.shape == (200, 3000)
     assert all(res.labels[i] == anns[3 * i].paths[0] for i in range(200))
     assert res.annotators["u3"].quality < 0.1 < 0.9 < res.annotators["u1"].quality
+
+
+def _contradicted_single_label() -> tuple[list[Annotation], dict[int, list[np.ndarray]], dict[int, tuple[str, ...]]]:
+    """The set-up above: item 0's only label (B/b2) is wrong and the model gives its true path A/a1."""
+    anns, probs, truth = [], {}, {}
+    for i in range(60):
+        t = LEAVES[i % 4]
+        truth[i] = t
+        code = TREE.encode(t)
+        probs[i] = []
+        for k in range(TREE.depth):
+            p = np.full(TREE.num_classes(k), 0.02)
+            p[code[k]] = 1.0
+            probs[i].append(p / p.sum())
+        anns.append(Annotation(i, "u1", (t,)))
+        if i >= 10:
+            anns.append(Annotation(i, "u2", (t,)))
+    anns[0] = Annotation(0, "u1", (("B", "b2"),))
+    return anns, probs, truth
+
+
+def test_the_neighbours_verdict_scores_label_errors_without_changing_the_consensus() -> None:
+    anns, probs, truth = _contradicted_single_label()
+    leaf_paths = TREE.candidate_paths(leafs_only=True)[0]
+    b2 = leaf_paths.index(("B", "b2"))
+
+    def neighbours(p_given: float) -> dict[int, np.ndarray]:
+        out = {}
+        for i, t in truth.items():
+            v = np.zeros(len(leaf_paths))
+            v[leaf_paths.index(t)] = 1.0
+            out[i] = v
+        out[0] = np.full(len(leaf_paths), (1 - p_given) / (len(leaf_paths) - 1))
+        out[0][b2] = p_given
+        return out
+
+    alone = consensus(anns, TREE, ConsensusPolicy(), level_probs=probs)
+    contradicted = consensus(anns, TREE, ConsensusPolicy(), level_probs=probs, neighbour_probs=neighbours(0.0))
+    confirmed = consensus(anns, TREE, ConsensusPolicy(), level_probs=probs, neighbour_probs=neighbours(1.0))
+    assert contradicted.labels == alone.labels == confirmed.labels and contradicted.excluded == alone.excluded
+    given = {r: next(g for g in res.items[0].given) for r, res in
+             (("alone", alone), ("contradicted", contradicted), ("confirmed", confirmed))}
+    assert given["alone"].neighbour_prob is None and given["alone"].error_score == pytest.approx(1 - given["alone"].quality)
+    assert given["contradicted"].neighbour_prob == pytest.approx(0.0)
+    assert given["contradicted"].error_score == pytest.approx(1 - given["alone"].quality / 2)
+
+    def error_flags(res):
+        return [f for f in res.flags if f.kind.value == "label_error_candidate"]
+
+    assert [f.item for f in error_flags(contradicted)] == [0] and "its neighbours 0.00" in error_flags(contradicted)[0].message
+    assert error_flags(contradicted)[0].score > error_flags(alone)[0].score
+    assert error_flags(confirmed) == []  # neighbours that agree with the label outweigh the doubt of the crowd
+    report = result_to_json(contradicted)
+    assert next(i for i in report["items"] if i["item"] == 0)["given"][0]["neighbour_prob"] == 0.0
+
+
+def test_neighbour_probs_count_a_prefix_label_s_leaves_and_must_match_the_leaves() -> None:
+    from model.crowd.neighbours import path_mass
+
+    leaf_paths = TREE.candidate_paths(leafs_only=True)[0]
+    p = np.array([0.1, 0.2, 0.3, 0.15, 0.25])
+    assert path_mass(p, leaf_paths, ("A",)) == pytest.approx(sum(p[j] for j, leaf in enumerate(leaf_paths) if leaf[0] == "A"))
+    anns = [Annotation(1, "u1", (("C",),))]
+    with pytest.raises(DataError, match="leaves"):
+        consensus(anns, TREE, ConsensusPolicy(), neighbour_probs={1: np.ones(3)})

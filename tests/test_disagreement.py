@@ -94,6 +94,7 @@ def test_to_json_is_plain_json_with_summary_review_and_items() -> None:
     assert data["summary"]["items"] == 30 and data["summary"]["trained"] == len(res.labels)
     assert data["summary"]["flags"]["annotators_disagree"] >= 2 and data["summary"]["used_model"] is True
     assert data["policy"]["policy"]["min_quality"] == 0.6
+    assert len(data["summary"]["quality_blend"]) == TREE.depth and all(0 <= b <= 1 for b in data["summary"]["quality_blend"])
     item0 = next(i for i in data["items"] if i["item"] == 0)
     assert item0["first_divergence"] == 0 and item0["pairwise_agreement"][0] == 0.0
     assert {g["annotator"] for g in item0["given"]} == {"u1", "u2", "u3"}
@@ -167,6 +168,7 @@ def test_csv_and_html_files(tmp_path: Path) -> None:
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 1 and "http://ls/projects/9/data?task=0" in text
     assert "<script>x" not in text and "&lt;script&gt;" in text
+    assert "held-out labels (level 0: " in text
 
 
 def test_comment_markers_round_trip() -> None:

@@ -136,7 +136,8 @@ class Stack:
 
         Done when the backend is idle (nothing queued or running: the webhooks of a burst of annotations
         may start a run before the last one arrives, then one more) and Label Studio's ``GET /api/ml/<id>``
-        (which calls /setup) reports a version other than ``old``. A failed training fails the wait.
+        (which calls /setup) reports a model version other than ``old`` (not a propagation version). A failed
+        training fails the wait.
         """
         failed_before = self.job_status().get("counts", {}).get("failed", 0)
         seen: dict = {}
@@ -150,7 +151,8 @@ class Stack:
             if status.get("counts", {}).get("failed", 0) > failed_before:
                 return True
             seen["version"] = self.ml_state().get("model_version")
-            return seen["version"] not in (None, "", old)
+            # a propagation version serves before the heads train (1-3 labels); wait for the model
+            return seen["version"] not in (None, "", old) and not str(seen["version"]).startswith("propagation-")
 
         time.sleep(2.0)  # let the last webhook arrive
         wait_until(done, TRAINING_TIMEOUT_S, interval_s=3.0)
@@ -192,16 +194,16 @@ def test_connecting_the_backend_reports_the_untrained_version(stack: Stack) -> N
     # nothing to predict with yet: Label Studio stores no prediction
     stack.retrieve_predictions(stack.good[:3])
     assert all(stack.predictions()[t] == [] for t in stack.good[:3])
-    # with Basic auth on, the backend replaces Label Studio's header-less webhook by one that sends the header
+    # with Basic auth on, the backend replaces Label Studio's header-less webhook by one that sends the header, by
+    # itself: the first /setup came before Label Studio saved the connection, and no later /setup is needed
     header = "Basic " + base64.b64encode(f"{AUTH[0]}:{AUTH[1]}".encode()).decode()
 
     def webhook_is_ours() -> bool:
-        stack.ml_state()  # Label Studio calls /setup on every read of the model connection
         hooks = [h for h in stack.ls.api("GET", "/api/webhooks/", params={"project": stack.pid}).json()
                  if h["url"].startswith(stack.backend.url)]
         return len(hooks) == 1 and (hooks[0].get("headers") or {}).get("Authorization") == header
 
-    assert wait_until(webhook_is_ours, 90, interval_s=3.0)
+    assert wait_until(webhook_is_ours, 45, interval_s=1.0), stack.backend.log()[-3000:]
 
 
 def test_annotations_from_several_users_train_a_model(stack: Stack) -> None:
@@ -375,7 +377,8 @@ def test_a_failed_training_is_shown_in_label_studio(stack: Stack) -> None:
     ids = ls.import_tasks(pid, [{"image": f"http://images.example.invalid/{i}.png"} for i in range(6)])
     ml = ls.api("POST", "/api/ml", json={"project": pid, "url": stack.backend.url, "title": "taxomoco", **LS_AUTH},
                 expect=(201,)).json()
-    assert ls.api("GET", f"/api/ml/{ml['id']}").json()["model_version"] == "untrained"
+    # Connecting schedules the cold-start job, which may already have failed on these images by now.
+    assert ls.api("GET", f"/api/ml/{ml['id']}").json()["model_version"].startswith("untrained")
     leaves = sorted(LEAVES)
     for i, tid in enumerate(ids[:4]):
         ls.annotate(tid, result((leaves[0], leaves[-1])[i % 2]))  # two top-level classes

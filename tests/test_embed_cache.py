@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from model.encoder.cache import EmbeddingCache
+from model.arrays import BoolArray, FloatArray
+from model.encoder.cache import EmbeddingCache, embed_through_cache
 from model.errors import ConfigError, DataError
-from model.images import content_hash
+from model.features.pixels import PixelFeatures
+from model.images import ImageSource, content_hash
 
 DIM = 8
 
@@ -120,3 +125,47 @@ def test_reader_process_during_writes(tmp_path: Path) -> None:
     proc.join(timeout=30)
     assert problems == "" and seen == total and proc.exitcode == 0
     assert checks > 1  # the reader saw partial states while the writer was appending
+
+
+class _CountingPixels(PixelFeatures):
+    """The real pixel extractor, counting the images it is asked to compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.computed = 0
+
+    def embed_with_mask(self, images: Sequence[ImageSource], progress: bool = False) -> tuple[FloatArray, BoolArray]:
+        self.computed += len(images)
+        return super().embed_with_mask(images, progress)
+
+
+def test_embed_through_cache_computes_each_distinct_image_once(tmp_path: Path) -> None:
+    """Many tasks showing few images (100k tasks over 10k images) cost one forward per distinct image."""
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(buf.getvalue())
+        files.append((str(path), content_hash(buf.getvalue())))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    rows = [files[k % 3] for k in range(12)] + [(str(broken), content_hash(b"not an image"))] * 2
+    images, hashes = [p for p, _ in rows], [h for _, h in rows]
+    extractor = _CountingPixels()
+    cache = EmbeddingCache(tmp_path / "cache", extractor.version, extractor.out_dim)
+    emb, ok = embed_through_cache(extractor, cache, [*images, None], [*hashes, hashes[0]])
+    assert extractor.computed == 4  # 3 images + the unreadable one, once each
+    assert ok.tolist() == [True] * 12 + [False, False, True]  # the hash-only row is answered by its twin
+    alone, _ = PixelFeatures().embed_with_mask([p for p, _ in files])
+    np.testing.assert_array_equal(emb[:12], alone[[k % 3 for k in range(12)]])
+    np.testing.assert_array_equal(emb[14], alone[0])
+    assert np.isnan(emb[12:14]).all() and len(cache) == 3
+    again, ok_again = embed_through_cache(extractor, cache, images, hashes)  # a later run: cache hits only
+    assert extractor.computed == 5 and ok_again.tolist() == ok.tolist()[:14]  # only the unreadable one again
+    np.testing.assert_array_equal(again[:12], emb[:12])
+    plain = _CountingPixels()  # no cache: still one forward per distinct hash
+    no_cache, _ = embed_through_cache(plain, None, images, hashes)
+    assert plain.computed == 4
+    np.testing.assert_array_equal(no_cache[:12], emb[:12])

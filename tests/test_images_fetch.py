@@ -221,3 +221,28 @@ def test_the_index_key_of_a_label_studio_url_carries_its_origin(settings):
     assert fetcher(settings, "http://ls-a:8080").key("/data/upload/1/x.png") == "http://ls-a:8080/data/upload/1/x.png"
     assert fetcher(settings, "http://ls-b:8080").key("/data/upload/1/x.png") != \
         fetcher(settings, "http://ls-a:8080").key("/data/upload/1/x.png")
+
+
+def test_the_training_image_sync_fetches_a_repeated_url_once(server, settings):
+    """Tasks showing the same image URL share one download (and one failure), as the index maps a URL to its hash."""
+    from ml_backend.labelstudio.client import TaskRecord
+    from ml_backend.labelstudio.connections import LSConnection
+    from ml_backend.labelstudio.label_config import parse_label_config
+    from ml_backend.training.images import sync_images
+    from ml_backend.training.pull import ProjectSource
+
+    config = parse_label_config('<View><Image name="image" value="$image"/>'
+                                '<Taxonomy name="t" toName="image"><Choice value="A"/><Choice value="B"/></Taxonomy></View>')
+    urls = [f"{server}/pixel.png"] * 3 + [f"{server}/corrupt.png"] * 2 + [f"{server}/nope.png"]
+    tasks = [TaskRecord(id=i + 1, data={"image": url}, annotations=[], predictions=[], updated_at="")
+             for i, url in enumerate(urls)]
+    source = ProjectSource(LSConnection(server, "secret"), LabelStudioClient(server, "secret"), config, tasks)
+    paths = settings.project(7)
+    SEEN_HEADERS.clear()
+    got = sync_images(settings, paths, source)
+    assert len(SEEN_HEADERS) == 3  # one GET per distinct URL, not one per task
+    assert got.task_ids == [1, 2, 3] and len(set(got.hashes)) == 1
+    assert sorted(got.failed) == [4, 5, 6] and "HTTP 404" in got.failed[6]
+    SEEN_HEADERS.clear()
+    again = sync_images(settings, paths, source)  # stored images are not fetched again; failures are retried once
+    assert again.task_ids == [1, 2, 3] and len(SEEN_HEADERS) == 2

@@ -85,6 +85,22 @@ def test_knn_graph_matches_brute_force_without_self_loops():
     assert (graph.neighbors[sample] == expected).mean() > 0.99
 
 
+def test_knn_graph_extended_after_adding_rows_equals_a_full_pass():
+    base = rows(5000, d=8, seed=3)  # more rows than one search block, old and new
+    index = NeighborIndex.build(keys(4500), base[:4500])
+    before = index.knn(5)
+    index.add(keys(5000)[4500:], base[4500:])
+    extended, full = index.knn(5, previous=before), index.knn(5)
+    assert extended.keys == full.keys
+    assert extended.similarities == pytest.approx(full.similarities, abs=1e-6)  # old rows gained new neighbours
+    assert (extended.neighbors == full.neighbors).mean() > 0.999  # up to the order of exact ties
+    assert index.knn(5, previous=extended).neighbors.tolist() == extended.neighbors.tolist()  # nothing added
+    # a graph of other rows, or of another k, is not trusted
+    other = NeighborIndex.build(keys(4500)[::-1], base[:4500][::-1]).knn(5)
+    assert index.knn(5, previous=other).similarities == pytest.approx(full.similarities, abs=1e-6)
+    assert index.knn(4, previous=before).similarities == pytest.approx(full.similarities[:, :4], abs=1e-6)
+
+
 def test_save_load_round_trip_and_generations(tmp_path):
     base = rows(100)
     index = NeighborIndex.build(keys(100), base, encoder_version="enc1")
@@ -177,6 +193,52 @@ def test_incremental_pairs_equal_a_full_pass():
     full = near_pairs(NeighborIndex.build(keys(300), base), 0.999)
     assert sorted((a, b) for a, b, _ in after) == sorted((a, b) for a, b, _ in full)
     assert {(keys(300)[10], keys(300)[250]), (keys(300)[255], keys(300)[260])} <= {(a, b) for a, b, _ in full}
+
+
+def brute_pairs(base: np.ndarray, threshold: float, start: int = 0) -> set[tuple[int, int]]:
+    """Pairs i < j with cosine >= threshold and j >= start, by numpy in blocks (the reference)."""
+    x = base / np.linalg.norm(base, axis=1, keepdims=True)
+    found = set()
+    for lo in range(0, len(x), 2048):
+        sims = x[lo:lo + 2048] @ x.T  # (B, N)
+        for i, j in zip(*np.nonzero(sims >= threshold)):
+            a, b = lo + int(i), int(j)
+            if a < b and b >= start:
+                found.add((a, b))
+    return found
+
+
+def test_the_cell_pruned_pair_search_finds_exactly_the_pairs_of_a_full_search():
+    """From MIN_PRUNED_ROWS rows the near-duplicate search compares a row only with the k-means cells where the
+    triangle inequality allows a partner; it must still find every pair (incremental ones too), and fall back to
+    the full search where the cells save nothing (a low threshold)."""
+    from model.neighbors import pairs
+
+    n, d = pairs.MIN_PRUNED_ROWS + 800, 32
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(40, d))
+    base = (centers[rng.integers(0, 40, n)] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)  # (N, D)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+
+    def near_copy(rows: np.ndarray) -> np.ndarray:  # at distance 0.035 (cosine 0.99939): some cross a cell border
+        step = rng.normal(size=rows.shape)
+        step -= (step * rows).sum(axis=1, keepdims=True) * rows  # orthogonal to the row
+        moved = rows + 0.035 * step / np.linalg.norm(step, axis=1, keepdims=True)
+        return moved / np.linalg.norm(moved, axis=1, keepdims=True)
+
+    originals = rng.choice(n - 2000, 1000, replace=False)
+    base[n - 800:] = near_copy(base[originals[:800]])  # near copies among the new rows
+    base[originals[800:] + 1] = near_copy(base[originals[800:]])  # and among the old ones
+    index = NeighborIndex.build(keys(n), base)
+    vectors = pairs.flat_vectors(index._index)
+    assert pairs.pruned_pays(n, 0) and pairs._pruned(vectors, 0.999, 0) is not None  # the cells do run here
+    for start in (0, n - 4000):
+        got, sims = index.pairs_above(0.999, start=start)
+        expected = brute_pairs(base, 0.999, start)
+        assert len(expected) >= (700 if start else 900)  # (a few copies overwrote an original)
+        assert {(int(a), int(b)) for a, b in got} == expected and len(got) == len(expected)
+        assert (sims >= 0.999).all() and (got[:, 0] < got[:, 1]).all()
+    assert pairs._pruned(vectors, 0.5, 0) is None  # 2r spans the cells: the full search runs instead
 
 
 def test_a_forked_child_can_search_after_the_parent_did():

@@ -70,6 +70,24 @@ def test_order_covers_first_then_follows_uncertainty_and_puts_unreadable_last() 
     assert order[0].reason is Reason.UNCERTAIN and order[0].score == pytest.approx(least_confidence(top[8:9])[0])
 
 
+def test_uncertain_picks_are_spread_over_the_embedding_space() -> None:
+    """Ten images of blob 0 are the most uncertain, ten of blobs 1 and 2 slightly surer ones, the rest sure: plain
+    least confidence spends a round of 3 on blob 0; the diverse order takes the least confident image of each blob
+    (the 10 x 3 least confident ones are clustered), least confident first."""
+    emb, blob = _blobs()
+    emb = emb[:90]
+    labelled = np.zeros(90, dtype=bool)
+    unsure = np.arange(90) % 30 < 10  # the first ten of each blob
+    top = np.where(unsure, 0.30 + 0.1 * blob[:90], 0.95) + np.arange(90) * 1e-4
+    plain = labeling_order(emb, labelled, top, n_leaves=1, cold_start_per_class=0.0, budget=3, diverse=False)
+    assert blob[[r.index for r in plain[:3]]].tolist() == [0, 0, 0]
+    diverse = labeling_order(emb, labelled, top, n_leaves=1, cold_start_per_class=0.0, budget=3)
+    assert [r.index for r in diverse[:3]] == [0, 30, 60]  # each blob's least confident image
+    assert all(r.reason is Reason.UNCERTAIN for r in diverse)
+    assert [r.score for r in diverse[:3]] == sorted((r.score for r in diverse[:3]), reverse=True)
+    assert sorted(r.index for r in diverse) == list(range(90))  # every image once
+
+
 def test_cold_start_rule() -> None:
     assert is_cold_start(0, 10, has_model=False, cold_start_per_class=0)
     assert is_cold_start(19, 10, has_model=True, cold_start_per_class=2)
@@ -84,6 +102,20 @@ def test_clean_up_policy_keeps_the_live_version_and_the_one_before_and_never_for
     assert versions_to_delete(counts, live, keep=1) == ["20260101T000000-aaaaaa", "20260102T000000-bbbbbb",
                                                         "20260103T000000-cccccc"]
     assert versions_to_delete(counts, live, keep=9) == []
+
+
+def test_clean_up_policy_for_propagation_versions_and_when_the_heads_take_over() -> None:
+    p1, p2, p3 = ("propagation-1-20260101T000000-aaaaaa", "propagation-2-20260101T000100-bbbbbb",
+                  "propagation-3-20260101T000200-cccccc")
+    counts = {p1: 5, p2: 5, p3: 5, "someone-elses-model": 1}
+    assert versions_to_delete(counts, p3, keep=2) == [p1]  # the live one and the one before stay
+    assert versions_to_delete(counts, p3, keep=1) == [p1, p2]
+    assert versions_to_delete(counts, p2, keep=1) == [p1]  # a newer one is never touched
+    heads = "20260102T000000-dddddd"
+    old_heads = "20251231T000000-eeeeee"
+    # once a model version is live every propagation version goes; model versions follow the keep policy
+    assert versions_to_delete({**counts, heads: 5, old_heads: 1}, heads, keep=2) == [p1, p2, p3]
+    assert versions_to_delete({**counts, heads: 5, old_heads: 1}, heads, keep=1) == [p1, p2, p3, old_heads]
 
 
 # ---- against a real Label Studio ---------------------------------------------------------------------------
@@ -123,7 +155,8 @@ def trained(label_studio, tmp_path_factory: pytest.TempPathFactory):
     for i, tid in enumerate(ids[:9]):
         label_studio.annotate(tid, _result(list(WARM_COLD_COLOURS)[i % 3]))
     label_studio.annotate(ids[9], [], was_cancelled=True)  # skipped: no label, still gets a prediction
-    settings = _settings(model_dir, label_studio, prelabel_chunk=4)
+    # 3 labels per leaf: past a cold start that ends at 2 (the default, 10, would keep covering)
+    settings = _settings(model_dir, label_studio, prelabel_chunk=4, cold_start_per_class=2.0)
     jobs.use_settings(settings)
     try:
         result = jobs.train_project(pid, str(model_dir))

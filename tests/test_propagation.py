@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model.neighbors.index import knn_graph
-from model.propagation import level_probs, propagate
+from model.propagation import leaf_probabilities, level_probs, path_predictions, propagate, seed_matrix, spread
 
 
 def _clusters(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -45,3 +45,49 @@ def test_labels_spread_within_their_cluster_and_levels_are_sums_of_leaves() -> N
     seeds[40] = -1
     probs = propagate(*knn_graph(emb, k=5), seeds, n_classes=3)
     assert probs[:40, 2].max() < 0.05 and (probs[:40].argmax(axis=1) == leaf[:40]).all()
+
+
+# ---- serving propagated paths: soft seeds, unreached components, consistent paths --------------------------
+
+LEAVES = [("Warm", "Red"), ("Warm", "Orange"), ("Cold", "Blue")]
+
+
+def test_seed_matrix_spreads_a_prefix_label_over_its_leaves_and_ignores_unknown_paths() -> None:
+    y = seed_matrix(4, {0: [("Warm", "Red")], 1: [("Warm",)], 2: [("Warm", "Red"), ("Cold", "Blue")],
+                        3: [("Nowhere",)]}, LEAVES)
+    assert y.tolist() == [[1, 0, 0], [0.5, 0.5, 0], [1, 0, 1], [0, 0, 0]]
+
+
+def test_a_component_without_labels_gets_no_prediction_and_the_others_consistent_paths() -> None:
+    emb, leaf = _clusters()
+    idx, sim = knn_graph(emb, k=5)
+    seeds = seed_matrix(len(emb), {0: [LEAVES[0]], 20: [LEAVES[1]]}, LEAVES)  # cluster 2 (Cold/Blue) unlabelled
+    probs, reached = leaf_probabilities(spread(idx, sim, seeds))
+    assert reached[:40].all() and not reached[40:].any()  # clusters are separate components of the 5-NN graph
+    preds = path_predictions(probs, reached, LEAVES, leafs_only=True)
+    assert [p.path for p in preds[:40]] == [LEAVES[c] for c in leaf[:40]]
+    assert all(p is None for p in preds[40:])
+    for p, row in zip(preds[:40], probs[:40]):
+        assert p.score == pytest.approx(row.max(), abs=1e-6)
+        assert p.level_scores[0] >= p.level_scores[1] == pytest.approx(p.score)  # a child never beats its parent
+        assert p.level_scores[0] == pytest.approx(row[0] + row[1], abs=1e-6)  # Warm = Red + Orange
+
+
+def test_without_leafs_only_a_path_stops_at_the_deepest_prefix_that_reaches_the_threshold() -> None:
+    probs = np.array([[0.45, 0.40, 0.15], [0.9, 0.05, 0.05], [0.3, 0.3, 0.4]], dtype=np.float32)
+    reached = np.array([True, True, True])
+    preds = path_predictions(probs, reached, LEAVES, leafs_only=False, prefix_threshold=0.5)
+    # row 2: the best leaf (Blue, 0.4) names the path, as model.heads.decode does; Cold reaches only 0.4 < 0.5, and
+    # a path keeps at least its top level
+    assert [p.path for p in preds] == [("Warm",), ("Warm", "Red"), ("Cold",)]
+    assert [p.score for p in preds] == pytest.approx([0.85, 0.9, 0.4])
+    assert path_predictions(probs, reached, LEAVES, leafs_only=False, prefix_threshold=0.2)[0].path == ("Warm", "Red")
+
+
+def test_propagate_keeps_its_hard_label_form() -> None:
+    emb, leaf = _clusters()
+    seeds = np.full(len(emb), -1)
+    seeds[[0, 20, 40]] = [0, 1, 2]
+    soft = seed_matrix(len(emb), {0: [LEAVES[0]], 20: [LEAVES[1]], 40: [LEAVES[2]]}, LEAVES)
+    graph = knn_graph(emb, k=5)
+    assert propagate(*graph, seeds, n_classes=3) == pytest.approx(leaf_probabilities(spread(*graph, soft))[0])

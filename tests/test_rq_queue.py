@@ -119,6 +119,11 @@ def test_a_project_too_small_to_pretrain_goes_to_the_heads_queue(settings: Setti
         assert small.queue_for(5, force_pretrain=True) == settings.pretrain_queue
         # grown past the minimum: its first pretraining goes to the heavy queue
         assert grown.queue_for(5, force_pretrain=False) == settings.pretrain_queue
+        # a project that never trained, whose cold-start run (a skip) found it small
+        JobRecords(settings.project(6)).mark_finished(JobOutcome.SKIPPED, 1.0, "j2", reason="need 4 more labels", result={
+            "cold_start": {"pretrain": {"pretrain": False, "reason": "too few images", "n_images": 120}}})
+        assert small.queue_for(6, force_pretrain=False) == settings.heads_queue
+        assert grown.queue_for(6, force_pretrain=False) == settings.pretrain_queue
     finally:
         small.close()
         grown.close()

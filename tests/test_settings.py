@@ -29,6 +29,7 @@ def test_env_and_overrides_are_parsed() -> None:
         ({"ENCODER_ARCH": "vit"}, "resnet18-half"),
         ({"LABEL_STUDIO_API_KEY": "k"}, "LABEL_STUDIO_URL"),
         ({"WEBHOOK_REQUIRE_AUTH": "true"}, "BASIC_AUTH_USER"),
+        ({"MODEL_CHOICE": "best"}, "MODEL_CHOICE='best': use one of mean, one-se"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_fix(env: dict, match: str) -> None:
@@ -46,3 +47,20 @@ def test_readme_lists_every_setting_with_its_default() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name, default, _ in Settings.describe():
         assert f"| `{name}` | `{default}` |" in readme, f"README's settings table lacks {name} (default {default})"
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_the_operator_says_otherwise(given: str | None, expected: str) -> None:
+    """The product's processes load torch with OMP_WAIT_POLICY=PASSIVE (spinning OpenMP threads starve a busy
+    machine's cores: bench/thread_policy.py); the variable is read once, when torch loads, so a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import ml_backend.cli, os, sys; assert 'torch' in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected

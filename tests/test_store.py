@@ -103,6 +103,22 @@ def test_watcher_reloads_without_requests(store, files):
     assert wait_for(lambda: store.status(2)["served_version"] == "b")
 
 
+def test_default_store_reports_a_new_version_within_a_fraction_of_a_second(tmp_path):
+    """A version published right after a probe reaches /setup within ~0.2 s + its load, not a second later."""
+    files = Files(tmp_path, delay=0.0)
+    store = ModelStore(Settings(model_dir=tmp_path), loader=files.load, probe=files.probe)
+    try:
+        files.set_live(1, "v1")
+        assert store.get(1, wait_s=5).version == "v1"
+        assert store.version(1) == "v1"  # a probe just now
+        files.set_live(1, "v2")
+        t0 = time.monotonic()
+        assert wait_for(lambda: store.version(1) == "v2", timeout=5.0)
+        assert time.monotonic() - t0 < 0.8  # one probe a second took >= 1 s here
+    finally:
+        store.close()
+
+
 def test_failed_load_keeps_the_old_model_and_is_retried(store, files):
     files.set_live(1, "v1")
     store.get(1, wait_s=5)

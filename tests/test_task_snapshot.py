@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ml_backend.labelstudio.client import LabelStudioClient
-from ml_backend.labelstudio.snapshot import PullKind, pull_tasks
+from ml_backend.labelstudio.snapshot import INCREMENTAL_PAGE_SIZE, PullKind, pull_tasks
 from ml_backend.paths import ProjectPaths
 from tests.servers import TWO_LEVEL_CONFIG, LabelStudioServer
 
@@ -90,6 +90,21 @@ def test_incremental_pulls_equal_full_pulls_through_every_kind_of_change(
     step = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP)
     assert step.kind is PullKind.FULL and "deleted" in step.reason
     assert seen(step.tasks) == full(client, pid) and ids[5] not in [t.id for t in step.tasks]
+
+
+def test_an_incremental_pull_reads_changes_spanning_several_of_its_small_pages(
+        label_studio: LabelStudioServer, tmp_path: Path) -> None:
+    pid = label_studio.create_project(TWO_LEVEL_CONFIG, title="snapshot pages")
+    n = 2 * INCREMENTAL_PAGE_SIZE + 5
+    ids = label_studio.import_tasks(pid, [{"data": {"image": f"/data/upload/x/{i}.png"},
+                                           "annotations": [{"result": result("Animal", "Cat" if i % 2 else "Dog")}]}
+                                          for i in range(n)])
+    client = LabelStudioClient(label_studio.url, label_studio.admin.token)
+    path = ProjectPaths(tmp_path, 1).tasks_snapshot
+    assert pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, OVERLAP).kind is PullKind.FULL
+    window = pull_tasks(client, pid, path, TWO_LEVEL_CONFIG, HOUR, overlap_s=60.0)  # every task changed within it
+    assert window.kind is PullKind.INCREMENTAL and window.read == n == len(ids)  # three pages of the small size
+    assert seen(window.tasks) == full(client, pid)
 
 
 def test_full_pull_on_config_change_age_and_a_corrupt_copy(

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from ml_backend.http.auth import decide
 from ml_backend.http.data_routes import register_routes as register_data_routes
+from ml_backend.http.first_job import FirstJob
 from ml_backend.http.health import SchedulerHealth
 from ml_backend.http.loop_routes import prelabel_status
 from ml_backend.http.loop_routes import register_routes as register_loop_routes
@@ -28,13 +29,14 @@ from ml_backend.labelstudio import connections
 from ml_backend.labelstudio.ids import project_id_of
 from ml_backend.labelstudio.label_config import parse_label_config
 from ml_backend.labelstudio.webhook_setup import WebhookRegistrar
-from ml_backend.labelstudio.webhooks import TRAINING_EVENTS, WebhookEvent
+from ml_backend.labelstudio.webhooks import COLD_START_EVENTS, TRAINING_EVENTS, WebhookEvent
 from ml_backend.paths import ProjectPaths
 from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.predict import PredictService
 from ml_backend.serving.store import UNTRAINED, ModelStore
 from ml_backend.serving.training_state import TrainingStates
 from ml_backend.settings import Settings
+from model.bundle import live_version
 from model.errors import ConfigError, DataError, TaxomocoError
 
 __all__ = ["MODEL_CLASS", "create_app"]
@@ -65,10 +67,12 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
     service = PredictService(settings, store, metrics, states)
     scheduler_health = SchedulerHealth(scheduler)
     webhook_registrar = WebhookRegistrar(settings)
+    first_job = FirstJob(settings, scheduler)  # a newly connected project's cold start (ml_backend.training.coldstart)
 
     app = Flask("taxomoco")
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_request_bytes, settings.small_request_max_bytes)
-    app.extensions["taxomoco"] = {"settings": settings, "scheduler": scheduler, "store": store, "metrics": metrics}
+    app.extensions["taxomoco"] = {"settings": settings, "scheduler": scheduler, "store": store, "metrics": metrics,
+                                  "first_job": first_job}
 
     # ----- cross-cutting ------------------------------------------------------------------------------
     @app.before_request
@@ -145,9 +149,11 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
             bool(g.get("authenticated"))))
         if conn is not None and settings.webhook_auth:
             webhook_registrar.ensure(pid, connections.resolve(settings, pid))
+        if conn is not None and first_job.connected(pid):
+            scheduled.add(pid)
         if schema:
             service.remember_schema(pid, schema)
-        return jsonify(model_version=states.label(pid, store.version(pid)))
+        return jsonify(model_version=states.label(pid, service.version(pid)))
 
     @app.post("/predict")
     def predict() -> Response:
@@ -179,13 +185,17 @@ def create_app(settings: Settings, scheduler: Any = None, store: ModelStore | No
             event = WebhookEvent(action)
         except ValueError:
             event = None
-        if event not in TRAINING_EVENTS:
+        if event not in TRAINING_EVENTS and event not in COLD_START_EVENTS:
             metrics.webhooks.labels(event.value if event is not None else "unknown", "ignored").inc()  # bounded labels
             return jsonify(status="ignored", action=action)
         pid = _webhook_project(body)
         if not connections.ensure_known(settings, pid):  # only projects verified against Label Studio are trained
             metrics.webhooks.labels(action, "unknown-project").inc()
             return jsonify(status="ignored", action=action, reason=f"project {pid} is not connected to this backend")
+        if event in COLD_START_EVENTS and live_version(settings.project(pid).models) is not None:
+            metrics.webhooks.labels(action, "ignored").inc()
+            return jsonify(status="ignored", action=action, reason="the project has a model version: new tasks get "
+                                                                  "predictions from /predict and the next training")
         scheduled.add(pid)
         result = scheduler.schedule(pid, reason=action)
         outcome = str(result.get("action", "scheduled"))

@@ -12,6 +12,11 @@ buffered: ``MAX_REQUEST_BYTES`` for /predict and /similar, ``SMALL_REQUEST_MAX_B
 every request that lacks the Basic auth a path needs (an unauthenticated caller cannot make the server spool a large
 body to disk). A larger ``Content-Length`` is answered 413 at once; a chunked body is cut when it passes the limit.
 
+Every response leaves in one TCP segment when it fits (:class:`OneSegmentTask`): waitress writes a response's header
+and its body in two ``send`` calls, each pushed at once (``TCP_NODELAY``), so the client was woken twice; on a loaded
+machine the first wake-up hands it the core, and the rest of the answer waited for the next turn of the serving thread
+(measured: /predict's write wall time 3.5 ms for 0.1 ms of CPU, ``bench/predict_latency.py``).
+
 One process serves; to serve more requests run more backend processes (containers) behind a load balancer, all on
 one ``MODEL_DIR`` and ``REDIS_URL`` (the model store hot-reloads what any trainer publishes).
 """
@@ -21,20 +26,24 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import create_server
+from waitress.task import ErrorTask, WSGITask
 
 from ml_backend.http.app import LARGE_BODY_PATHS, create_app
 from ml_backend.http.auth import decide
 from ml_backend.settings import Settings
 
-__all__ = ["CHANNEL_TIMEOUT_S", "CONNECTION_LIMIT", "SWITCH_INTERVAL_S", "build_server", "limited_channel", "serve"]
+__all__ = ["CHANNEL_TIMEOUT_S", "CONNECTION_LIMIT", "SWITCH_INTERVAL_S", "OneSegmentTask", "build_server",
+           "limited_channel", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,48 @@ CHANNEL_TIMEOUT_S = 300
 SWITCH_INTERVAL_S = 0.001
 """Python's GIL switch interval (default 5 ms): a short request such as /health waiting for the GIL behind busy
 /predict threads gets it sooner."""
+
+
+TCP_CORK = getattr(socket, "TCP_CORK", None)
+"""Linux's option that holds partial segments until it is cleared (None elsewhere: responses go out as before)."""
+
+
+@contextmanager
+def _corked(sock: socket.socket) -> Iterator[None]:
+    """Hold ``sock``'s partial TCP segments while the block writes, push them when it ends (however it ends)."""
+    if TCP_CORK is None:
+        yield
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, 1)
+    except OSError:  # closed by the client meanwhile, or not TCP: write as waitress does
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_CORK, 0)  # sends what is held
+        except OSError:
+            pass  # the connection is gone: nothing left to send
+
+
+class OneSegmentTask(WSGITask):
+    """waitress's WSGI task with the socket corked while it writes: the header and the body of a response that fits
+    in one segment reach the client together, and the client is woken once (full segments of a larger response go
+    out as they fill)."""
+
+    def service(self) -> None:
+        with _corked(self.channel.socket):
+            super().service()
+
+
+class OneSegmentErrorTask(ErrorTask):
+    """waitress's error answer (400, 413, ...), written the same way."""
+
+    def service(self) -> None:
+        with _corked(self.channel.socket):
+            super().service()
 
 
 def limited_channel(settings: Settings, adj: Adjustments) -> type[HTTPChannel]:
@@ -64,6 +115,8 @@ def limited_channel(settings: Settings, adj: Adjustments) -> type[HTTPChannel]:
 
     class PathLimitedChannel(HTTPChannel):
         parser_class = PathLimitedParser
+        task_class = OneSegmentTask
+        error_task_class = OneSegmentErrorTask
 
     return PathLimitedChannel
 

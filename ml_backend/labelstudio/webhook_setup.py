@@ -68,10 +68,18 @@ def ensure_authenticated_webhook(settings: Settings, conn: LSConnection, project
 RETRY_AFTER_S = 20.0
 """A project whose webhooks are not right yet is checked again on a /setup at least this much later."""
 
+FOLLOW_UP_S = (2.0, 5.0, 10.0, 30.0, 60.0)
+"""Delays of the checks that follow a check which did not find the webhooks right, without waiting for a /setup.
+The model's first connection calls /setup before Label Studio saves the ML backend record, and Label Studio may
+call /setup again only when someone asks for predictions: meanwhile its header-less webhook is refused and the
+annotations people submit would start no training."""
+
 
 class WebhookRegistrar:
     """Runs :func:`ensure_authenticated_webhook` in the background after /setup calls, until a check finds the
-    project's webhooks right (then not again for that connection); at most one check per :data:`RETRY_AFTER_S`.
+    project's webhooks right (then not again for that connection); at most one check per :data:`RETRY_AFTER_S` from
+    /setup calls, and follow-up checks :data:`FOLLOW_UP_S` after one that did not find them right (one chain of
+    follow-ups per project and connection: a /setup while a follow-up waits leaves the check to it).
 
     Args:
         settings: the process settings (Basic auth user and password).
@@ -81,6 +89,7 @@ class WebhookRegistrar:
         self.settings = settings
         self._done: set[tuple[int, str]] = set()
         self._tried: dict[tuple[int, str], float] = {}
+        self._waiting: set[tuple[int, str]] = set()  # a follow-up check is scheduled
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook-setup")
 
@@ -89,17 +98,32 @@ class WebhookRegistrar:
         key = (int(project_id), conn.url)
         now = time.monotonic()
         with self._lock:
-            if key in self._done or now - self._tried.get(key, -1e9) < RETRY_AFTER_S:
+            if key in self._done or key in self._waiting or now - self._tried.get(key, -1e9) < RETRY_AFTER_S:
                 return
             self._tried[key] = now
-        self._pool.submit(self._run, int(project_id), conn, key)
+        self._pool.submit(self._run, int(project_id), conn, key, 0)
 
-    def _run(self, project_id: int, conn: LSConnection, key: tuple[int, str]) -> None:
+    def _run(self, project_id: int, conn: LSConnection, key: tuple[int, str], attempt: int) -> None:
         try:
             right = ensure_authenticated_webhook(self.settings, conn, project_id)
-        except LabelStudioError as exc:  # end of a background task: logged, tried again on a later /setup
+        except LabelStudioError as exc:  # end of a background task: logged, tried again below and on a later /setup
             log.warning("project %s: cannot set up the authenticated webhook: %s", project_id, exc)
-            return
-        if right:
-            with self._lock:
+            right = []
+        with self._lock:
+            if right:
                 self._done.add(key)
+                return
+            if attempt >= len(FOLLOW_UP_S) or key in self._done or key in self._waiting:
+                return
+            self._waiting.add(key)
+        timer = threading.Timer(FOLLOW_UP_S[attempt], self._follow_up, (project_id, conn, key, attempt + 1))
+        timer.daemon = True
+        timer.start()
+
+    def _follow_up(self, project_id: int, conn: LSConnection, key: tuple[int, str], attempt: int) -> None:
+        with self._lock:
+            self._waiting.discard(key)
+            if key in self._done:
+                return
+            self._tried[key] = time.monotonic()
+        self._pool.submit(self._run, project_id, conn, key, attempt)

@@ -1,10 +1,10 @@
-"""Label Studio webhook events the backend knows, and which of them schedule a training run."""
+"""Label Studio webhook events the backend knows, and which of them schedule a training run (or its cold-start work)."""
 
 from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["TRAINING_EVENTS", "WebhookEvent"]
+__all__ = ["COLD_START_EVENTS", "TRAINING_EVENTS", "WebhookEvent"]
 
 
 class WebhookEvent(str, Enum):
@@ -26,3 +26,8 @@ TRAINING_EVENTS = frozenset(
     {WebhookEvent.ANNOTATION_CREATED, WebhookEvent.ANNOTATION_UPDATED, WebhookEvent.ANNOTATIONS_DELETED,
      WebhookEvent.START_TRAINING}
 )
+
+COLD_START_EVENTS = frozenset({WebhookEvent.TASKS_CREATED})
+"""Events that schedule a run only while the project has no model version: new tasks' images are embedded and the
+labeling order and label propagation cover them (``ml_backend.training.coldstart``); once a model is live, new tasks
+get their predictions from /predict and the next training."""

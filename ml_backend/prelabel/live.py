@@ -24,7 +24,6 @@ from ml_backend.paths import ProjectPaths
 from ml_backend.settings import Settings
 from model.bundle import load_live
 from model.errors import TaxomocoError
-from model.heads.decode import decode, full_path_log_probs
 from model.predictor import Predictor
 
 __all__ = ["LivePredictions", "TaskPredictions"]
@@ -40,13 +39,14 @@ class TaskPredictions:
         task_ids: ``(N,)`` task ids.
         items: one Label Studio prediction item per task (``{"result", "score", "model_version"}``).
         emb: ``(N, D)`` float32 embeddings, NaN rows where the image has none.
-        top_prob: ``(N,)`` calibrated probability of the most probable full path, NaN where there is no embedding.
+        top_prob: ``(N,)`` calibrated probability of the most probable full path, NaN where there is no embedding;
+            None when there is no model at all (the order is then coverage only).
     """
 
     task_ids: list[int]
     items: list[dict[str, Any]]
     emb: np.ndarray
-    top_prob: np.ndarray
+    top_prob: np.ndarray | None
 
 
 class LivePredictions:
@@ -99,10 +99,9 @@ class LivePredictions:
             emb[rows] = got[found]
             if len(rows):
                 logits = self.predictor.level_logits(emb[rows])  # L tensors (R, K_k)
-                temperature = self.predictor.temperature
-                top[rows] = np.exp(full_path_log_probs(logits, self.bundle.taxonomy, temperature).max(axis=1))
-                decoded = decode(logits, self.bundle.taxonomy, leafs_only=self.config.leafs_only,
-                                 prefix_threshold=self.settings.prefix_threshold, temperature=temperature)
+                row_hashes = [h for (_, h), hit in zip(keyed, found) if hit]
+                decoded, top[rows] = self.predictor.decode_rows(logits, row_hashes, self.config.leafs_only,
+                                                                self.settings.prefix_threshold)
                 for row, pred in zip(rows.tolist(), decoded):
                     preds[row] = pred if self.same_taxonomy else self._to_config(pred)
         items = [prediction_result(self.config, p, self.version) for p in preds]

@@ -2,11 +2,14 @@
 "taxomoco: label next" Data Manager tab that shows its head in Label Studio.
 
 The rule is :mod:`model.ranking`'s (typical coverage while labels are few, then least confidence of the calibrated
-path distribution). The tab filters the first ``LABEL_NEXT_TAB_TASKS`` task ids of the order; when they are all
-ranked by uncertainty it is ordered by the Data Manager's *Prediction score* ascending, which is the same order
-once the project's model version is pinned to the version whose scores it shows (the prediction score of a
-``leafsOnly`` config is the top path probability). Cold-start picks carry no score the Data Manager could sort
-by, so that tab lists them by task id.
+path distribution, or of the propagated one before the heads train). Before the first label there is no prediction
+at all: the order is the coverage picks, then the other tasks (``ml_backend.training.coldstart``).
+
+The tab filters the first ``LABEL_NEXT_TAB_TASKS`` task ids of the order; when they are all ranked by uncertainty
+it is ordered by the Data Manager's *Prediction score* ascending, which is the same order once the project's model
+version is pinned to the version whose scores it shows (the prediction score of a ``leafsOnly`` config is the top
+path probability). Cold-start picks carry no score the Data Manager could sort by, so that tab lists them by task
+id.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def write_queue(paths: ProjectPaths, predictions: TaskPredictions, labelled: np.
 
     Args:
         paths: the project's files.
-        predictions: the live version's predictions for every task of the project (labelled ones included: their
-            embeddings mark the clusters already covered).
+        predictions: the served version's predictions for every task of the project (labelled ones included: their
+            embeddings mark the clusters already covered); before any version, no items and ``top_prob`` None.
         labelled: ``(N,)`` bool aligned with ``predictions.task_ids``: the task has a human annotation.
         n_leaves: leaf classes of the taxonomy.
         cold_start_per_class: see ``Settings.cold_start_per_class``.
@@ -53,11 +56,11 @@ def write_queue(paths: ProjectPaths, predictions: TaskPredictions, labelled: np.
         The saved queue: ``{"project", "version", "written_at", "cold_start", "labelled", "tasks": [{"task",
         "reason", "score"}]}``.
     """
-    has_model = True
-    cold = is_cold_start(int(labelled.sum()), n_leaves, has_model, cold_start_per_class)
+    cold = is_cold_start(int(labelled.sum()), n_leaves, predictions.top_prob is not None, cold_start_per_class)
     ranked = labeling_order(predictions.emb, labelled, predictions.top_prob, n_leaves, cold_start_per_class,
                             budget=COLD_START_BUDGET)
-    queue = {"project": paths.project_id, "version": predictions.items[0]["model_version"] if predictions.items else "",
+    queue = {"project": paths.project_id,
+             "version": predictions.items[0]["model_version"] if predictions.items else None,
              "written_at": utc_now(), "cold_start": cold, "labelled": int(labelled.sum()),
              "tasks": [{"task": predictions.task_ids[r.index], "reason": r.reason.value, "score": round(r.score, 6)}
                        for r in ranked]}
@@ -74,8 +77,8 @@ def read_queue(paths: ProjectPaths) -> dict[str, Any]:
     try:
         return dict(json.loads(paths.labeling_queue.read_text()))
     except FileNotFoundError:
-        raise DataError(f"Project {paths.project_id} has no labeling order yet: it is computed with the predictions of "
-                        "the first model version (after MIN_LABELS_TO_TRAIN labels; see /job_status).") from None
+        raise DataError(f"Project {paths.project_id} has no labeling order yet: it is computed once the project's "
+                        "images are embedded, by the first job after the model is connected (see /job_status).") from None
     except ValueError:
         raise DataError(f"The labeling order of project {paths.project_id} is unreadable; the next model version "
                         "rewrites it (POST /train).") from None

@@ -1,4 +1,5 @@
-"""When a model version is published: queue its bulk pre-annotation, or run it where the training ran.
+"""When a model version is published, or a training run made a new propagation version (before the heads train):
+queue its bulk pre-annotation, or run it where the training ran.
 
 * In an RQ worker (``REDIS_URL``): :func:`ml_backend.prelabel.job.prelabel_project` is enqueued on the heads queue
   with the deterministic job id ``taxomoco-prelabel-<project>-<version>``, so the same version is never queued
@@ -20,10 +21,11 @@ from rq import Queue, Retry, get_current_job
 from rq.job import Job, JobStatus
 
 from ml_backend.paths import ProjectPaths
+from ml_backend.prelabel.progress import PrelabelState, read_progress
 from ml_backend.prelabel.writer import run_prelabel
 from ml_backend.settings import Settings
 
-__all__ = ["JOB_FUNC", "after_publish", "enqueue_prelabel", "prelabel_job_id"]
+__all__ = ["JOB_FUNC", "after_publish", "enqueue_prelabel", "prelabel_job_id", "version_to_write"]
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +58,37 @@ def enqueue_prelabel(connection: Any, settings: Settings, project_id: int, versi
     return {"action": "queued", "job_id": job_id, "queue": settings.heads_queue}
 
 
+def version_to_write(result: dict[str, Any]) -> str | None:
+    """The version a training run's result asks to pre-annotate: the published model version, or the propagation
+    version of a skipped run's cold-start work (``ml_backend.training.coldstart``); None otherwise."""
+    if not isinstance(result, dict):
+        return None
+    if result.get("status") == "succeeded":
+        return str(result["version"]) if result.get("version") else None
+    cold = result.get("cold_start") if result.get("status") == "skipped" else None
+    propagation = cold.get("propagation") if isinstance(cold, dict) else None
+    version = propagation.get("version") if isinstance(propagation, dict) else None
+    return str(version) if version else None
+
+
 def after_publish(settings: Settings, paths: ProjectPaths, result: dict[str, Any]) -> dict[str, Any] | None:
-    """The training job's hook once its outcome is recorded: pre-annotate a newly published version.
+    """The training job's hook once its outcome is recorded: pre-annotate a new version (:func:`version_to_write`).
 
     Args:
         settings: the job's settings (``prelabel`` off: nothing happens).
         paths: the project's files.
-        result: the training job's result (only ``status == "succeeded"`` publishes a version).
+        result: the training job's result.
 
     Returns:
-        What was done (queued, or the run's record), or None when nothing was published or pre-annotation is off.
+        What was done (queued, or the run's record), or None when there is nothing to write, the version is written
+        already, or pre-annotation is off.
     """
-    version = result.get("version") if isinstance(result, dict) and result.get("status") == "succeeded" else None
+    version = version_to_write(result)
     if not settings.prelabel or not version:
         return None
+    done = read_progress(paths)
+    if done is not None and done.version == version and done.state is PrelabelState.DONE:
+        return None  # a cold-start run with nothing new keeps its propagation version
     try:
         job = get_current_job()
     except Exception:  # no RQ context (embedded child, CLI)

@@ -1,22 +1,28 @@
-"""Bulk pre-annotation: the live version's predictions for every unlabelled task, written into Label Studio.
+"""Bulk pre-annotation: the served version's predictions for every unlabelled task, written into Label Studio.
 
-One run (:func:`run_prelabel`), for the version live when it starts:
+The served version (:func:`served_version`) is the live model version; before the heads train, the live
+propagation version (``ml_backend.training.propagation``, ``PROPAGATION``). One run (:func:`run_prelabel`), for the
+version served when it starts:
 
 1. the tasks of the last pull (``ProjectPaths.tasks_snapshot``); targets are the tasks without a human annotation
    (an annotation that is not cancelled and, unless ``TRAIN_ON_PREDICTION_COPIES``, not a copy of a prediction:
    ``ml_backend.labelstudio.copies``), in id order;
-2. predictions of every task from the embedding cache (``ml_backend.prelabel.live``), then the labeling order and
-   the "label next" tab (``ml_backend.prelabel.order``);
+2. predictions of every task from the embedding cache (``ml_backend.prelabel.live``), or the stored propagated
+   paths (``ml_backend.prelabel.propagated``), then the labeling order and the "label next" tab
+   (``ml_backend.prelabel.order``);
 3. chunks of ``PRELABEL_CHUNK`` predictions through ``POST /api/projects/<id>/import/predictions``; after each
    chunk the record (``ml_backend.prelabel.progress``) moves its cursor. A run stops as *superseded* when another
-   version went live meanwhile; a crashed or failed run of the same version resumes after the cursor, and the
+   version went live meanwhile, or when a training of the project waits (its version is seconds away:
+   ``ml_backend.training.tail``); a crashed or failed run of the same version resumes after the cursor, and the
    chunk that was in flight is checked task by task so that nothing is written twice;
 4. once every target holds a prediction of the version: ``project.model_version`` is pinned to it (the Data
    Manager's *Prediction score* column and Label Studio's uncertainty sampling use that version);
-5. clean-up policy: predictions of this backend's older versions (names ``<UTC stamp>-<6 hex>``) are deleted,
-   except the ``PRELABEL_KEEP_VERSIONS - 1`` newest before the live one; predictions of other models, and
-   versions newer than the live one, are never touched. It runs after the pin, because Label Studio clears
-   ``project.model_version`` when the version it names is deleted.
+5. clean-up policy: predictions of this backend's older versions (names ``<UTC stamp>-<6 hex>``, and
+   ``propagation-<labels>-<UTC stamp>-<6 hex>``) are deleted, except the ``PRELABEL_KEEP_VERSIONS - 1`` newest
+   before the live one; once a model version (heads) is served, every propagation version counts as older than it
+   and is deleted whatever the keep setting. Predictions of other models, and versions newer than the live one,
+   are never touched. It runs after the pin, because Label Studio clears ``project.model_version`` when the version
+   it names is deleted.
 
 Tasks imported after the pull get their predictions from ``/predict`` as before (Label Studio asks for tasks
 that hold none) and from the next version's run.
@@ -49,12 +55,15 @@ from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.live import LivePredictions
 from ml_backend.prelabel.order import update_label_next_tab, write_queue
 from ml_backend.prelabel.progress import PrelabelState, Progress, read_progress, write_progress
+from ml_backend.prelabel.propagated import PropagatedPredictions
 from ml_backend.settings import Settings
+from ml_backend.training.propagation import is_propagation_version, live_propagation, version_stamp
 from ml_backend.training.records import utc_now
+from ml_backend.training.tail import decide_tail
 from model.bundle import live_version
 from model.errors import DataError
 
-__all__ = ["OUR_VERSION", "has_human_label", "run_prelabel", "versions_to_delete"]
+__all__ = ["OUR_VERSION", "has_human_label", "run_prelabel", "served_version", "versions_to_delete"]
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +76,38 @@ def has_human_label(task: TaskRecord, copies: AbstractSet[int] = frozenset()) ->
     return any(not a.get("was_cancelled") and a.get("id") not in copies for a in task.annotations)
 
 
+def _age(version: str) -> tuple[int, str] | None:
+    """Sort key of this backend's versions (propagation versions before every model version), None for others."""
+    if OUR_VERSION.match(version):
+        return (1, version)
+    stamp = version_stamp(version)
+    return (0, stamp) if stamp is not None else None
+
+
 def versions_to_delete(counts: dict[str, int], live: str, keep: int) -> list[str]:
-    """The clean-up policy: this backend's versions older than ``live`` except the ``keep - 1`` newest of them."""
-    older = sorted(v for v in counts if OUR_VERSION.match(v) and v < live)
-    return older[:max(0, len(older) - (keep - 1))]
+    """The clean-up policy: this backend's versions older than ``live`` except the ``keep - 1`` newest of them; when
+    ``live`` is a model version, every propagation version (the heads replaced label propagation)."""
+    live_age = _age(live)
+    if live_age is None:
+        return []
+    aged = {v: a for v in counts if (a := _age(v)) is not None and a < live_age}
+    older = sorted(aged, key=aged.__getitem__)
+    same_kind = [v for v in older if aged[v][0] == live_age[0]]
+    kept = set(same_kind[max(0, len(same_kind) - (keep - 1)):]) if keep > 1 else set()
+    return [v for v in older if v not in kept]
+
+
+def served_version(settings: Settings, paths: ProjectPaths) -> str | None:
+    """The version whose predictions the loop writes: the live model version, else (``PROPAGATION``) the live
+    propagation version, else None."""
+    heads = live_version(paths.models)
+    if heads is not None or not settings.propagation:
+        return heads
+    return live_propagation(paths)
 
 
 def run_prelabel(settings: Settings, paths: ProjectPaths, job_id: str | None = None) -> dict[str, Any]:
-    """Write the live version's predictions for every unlabelled task into Label Studio (see the module).
+    """Write the served version's predictions for every unlabelled task into Label Studio (see the module).
 
     Returns:
         The run's record (:class:`~ml_backend.prelabel.progress.Progress` as a dict) plus ``"status"``:
@@ -84,9 +117,9 @@ def run_prelabel(settings: Settings, paths: ProjectPaths, job_id: str | None = N
         TaxomocoError: (or a subclass: Label Studio unreachable, no task snapshot, ...) after recording it as the
             run's ``error``; the next run of the same version resumes.
     """
-    version = live_version(paths.models)
+    version = served_version(settings, paths)
     if version is None:
-        return {"status": "skipped", "reason": "no model version is live yet"}
+        return {"status": "skipped", "reason": "no model version (nor propagation version) is served yet"}
     previous = read_progress(paths)
     if previous is not None and previous.version == version and previous.state is PrelabelState.DONE:
         return {**previous.to_dict(), "status": "skipped", "reason": f"version {version} is written already"}
@@ -119,8 +152,11 @@ def _run(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, pro
         raise DataError(f"Project {pid} has no readable task snapshot ({paths.tasks_snapshot}); the next training "
                         "run writes one (POST /train).")
     config = parse_label_config(client.get_project(pid).label_config)
-    live = LivePredictions(settings, paths, client, config)
-    if live.version != version:
+    if is_propagation_version(version):
+        live: LivePredictions | PropagatedPredictions = PropagatedPredictions(paths, config, version)
+    else:
+        live = LivePredictions(settings, paths, client, config)
+    if live.version != version or served_version(settings, paths) != version:
         return _superseded(paths, progress)
     copies = set() if settings.train_on_prediction_copies else set(read_remembered(paths.prediction_copies))
     labelled = np.array([has_human_label(t, copies) for t in tasks], dtype=bool)
@@ -144,7 +180,7 @@ def _run(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, pro
     write_progress(paths, progress)
     start, sent = time.monotonic(), 0
     for at in range(0, len(todo), settings.prelabel_chunk):
-        if live_version(paths.models) != version:
+        if served_version(settings, paths) != version or decide_tail(paths).defer:  # a newer version is live or waits
             return _superseded(paths, progress)
         chunk = todo[at:at + settings.prelabel_chunk]
         progress.in_flight = chunk

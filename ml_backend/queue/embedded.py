@@ -1,17 +1,25 @@
 """The embedded scheduler: training inside the server's machine without Redis.
 
 One background thread per server process takes projects from an in-memory line, one job at a time, and
-runs each job in a fresh child process (``multiprocessing`` spawn), so training never holds the server's
-GIL, its memory (GPU memory included) is returned when the job ends, and a crash of the job cannot take
-the server down. ``schedule`` only touches in-memory state under a lock (microseconds).
+runs each job in a fresh child process, so training never holds the server's GIL, its memory (GPU memory
+included) is returned when the job ends, and a crash of the job cannot take the server down. ``schedule``
+touches in-memory state under a lock (microseconds), and writes the project's job record only when it puts the
+project in the line (at most twice per burst of events: see Coalescing).
 
-Warm start: after a job ends, the next child is started at once and imports what jobs need (torch, the
-model code, the Label Studio client: seconds of CPU) while the line is idle, then waits for a job; a job
-handed to it starts immediately. Only the first job of a server pays that start-up.
+Warm start: children are forked from ``multiprocessing``'s fork server, which imports what jobs need once (the
+job's module: torch, the model code; the Label Studio SDK: seconds of CPU, :data:`PRELOAD`), so a child starts
+in milliseconds and exits without tearing the interpreter down. (With ``spawn`` each child imported everything
+again: 12-15 s per job on a loaded 2-core machine, then seconds to exit, between every two jobs of a labeling
+stream; ``bench/results/retrain_latency.txt``.) The fork server and a first child start with the scheduler; when
+a job is handed to a child, the next child is started and warms up (its Label Studio client) while the job runs, so
+the next job starts at once.
 
 Coalescing: a project is in the line at most once. An event for a project that waits is folded into it;
 an event for the project that runs puts it in the line again, so exactly one follow-up run happens after
-the current one (the follow-up pulls all annotations from Label Studio, this event's included).
+the current one (the follow-up pulls all annotations from Label Studio, this event's included). The follow-up
+is written to the job record at once (``queued_since``), so the running job knows that its version will be
+superseded within seconds and leaves its after-publish work to the follow-up
+(``ml_backend.training.tail``).
 
 The line lives in memory: a server restart forgets waiting jobs. Label Studio is the source of truth, so
 the next annotation (or the Train button) trains on everything.
@@ -39,6 +47,10 @@ __all__ = ["EmbeddedScheduler"]
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+
+PRELOAD = ("label_studio_sdk", "label_studio_sdk.projects.client", "sklearn.linear_model")
+"""Modules the fork server imports once besides the job's own module: what ``warm_up`` and the first training
+would import in each child (the SDK; scikit-learn for the logistic heads, about 1 s)."""
 
 
 @dataclass
@@ -145,7 +157,10 @@ class EmbeddedScheduler(Scheduler):
         self._spare: _Child | None = None  # a warmed-up child waiting for the next job
         self._stopping = False
         self._runs = 0
-        self._ctx = multiprocessing.get_context("spawn")
+        self._ctx = multiprocessing.get_context("forkserver")
+        # applies when this process starts its fork server (the first child); a module that does not import is
+        # skipped by the fork server, and the child then imports the job itself (recorded if it fails)
+        self._ctx.set_forkserver_preload([job_func.rpartition(".")[0], *PRELOAD])
         self._thread = threading.Thread(target=self._loop, name="taxomoco-embedded-trainer", daemon=True)
         self._thread.start()
 
@@ -169,6 +184,11 @@ class EmbeddedScheduler(Scheduler):
                 self._line[pid] = _Waiting(since=utc_now(), reason=reason, force_pretrain=force_pretrain)
                 action = ScheduleAction.FOLLOW_UP if self._running == pid else ScheduleAction.QUEUED
                 self._cond.notify()
+        if action in (ScheduleAction.QUEUED, ScheduleAction.FOLLOW_UP):
+            try:  # the running job reads it (ml_backend.training.tail); /job_status shows it
+                JobRecords(self.settings.project(pid)).mark_queued(reason)
+            except OSError as exc:
+                log.warning("Project %s: job record not written (%s).", pid, exc)
         return {"project_id": pid, "scheduler": self.kind, "action": action.value, "reason": reason}
 
     def status(self, project_id: int) -> dict[str, Any]:
@@ -228,6 +248,7 @@ class EmbeddedScheduler(Scheduler):
 
     # --- the background thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        self._replenish()  # the fork server and a first child warm up while nothing waits
         while True:
             with self._cond:
                 while not self._line and not self._stopping:
@@ -272,12 +293,18 @@ class EmbeddedScheduler(Scheduler):
         stale = records.read()["running_job_id"]
         if stale is not None:  # only this thread runs this project's jobs: that run ended with its server
             records.mark_finished(JobOutcome.FAILED, 0.0, stale, reason="interrupted: the server stopped during the run")
-        records.mark_queued(waiting.reason, coalesced=waiting.coalesced)
+        records.add_coalesced(waiting.coalesced)  # the run was recorded as queued when it entered the line
         start = time.monotonic()
         with self._cond:
             if self._stopping:
                 return
-            spawned = self._take_spare() or self._start_child()
+            spawned = self._take_spare()
+        if spawned is None:  # outside the lock: the first start of the fork server imports PRELOAD (seconds)
+            spawned = self._start_child()
+        with self._cond:
+            if self._stopping:
+                spawned.conn.close()  # a waiting child exits when its pipe closes
+                return
             self._child = child = spawned.process
         parent_conn = spawned.conn
         try:
@@ -285,8 +312,12 @@ class EmbeddedScheduler(Scheduler):
         except OSError:  # the child died while waiting: noticed below as a death without an answer
             pass
         log.info("Training project %s in child process %s (%s).", pid, child.pid, waiting.reason)
+        self._replenish()  # the next child warms up (the SDK's client: 1-2 CPU-s under load) while this one trains
         message = None
+        follow_up_shown = False
         while message is None:
+            if not follow_up_shown:
+                follow_up_shown = self._show_follow_up(pid, records)
             if parent_conn.poll(_POLL_S):
                 try:
                     message = parent_conn.recv()
@@ -313,6 +344,24 @@ class EmbeddedScheduler(Scheduler):
         else:
             log.info("Project %s: training finished: %s", pid, message[1])
         self._replenish()
+
+    def _show_follow_up(self, pid: int, records: JobRecords) -> bool:
+        """Keep a waiting follow-up of the running project in its job record, where the job looks for it
+        (``ml_backend.training.tail``); True once it is there for good.
+
+        ``schedule`` wrote it when the event arrived, but the job clears ``queued_since`` when it starts
+        (``JobRecords.mark_started``), so an event between handing out the job and its start would be lost to it.
+        """
+        with self._cond:
+            waiting = self._line.get(pid)
+        if waiting is None:
+            return False
+        record = records.read()
+        if record["running_job_id"] is None:  # the job has not started: its start would clear what is written now
+            return False
+        if record["queued_since"] is None:
+            records.mark_waiting(waiting.reason)
+        return True
 
     def _replenish(self) -> None:
         """Start a spare child that warms up while the line is idle, so that the next job starts at once."""

@@ -127,10 +127,13 @@ class RQScheduler(Scheduler):
         return self.settings.heads_queue
 
     def _too_small_to_pretrain(self, paths: ProjectPaths) -> bool:
-        """Whether the project's last training found it below PRETRAIN_MIN_IMAGES (its runs are heads-only; one
-        that has grown past it meanwhile pretrains once on the heads queue)."""
-        last = JobRecords(paths).read().get("last_success") or {}
-        decision = (last.get("result") or {}).get("pretrain") or {}
+        """Whether the project's last training (or cold-start run, ``ml_backend.training.coldstart``) found it below
+        PRETRAIN_MIN_IMAGES (its runs are heads-only; one that has grown past it meanwhile pretrains once on the
+        heads queue)."""
+        record = JobRecords(paths).read()
+        success = (record.get("last_success") or {}).get("result") or {}
+        skip = (record.get("last_skip") or {}).get("result") or {}
+        decision = success.get("pretrain") or ((skip.get("cold_start") or {}).get("pretrain")) or {}
         n_images = decision.get("n_images")
         return isinstance(n_images, int) and n_images < self.settings.pretrain_min_images
 

@@ -95,6 +95,7 @@ def write_html(report: Mapping[str, Any], out_path: Path, thumbnails: Mapping[in
         f"{s.get('trained', 0)} used for training, {s.get('excluded', 0)} excluded, {s.get('annotators', 0)} annotators, "
         f"{s.get('items_with_disagreement', 0)} tasks with a disagreement; flags: "
         f"{e(', '.join(f'{k} {v}' for k, v in (s.get('flags') or {}).items()) or 'none')}.</p>",
+        _blend_note(s.get("quality_blend") or []),
         "<h2>Annotators</h2><table><tr><th>annotator</th><th>quality</th><th>labelled</th>"
         "<th>agreement with consensus</th><th>worst level</th><th>most frequent disagreements</th></tr>",
     ]
@@ -132,6 +133,16 @@ def write_html(report: Mapping[str, Any], out_path: Path, thumbnails: Mapping[in
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("\n".join(parts), encoding="utf-8")
     return out_path
+
+
+def _blend_note(blend: list[float]) -> str:
+    """One line on how the qualities (p=...) were estimated, per level (empty for reports without it)."""
+    if not blend:
+        return ""
+    levels = ", ".join(f"level {k}: {b:.2f}" for k, b in enumerate(blend))
+    return ("<p>Qualities (p=…) blend the Dawid–Skene estimate with a weighted average of the model and the "
+            f"annotators, chosen on held-out labels ({levels}; 1.00 = annotators' mistakes look independent, lower = "
+            "annotators and the model tend to err together, so agreement counts for less).</p>")
 
 
 def _path(path: Any) -> str:

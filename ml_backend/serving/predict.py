@@ -3,7 +3,8 @@
 Used by ``ml_backend.http.app``. A task whose image cannot be fetched or decoded gets an empty item (and a log
 line with the task id and the reason), never a failed batch; images whose embedding is cached are not
 decoded at all; a model trained on other labels than the current config gives empty items for paths the
-config no longer has.
+config no longer has. Before a project has a model, its live propagation version (``PROPAGATION``) answers: each
+task's stored propagated path, by task id (``ml_backend.serving.propagated``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from ml_backend.labelstudio import connections
 from ml_backend.labelstudio.label_config import LabelConfig, parse_label_config
 from ml_backend.labelstudio.results import prediction_result
 from ml_backend.net.images import ImageFetcher, TaskImage, is_remote
-from ml_backend.serving.store import ModelStore
+from ml_backend.prelabel.propagated import propagated_path
+from ml_backend.serving.propagated import PropagatedStore
+from ml_backend.serving.store import UNTRAINED, ModelStore
 from ml_backend.serving.training_state import TrainingStates
 from ml_backend.settings import Settings
 from model.errors import ConfigError, TaxomocoError
@@ -55,6 +58,7 @@ class PredictService:
                  states: TrainingStates | None = None) -> None:
         self.settings, self.store, self.metrics = settings, store, metrics
         self.states = states or TrainingStates(settings)
+        self.propagated = PropagatedStore(settings)
         self.load_wait_s = settings.predict_load_wait_s
         # model forwards running at once: more only oversubscribe the cores and starve /health of the GIL
         self._slots = threading.BoundedSemaphore(settings.predict_concurrency)
@@ -69,10 +73,18 @@ class PredictService:
         with self._lock:
             self._schemas[int(project_id)] = schema
 
+    def version(self, project_id: int) -> str:
+        """The version this process serves for the project (what ``/setup`` reports, before the training-state
+        label): the model's, else the live propagation version, else ``untrained``; fast."""
+        version = self.store.version(project_id)
+        if version == UNTRAINED:
+            return self.propagated.version(project_id) or UNTRAINED
+        return version
+
     def predict(self, project_id: int, tasks: list[Any], label_config: str | None) -> tuple[list[dict[str, Any]], str]:
         """One result item per task, in order, and the version they were computed with.
 
-        Returns an empty list (no predictions) while the project has no served model.
+        Before a model is served: the propagated items of the live propagation version, else an empty list.
 
         Raises:
             ConfigError: no label config (neither in the body nor from /setup), or one that cannot be served.
@@ -88,7 +100,7 @@ class PredictService:
         config = parse_label_config(xml)
         model = self.store.get(project_id, wait_s=self.load_wait_s)
         if model is None:
-            return [], self.states.label(project_id, self.store.version(project_id))
+            return self._propagated(project_id, tasks, config)
         version = self.states.label(project_id, model.version)  # what /setup reports for this model
         values = [_image_value(task, config.image_key) for task in tasks]
         images = self._fetcher(project_id, values).fetch_task_images(values)
@@ -106,6 +118,24 @@ class PredictService:
             else:
                 self.metrics.predictions.labels(pid).inc()
             out.append(prediction_result(config, pred, version))
+        return out, version
+
+    def _propagated(self, project_id: int, tasks: list[Any], config: LabelConfig) -> tuple[list[dict[str, Any]], str]:
+        """The live propagation version's item of each task (empty where it holds none); no predictions without one."""
+        propagated = self.propagated.get(project_id)
+        if propagated is None:
+            return [], self.states.label(project_id, self.store.version(project_id))
+        version = self.states.label(project_id, propagated.version)
+        pid = str(project_id)
+        out: list[dict[str, Any]] = []
+        for task in tasks:
+            task_id = task.get("id") if isinstance(task, dict) else None
+            found = propagated_path(propagated, task_id, config) if isinstance(task_id, int) else None
+            if found is None:
+                self.metrics.empty_predictions.labels(pid).inc()
+            else:
+                self.metrics.predictions.labels(pid).inc()
+            out.append(prediction_result(config, found, version))
         return out, version
 
     def _run(self, model: Predictor, images: list[TaskImage], config: LabelConfig) -> list[Any]:

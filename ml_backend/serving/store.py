@@ -1,9 +1,11 @@
 """Per-project live models, loaded in background threads and swapped in by one reference.
 
 The store never loads a model in the caller's thread: :meth:`ModelStore.version` and :meth:`ModelStore.get`
-read the project's ``LIVE`` pointer (at most once a second per project, plus a watcher thread that does
-the same for every project seen), start a background load when it names a version other than the one being
-served, and keep serving the old version until the new one is completely built. A version that failed to
+read the project's ``LIVE`` pointer (at most every ``check_interval_s``, 0.2 s, per project: one small file read;
+plus a watcher thread that does the same for every project seen once a second), start a background load when it
+names a version other than the one being served, and keep serving the old version until the new one is completely
+built. (With one probe a second, a new version reached /setup 1.2 s after its publish at the median under a labeling
+stream, ``bench/results/retrain_latency_stream.txt``.) A version that failed to
 load is retried after ``retry_after_s``; meanwhile the previous version (if any) stays live.
 
 Version reporting (what /setup answers and every prediction carries):
@@ -102,10 +104,10 @@ class ModelStore:
         neighbors_loader: loads the similarity index beside the model (default: the index of its encoder); a
             failure there is recorded and leaves similarity search off for that version, never the model.
         probe: reads a project's live version cheaply (default: ``model.bundle.live_version``).
-        check_interval_s: at most one probe per project per interval.
+        check_interval_s: at most one probe per project per interval (requests).
         retry_after_s: wait this long before loading a version that failed again.
-        watch: run a watcher thread that probes every known project each interval (hot reload even
-            when no request comes).
+        watch: run a watcher thread that probes every known project (hot reload even when no request comes).
+        watch_interval_s: the watcher's period (at least ``check_interval_s``).
     """
 
     def __init__(
@@ -114,9 +116,10 @@ class ModelStore:
         loader: Loader | None = None,
         probe: Probe | None = None,
         neighbors_loader: NeighborsLoader | None = None,
-        check_interval_s: float = 1.0,
+        check_interval_s: float = 0.2,
         retry_after_s: float = 30.0,
         watch: bool = True,
+        watch_interval_s: float = 1.0,
     ) -> None:
         self.settings = settings
 
@@ -125,6 +128,7 @@ class ModelStore:
         self._neighbors_loader = neighbors_loader or default_neighbors_loader(settings)
         self._probe = probe or default_probe(settings)
         self.check_interval_s = check_interval_s
+        self.watch_interval_s = max(watch_interval_s, check_interval_s)
         self.retry_after_s = retry_after_s
         self._entries: dict[int, _Entry] = {}
         self._cond = threading.Condition()
@@ -218,7 +222,7 @@ class ModelStore:
         self._watcher.start()
 
     def _watch_loop(self) -> None:
-        while not self._stop.wait(self.check_interval_s):
+        while not self._stop.wait(self.watch_interval_s):
             for pid in self.projects():
                 try:
                     self._check(pid)

@@ -25,6 +25,7 @@ from ml_backend.training.fit import Fit
 from ml_backend.training.images import ProjectImages
 from ml_backend.training.labels import Labels
 from ml_backend.training.neighbors import duplicate_conflicts
+from ml_backend.training.neighbour_verdict import neighbour_verdicts
 from ml_backend.training.pull import ProjectSource
 from model.atomic import atomic_write, atomic_write_json
 from model.crowd.consensus import consensus
@@ -100,11 +101,14 @@ def load_model_probs(paths: ProjectPaths) -> dict[int, list[np.ndarray]] | None:
 
 
 def analyse_disagreements(settings: Settings, paths: ProjectPaths, source: ProjectSource, labels: Labels,
-                          images: ProjectImages, emb: np.ndarray, ok: np.ndarray, fit: Fit, version: str) -> int:
+                          images: ProjectImages, emb: np.ndarray, ok: np.ndarray, fit: Fit, version: str,
+                          encoder_version: str | None = None) -> int:
     """Consensus again with the model's out-of-sample opinion → report saved, flags posted; returns #flags.
 
     The model's opinion is out-of-sample for every task: out-of-fold probabilities for the tasks trained
-    on, the final heads' probabilities for tasks that were not trained on (excluded or unlabelled).
+    on, the final heads' probabilities for tasks that were not trained on (excluded or unlabelled). With
+    ``LABEL_ERROR_NEIGHBOURS`` and the published encoder's version, the neighbours' held-out verdict on each label
+    joins the label-error flags (``ml_backend.training.neighbour_verdict``).
     """
     level_probs: dict[int, list[np.ndarray]] = {}
     oof = fit.result.oof_level_probs  # per level (N_lab, K_k); empty when there were too few labels for folds
@@ -121,7 +125,10 @@ def analyse_disagreements(settings: Settings, paths: ProjectPaths, source: Proje
         probs = [torch.softmax(z / float(fit.result.temperature), dim=1).numpy() for z in logits]
         for j, i in enumerate(others):
             level_probs[images.task_ids[i]] = [p[j] for p in probs]
-    result = consensus(labels.annotations, source.config.taxonomy, labels.policy, level_probs=level_probs)
+    verdicts = (neighbour_verdicts(paths, images, fit, source.config.taxonomy, encoder_version, annotated)
+                if settings.label_error_neighbours and encoder_version else {})
+    result = consensus(labels.annotations, source.config.taxonomy, labels.policy, level_probs=level_probs,
+                       neighbour_probs=verdicts or None)
     duplicates = duplicate_conflicts(paths, result)
     save_report(paths, result, model_version=version, problems=labels.problems, duplicates=duplicates)
     if settings.post_flags_to_label_studio:

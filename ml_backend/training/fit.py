@@ -7,7 +7,14 @@ the choice with every candidate's score goes into ``metrics["model_choice"]``.
 
 With the same encoder and nearly the same labels as the last cross-validation (``ml_backend.training.calibration``)
 the last choice and temperature are reused: only the final heads train, and the cross-validation of that
-candidate runs after publishing.
+candidate runs after publishing. With more label changes but the same encoder, and fewer than
+:data:`RESELECT_GROWTH` times the labels the last model choice was made on, only the chosen candidate is
+cross-validated before publishing (a new temperature; the choice stands): under a stream of labels this is the
+common case, and the whole comparison cost four to five times as much (the MLP candidate alone 10 of 15 s on
+300 labels, ``bench/results/retrain_latency.txt``).
+
+The folds keep duplicate images together (:func:`duplicate_units`: byte-identical images, and the near-duplicate
+groups of the last neighbour step), so no candidate is scored on an image whose copy it trained on.
 """
 
 from __future__ import annotations
@@ -22,21 +29,48 @@ import numpy as np
 
 from ml_backend.paths import ProjectPaths
 from ml_backend.settings import Settings
-from ml_backend.training.calibration import ReuseDecision, decide_reuse, label_digests, read_calibration
+from ml_backend.training.calibration import (
+    CalibrationRecord,
+    ReuseDecision,
+    decide_reuse,
+    label_digests,
+    read_calibration,
+)
 from ml_backend.training.encoder import Encoder
 from ml_backend.training.features import Features
 from ml_backend.training.images import ProjectImages
 from ml_backend.training.labels import Labels, labels_shortfall
+from ml_backend.training.neighbors import read_duplicates
 from ml_backend.training.pull import ProjectSource
 from model.errors import DataError
 from model.heads.candidates import CANDIDATES, Candidate, parse_candidates
 from model.heads.heads import HeadsConfig
 from model.heads.selection import cross_validate_candidate, path_folds, select_and_fit
 from model.heads.training import FitResult, labelled_rows
+from model.neighbors.duplicates import duplicate_groups
+from model.paired_gain import GainRule
 
-__all__ = ["Fit", "cross_validate_after_publish", "fit_heads"]
+__all__ = ["RESELECT_GROWTH", "Fit", "cross_validate_after_publish", "duplicate_units", "fit_heads"]
 
 log = logging.getLogger(__name__)
+
+RESELECT_GROWTH = 1.5
+"""The candidates are compared again once the labels reach this multiple of those the last choice was made on."""
+
+
+def duplicate_units(paths: ProjectPaths, task_ids: list[int], keys: list[str]) -> np.ndarray:
+    """One group id per labelled row ``(N_lab,)``: rows whose images are byte-identical (same content hash) or in one
+    near-duplicate group of the last neighbour step (``GET /duplicates``) share an id; every other row has its own."""
+    try:
+        saved = read_duplicates(paths).get("groups", [])
+    except DataError:  # no neighbour step yet: exact duplicates only
+        saved = []
+    near = [(a, b, 1.0) for g in saved if isinstance(g, dict) for a, b in zip(g.get("keys", []), g.get("keys", [])[1:])]
+    unit = np.arange(len(task_ids), dtype=np.int64)
+    row = {tid: i for i, tid in enumerate(task_ids)}
+    for gid, group in enumerate(duplicate_groups(task_ids, keys, near)):
+        unit[[row[t] for t in group.items]] = len(task_ids) + gid
+    return unit
 
 
 @dataclass
@@ -92,24 +126,54 @@ def fit_heads(settings: Settings, paths: ProjectPaths, source: ProjectSource, la
         result = FitResult(heads, record.temperature, [], [], [], metrics, labelled_index, encoded,
                            time.perf_counter() - start)
         return Fit(result, task_ids, pairs, rows, candidate, choice), reuse
-    selection, heads = select_and_fit({s: f[rows] for s, f in features.items()}, enabled, encoded, taxonomy,
-                                      folds=settings.cv_folds, labelled_index=labelled_index, heads_cfg=HeadsConfig())
-    candidate = selection.chosen
-    log.info("Project %s: model choice %s (%s).", paths.project_id, candidate.name, selection.reason)
-    cv = selection.cv
-    choice = selection.to_dict()
+    groups = duplicate_units(paths, task_ids, [h for h, _ in pairs])
+    kept = _kept_candidate(record, encoder, enabled, features, len(rows))
+    if kept is not None:  # the same choice on a new temperature: its cross-validation only
+        assert record is not None
+        x = features[kept.features][rows]
+        fold_of = path_folds(encoded, min(settings.cv_folds, len(rows)), groups=groups)
+        cv = cross_validate_candidate(kept, x, encoded, taxonomy, fold_of, labelled_index, HeadsConfig())
+        heads = kept.train(x, encoded, num_classes, HeadsConfig())
+        candidate = kept
+        choice = dict(record.metrics.get("model_choice") or {"chosen": kept.name})
+        log.info("Project %s: model choice %s kept (made on %s labels, now %d), recalibrated.", paths.project_id,
+                 kept.name, choice.get("n_labelled", record.n_labelled), len(rows))
+    else:
+        selection, heads = select_and_fit({s: f[rows] for s, f in features.items()}, enabled, encoded, taxonomy,
+                                          folds=settings.cv_folds, labelled_index=labelled_index,
+                                          heads_cfg=HeadsConfig(), groups=groups,
+                                          rule=GainRule(settings.model_choice))
+        candidate = selection.chosen
+        log.info("Project %s: model choice %s (%s).", paths.project_id, candidate.name, selection.reason)
+        cv = selection.cv
+        choice = {**selection.to_dict(), "n_labelled": len(rows)}
     metrics = {**cv.metrics, "model_choice": choice}
     result = FitResult(heads, cv.temperature, cv.oof_level_probs, cv.oof_level_logits, cv.oof_predictions, metrics,
                        cv.labelled_index, cv.targets, time.perf_counter() - start, cv.fold_of)
     return Fit(result, task_ids, pairs, rows, candidate, choice), reuse
 
 
-def cross_validate_after_publish(settings: Settings, fit: Fit, features: Features, source: ProjectSource) -> Fit:
+def _kept_candidate(record: CalibrationRecord | None, encoder: Encoder, enabled: list[Candidate], features: Features,
+                    n_labelled: int) -> Candidate | None:
+    """The last chosen candidate when the choice stands (same encoder, still enabled, fewer than
+    :data:`RESELECT_GROWTH` times the labels it was made on), else None: compare the candidates again."""
+    if record is None or record.encoder_version != encoder.version:
+        return None
+    kept = CANDIDATES.get(record.candidate)
+    if kept is None or kept not in enabled or kept.features not in features:
+        return None
+    made_on = int((record.metrics.get("model_choice") or {}).get("n_labelled") or record.n_labelled)
+    return kept if n_labelled < RESELECT_GROWTH * max(made_on, 1) else None
+
+
+def cross_validate_after_publish(settings: Settings, paths: ProjectPaths, fit: Fit, features: Features,
+                                 source: ProjectSource) -> Fit:
     """The cross-validation a reused calibration skipped, of the kept candidate only: out-of-fold probabilities for
     the disagreement flags and the temperature and metrics the next retrain reuses. The published heads stay."""
     x = features[fit.candidate.features][fit.rows]
     taxonomy = source.config.taxonomy
-    fold_of = path_folds(fit.result.targets, min(settings.cv_folds, len(fit.rows)))
+    groups = duplicate_units(paths, fit.task_ids, [h for h, _ in fit.pairs])
+    fold_of = path_folds(fit.result.targets, min(settings.cv_folds, len(fit.rows)), groups=groups)
     cv = cross_validate_candidate(fit.candidate, x, fit.result.targets, taxonomy, fold_of, fit.result.labelled_index,
                                   HeadsConfig())
     metrics = {**cv.metrics, "model_choice": fit.choice}

@@ -24,7 +24,7 @@ from model.atomic import atomic_write_bytes, atomic_write_json
 from model.errors import DataError
 from model.images import check_image_header, content_hash
 
-__all__ = ["ProjectImages", "sync_images"]
+__all__ = ["ProjectImages", "require_images", "sync_images"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class ProjectImages:
 
 
 def sync_images(settings: Settings, paths: ProjectPaths, source: ProjectSource, chunk: int = 256) -> ProjectImages:
-    """Download the images of all tasks that are not stored yet (an image value is fetched once).
+    """Download the images of all tasks that are not stored yet (an image value is fetched once, however many
+    tasks show it).
 
     The index ``images/index.json`` maps an image value to its content hash; an image changed behind an
     unchanged URL is therefore not seen again (re-import the task to change it). A download that is not an
@@ -64,24 +65,28 @@ def sync_images(settings: Settings, paths: ProjectPaths, source: ProjectSource, 
             failed[task.id] = f"task data has no {image_key!r} image value"
         else:
             values[task.id], keys[task.id] = value, fetcher.key(value)
-    todo = [tid for tid in values if keys[tid] not in index or not (root / index[keys[tid]]).exists()]
+    by_key: dict[str, list[int]] = {}  # index key -> tasks showing that image (a repeated URL is fetched once)
+    for tid, key in keys.items():
+        by_key.setdefault(key, []).append(tid)
+    todo = [key for key, tids in by_key.items() if key not in index or not (root / index[key]).exists()]
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=len(todo) < chunk)
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
-        for tid, got in zip(part, fetcher.fetch_many([values[t] for t in part])):
+        for key, got in zip(part, fetcher.fetch_many([values[by_key[k][0]] for k in part])):
+            tids = by_key[key]
             if isinstance(got, Exception):
-                failed[tid] = str(got)
+                failed.update((tid, str(got)) for tid in tids)
                 continue
             try:  # the serving limits apply to training too: such an image is neither trained on nor cached
-                check_image_header(got, settings.image_max_pixels, name=f"the image of task {tid}")
+                check_image_header(got, settings.image_max_pixels, name=f"the image of task {tids[0]}")
             except DataError as exc:
-                failed[tid] = str(exc)
+                failed.update((tid, str(exc)) for tid in tids)
                 continue
             digest = content_hash(got)
             path = root / digest
             if not path.exists():
                 atomic_write_bytes(path, got)
-            index[keys[tid]] = digest
+            index[key] = digest
         bar.update(len(part))
     bar.close()
     atomic_write_json(paths.images_index, index)
@@ -91,3 +96,15 @@ def sync_images(settings: Settings, paths: ProjectPaths, source: ProjectSource, 
         log.warning("Project %s: %d task images unavailable, e.g. task %s: %s", pid, len(failed),
                     *next(iter(failed.items())))
     return ProjectImages(task_ids, hashes, [root / h for h in hashes], failed)
+
+
+def require_images(images: ProjectImages, n_tasks: int) -> None:
+    """Stop a run that could read no image at all, naming the first error and what to check.
+
+    Raises:
+        DataError: ``images`` holds no image.
+    """
+    if not images.paths:
+        first = next(iter(images.failed.values()), "no image values")
+        raise DataError(f"none of the {n_tasks} tasks' images could be fetched (first error: {first}); "
+                        "check LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, ALLOWED_IMAGE_HOSTS and LOCAL_FILES_ROOT.")

@@ -14,7 +14,7 @@ Record layout (all times are UTC ISO-8601 strings)::
       "running_since": "...", "running_job_id": "taxomoco-train-7",   # None when nothing runs
       "last_success": {"version": "...", "duration_s": 12.3, "finished_at": "...", "result": {...}},
       "last_failure": {"reason": "...", "duration_s": 1.2, "finished_at": "...", "job_id": "..."},
-      "last_skip": {"reason": "need 3 more labels", "finished_at": "..."},
+      "last_skip": {"reason": "need 3 more labels", "finished_at": "...", "result": {...}},  # cold-start work
       "last_outcome": "succeeded" | "skipped" | "failed" | None,
       "counts": {"scheduled": 0, "coalesced": 0, "started": 0, "succeeded": 0, "skipped": 0, "failed": 0}
     }
@@ -36,7 +36,7 @@ from ml_backend.paths import ProjectPaths
 from model.atomic import atomic_write_text
 from model.errors import TaxomocoError
 
-__all__ = ["Counter", "JobOutcome", "JobRecords", "empty_record", "run_recorded", "utc_now"]
+__all__ = ["Counter", "JobOutcome", "JobRecords", "empty_record", "run_recorded", "timed_step", "utc_now"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,16 @@ class Counter(str, Enum):
 def utc_now() -> str:
     """The current time as an ISO-8601 UTC string (what records store)."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@contextlib.contextmanager
+def timed_step(durations: dict[str, float], step: str) -> Iterator[None]:
+    """Time one step of a job into ``durations[step]`` (seconds, the job result's ``durations_s``) and log it."""
+    start = time.monotonic()
+    log.info("step %s ...", step)
+    yield
+    durations[step] = round(time.monotonic() - start, 3)
+    log.info("step %s done in %.1f s", step, durations[step])
 
 
 def empty_record(project_id: int) -> dict[str, Any]:
@@ -131,6 +141,14 @@ class JobRecords:
                 r["queued_since"] = utc_now()
             r["queued_reason"] = reason
 
+    def mark_waiting(self, reason: str) -> None:
+        """A job waits (already counted by :meth:`mark_queued`): show it again after the running job's start
+        cleared it (the running job defers its after-publish work to it: ``ml_backend.training.tail``)."""
+        with self._locked() as r:
+            if r["queued_since"] is None:
+                r["queued_since"] = utc_now()
+                r["queued_reason"] = reason
+
     def add_coalesced(self, n: int) -> None:
         """Count ``n`` events that were folded into a job already waiting."""
         if n <= 0:
@@ -171,7 +189,8 @@ class JobRecords:
                 died before it could record its end).
             version: the published model version (SUCCEEDED only).
             reason: why it failed or was skipped.
-            result: the job's small result dict (SUCCEEDED), kept for ``/job_status``.
+            result: the job's small result dict (SUCCEEDED, and SKIPPED: the cold-start work), kept for
+                ``/job_status``.
         """
         with self._locked() as r:
             if job_id is None or r["running_job_id"] in (None, job_id):
@@ -184,7 +203,7 @@ class JobRecords:
             if outcome is JobOutcome.SUCCEEDED:
                 r["last_success"] = {**entry, "version": version, "result": result or {}}
             elif outcome is JobOutcome.SKIPPED:
-                r["last_skip"] = {**entry, "reason": reason}
+                r["last_skip"] = {**entry, "reason": reason, "result": result or {}}
             else:
                 r["last_failure"] = {**entry, "reason": reason}
 

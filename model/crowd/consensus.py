@@ -15,6 +15,11 @@ out-of-sample level probabilities as one more annotator when given. The level po
 decoded jointly over the taxonomy's full paths (path score = sum of level log-posteriors, so every
 consensus path is a child under its parent) and cut at the deepest level any annotator labelled.
 
+How likely each consensus path and each given label is right (the qualities behind the flags and the review
+list) comes from the per-level review probabilities of :mod:`model.crowd.pool`: the posterior blended with a
+linear pool of the model and the annotators, which stays calibrated when annotators and the model err together;
+the blend is chosen per level on held-out labels.
+
 Ground-truth annotations (then reviewed ones) take precedence when the policy says so: the consensus of
 such an item is the vote among those annotations alone.
 """
@@ -28,7 +33,9 @@ import numpy as np
 from model.arrays import FloatArray
 from model.crowd.dawid_skene import CrowdConfig, CrowdFit, Observations, fit_crowd
 from model.crowd.flags import annotator_stats, apply_policy, find_flags
+from model.crowd.neighbours import with_neighbours
 from model.crowd.path_decode import CHUNK, PathDecoder
+from model.crowd.pool import ReviewFit, review_posterior
 from model.crowd.types import Annotation, ConsensusPolicy, ConsensusResult, ItemConsensus
 from model.crowd.votes import _collect, level_weights
 from model.errors import TaxonomyError
@@ -44,6 +51,7 @@ def consensus(
     policy: ConsensusPolicy = ConsensusPolicy(),
     level_probs: Mapping[int, Sequence[FloatArray]] | None = None,
     crowd_config: CrowdConfig = CrowdConfig(),
+    neighbour_probs: Mapping[int, FloatArray] | None = None,
 ) -> ConsensusResult:
     """Consensus paths, their quality, annotator statistics and flags for all items.
 
@@ -55,6 +63,9 @@ def consensus(
         level_probs: optional model opinion, item -> list over levels of ``(K_k,)`` out-of-sample
             probability vectors (``K_k = taxonomy.num_classes(k)``). Items missing here have no model opinion.
         crowd_config: settings of the per-level estimation.
+        neighbour_probs: optional held-out label propagation, item -> ``(C,)`` leaf probabilities
+            (``taxonomy.candidate_paths(True)`` order): the neighbours' verdict that joins the label-error flags
+            (``model.crowd.neighbours``); it changes no consensus.
 
     Returns:
         The :class:`ConsensusResult`.
@@ -77,6 +88,7 @@ def consensus(
 
     model = _model_matrices(level_probs, items, row, taxonomy) if level_probs else None
     fits: list[CrowdFit] = []
+    reviews: list[ReviewFit] = []
     evidence = np.zeros((N, L), dtype=bool)  # (N, L) some annotator labelled level k of item i
     for k in range(L):
         entries = [
@@ -89,9 +101,11 @@ def consensus(
         idx = table[:, :3].astype(np.int64)
         obs = Observations(idx[:, 0], idx[:, 1], idx[:, 2], table[:, 3])
         evidence[obs.item, k] = True
-        fits.append(fit_crowd(obs, N, A, taxonomy.num_classes(k), None if model is None else model[k], crowd_config))
+        level_model = None if model is None or not crowd_config.use_model else model[k]
+        fits.append(fit_crowd(obs, N, A, taxonomy.num_classes(k), level_model, crowd_config))
+        reviews.append(review_posterior(obs, fits[-1], N, A, taxonomy.num_classes(k), level_model))
 
-    decoder = PathDecoder(taxonomy, fits, evidence, model, codes)
+    decoder = PathDecoder(taxonomy, fits, evidence, model, codes, [r.posterior for r in reviews])
     details: dict[int, ItemConsensus] = {}
     for start in range(0, N, CHUNK):
         rows = np.arange(start, min(start + CHUNK, N))
@@ -103,9 +117,11 @@ def consensus(
                 None if model_p is None else model_p[r].tolist(),
             )
 
+    if neighbour_probs:
+        details = with_neighbours(details, taxonomy, neighbour_probs)
     result = ConsensusResult(
         labels={}, excluded={}, items=details, annotators={}, flags=[], policy=policy, problems=problems,
-        level_fits=fits, item_order=items, annotator_order=annotators, used_model=model is not None,
+        level_fits=fits, level_reviews=reviews, item_order=items, annotator_order=annotators, used_model=model is not None,
         level_probs=level_probs or None,
     )
     result.flags = find_flags(result, taxonomy)

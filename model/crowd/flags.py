@@ -4,7 +4,8 @@ Flag kinds (:class:`FlagKind`), each at one taxonomy level:
     * ``annotators_disagree``: two or more annotators gave different labels; the level is the first where
       they diverge. Informational unless the consensus is also weak.
     * ``label_error_candidate``: one annotation is probably wrong (its estimated probability of being right
-      is below ``policy.error_threshold``) and the model confidently contradicts it; one flag per annotation.
+      is below ``policy.error_threshold``; with the neighbours' verdict, ``model.crowd.neighbours``, the mean of
+      both) and the model confidently contradicts it; one flag per annotation, scored by ``GivenLabel.error_score``.
     * ``low_quality_consensus``: the consensus path itself is uncertain (probability below
       ``policy.min_quality``); the level is the first whose class is uncertain. Blocks training on the item.
 
@@ -57,7 +58,7 @@ def find_flags(result: ConsensusResult, taxonomy: Taxonomy) -> list[Flag]:
         for g in ic.given:
             if g.ground_truth and resolved:
                 continue
-            if g.model_prob is None or g.quality >= policy.error_threshold:
+            if g.model_prob is None or 1.0 - g.error_score >= policy.error_threshold:
                 continue
             if g.model_prob > 1.0 - policy.model_confidence:
                 continue
@@ -65,10 +66,12 @@ def find_flags(result: ConsensusResult, taxonomy: Taxonomy) -> list[Flag]:
             if level is None:
                 model_code = ic.model_path or ()
                 level = next((k for k in range(len(g.paths[0])) if k >= len(model_code) or g.paths[0][k] != model_code[k]), 0)
+            neighbours = "" if g.neighbour_prob is None else f", its neighbours {g.neighbour_prob:.2f}"
             flags.append(Flag(
-                FlagKind.LABEL_ERROR_CANDIDATE, item, level, 1.0 - g.quality,
+                FlagKind.LABEL_ERROR_CANDIDATE, item, level, g.error_score,
                 f"Label {', '.join(_fmt(p) for p in g.paths)} by {g.annotator} is probably wrong "
-                f"(p={g.quality:.2f}; the model gives it {g.model_prob:.2f} and prefers {_fmt(ic.model_path)}).",
+                f"(p={g.quality:.2f}; the model gives it {g.model_prob:.2f}{neighbours} and prefers "
+                f"{_fmt(ic.model_path)}).",
                 annotator=g.annotator, given=g.paths, suggested=ic.path,
             ))
     flags.sort(key=lambda f: (-f.score, f.item, f.kind.value))

@@ -3,9 +3,17 @@
 The probability of a full path is the product of its level posteriors, renormalised over the taxonomy's
 full paths (levels no annotator labelled for an item are left out), so a consensus path is always a child
 under its parent. The consensus is the most probable full path cut at the deepest level any annotator
-labelled; its quality is the probability mass of the full paths under it. The same masses give the
-probability that each annotator's label is right and, from the model's own level probabilities, the
-model's opinion of each label.
+labelled.
+
+How likely a path is right comes from the per-level *review* probabilities (:mod:`model.crowd.pool`: the
+posteriors blended with a linear pool, robust to annotators who err together), level by level and never
+multiplied across levels (every level sees the same annotations, so a product would count them twice): the
+probability that a path is right down to level k is the smallest review probability of its classes at levels
+0..k. A class's probability already covers a wrong parent, so chaining levels (parent × child within the parent)
+would compound their uncertainties: a lone annotator's labels in a deep taxonomy would fall below the policy's
+``min_quality`` and out of training. That gives the consensus quality per level and the probability that each
+annotator's label is right; the model's own level probabilities, decoded like the posteriors, give the model's
+opinion of each label.
 """
 
 from __future__ import annotations
@@ -36,11 +44,12 @@ class PathDecoder:
         evidence: ``(N, L)`` whether some annotator labelled level k of item i.
         model: per level ``(N, K_k)`` model probabilities (zero rows: no opinion), or None.
         codes: path -> per-level class indices of every path given.
+        review: per level ``(N, K_k)`` review probabilities (:func:`model.crowd.pool.review_posterior`).
     """
 
     def __init__(
         self, taxonomy: Taxonomy, fits: list[CrowdFit], evidence: FloatArray, model: list[FloatArray] | None,
-        codes: Mapping[Path, Sequence[int]],
+        codes: Mapping[Path, Sequence[int]], review: list[FloatArray],
     ) -> None:
         self.taxonomy = taxonomy
         self.codes = codes  # path -> (L,) level indices of every path given
@@ -48,6 +57,7 @@ class PathDecoder:
         self.paths, self.index = taxonomy.candidate_paths(leafs_only=True)  # P paths, (P, L)
         self.evidence = evidence  # (N, L)
         self.log_post = [np.log(np.clip(f.posterior, 1e-300, None)) for f in fits]  # L x (N, K_k)
+        self.review = review  # L x (N, K_k)
         # (N,) whether the model has an opinion on the item
         self.has_model: BoolArray | None = None if model is None else np.any(np.stack([m.sum(axis=1) > 0 for m in model], 1), 1)
         self.model_log = None if model is None else [np.log(np.clip(m, 1e-12, None)) for m in model]
@@ -82,6 +92,17 @@ class PathDecoder:
             self._under[path] = under
         return float(sum(probs[j] for j in under))
 
+    def level_right(self, i: int, path: Path) -> list[float]:
+        """Per level k of ``path``, the probability that it is right down to level k (item row ``i``)."""
+        code = self.codes.get(path)
+        if code is None:
+            code = tuple(self.taxonomy.encode(path).tolist())
+        out: list[float] = []
+        for k in range(len(path)):
+            p = float(self.review[k][i, code[k]])
+            out.append(min(out[-1], p) if out else p)
+        return out
+
     def item_consensus(
         self, item: int, i: int, votes: list[Vote], policy: ConsensusPolicy, probs: list[float],
         model_probs: list[float] | None,
@@ -103,13 +124,13 @@ class PathDecoder:
         else:
             best = self.paths[max(range(len(probs)), key=probs.__getitem__)]
             path = best[: min(len(best), depth)]
-        quality = self._mass(probs, path)
-        level_quality = tuple(self._mass(probs, path[: k + 1]) for k in range(len(path)))
+        level_quality = tuple(self.level_right(i, path))
+        quality = level_quality[-1] if level_quality else 0.0
 
         given = []
         codes = self.codes
         for v in votes:
-            q = sum(self._mass(probs, p) for p in v.paths) / len(v.paths)
+            q = sum(self.level_right(i, p)[-1] for p in v.paths) / len(v.paths)
             mp = None if model_probs is None else sum(self._mass(model_probs, p) for p in v.paths) / len(v.paths)
             given.append(GivenLabel(v.annotator, v.paths, q, mp, first_wrong(v.paths, path), v.ground_truth, v.reviewed))
 

@@ -38,6 +38,7 @@ def _item_json(ic: ItemConsensus) -> dict[str, Any]:
         "given": [
             {"annotator": g.annotator, "paths": [list(p) for p in g.paths], "quality": round(g.quality, 6),
              "model_prob": None if g.model_prob is None else round(g.model_prob, 6),
+             "neighbour_prob": None if g.neighbour_prob is None else round(g.neighbour_prob, 6),
              "first_wrong_level": g.first_wrong_level, "ground_truth": g.ground_truth, "reviewed": g.reviewed}
             for g in ic.given
         ],
@@ -59,6 +60,7 @@ def result_to_json(result: ConsensusResult) -> dict[str, Any]:
             "items": len(result.items), "trained": len(result.labels), "excluded": len(result.excluded),
             "annotators": len(result.annotators), "flags": dict(counts), "used_model": result.used_model,
             "items_with_disagreement": sum(1 for ic in result.items.values() if ic.first_divergence is not None),
+            "quality_blend": [round(r.blend, 3) for r in result.level_reviews],
         },
         "policy": result.policy_record(),
         "review": review_list(result),

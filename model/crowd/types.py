@@ -13,6 +13,7 @@ from typing import Any
 
 from model.arrays import FloatArray
 from model.crowd.dawid_skene import CrowdFit
+from model.crowd.pool import ReviewFit
 from model.errors import ConfigError
 from model.taxonomy import Path  # a taxonomy path: one class name per level
 
@@ -102,11 +103,14 @@ class GivenLabel:
     Attributes:
         annotator: who gave it.
         paths: the canonical paths given (deepest only).
-        quality: estimated probability that the label is right (path posterior mass under its paths).
+        quality: estimated probability that the label is right (its paths' review probability, see
+            ``model.crowd.path_decode``; the mean over its paths).
         model_prob: the model's probability of the same paths, or None without a model.
         first_wrong_level: first level where it differs from the consensus, or None.
         ground_truth: the annotation is marked ground truth.
         reviewed: the annotation was accepted by a reviewer.
+        neighbour_prob: the probability its neighbours in the embedding give the same paths (held-out label
+            propagation, ``model.crowd.neighbours``), or None without that signal.
     """
 
     annotator: str
@@ -116,6 +120,14 @@ class GivenLabel:
     first_wrong_level: int | None
     ground_truth: bool = False
     reviewed: bool = False
+    neighbour_prob: float | None = None
+
+    @property
+    def error_score(self) -> float:
+        """How likely the label is wrong: ``1 - quality``, averaged with ``1 - neighbour_prob`` when known."""
+        if self.neighbour_prob is None:
+            return 1.0 - self.quality
+        return 1.0 - (self.quality + self.neighbour_prob) / 2
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,7 @@ class ConsensusResult:
         policy: the policy applied.
         problems: messages about input that could not be used (unknown labels, ...).
         level_fits: per level, the crowd estimation (confusion matrices, posteriors), rows in ``item_order``.
+        level_reviews: per level, the review probabilities behind every quality (``model.crowd.pool``).
         item_order: item ids in the row order of ``level_fits``.
         annotator_order: annotator ids in the order of ``level_fits`` confusion matrices.
         used_model: whether model probabilities took part.
@@ -184,6 +197,7 @@ class ConsensusResult:
     policy: ConsensusPolicy
     problems: list[str] = field(default_factory=list)
     level_fits: list[CrowdFit] = field(default_factory=list, repr=False)
+    level_reviews: list[ReviewFit] = field(default_factory=list, repr=False)
     item_order: list[int] = field(default_factory=list, repr=False)
     annotator_order: list[str] = field(default_factory=list, repr=False)
     used_model: bool = False
@@ -193,6 +207,8 @@ class ConsensusResult:
         """What the model manifest records about the training labels."""
         return {
             "consensus_method": "dawid-skene per level" + (" + model" if self.used_model else "") + ", taxonomy-decoded",
+            "quality_method": "dawid-skene posterior blended with a linear pool, blend chosen on held-out labels",
+            "quality_blend": [round(r.blend, 3) for r in self.level_reviews],
             "policy": asdict(self.policy),
             "items_seen": len(self.items),
             "items_trained": len(self.labels),

@@ -36,6 +36,7 @@ import numpy as np
 from model.arrays import FloatArray, IntArray
 from model.atomic import atomic_write_text, fsync_dir
 from model.errors import ConfigError, DataError
+from model.neighbors.pairs import pairs_above as similar_pairs
 
 __all__ = ["KnnGraph", "NeighborIndex", "knn_graph", "load_index", "normalise", "single_threaded"]
 
@@ -109,7 +110,7 @@ class NeighborIndex:
         single_threaded()
         self.dim = int(dim)
         self.encoder_version = str(encoder_version)
-        self._index: faiss.Index = faiss.IndexFlatIP(self.dim)
+        self._index: faiss.IndexFlatIP = faiss.IndexFlatIP(self.dim)
         self._keys: list[str] = []
         self._rows: dict[str, int] = {}
 
@@ -211,11 +212,18 @@ class NeighborIndex:
         out = [(self._keys[int(r)], float(s)) for s, r in zip(sims[0], rows[0]) if r >= 0 and int(r) != me]
         return out[:k]
 
-    def knn(self, k: int) -> KnnGraph:
+    def knn(self, k: int, previous: KnnGraph | None = None) -> KnnGraph:
         """The k-nearest-neighbour graph of every row (exact; ``N × N`` inner products in blocks).
 
         Its own row is removed from each row's list (an identical vector stored under another key stays:
         it is a different image with the same embedding).
+
+        Args:
+            k: neighbours per row.
+            previous: this index's graph from before rows were added (the same ``k``, its keys the first rows of
+                this index: :meth:`add` only appends). Then only the new rows are searched against all rows and the
+                old rows against the new ones, ``(N - M) × N`` inner products instead of ``N × N``; a graph that
+                does not fit is ignored.
         """
         n = len(self)
         k = int(k)
@@ -223,8 +231,13 @@ class NeighborIndex:
             raise DataError(f"k={k} must be >= 1.")
         neighbors = np.full((n, k), -1, dtype=np.int64)  # (N, k)
         sims = np.full((n, k), -np.inf, dtype=np.float32)  # (N, k)
+        m = 0
+        if previous is not None and previous.neighbors.shape[1] == k and len(previous.keys) <= n and \
+                previous.keys == self._keys[:len(previous.keys)]:
+            m = len(previous.keys)
+            neighbors[:m], sims[:m] = previous.neighbors, previous.similarities
         want = min(k + 1, n)
-        for start in range(0, n, _SEARCH_BATCH):
+        for start in range(m, n, _SEARCH_BATCH):  # the new rows (all of them without a previous graph)
             stop = min(n, start + _SEARCH_BATCH)
             block = self._index.reconstruct_n(start, stop - start)  # (B, D)
             s, r = self._index.search(block, want)  # (B, k+1)
@@ -233,35 +246,39 @@ class NeighborIndex:
                 rr, ss = r[j][keep][:k], s[j][keep][:k]
                 neighbors[start + j, :len(rr)] = rr
                 sims[start + j, :len(ss)] = ss
+        if 0 < m < n:
+            self._merge_added(m, k, neighbors, sims)
         return KnnGraph(self.keys, neighbors, sims)
 
+    def _merge_added(self, m: int, k: int, neighbors: IntArray, sims: FloatArray) -> None:
+        """Merge the rows added after row ``m - 1`` into the neighbour lists of rows ``0..m-1`` (in place)."""
+        n = len(self)
+        added = faiss.IndexFlatIP(self.dim)
+        added.add(self._index.reconstruct_n(m, n - m))  # (N - M, D)
+        for start in range(0, m, _SEARCH_BATCH):
+            stop = min(m, start + _SEARCH_BATCH)
+            s, r = added.search(self._index.reconstruct_n(start, stop - start), min(k, n - m))  # (B, k')
+            found = r >= 0
+            cand_r = np.concatenate([neighbors[start:stop], np.where(found, r + m, -1)], axis=1)  # (B, k + k')
+            cand_s = np.concatenate([sims[start:stop], np.where(found, s, -np.inf).astype(np.float32)], axis=1)
+            best = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]  # (B, k)
+            neighbors[start:stop] = np.take_along_axis(cand_r, best, axis=1)
+            sims[start:stop] = np.take_along_axis(cand_s, best, axis=1)
+
     def pairs_above(self, threshold: float, start: int = 0) -> tuple[IntArray, FloatArray]:
-        """Pairs of distinct rows whose cosine similarity is at least ``threshold`` (faiss range search).
+        """Pairs of distinct rows whose cosine similarity is at least ``threshold`` (exact; see
+        :mod:`model.neighbors.pairs`: about ``N^1.5`` products for a near-duplicate threshold instead of ``N²``).
 
         Args:
             threshold: the cosine similarity a pair must reach.
             start: only pairs with at least one row ``>= start`` (the rows added since an earlier call with the
-                old length: an incremental update costs ``(N - start) × N`` products instead of ``N × N``).
+                old length: an incremental update costs at most ``(N - start) × N`` products instead of ``N × N``).
 
         Returns:
-            ``(pairs (P, 2) int64 with i < j, similarities (P,) float32)``.
+            ``(pairs (P, 2) int64 with i < j, similarities (P,) float32)``, ordered by ``(i, j)``.
         """
-        n = len(self)
-        firsts, seconds, values = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-        # faiss keeps results with inner product > radius: step just below the threshold to include it
-        radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
-        for lo in range(max(0, int(start)), n, _SEARCH_BATCH):
-            hi = min(n, lo + _SEARCH_BATCH)
-            block = self._index.reconstruct_n(lo, hi - lo)  # (B, D)
-            lims, dist, rows = self._index.range_search(block, radius)
-            owner = np.repeat(np.arange(lo, hi), np.diff(lims).astype(np.int64))  # (R,)
-            rows = rows.astype(np.int64)
-            keep = (rows > owner) | (rows < start)  # each pair once: old rows are never queries
-            firsts.append(np.minimum(owner, rows)[keep])
-            seconds.append(np.maximum(owner, rows)[keep])
-            values.append(dist[keep])
-        pairs = np.stack([np.concatenate(firsts), np.concatenate(seconds)], axis=1).astype(np.int64)  # (P, 2)
-        return pairs, np.concatenate(values).astype(np.float32)
+        single_threaded()
+        return similar_pairs(self._index, threshold, start)
 
     # ----- persistence --------------------------------------------------------------------------------
     def save(self, directory: Path | str, durable: bool = False) -> Path:
