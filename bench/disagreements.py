@@ -27,9 +27,23 @@ Compared, on the same annotations and probabilities:
       majority-vote start), flat per level, without the model; review score = 1 - posterior of the consensus.
     * ``crowdlab``: ``cleanlab.multiannotator.get_label_quality_multiannotator`` run flat on each level.
     * ``ours``: ``model.crowd.consensus.consensus`` (per-level Dawid-Skene with the model as an annotator,
-      decoded to consistent paths).
+      decoded to consistent paths; every quality, the review ranking and the label-error ranking come from
+      ``model.crowd.pool``: the Dawid-Skene posterior blended with a linear pool, the blend chosen per level on
+      held-out labels and printed with the results).
 
-Run: ``.venv/bin/python bench/disagreements.py [--regime difficulty|confusion] [--seeds 5]``; writes
+Metrics: consensus accuracy per level; AUROC of each method's review ranking for its own wrong consensus labels,
+per level; wrong consensus labels left after a person re-checks the top 10 % of that ranking (fraction of all
+tasks, lower is better: counts a better consensus and a better ranking alike); R-precision and AUROC of the
+label-error ranking over all single annotations; Spearman of estimated annotator quality with true accuracy. A
+method with a more accurate consensus has fewer and harder wrong labels left to rank, so the AUROC columns compare
+rankings of different sets; the like-for-like table scores both rankings on the tasks where both consensus labels
+are the same.
+
+The design of ``model.crowd.pool`` (linear pool with per-annotator votes, blend chosen on held-out labels,
+per-level quality) was chosen on seeds 100-102 of both regimes (``--first-seed 100 --seeds 3``); the reported
+seeds are 0-4, never looked at while choosing.
+
+Run: ``.venv/bin/python bench/disagreements.py [--regime difficulty|confusion] [--seeds 5] [--first-seed 0]``; writes
 ``bench/results/disagreements.txt`` (``--append`` adds to it).
 """
 
@@ -58,16 +72,23 @@ from bench.datasets import ANIMAL_CLASSES, ANIMAL_TAXONOMY, animal_path, load_an
 from bench.provenance import header, load_line, write_result
 from model.crowd.consensus import consensus
 from model.crowd.types import Annotation, ConsensusPolicy
+from model.neighbors.index import knn_graph
+from model.propagation import PROPAGATION_NEIGHBOURS, held_out
 
 LEVELS = ("group", "animal")
-OURS = "ours (Dawid-Skene per level + model, path-decoded)"
+OURS = "ours (Dawid-Skene per level + model, path-decoded; quality: blend with a linear pool)"
 CROWDLAB = "CROWDLAB (cleanlab, per level)"
 DS = "Dawid-Skene (classic EM, per level, no model)"
 MAJORITY = "majority vote"
+PROP_MODEL = "ours, model = mean(model, out-of-fold propagation)"
+PROP_SCORE = "ours with the neighbours' verdict: error score = mean(1 - quality, 1 - propagated p(given))"
+PROP_ALONE = "1 - propagated p(given) alone"
 DIFFICULTY_SLOPE = 1.5
 """How much harder a hard image is: log-odds of a right label fall by this per standard deviation of difficulty."""
 TOWARDS_MODEL = 0.6
 """Share of mistakes that go to the class the reference model confuses the image with."""
+REVIEW_SHARE = 0.1
+"""Share of the tasks a person re-checks, top of the review ranking first (the ``left`` metrics)."""
 
 
 # ----- simulation -----------------------------------------------------------------------------------------
@@ -222,8 +243,55 @@ def precision_at(scores: np.ndarray, wrong: np.ndarray, k: int) -> float:
     return float(wrong[top].mean())
 
 
-def one_seed(feats: np.ndarray, truth_leaf: np.ndarray, seed: int, ref_probs: np.ndarray | None) -> dict:
-    """Simulate with ``seed`` and score every method; ``{"rows": {method: {metric: value}}, ...}``."""
+def propagated_probs(graph: tuple[np.ndarray, np.ndarray], train_labels: np.ndarray, seed: int) -> np.ndarray:
+    """Out-of-fold label propagation ``(N, 10)`` of the majority-vote leaf labels over the kNN graph, on the folds of
+    :func:`model_probs` (``model.propagation.held_out``): each image's leaf distribution from its neighbours' labels,
+    its own (and its fold's) removed."""
+    fold_of = np.empty(len(train_labels), dtype=np.int64)
+    for f, (_, test) in enumerate(StratifiedKFold(n_splits=5, shuffle=True, random_state=seed).split(
+            np.zeros(len(train_labels)), train_labels)):
+        fold_of[test] = f
+    y = np.zeros((len(train_labels), len(ANIMAL_CLASSES)))
+    y[np.arange(len(train_labels)), train_labels] = 1.0
+    probs, _ = held_out(*graph, y, fold_of)
+    return probs
+
+
+def propagation_variants(annotations: list[Annotation], level_probs: dict[int, list[np.ndarray]], prop: np.ndarray,
+                         tax_col: np.ndarray, g_of: np.ndarray, ours_err: np.ndarray, ann: list[tuple[int, int, int]],
+                         names: list[str], ann_wrong: np.ndarray) -> dict[str, dict[str, float]]:
+    """Label-error ranking of ours with the out-of-fold propagation ``prop (N, 10)`` (package leaf order) as a signal:
+    ``model``: the model probabilities replaced by the mean of the model's and the propagated ones (the neighbours
+    as part of the model annotator); ``score``: the product's ``consensus(..., neighbour_probs=...)``, whose
+    error score (``GivenLabel.error_score``) is the mean of ``1 - quality`` and 1 - the propagated probability of the
+    given label (``model.crowd.neighbours``)."""
+    n = len(prop)
+    tax_prop = np.zeros_like(prop)
+    tax_prop[:, tax_col] = prop
+    group_prop = np.stack([prop[:, g_of == g].sum(axis=1) for g in range(int(g_of.max()) + 1)], axis=1)
+    mixed = {i: [(level_probs[i][0] + group_prop[i]) / 2, (level_probs[i][1] + tax_prop[i]) / 2] for i in range(n)}
+    res = consensus(annotations, ANIMAL_TAXONOMY, ConsensusPolicy(), mixed)
+    given_q = {(i, g.annotator): g.quality for i in range(n) for g in res.items[i].given}
+    model_err = np.array([1 - given_q[(i, names[a])] for i, a, _ in ann])
+    leaf_paths = ANIMAL_TAXONOMY.candidate_paths(leafs_only=True)[0]
+    leaf_col = np.array([leaf_paths.index(animal_path(c)) for c in range(prop.shape[1])])
+    path_prop = np.zeros_like(prop)
+    path_prop[:, leaf_col] = prop
+    res = consensus(annotations, ANIMAL_TAXONOMY, ConsensusPolicy(), level_probs,
+                    neighbour_probs={i: path_prop[i] for i in range(n)})
+    given_err = {(i, g.annotator): g.error_score for i in range(n) for g in res.items[i].given}
+    score_err = np.array([given_err[(i, names[a])] for i, a, _ in ann])
+    prop_err = np.array([1 - prop[i, c] for i, _, c in ann])
+    return {"ours": _error_metrics(ours_err, ann_wrong),
+            PROP_MODEL: _error_metrics(model_err, ann_wrong),
+            PROP_SCORE: _error_metrics(score_err, ann_wrong),
+            PROP_ALONE: _error_metrics(prop_err, ann_wrong)}
+
+
+def one_seed(feats: np.ndarray, truth_leaf: np.ndarray, seed: int, ref_probs: np.ndarray | None,
+             graph: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Simulate with ``seed`` and score every method; ``{"rows": {method: {metric: value}}, ...}``; with ``graph``
+    (the kNN graph of ``feats``) also the label-error ranking with the propagation signal (``"propagation"``)."""
     rng = np.random.default_rng(seed)
     n = len(truth_leaf)
     g_of = group_of_leaf()
@@ -249,9 +317,14 @@ def one_seed(feats: np.ndarray, truth_leaf: np.ndarray, seed: int, ref_probs: np
             wrong = cons[k] != truth[k]
             out[f"acc_{LEVELS[k]}"] = float((~wrong).mean())
             out[f"auroc_{LEVELS[k]}"] = roc_auc_score(wrong, review[k])
+            checked = np.argsort(-review[k], kind="stable")[: int(REVIEW_SHARE * n)]
+            left = wrong.copy()
+            left[checked] = False
+            out[f"left_{LEVELS[k]}"] = float(left.mean())
         return out
 
     rows: dict[str, dict[str, float]] = {}
+    ranked: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # method -> consensus, review score per level
     mv = [majority(level_lab[k], ks[k], rng) for k in range(2)]
     t0 = time.perf_counter()
     leaf_probs = model_probs(feats, mv[1][0], seed)  # (N, 10), trained on majority-vote labels
@@ -264,21 +337,24 @@ def one_seed(feats: np.ndarray, truth_leaf: np.ndarray, seed: int, ref_probs: np
     n_ann = (leaf_lab >= 0).sum(axis=1)
     mv_err = 1 - counts[ann_item, ann_given] / n_ann[ann_item] + rng.random(len(ann)) * 1e-6
     mv_q = np.array([(leaf_lab[seen[a], a] == mv[1][0][seen[a]]).mean() for a in range(m)])
-    rows[MAJORITY] = {**level_metrics([c for c, _ in mv], [1 - f for _, f in mv]),
+    ranked[MAJORITY] = ([c for c, _ in mv], [1 - f for _, f in mv])
+    rows[MAJORITY] = {**level_metrics(*ranked[MAJORITY]),
                       **_error_metrics(mv_err, ann_wrong), "spearman": spearmanr(mv_q, true_acc)[0]}
 
     t0 = time.perf_counter()
     ds = [dawid_skene(level_lab[k], ks[k]) for k in range(2)]
     timing["dawid_skene"] = time.perf_counter() - t0
     ds_err = 1 - ds[1]["posterior"][ann_item, ann_given]
-    rows[DS] = {**level_metrics([d["consensus"] for d in ds], [1 - d["posterior"].max(axis=1) for d in ds]),
+    ranked[DS] = ([d["consensus"] for d in ds], [1 - d["posterior"].max(axis=1) for d in ds])
+    rows[DS] = {**level_metrics(*ranked[DS]),
                 **_error_metrics(ds_err, ann_wrong), "spearman": spearmanr(ds[1]["annotator_quality"], true_acc)[0]}
 
     t0 = time.perf_counter()
     cl = [run_crowdlab(level_lab[k], level_probs_arr[k]) for k in range(2)]
     timing["crowdlab"] = time.perf_counter() - t0
     cl_err = 1 - cl[1]["detailed"][ann_item, ann_who]
-    rows[CROWDLAB] = {**level_metrics([c["consensus"] for c in cl], [1 - c["quality"] for c in cl]),
+    ranked[CROWDLAB] = ([c["consensus"] for c in cl], [1 - c["quality"] for c in cl])
+    rows[CROWDLAB] = {**level_metrics(*ranked[CROWDLAB]),
                       **_error_metrics(cl_err, ann_wrong), "spearman": spearmanr(cl[1]["annotator_quality"], true_acc)[0]}
 
     annotations = [Annotation(i, names[a], (animal_path(c),)) for i, a, c in ann]
@@ -299,24 +375,43 @@ def one_seed(feats: np.ndarray, truth_leaf: np.ndarray, seed: int, ref_probs: np
     rows[OURS] = {**level_metrics(cons, review), **_error_metrics(ours_err, ann_wrong),
                   "spearman": spearmanr(ours_q, true_acc)[0]}
 
+    # Like for like: both review rankings scored on the tasks where both methods give the same consensus label.
+    same: dict[str, dict[str, tuple[float, float]]] = {}
+    for meth, (b_cons, b_review) in ranked.items():
+        same[meth] = {}
+        for k in range(2):
+            common = cons[k] == b_cons[k]
+            wrong = cons[k][common] != truth[k][common]
+            same[meth][LEVELS[k]] = (roc_auc_score(wrong, review[k][common]), roc_auc_score(wrong, b_review[k][common]))
+    n_common = {meth: int((cons[1] == b_cons[1]).sum()) for meth, (b_cons, _) in ranked.items()}
+
+    prop_rows = {}
+    if graph is not None:
+        t0 = time.perf_counter()
+        prop = propagated_probs(graph, mv[1][0], seed)
+        prop_rows = propagation_variants(annotations, level_probs, prop, tax_col, g_of, ours_err, ann, names, ann_wrong)
+        timing["propagation"] = time.perf_counter() - t0
     kept = list(res.labels)
-    return {"rows": rows, "timing": timing, "n": n, "model_acc": model_acc, "n_ann": len(ann),
+    return {"rows": rows, "propagation": prop_rows, "same": same, "common": n_common,
+            "blend": [r.blend for r in res.level_reviews],
+            "timing": timing, "n": n, "model_acc": model_acc, "n_ann": len(ann),
             "err_rate": float(ann_wrong.mean()), "true_acc": true_acc, "names": names,
             "kept": len(kept), "kept_acc": float(np.mean([leaf_index(res.labels[i]) == truth_leaf[i] for i in kept]))}
 
 
 COLS = [("acc_group", "acc L0"), ("acc_animal", "acc L1"), ("auroc_group", "review AUROC L0"),
-        ("auroc_animal", "review AUROC L1"), ("p@R", "label-error R-prec"), ("err_auroc", "label-error AUROC"),
-        ("spearman", "annotator Spearman")]
+        ("auroc_animal", "review AUROC L1"), ("left_group", "wrong left L0"), ("left_animal", "wrong left L1"),
+        ("p@R", "label-error R-prec"), ("err_auroc", "label-error AUROC"), ("spearman", "annotator Spearman")]
+LOWER_IS_BETTER = {"left_group", "left_animal"}
 
 
-def compare(a: list[float], b: list[float]) -> str:
+def compare(a: list[float], b: list[float], lower_is_better: bool = False) -> str:
     """``a`` vs ``b`` over seeds: win / loss when the mean difference exceeds the larger std, else a tie."""
     diff = statistics.mean(a) - statistics.mean(b)
     spread = max(statistics.stdev(a), statistics.stdev(b)) if len(a) > 1 else 0.0
     if abs(diff) <= spread or abs(diff) < 5e-4:
         return f"tie ({diff:+.3f})"
-    return f"{'win' if diff > 0 else 'loss'} ({diff:+.3f})"
+    return f"{'win' if (diff < 0) == lower_is_better else 'loss'} ({diff:+.3f})"
 
 
 def report(regime: str, seeds: list[int], runs: list[dict]) -> list[str]:
@@ -336,8 +431,7 @@ def report(regime: str, seeds: list[int], runs: list[dict]) -> list[str]:
     for meth in methods:
         cells = []
         for key, _ in COLS:
-            vals = [r["rows"][meth][key] for r in runs]
-            cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}")
+            cells.append(_ms([r["rows"][meth][key] for r in runs]))
         lines.append(f"| {meth} | " + " | ".join(cells) + " |")
     lines += ["", "Ours against each baseline (win / loss: the mean difference exceeds the larger std over seeds; "
                   "otherwise a tie):", "", "| ours vs | " + " | ".join(c[1] for c in COLS) + " |",
@@ -345,8 +439,26 @@ def report(regime: str, seeds: list[int], runs: list[dict]) -> list[str]:
     for meth in methods:
         if meth == OURS:
             continue
-        cells = [compare([r["rows"][OURS][k] for r in runs], [r["rows"][meth][k] for r in runs]) for k, _ in COLS]
+        cells = [compare([r["rows"][OURS][k] for r in runs], [r["rows"][meth][k] for r in runs], k in LOWER_IS_BETTER)
+                 for k, _ in COLS]
         lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+    lines += ["", "Like for like: review AUROC of ours and of the baseline on the tasks where both give the same consensus "
+                  "label (the same wrong labels to find), mean ± std over seeds:", "",
+              "| ours vs | same animal (tasks) | review AUROC L0 ours / theirs | L0 | review AUROC L1 ours / theirs | L1 |",
+              "|---|---|---|---|---|---|"]
+    for meth in methods:
+        if meth == OURS:
+            continue
+        cells = []
+        for level in LEVELS:
+            ours_auc = [r["same"][meth][level][0] for r in runs]
+            theirs = [r["same"][meth][level][1] for r in runs]
+            cells += [f"{_ms(ours_auc)} / {_ms(theirs)}", compare(ours_auc, theirs)]
+        common = statistics.mean(r["common"][meth] for r in runs)  # tasks with the same animal
+        lines.append(f"| {meth} | {common:.0f} | " + " | ".join(cells) + " |")
+    blends = [r["blend"] for r in runs]
+    lines += ["", "Blend of the Dawid-Skene posterior in ours' quality (chosen per level on held-out labels, 1 = plain "
+                  "Dawid-Skene), per seed: " + "; ".join("/".join(f"{b:.2f}" for b in bl) for bl in blends) + "."]
     lines += ["", "| annotator | true accuracy (seed " + str(seeds[0]) + ") |", "|---|---|"]
     lines += [f"| {a} | {acc:.3f} |" for a, acc in zip(first["names"], first["true_acc"])]
     timing = {k: statistics.mean(r["timing"][k] for r in runs) for k in first["timing"]}
@@ -358,13 +470,37 @@ def report(regime: str, seeds: list[int], runs: list[dict]) -> list[str]:
     return lines
 
 
+def propagation_report(runs: list[dict]) -> list[str]:
+    """The label-error ranking with the out-of-fold propagation signal against ours (same seeds, ties as ties)."""
+    variants = list(runs[0]["propagation"])
+    lines = [f"Label-error ranking with out-of-fold label propagation (k={PROPAGATION_NEIGHBOURS} kNN graph of the "
+             "methods' features, majority-vote leaf labels as seeds, the model's 5 folds) as a signal, vs ours "
+             "(win / loss: the mean difference exceeds the larger std over seeds):", "",
+             "| label-error score | R-prec | AUROC | R-prec vs ours | AUROC vs ours |", "|---|---|---|---|---|"]
+    for v in variants:
+        cells = [_ms([r["propagation"][v][k] for r in runs]) for k in ("p@R", "err_auroc")]
+        cells += ["" if v == "ours" else compare([r["propagation"][v][k] for r in runs],
+                                                 [r["propagation"]["ours"][k] for r in runs]) for k in ("p@R", "err_auroc")]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _ms(vals: list[float]) -> str:
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regime", choices=["difficulty", "confusion", "both"], default="both")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds are first-seed .. first-seed + seeds - 1 (choices were tuned on 100-102)")
     parser.add_argument("--items", type=int, default=0, help="use a random subset of this many images (0 = all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "disagreements.txt")
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    parser.add_argument("--propagation", action="store_true",
+                        help="also score the label-error ranking with out-of-fold label propagation over the kNN graph "
+                             "of the features as a signal (model.propagation.held_out)")
     args = parser.parse_args()
     # one BLAS thread: on a loaded 2-core machine multi-threaded BLAS made the logistic regressions ~90x slower
     threadpool_limits(1)
@@ -376,21 +512,25 @@ def main() -> None:
     feats = pca_features(images)
     # the reference model behind item difficulty: trained on the true labels (fixed folds, seed 1000)
     ref_probs = model_probs(feats, truth_leaf, 1000)
-    seeds = list(range(args.seeds))
+    graph = knn_graph(feats, PROPAGATION_NEIGHBOURS) if args.propagation else None
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     regimes = ["difficulty", "confusion"] if args.regime == "both" else [args.regime]
     lines = head + [
         "Metrics: consensus accuracy per level (L0 group, L1 animal); AUROC of each method's review ranking for "
-        "a wrong consensus per level; R-precision and AUROC of the label-error ranking over all single annotations "
-        "(wrong animal); Spearman of estimated annotator quality with true accuracy. Reference model behind the "
+        "its own wrong consensus labels per level; wrong consensus labels left after re-checking the top "
+        f"{REVIEW_SHARE:.0%} of that ranking (fraction of all tasks, lower is better); R-precision and AUROC of the "
+        "label-error ranking over all single annotations (wrong animal); Spearman of estimated annotator quality with "
+        "true accuracy. Ours' design was chosen on seeds 100-102 of both regimes; the seeds below were not looked at "
+        "while choosing (unless they are 100-102). Reference model behind the "
         f"difficulty (trained on true labels, out-of-fold): animal accuracy {(ref_probs.argmax(1) == truth_leaf).mean():.3f}.",
         ""]
     for regime in regimes:
         runs = []
         for seed in seeds:
-            runs.append(one_seed(feats, truth_leaf, seed, ref_probs if regime == "difficulty" else None))
+            runs.append(one_seed(feats, truth_leaf, seed, ref_probs if regime == "difficulty" else None, graph))
             print(f"{regime} seed {seed}: " + ", ".join(f"{k}: {v['acc_animal']:.3f}" for k, v in runs[-1]["rows"].items()),
                   flush=True)
-        lines += report(regime, seeds, runs) + [""]
+        lines += report(regime, seeds, runs) + [""] + (propagation_report(runs) if args.propagation else [])
     lines.append(load_line("at the end"))
     write_result(args.out, "\n".join(lines) + "\n", append=args.append)
 

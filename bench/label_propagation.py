@@ -13,9 +13,17 @@ same leaf accuracy estimated by cross-validation on the labelled images only, wi
 training run could use to choose the model); ``CV picks`` is how often that estimate picks the method that
 really is better on the unlabelled images.
 
+With ``--choice`` it also runs the product's model choice as a training would (``model.heads.selection.select_and_fit``
+on the enabled candidates' features, ``Settings.model_candidates`` and ``Settings.cv_folds``: pixels and the
+encoder's embeddings) and, on the **same folds**, the propagation models of ``model.propagation_choice`` (the held-out
+fold's labels removed from the seeds, k = ``model.propagation.PROPAGATION_NEIGHBOURS``); for each
+``model.propagation_choice.ChoiceRule`` it reports what the choice picks and the leaf accuracy of the pick on the
+unlabelled images against the heads alone (``heads`` rule: the product before this candidate). Win / loss: the
+mean paired difference over the draws exceeds its standard deviation; otherwise a tie.
+
 Usage:
     python bench/label_propagation.py --encoder ENCODER_DIR [--embeddings-cache EMB.npy] [--per-class 2 5 10]
-        [--seeds 3] [--k 10 30] [--out bench/results/label_propagation.txt]
+        [--seeds 3] [--first-seed 0] [--k 10 30] [--choice] [--out bench/results/label_propagation.txt]
 """
 
 from __future__ import annotations
@@ -31,12 +39,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: run from anywhere
 
+from PIL import Image  # noqa: E402
+
 from bench.datasets import ANIMAL_TAXONOMY, load_animal_mnist  # noqa: E402
 from bench.prefix_threshold import embed  # noqa: E402
+from bench.provenance import load_line  # noqa: E402
+from ml_backend.settings import Settings  # noqa: E402
+from model.features.pixels import PixelFeatures  # noqa: E402
+from model.heads.candidates import FeatureSource, parse_candidates  # noqa: E402
 from model.heads.decode import decode, full_path_log_probs  # noqa: E402
+from model.heads.selection import select_and_fit  # noqa: E402
 from model.heads.training import fit, heads_logits  # noqa: E402
 from model.neighbors.index import knn_graph  # noqa: E402
-from model.propagation import propagate  # noqa: E402
+from model.paired_gain import GainRule  # noqa: E402
+from model.propagation import PROPAGATION_NEIGHBOURS, leaf_probabilities, propagate, seed_matrix, spread  # noqa: E402
+from model.propagation_choice import BLEND, PROPAGATION, ChoiceRule, blend_probabilities, choose, held_out_scores  # noqa: E402
 
 
 def accuracy(pred: list[tuple[str, ...]], truth: list[tuple[str, ...]]) -> tuple[float, float]:
@@ -53,6 +70,9 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, nargs="+", default=[2, 5, 10])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--k", type=int, nargs="+", default=[10, 30])
+    parser.add_argument("--first-seed", type=int, default=0, help="label draws first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--choice", action="store_true", help="also run the product's model choice with the "
+                        "propagation candidates (see the module)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/label_propagation.txt"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -71,8 +91,18 @@ def main() -> int:
     full_paths, _ = ANIMAL_TAXONOMY.candidate_paths(leafs_only=True)
     to_leaf = np.array([full_paths.index(leaf) for leaf in leaves])  # our leaf order -> the heads' path order
     stats: dict[tuple[int, str], list[dict[str, float]]] = {}
+    choice_stats: dict[tuple[int, str], list[dict[str, float | str]]] = {}
+    settings = Settings.from_env(env={})
+    features: dict[FeatureSource, np.ndarray] = {}
+    if args.choice:
+        images, _ = load_animal_mnist()
+        features = {FeatureSource.PIXELS: PixelFeatures().embed([Image.fromarray(im) for im in images]),
+                    FeatureSource.ENCODER: emb}
+        if PROPAGATION_NEIGHBOURS not in graphs:
+            graphs[PROPAGATION_NEIGHBOURS] = knn_graph(emb, PROPAGATION_NEIGHBOURS)
+    seeds_run = list(range(args.first_seed, args.first_seed + args.seeds))
     for per_class in args.per_class:
-        for seed in range(args.seeds):
+        for seed in seeds_run:
             rng = np.random.default_rng(seed)
             labelled = np.concatenate([rng.choice(np.flatnonzero(leaf_of == c), per_class, replace=False)
                                        for c in range(len(leaves))])
@@ -116,6 +146,10 @@ def main() -> int:
                     {"leaf": leaf, "group": group, "cv": float(np.mean(hits)), "s": seconds})
                 stats.setdefault((per_class, f"heads+lp k={k}"), []).append(
                     {"leaf": mixed_leaf, "group": mixed_group, "cv": float(np.mean(mixed_hits)), "s": seconds})
+            if args.choice:
+                for rule, row in product_choice(features, graphs[PROPAGATION_NEIGHBOURS], labelled, test, truth,
+                                                full_paths, settings).items():
+                    choice_stats.setdefault((per_class, rule), []).append(row)
             print(f"{per_class}/class seed {seed}: " + ", ".join(
                 f"{m} {stats[(per_class, m)][-1]['leaf']:.3f} (cv {stats[(per_class, m)][-1]['cv']:.3f})"
                 for m in methods), flush=True)
@@ -132,14 +166,74 @@ def main() -> int:
             rows.append(f"| {per_class} | {m} | {mean['leaf']:.3f} ± {spread:.3f} | {mean['group']:.3f} | "
                         f"{mean['cv']:.3f} | {picks} | {mean['s']:.1f} |")
     text = "\n".join(rows)
+    if args.choice:
+        text += "\n\n" + choice_table(choice_stats, args.per_class, settings)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
-        f"# Label propagation vs heads on animal-mnist (means ± std over {args.seeds} label draws)\n\n"
+        f"# Label propagation vs heads on animal-mnist (means ± std over {args.seeds} label draws: seeds "
+        f"{seeds_run[0]}-{seeds_run[-1]})\n\n"
         f"command: python bench/label_propagation.py {' '.join(sys.argv[1:])}\n"
         f"machine: {platform.platform()}, {platform.processor() or 'cpu'}, torch threads 1; "
-        f"{time.time() - start:.0f} s\n\n{text}\n")
+        f"{time.time() - start:.0f} s\n{load_line('at the end')}\n\n{text}\n")
     return 0
+
+
+def product_choice(features: dict[FeatureSource, np.ndarray], graph: tuple[np.ndarray, np.ndarray],
+                   labelled: np.ndarray, test: np.ndarray, truth: list[tuple[str, ...]],
+                   full_paths: list[tuple[str, ...]], settings: Settings) -> dict[str, dict[str, float | str]]:
+    """The product's model choice on the labelled rows, with each rule: what it picks, its leaf accuracy on ``test``."""
+    t0 = time.time()
+    encoded = ANIMAL_TAXONOMY.encode_many([truth[i] for i in labelled])
+    selection, heads = select_and_fit({s: f[labelled] for s, f in features.items()},
+                                      parse_candidates(settings.model_candidates), encoded, ANIMAL_TAXONOMY,
+                                      folds=settings.cv_folds, labelled_index=labelled,
+                                      rule=GainRule(settings.model_choice))
+    x = np.ascontiguousarray(features[selection.chosen.features][test], dtype=np.float32)
+    heads_p = np.exp(full_path_log_probs(heads_logits(heads, torch.from_numpy(x)), ANIMAL_TAXONOMY,
+                                         selection.cv.temperature))  # (N_test, P_full)
+    y = seed_matrix(len(truth), {int(i): [truth[i]] for i in labelled}, full_paths)
+    prop, reached = leaf_probabilities(spread(*graph, y))
+    served = {"heads": heads_p, PROPAGATION: prop[test].astype(np.float64),
+              BLEND: blend_probabilities(heads_p, prop[test].astype(np.float64), reached[test])}
+    acc = {n: float(np.mean([full_paths[c] == truth[i] for c, i in zip(p.argmax(1), test)])) for n, p in served.items()}
+    scores = held_out_scores(selection.cv, graph, labelled, ANIMAL_TAXONOMY)
+    heads_score = selection.scores[selection.chosen.name]
+    out: dict[str, dict[str, float | str]] = {}
+    for rule in ChoiceRule:
+        picked = choose(heads_score, scores, rule).chosen
+        out[rule.value] = {"pick": picked, "leaf": acc[picked], "heads": selection.chosen.name,
+                           "cv_heads": heads_score.hf_mean, "cv_prop": scores[PROPAGATION].hf_mean,
+                           "cv_blend": scores[BLEND].hf_mean, "acc_prop": acc[PROPAGATION], "acc_blend": acc[BLEND],
+                           "s": time.time() - t0}
+    return out
+
+
+def choice_table(stats: dict[tuple[int, str], list[dict[str, float | str]]], budgets: list[int],
+                 settings: Settings) -> str:
+    """Per budget and rule: picks, leaf accuracy of the pick on the unlabelled images, paired difference vs heads."""
+    rows = [f"Model choice of a training (MODEL_CANDIDATES {','.join(settings.model_candidates)}, CV_FOLDS "
+            f"{settings.cv_folds}) with the propagation candidates on the same folds, k={PROPAGATION_NEIGHBOURS}:", "",
+            "| labels/class | rule | picks (heads / propagation / blend) | leaf acc of the pick (unlabelled) | "
+            "vs heads only | CV hF heads / propagation / blend | heads winner |", "|---|---|---|---|---|---|---|"]
+    for per_class in budgets:
+        base = [float(r["leaf"]) for r in stats[(per_class, ChoiceRule.HEADS.value)]]
+        for rule in ChoiceRule:
+            rs = stats[(per_class, rule.value)]
+            leaf = [float(r["leaf"]) for r in rs]
+            diff = np.array(leaf) - np.array(base)
+            sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
+            mean = float(diff.mean())
+            verdict = "" if rule is ChoiceRule.HEADS else (
+                f"{'tie' if abs(mean) <= sd or abs(mean) < 5e-4 else ('win' if mean > 0 else 'loss')} ({mean:+.3f})")
+            picks = " / ".join(str(sum(r["pick"] == n for r in rs)) for n in ("heads", PROPAGATION, BLEND))
+            cv = " / ".join(f"{np.mean([float(r[k]) for r in rs]):.3f}" for k in ("cv_heads", "cv_prop", "cv_blend"))
+            winners = ", ".join(sorted({str(r["heads"]) for r in rs}))
+            rows.append(f"| {per_class} | {rule.value} | {picks} | {np.mean(leaf):.3f} ± {np.std(leaf):.3f} | "
+                        f"{verdict} | {cv} | {winners} |")
+    always = [f"| {pc} | always {n} | | {np.mean([float(r[k]) for r in stats[(pc, 'heads')]]):.3f} | | | |"
+              for pc in budgets for n, k in ((PROPAGATION, "acc_prop"), (BLEND, "acc_blend"))]
+    return "\n".join(rows + always)
 
 
 if __name__ == "__main__":

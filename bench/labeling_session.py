@@ -84,11 +84,44 @@ from model.heads.decode import full_path_log_probs  # noqa: E402
 from model.heads.heads import HeadsConfig, TaxonomyHeads  # noqa: E402
 from model.heads.selection import select_and_fit  # noqa: E402
 from model.heads.training import heads_logits, labelled_rows  # noqa: E402
+from model.paired_gain import GainRule  # noqa: E402
 from model.ranking import labeling_order  # noqa: E402
 from tests.servers import LabelStudioServer, label_studio_binary  # noqa: E402
 
 ORDERS = ("random", "sequential", "uncertainty", "ours")
-EXTRA_ORDERS = ("coverage",)  # typical coverage at every round (the cold-start rule never ends): --orders
+EXTRA_ORDERS = ("coverage", "ours-lc")  # --orders; and ours@K (see order_rule)
+
+
+def order_rule(order: str, cold_start_per_class: float) -> tuple[float, bool]:
+    """(labels per class below which the order covers the embeddings, diverse uncertainty) of a ranked order.
+
+    ``uncertainty``: plain least confidence from the first model on; ``coverage``: typical coverage at every round
+    (the cold-start rule never ends); ``ours``: the product's defaults; ``ours-lc``: the product's switch with plain
+    least confidence after it (no diversity); ``ours@K``: the product's order with COLD_START_LABELS_PER_CLASS=K.
+    """
+    if order == "uncertainty":
+        return 0.0, False
+    if order == "coverage":
+        return float("inf"), True
+    if order == "ours-lc":
+        return cold_start_per_class, False
+    if order.startswith("ours@"):
+        return float(order[5:]), True
+    return cold_start_per_class, True
+
+
+def order_name(text: str) -> str:
+    """argparse type of ``--orders``: a known order or ``ours@K``."""
+    if text in ORDERS + EXTRA_ORDERS:
+        return text
+    if text.startswith("ours@"):
+        try:
+            if float(text[5:]) >= 0:
+                return text
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"unknown order {text!r}: choose from {', '.join(ORDERS + EXTRA_ORDERS)} or "
+                                     "ours@K (K labels per class before uncertainty)")
 ACCEPT_TARGET = 0.8
 
 
@@ -165,7 +198,8 @@ class Session:
         labelled_index, encoded, _ = labelled_rows(first, given, ANIMAL_TAXONOMY)
         selection, heads = select_and_fit({s: f[rows] for s, f in self.features.items()}, self.candidates, encoded,
                                           ANIMAL_TAXONOMY, folds=self.settings.cv_folds,
-                                          labelled_index=labelled_index, heads_cfg=HeadsConfig())
+                                          labelled_index=labelled_index, heads_cfg=HeadsConfig(),
+                                          rule=GainRule(self.settings.model_choice))
         x = self.features[selection.chosen.features]
         return selection.chosen.name, *self._predict(heads, x, selection.cv.temperature), x
 
@@ -182,13 +216,13 @@ class Session:
             return self.permutation[free[self.permutation]]
         if self.order == "sequential":
             return self.import_order[free[self.import_order]]
-        cold = {"uncertainty": 0.0, "coverage": float("inf")}.get(self.order, self.settings.cold_start_per_class)
+        cold, diverse = order_rule(self.order, self.settings.cold_start_per_class)
         emb = self.features.get(FeatureSource.ENCODER, self.features[FeatureSource.PIXELS]) if model is None \
             else model[3]
         top = None if model is None else model[2]
         # The product's k-means seed is 0; each simulated session draws its own, so the spread covers it.
         ranked = labeling_order(emb, self.labelled, top, self.n_leaves, cold, budget=COLD_START_BUDGET,
-                                seed=self.seed)
+                                seed=self.seed, diverse=diverse)
         return np.array([r.index for r in ranked], dtype=np.int64)
 
     def score(self, rows: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -407,7 +441,7 @@ def simulate(args: argparse.Namespace) -> int:
     features = load_features(encoder, images)
     print(f"features: {', '.join(f'{s.value} {f.shape}' for s, f in features.items())} "
           f"({time.time() - started:.0f} s)", flush=True)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     records: list[RoundRecord] = []
     for seed in seeds:
         for order in args.orders:
@@ -448,7 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     sim = sub.add_parser("simulate", help="simulated labeling session (the default)")
     sim.add_argument("--quick", action="store_true", help="at most 10 rounds (under 10 minutes on 2 CPU cores)")
     sim.add_argument("--seeds", type=int, default=3)
-    sim.add_argument("--orders", nargs="+", choices=ORDERS + EXTRA_ORDERS, default=list(ORDERS))
+    sim.add_argument("--orders", nargs="+", type=order_name, default=list(ORDERS),
+                     help=f"orders to compare: {', '.join(ORDERS + EXTRA_ORDERS)}, ours@K (default: %(default)s)")
+    sim.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1 (choices "
+                     "are made on other seeds than the reported ones)")
     sim.add_argument("--rounds", type=int, default=30)
     sim.add_argument("--batch", type=int, default=10)
     sim.add_argument("--next", type=int, default=100)

@@ -10,17 +10,23 @@ synthetic images (rendered colour shapes, 96x96 PNG, read through LOCAL_FILES_RO
    bytes, ``content_hash``, ``Predictor.predict_encoded`` (header check, decode of the misses, embed, cache write,
    heads, path decoding) -- what /predict does minus HTTP, JSON, the request's set-up and the result items.
    Each pair (in process, HTTP) runs back to back, in alternating order, so both see the same load;
+3. for every call, where its wall time went, the client's and the server's threads together: CPU time (the
+   processes' CPU clocks) and time spent runnable but waiting for a core (run-queue wait, Linux
+   ``/proc/<pid>/task/*/schedstat``). On a machine shared with other work, a request that passes from the client
+   to the server's I/O thread, to a worker thread and back waits for a core at each hand-over; the work in process
+   never hands over.
 
 ``--rounds`` rounds of ``reps`` batches each (new images every batch); the overhead of /predict over the
 in-process work is taken per round (median over the round's pairs) and shown as mean ± std over rounds.
 Goal: /predict at most 15 % over in process for new images.
 
-Usage: ``.venv/bin/python bench/predict_latency.py [--quick] [--rounds 3] [--out bench/results/predict_latency.txt]``
+Usage: ``.venv/bin/python bench/predict_latency.py [--quick] [--rounds 5] [--out bench/results/predict_latency.txt]``
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import json
 import os
@@ -33,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +148,43 @@ def render(i: int, size: int = 96) -> bytes:
 
 
 # ----- measuring -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    """One call: wall seconds, CPU seconds and run-queue seconds of the client and server processes together."""
+
+    wall: float
+    cpu: float
+    waiting: float
+
+
+def cpu_clock(pid: int) -> int | None:
+    """The clock id of process ``pid``'s CPU time, all threads, up to date for running ones (POSIX
+    ``clock_getcpuclockid``; None where the C library lacks it)."""
+    try:
+        clock = ctypes.c_int()
+        if ctypes.CDLL(None).clock_getcpuclockid(pid, ctypes.byref(clock)) == 0:
+            return clock.value
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+def run_queue_wait(pid: int) -> float:
+    """Seconds the threads of ``pid`` were runnable but waiting for a core (Linux schedstat; NaN without it)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return float("nan")
+    waiting = 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                waiting += int(f.read().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return waiting
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
@@ -178,7 +222,7 @@ def wait_up(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of pairs; the spread is taken over rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of pairs; the spread is taken over rounds")
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "predict_latency.txt")
     parser.add_argument("--serve", nargs=3, metavar=("MODEL_DIR", "IMAGES", "PORT"), help=argparse.SUPPRESS)
@@ -225,30 +269,52 @@ def main() -> None:
         [sys.executable, str(Path(__file__).resolve()), "--serve", str(model_dir), str(images), str(port)], env=env, cwd=ROOT
     )
 
-    def http_predict(batch: list[str]) -> float:
+    server_clock = cpu_clock(proc.pid)
+
+    def cpu_s() -> float:
+        """CPU seconds of this process and of the server, all threads."""
+        server = time.clock_gettime(server_clock) if server_clock is not None else float("nan")
+        return time.process_time() + server
+
+    def measured(call) -> Sample:
+        """``call`` timed, with the CPU and run-queue time of the client and the server (both, for either side);
+        the CPU clocks are read right next to the call, the server's ~40 thread files outside them."""
+        w0 = run_queue_wait(proc.pid) + run_queue_wait(os.getpid())
+        c0 = cpu_s()
         t0 = time.perf_counter()
-        out = post(base, "/predict", predict_body(batch))
-        took = time.perf_counter() - t0
+        call()
+        wall = time.perf_counter() - t0
+        c1 = cpu_s()
+        w1 = run_queue_wait(proc.pid) + run_queue_wait(os.getpid())
+        return Sample(wall, c1 - c0, w1 - w0)
+
+    def http_predict(batch: list[str]) -> Sample:
+        out: dict = {}
+        sample = measured(lambda: out.update(post(base, "/predict", predict_body(batch))))
         assert len(out["results"]) == len(batch) and all(r["result"] for r in out["results"]), out
         assert {r["model_version"] for r in out["results"]} == {version}, out
-        return took
+        return sample
 
-    def inproc_predict(batch: list[str]) -> float:
-        t0 = time.perf_counter()
-        items = []
-        for name in batch:
-            data = (images / name).read_bytes()
-            items.append((data, content_hash(data)))
-        preds, errors = inproc.predict_encoded(items, leafs_only=True, prefix_threshold=0.2)
-        took = time.perf_counter() - t0
+    def inproc_predict(batch: list[str]) -> Sample:
+        got: list = []
+
+        def work() -> None:
+            items = []
+            for name in batch:
+                data = (images / name).read_bytes()
+                items.append((data, content_hash(data)))
+            got.append(inproc.predict_encoded(items, leafs_only=True, prefix_threshold=0.2))
+
+        sample = measured(work)
+        preds, errors = got[0]
         assert not errors and all(p is not None for p in preds)
-        return took
+        return sample
 
     try:
         wait_up(base, proc)
         # no /setup: it verifies the project with Label Studio, and /predict carries the label config itself
-        # times[(batch size, "new" | "cached", "http" | "inproc")][round] -> seconds per pair
-        times: dict[tuple[int, str, str], list[list[float]]] = {}
+        # times[(batch size, "new" | "cached", "http" | "inproc")][round] -> one Sample per pair
+        times: dict[tuple[int, str, str], list[list[Sample]]] = {}
         for b, batches in names_by_batch.items():
             inproc_predict(batches[0])  # warm-up of every path for this batch size
             http_predict(batches[0])
@@ -290,32 +356,39 @@ def main() -> None:
 
 def report(reps, rounds, times, floor, quick) -> str:
     ms = lambda s: f"{1000 * s:.1f}"  # noqa: E731
+    med = lambda samples, key: statistics.median(getattr(x, key) for x in samples)  # noqa: E731
     lines = [
         f"{'Quick run' if quick else 'Full run'}: model ResNet-18-half @64 px + 3-level heads (model.bundle); "
         "synthetic 96x96 PNG shapes read via LOCAL_FILES_ROOT; "
-        f"real waitress server ({HTTP_THREADS} threads, 2 concurrent model forwards) on loopback; "
-        f"torch threads {TORCH_THREADS} on both sides; {rounds} rounds of {reps} pairs (batch size: pairs).",
+        f"real waitress server ({HTTP_THREADS} threads, 2 concurrent model forwards) on loopback, a new TCP connection "
+        f"per request (urllib); torch threads {TORCH_THREADS} on both sides; {rounds} rounds of {reps} pairs "
+        "(batch size: pairs).",
         "",
         "| batch | images | /predict median ms (p95) | in process median ms (p95) | /predict over in process, "
-        "per round | mean ± std over rounds |",
-        "|---|---|---|---|---|---|",
+        "per round | mean ± std over rounds | CPU ms, /predict (client + server) / in process | "
+        "waiting for a core ms, /predict / in process |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for b in reps:
         for phase in ("new", "cached"):
             http, inproc = times[(b, phase, "http")], times[(b, phase, "inproc")]
-            per_round = [100 * (statistics.median(h) / statistics.median(i) - 1) for h, i in zip(http, inproc)]
+            per_round = [100 * (med(h, "wall") / med(i, "wall") - 1) for h, i in zip(http, inproc)]
             mean = statistics.mean(per_round)
             std = statistics.stdev(per_round) if len(per_round) > 1 else 0.0
-            flat_h = [t for r in http for t in r]
-            flat_i = [t for r in inproc for t in r]
+            flat_h = [x for r in http for x in r]
+            flat_i = [x for r in inproc for x in r]
+            wall_h, wall_i = [x.wall for x in flat_h], [x.wall for x in flat_i]
+            cpu_h, cpu_i = med(flat_h, "cpu"), med(flat_i, "cpu")
             lines.append(
-                f"| {b} | {phase} | {ms(statistics.median(flat_h))} ({ms(pct(flat_h, 95))}) | "
-                f"{ms(statistics.median(flat_i))} ({ms(pct(flat_i, 95))}) | "
-                + ", ".join(f"{x:+.0f}%" for x in per_round) + f" | {mean:+.0f}% ± {std:.0f} |"
+                f"| {b} | {phase} | {ms(statistics.median(wall_h))} ({ms(pct(wall_h, 95))}) | "
+                f"{ms(statistics.median(wall_i))} ({ms(pct(wall_i, 95))}) | "
+                + ", ".join(f"{x:+.0f}%" for x in per_round) + f" | {mean:+.0f}% ± {std:.0f} | "
+                f"{ms(cpu_h)} / {ms(cpu_i)} ({100 * (cpu_h / cpu_i - 1) if cpu_i > 0 else float('nan'):+.0f}%) | "
+                f"{ms(med(flat_h, 'waiting'))} / {ms(med(flat_i, 'waiting'))} |"
             )
             if phase == "new":
-                gap_ms = 1000 * (statistics.median(flat_h) - statistics.median(flat_i))
+                gap_ms = 1000 * (statistics.median(wall_h) - statistics.median(wall_i))
                 verdicts.append(f"batch {b}: {mean:+.0f}% ± {std:.0f} ({gap_ms:+.1f} ms) -> "
                                 + ("met" if mean + std <= 15 else "missed" if mean - std > 15 else
                                    "not decided (15 % within one std)"))
@@ -327,12 +400,14 @@ def report(reps, rounds, times, floor, quick) -> str:
         "same state (new: decode + embed + cache write + heads; cached: cache lookup + heads). /predict adds the HTTP",
         "request and answer, JSON, the label config parse, the model store look-up, the image fetcher's guards",
         "(path checks under LOCAL_FILES_ROOT, size limits) and the Label Studio result items.",
+        "CPU and waiting for a core: medians per call of the client's and the server's threads together (CPU clocks of",
+        "both processes; Linux schedstat), in both columns: wall time = CPU + waiting for a core (+ waiting on each other).",
         "",
         f"Where the fixed cost goes (medians of 30): GET /health over HTTP on this server "
         f"{ms(statistics.median(floor['health']))} ms (a new TCP connection per request, as urllib and Label Studio's "
-        f"client make; the request is handed from waitress's accepting thread to a worker thread); the whole app on a "
+        f"client make; the request is handed from waitress's I/O thread to a worker thread); the whole app on a "
         f"cached batch of 1 through WSGI in this process, no socket: {ms(statistics.median(floor['wsgi']))} ms, against "
-        f"{ms(statistics.median([t for r in times[(1, 'cached', 'inproc')] for t in r]))} ms for the same work in process.",
+        f"{ms(med([x for r in times[(1, 'cached', 'inproc')] for x in r], 'wall'))} ms for the same work in process.",
         "",
     ]
     return "\n".join(lines)

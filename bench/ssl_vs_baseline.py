@@ -76,6 +76,7 @@ from model.heads.heads import HeadsConfig
 from model.heads.selection import select_and_fit
 from model.heads.training import heads_logits
 from model.images import to_rgb_image
+from model.paired_gain import GainRule
 from model.ssl.pretrain import pretrain
 from model.ssl.recipe import summarize_images
 from model.taxonomy import Path, Taxonomy
@@ -177,7 +178,8 @@ def ours(settings: Settings, features: dict[FeatureSource, np.ndarray], data: Da
     its calibrated temperature as the predictor does."""
     selection, heads = select_and_fit({s: f[train] for s, f in features.items()},
                                       parse_candidates(settings.model_candidates), data.targets[train], data.taxonomy,
-                                      folds=settings.cv_folds, heads_cfg=HeadsConfig())
+                                      folds=settings.cv_folds, heads_cfg=HeadsConfig(),
+                                      rule=GainRule(settings.model_choice))
     x = torch.from_numpy(np.ascontiguousarray(features[selection.chosen.features][test]))
     preds = decode(heads_logits(heads, x), data.taxonomy, leafs_only=True, temperature=selection.cv.temperature)
     return [p.path for p in preds], {"chosen": selection.chosen.name,
