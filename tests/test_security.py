@@ -671,8 +671,7 @@ def test_3_with_basic_auth_the_backend_registers_an_authenticated_webhook_in_lab
     backend = backend_server(BASIC_AUTH_USER="ls-user", BASIC_AUTH_PASS="ls-pass", LABEL_STUDIO_URL=label_studio.url,
                              LABEL_STUDIO_API_KEY=label_studio.admin.token)
     pid = label_studio.create_project(CONFIG, title="taxomoco webhook auth")
-    label_studio.connect_backend(pid, backend.url, auth_method="BASIC_AUTH", basic_auth_user="ls-user",
-                                 basic_auth_pass="ls-pass")
+    label_studio.connect_backend(pid, backend.url, auth=("ls-user", "ls-pass"))
     header = "Basic " + base64.b64encode(b"ls-user:ls-pass").decode()
 
     def hooks() -> list[dict]:
