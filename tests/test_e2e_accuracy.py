@@ -81,7 +81,7 @@ def test_served_pre_annotations_beat_pixels_and_logistic_regression(label_studio
     order = train + test
     ids = label_studio.import_images(pid, {f"a{i:05d}.png": png_bytes(images[i]) for i in order})
     task_of = dict(zip(order, ids))
-    ids = label_studio.import_images(pid, {f"a{i:05d}.png": png_bytes(images[i]) for i in order})
+    label_studio.connect_backend(pid, backend.url, auth=AUTH)
     for i in train:
         path = animal_path(int(labels[i]))
         label_studio.annotate(task_of[i], taxonomy_result(path))
