@@ -139,6 +139,7 @@ class Stream:
         self.first_s = 0.0
         self.client: BackendClient  # once the project exists (build_project)
         self.notes: list[str] = []  # what went wrong in the baselines (printed with the results)
+        self.idle_jobs: list[dict[str, Any]] = []  # per idle round: its version's job record and pull start
 
     # -- set-up ----------------------------------------------------------------------------------------
     def backend_env(self) -> dict[str, str]:
@@ -335,6 +336,7 @@ class Stream:
                 t0 = time.monotonic()
                 self.ls.annotate(self.task_ids[k], taxonomy_result(self.truth[k]), user=self.labelers[0])
                 self.labelled.add(k)
+                sent = time.time()
                 if not wait_until(lambda old=old: self.client.version() != old, 600, 0.05):  # type: ignore[misc]
                     raise RuntimeError("no new version within 600 s of the annotation")
             except (requests.RequestException, RuntimeError) as exc:  # recorded with the results, the run goes on
@@ -343,8 +345,27 @@ class Stream:
                 print(f"  {self.notes[-1]}", flush=True)
                 break
             out.append(time.monotonic() - t0)
-            print(f"  idle round {r + 1}: {out[-1]:.2f} s", flush=True)
+            self.idle_jobs.append(self._idle_job(self.client.version(), sent))
+            print(f"  idle round {r + 1}: {out[-1]:.2f} s; its job {self.idle_jobs[-1]}", flush=True)
         return out
+
+    def _idle_job(self, version: str, sent: float) -> dict[str, Any]:
+        """Where an idle round's time went: its version's job steps (/job_status, once the job record has them) and
+        the wait from the annotation to its pull's start (the version's manifest)."""
+        record: dict[str, Any] = {}
+
+        def recorded() -> bool:
+            success = self.client.job_status().get("last_success") or {}
+            if success.get("version") == version:
+                record.update(success.get("result") or {})
+            return bool(record)
+
+        wait_until(recorded, 120, 0.25)  # the job's after-publish work ends before its record is written
+        started = (self._manifest(version).get("extra") or {}).get("pull", {}).get("started_at")
+        return {"wait_s": round(iso_ts(started) - sent, 2) if started else None,
+                "durations_s": record.get("durations_s", {}),
+                "calibration": "reused" if (record.get("calibration") or {}).get("reuse") else "cross-validated",
+                "pull": {k: (record.get("pull") or {}).get(k) for k in ("kind", "read")}}
 
     # -- the in-process baselines ---------------------------------------------------------------------------
     def baselines(self, reps: int) -> dict[str, Any]:
@@ -489,6 +510,12 @@ def report_size(s: Stream, rows: list[dict[str, Any]], idle: list[float], base: 
             vals = base[key]
             lines.append(f"| {name} | {pct(vals, 50):.2f} | — | {max(vals):.2f} |")
     lines += [""] + [f"Note: {note}" for note in s.notes] + (["", ] if s.notes else [])
+    for r, (total, job) in enumerate(zip(idle, s.idle_jobs)):
+        lines.append(f"Idle round {r + 1}: {total:.2f} s; annotation -> its pull started {job['wait_s']} s (1-s stamps); pull "
+                     f"{job['pull']['kind']} ({job['pull']['read']} read); calibration {job['calibration']}; job steps "
+                     + ", ".join(f"{k} {float(v):.2f}" for k, v in job["durations_s"].items()) + ".")
+    if s.idle_jobs:
+        lines.append("")
     lines += [f"Goal p95 < 10 s: **{'met' if goal else 'missed'}** ({sm['total']['p95']:.2f} s).", "",
               "Each version, in the order /setup reported it (its job's steps from /job_status, seconds; `gap` = "
               "from its publish to the next job's pull start: its after-publish work, pre-annotation and the next "
