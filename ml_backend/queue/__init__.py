@@ -2,6 +2,7 @@
 
 __all__ = [
     "base",
+    "child",
     "embedded",
     "factory",
     "rq_queue",

@@ -1,25 +1,24 @@
 """The embedded scheduler: training inside the server's machine without Redis.
 
-One background thread per server process takes projects from an in-memory line, one job at a time, and
-runs each job in a fresh child process, so training never holds the server's GIL, its memory (GPU memory
-included) is returned when the job ends, and a crash of the job cannot take the server down. ``schedule``
-touches in-memory state under a lock (microseconds), and writes the project's job record only when it puts the
-project in the line (at most twice per burst of events: see Coalescing).
+One background thread per server process takes projects from an in-memory line, one job at a time, and runs each job
+in a fresh child process, so training never holds the server's GIL, its memory (GPU memory included) is returned when
+the job ends, and a crash of the job cannot take the server down. ``schedule`` touches in-memory state under a lock
+(microseconds), and writes the project's job record only when it puts the project in the line (at most twice per burst
+of events: see Coalescing).
 
-Warm start: children are forked from ``multiprocessing``'s fork server, which imports what jobs need once (the
-job's module: torch, the model code; the Label Studio SDK: seconds of CPU, :data:`PRELOAD`), so a child starts
-in milliseconds and exits without tearing the interpreter down. (With ``spawn`` each child imported everything
-again: 12-15 s per job on a loaded 2-core machine, then seconds to exit, between every two jobs of a labeling
-stream; ``bench/results/retrain_latency.txt``.) The fork server and a first child start with the scheduler; when
-a job is handed to a child, the next child is started and warms up (its Label Studio client) while the job runs, so
-the next job starts at once.
+Warm start: children (:mod:`ml_backend.queue.child`) are forked from ``multiprocessing``'s fork server, which imports
+what jobs need once (the job's module: torch, the model code; the Label Studio SDK: seconds of CPU,
+:data:`ml_backend.queue.child.PRELOAD`), so a child starts in milliseconds and exits without tearing the interpreter
+down. (With ``spawn`` each child imported everything again: 12-15 s per job on a loaded 2-core machine, then seconds
+to exit, between every two jobs of a labeling stream; ``bench/results/retrain_latency.txt``.) The fork server and a
+first child start with the scheduler; when a job is handed to a child, the next child is started and warms up (its
+Label Studio client) while the job runs, so the next job starts at once.
 
-Coalescing: a project is in the line at most once. An event for a project that waits is folded into it;
-an event for the project that runs puts it in the line again, so exactly one follow-up run happens after
-the current one (the follow-up pulls all annotations from Label Studio, this event's included). The follow-up
-is written to the job record at once (``queued_since``), so the running job knows that its version will be
-superseded within seconds and leaves its after-publish work to the follow-up
-(``ml_backend.training.tail``).
+Coalescing: a project is in the line at most once. An event for a project that waits is folded into it; an event for
+the project that runs puts it in the line again, so exactly one follow-up run happens after the current one (the
+follow-up pulls all annotations from Label Studio, this event's included). The follow-up is written to the job record
+at once (``queued_since``), so the running job knows that its version will be superseded within seconds and leaves its
+after-publish work to the follow-up (``ml_backend.training.tail``).
 
 The line lives in memory: a server restart forgets waiting jobs. Label Studio is the source of truth, so
 the next annotation (or the Train button) trains on everything.
@@ -29,15 +28,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-import sys
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from ml_backend.queue.base import DEFAULT_JOB_FUNC, ScheduleAction, Scheduler, import_job_func
+from ml_backend.queue.base import DEFAULT_JOB_FUNC, ScheduleAction, Scheduler
+from ml_backend.queue.child import PRELOAD, TrainingChild, child_main
 from ml_backend.settings import Settings
 from ml_backend.training.policy import request_pretrain
 from ml_backend.training.records import JobOutcome, JobRecords, utc_now
@@ -48,10 +46,6 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
 
-PRELOAD = ("label_studio_sdk", "label_studio_sdk.projects.client", "sklearn.linear_model")
-"""Modules the fork server imports once besides the job's own module: what ``warm_up`` and the first training
-would import in each child (the SDK; scikit-learn for the logistic heads, about 1 s)."""
-
 
 @dataclass
 class _Waiting:
@@ -61,78 +55,6 @@ class _Waiting:
     reason: str
     force_pretrain: bool
     coalesced: int = 0
-
-
-def _child_main(conn: Any, job_func: str, settings: Settings) -> None:
-    """Entry point of a training child process: warm up, wait for one job, run it, send the outcome, exit.
-
-    Warm-up imports the job's module (``ml_backend.training.jobs`` imports torch, the model code and the Label
-    Studio client) and calls its ``warm_up()`` when it has one, so a job handed to a waiting child starts at once.
-    The job arrives as ``(project_id, model_dir, force_pretrain)``; the answer is ``("ok", result)``,
-    ``("error", reason)`` (the job recorded it) or ``("unrecorded-error", reason)`` (nothing ran). A child
-    whose scheduler goes away before a job arrives just exits. The server's settings (CLI overrides
-    included) are handed to the job module's ``use_settings()`` when it has one
-    (``ml_backend.training.jobs.use_settings``).
-    """
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s [train %(process)d] %(name)s: %(message)s")
-    try:
-        os.nice(10)  # serving keeps priority over training on a shared machine
-        if settings.torch_threads:
-            import torch  # heavy: only when the setting asks (a real job imports it with its module anyway)
-
-            torch.set_num_threads(settings.torch_threads)
-        func, import_error = None, None
-        try:
-            func = import_job_func(job_func)
-        except BaseException as exc:  # nothing ran, so nothing was recorded: the parent records it
-            import_error = f"cannot import job {job_func!r}: {type(exc).__name__}: {exc}"
-        module = sys.modules.get(getattr(func, "__module__", ""))
-        use_settings = getattr(module, "use_settings", None)
-        if callable(use_settings):
-            use_settings(settings)
-        warm_up = getattr(module, "warm_up", None)
-        if callable(warm_up):
-            try:
-                warm_up()
-            except Exception as exc:  # the job imports what it needs itself; only its start is slower
-                logging.getLogger(__name__).warning("Training process warm-up failed: %s: %s",
-                                                    type(exc).__name__, exc)
-        conn.send(("ready", None))  # the scheduler's health shows a warm spare
-        try:
-            project_id, model_dir, force_pretrain = conn.recv()
-        except (EOFError, OSError):  # the scheduler closed before handing out a job
-            return
-        if func is None:
-            conn.send(("unrecorded-error", import_error))
-            return
-        try:
-            result = func(project_id, model_dir, force_pretrain)
-        except BaseException as exc:  # the job boundary: the job recorded it; tell the parent, never hang it
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-            return
-        conn.send(("ok", result))
-    finally:
-        conn.close()
-
-
-@dataclass
-class _Child:
-    """A training process and the parent's end of its pipe."""
-
-    process: multiprocessing.process.BaseProcess
-    conn: Any
-    ready: bool = False  # its warm-up finished (it sent "ready")
-
-    def poll_ready(self) -> bool:
-        """Whether the child finished warming up (reads its "ready" message when it has arrived)."""
-        if not self.ready and self.process.is_alive():
-            try:
-                if self.conn.poll(0) and self.conn.recv()[0] == "ready":
-                    self.ready = True
-            except (EOFError, OSError):
-                pass
-        return self.ready
 
 
 class EmbeddedScheduler(Scheduler):
@@ -154,7 +76,7 @@ class EmbeddedScheduler(Scheduler):
         self._running: int | None = None
         self._running_since: str | None = None
         self._child: multiprocessing.process.BaseProcess | None = None
-        self._spare: _Child | None = None  # a warmed-up child waiting for the next job
+        self._spare: TrainingChild | None = None  # a warmed-up child waiting for the next job
         self._stopping = False
         self._runs = 0
         self._ctx = multiprocessing.get_context("forkserver")
@@ -271,16 +193,16 @@ class EmbeddedScheduler(Scheduler):
                     self._child = None
                     self._cond.notify_all()
 
-    def _start_child(self) -> _Child:
+    def _start_child(self) -> TrainingChild:
         """Start a training process that warms up and waits for one job."""
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=_child_main, args=(child_conn, self.job_func, self.settings),
+        process = self._ctx.Process(target=child_main, args=(child_conn, self.job_func, self.settings),
                                     name="taxomoco-train", daemon=True)
         process.start()
         child_conn.close()
-        return _Child(process, parent_conn)
+        return TrainingChild(process, parent_conn)
 
-    def _take_spare(self) -> _Child | None:
+    def _take_spare(self) -> TrainingChild | None:
         """The warmed-up child, if one waits and is alive (call with ``self._cond`` held)."""
         spare, self._spare = self._spare, None
         if spare is not None and not spare.process.is_alive():
@@ -368,7 +290,7 @@ class EmbeddedScheduler(Scheduler):
         with self._cond:
             if self._stopping or self._spare is not None:
                 return
-        spare: _Child | None = self._start_child()
+        spare: TrainingChild | None = self._start_child()
         with self._cond:
             if not self._stopping and self._spare is None:
                 self._spare, spare = spare, None
