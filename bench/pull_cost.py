@@ -45,8 +45,9 @@ from bench.datasets import animal_label_config, load_animal_mnist, png_bytes, ta
 from bench.provenance import header, load_line, write_result  # noqa: E402
 from bench.retrain_latency import LS_FLAG  # noqa: E402
 from ml_backend.labelstudio import snapshot  # noqa: E402
-from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord  # noqa: E402
+from ml_backend.labelstudio.client import LabelStudioClient  # noqa: E402
 from ml_backend.labelstudio.predictions import IMPORT_CHUNK_MAX, import_predictions  # noqa: E402
+from ml_backend.labelstudio.tasks import TaskRecord  # noqa: E402
 from tests.servers import LabelStudioServer, label_studio_binary  # noqa: E402
 
 VERSIONS = ("20261128T100000-aaaaaa", "20261128T110000-bbbbbb")

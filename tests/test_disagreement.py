@@ -13,8 +13,9 @@ from PIL import Image
 from ml_backend.labelstudio import flags as lsflags
 from ml_backend.labelstudio import tabs as ls_tabs
 from ml_backend.labelstudio.annotations import annotations_from_tasks
-from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.label_config import parse_label_config
+from ml_backend.labelstudio.tasks import TaskRecord
 from ml_backend.reports.disagreement_html import thumbnail_png, write_csvs, write_html
 from ml_backend.reports.disagreements import run_cli
 from ml_backend.settings import Settings

@@ -225,9 +225,9 @@ def test_the_index_key_of_a_label_studio_url_carries_its_origin(settings):
 
 def test_the_training_image_sync_fetches_a_repeated_url_once(server, settings):
     """Tasks showing the same image URL share one download (and one failure), as the index maps a URL to its hash."""
-    from ml_backend.labelstudio.client import TaskRecord
     from ml_backend.labelstudio.connections import LSConnection
     from ml_backend.labelstudio.label_config import parse_label_config
+    from ml_backend.labelstudio.tasks import TaskRecord
     from ml_backend.training.images import sync_images
     from ml_backend.training.pull import ProjectSource
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ml_backend.labelstudio import comments, tabs
 from ml_backend.labelstudio.auth import TokenKind
-from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.errors import (
     LabelStudioAuthError,
     LabelStudioError,
@@ -21,6 +21,7 @@ from ml_backend.labelstudio.errors import (
     LabelStudioUnreachable,
     NotSupportedByServer,
 )
+from ml_backend.labelstudio.tasks import TaskRecord
 from model.errors import ConfigError
 from tests.servers import TWO_LEVEL_CONFIG, LabelStudioServer, free_port
 

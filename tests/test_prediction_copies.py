@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.copies import CopyKind, find_copies, read_remembered, without_copies
 from ml_backend.labelstudio.label_config import parse_label_config
 from ml_backend.labelstudio.predictions import delete_model_version, import_predictions
+from ml_backend.labelstudio.tasks import TaskRecord
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.progress import read_progress
 from ml_backend.training import jobs

@@ -17,9 +17,10 @@ from PIL import Image
 from ml_backend.http.app import create_app
 from ml_backend.labelstudio import connections
 from ml_backend.labelstudio import tabs as ls_tabs
-from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.duplicate_tabs import CONFLICT_TAB_TITLE, DUPLICATES_TAB_TITLE
 from ml_backend.labelstudio.label_config import parse_label_config
+from ml_backend.labelstudio.tasks import TaskRecord
 from ml_backend.paths import ProjectPaths
 from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.store import ModelStore

@@ -10,6 +10,8 @@ __all__ = [
     "ids",
     "label_config",
     "results",
+    "sdk",
     "snapshot",
+    "tasks",
     "webhooks",
 ]

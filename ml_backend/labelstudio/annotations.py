@@ -113,7 +113,7 @@ def annotations_from_tasks(tasks: Iterable[Any], config: LabelConfig) -> tuple[l
     """The annotations of every task, one :class:`Annotation` per Label Studio annotation.
 
     Args:
-        tasks: ``ls_client.TaskRecord`` objects (``id``, ``data``, ``annotations`` as Label Studio returns
+        tasks: ``ml_backend.labelstudio.tasks.TaskRecord`` objects (``id``, ``data``, ``annotations`` as Label Studio returns
             them) or plain task dicts with the same keys.
         config: the project's parsed label config.
 

@@ -5,7 +5,8 @@ credentials attached by the gate for that origin alone (``ml_backend.labelstudio
 personal access token exchanged for renewed 5-minute access tokens). ``label-studio-sdk`` reads projects through the
 same gate (its httpx client gets a gate transport). Task lists are read with ``GET /api/projects/<id>/tasks/``,
 which never makes Label Studio call ``/predict`` (the Data Manager list ``/api/tasks`` does when "retrieve
-predictions automatically" is on). Data Manager tabs and comments: ``ml_backend.labelstudio.tabs``.
+predictions automatically" is on). Data Manager tabs and comments: ``ml_backend.labelstudio.tabs``; what a
+project and a task are: ``ml_backend.labelstudio.tasks``; the SDK's gate transport: ``ml_backend.labelstudio.sdk``.
 
 Every failure is a :class:`LabelStudioError` that names the URL (without query), the HTTP status and what to
 change — never the body Label Studio (or something pretending to be it) answered.
@@ -17,8 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -33,10 +33,12 @@ from ml_backend.labelstudio.errors import (
     LabelStudioNotFound,
     LabelStudioUnreachable,
 )
+from ml_backend.labelstudio.sdk import GateTransport
+from ml_backend.labelstudio.tasks import ProjectInfo, TaskRecord, parse_time, task_record
 from ml_backend.net.gate import Destination, GateRefused, GateResponse, GateUnreachable, Origin, OutboundGate, safe_url
 from model.errors import ConfigError
 
-__all__ = ["LabelStudioClient", "ProjectInfo", "TASK_PAGE_SIZE", "TaskRecord", "default_gate", "preload_sdk"]
+__all__ = ["LabelStudioClient", "TASK_PAGE_SIZE", "default_gate"]
 
 log = logging.getLogger(__name__)
 
@@ -56,51 +58,6 @@ def default_gate() -> OutboundGate:
         if _gate is None:
             _gate = OutboundGate()
         return _gate
-
-
-@dataclass(frozen=True)
-class ProjectInfo:
-    """A Label Studio project as the backend needs it."""
-
-    id: int
-    title: str
-    label_config: str
-    task_number: int | None = None
-
-
-@dataclass(frozen=True)
-class TaskRecord:
-    """One task with every annotation of every annotator, as Label Studio returns them.
-
-    Attributes:
-        id: task id.
-        data: the task data (``{"image": "/data/upload/3/x.png", ...}``).
-        annotations: annotation dicts unchanged: ``id``, ``completed_by`` (user id), ``result``,
-            ``was_cancelled``, ``ground_truth``, ``created_at``, ``updated_at``, ``lead_time``, ...
-        predictions: prediction dicts (``model_version``, ``score``, ``result``, ...).
-        updated_at: Label Studio's ISO time of the task's last change (an annotation's too).
-    """
-
-    id: int
-    data: dict[str, Any]
-    annotations: list[dict[str, Any]] = field(default_factory=list)
-    predictions: list[dict[str, Any]] = field(default_factory=list)
-    updated_at: str = ""
-
-
-class _GateTransport(httpx.BaseTransport):
-    """An httpx transport that sends label-studio-sdk's requests through the gate (credentials by the gate)."""
-
-    def __init__(self, client: LabelStudioClient) -> None:
-        self._client = client
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        answer = self._client.gate.request(
-            request.method, str(request.url), self._client.destination,
-            headers={k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "accept-encoding")},
-            body=request.read() or None, timeout=self._client.timeout)
-        return httpx.Response(answer.status, headers=list(answer.headers.items()), content=answer.body,
-                              request=request)
 
 
 class LabelStudioClient:
@@ -225,7 +182,7 @@ class LabelStudioClient:
                 from label_studio_sdk import LabelStudio  # heavy (over a second of imports): loaded on first use
 
                 self._sdk = LabelStudio(base_url=self.url, api_key="attached-by-the-gate", timeout=self.timeout,
-                                        httpx_client=httpx.Client(transport=_GateTransport(self), timeout=self.timeout))
+                                        httpx_client=httpx.Client(transport=GateTransport(self), timeout=self.timeout))
             return self._sdk
 
     def get_project(self, project_id: int) -> ProjectInfo:
@@ -273,7 +230,7 @@ class LabelStudioClient:
         Raises:
             LabelStudioError: a page could not be read.
         """
-        since = _parse_time(updated_after) if updated_after else None
+        since = parse_time(updated_after) if updated_after else None
         page = 1
         while True:
             try:
@@ -287,8 +244,8 @@ class LabelStudioClient:
             if isinstance(tasks, Mapping):
                 tasks = tasks.get("tasks") or tasks.get("results") or []
             for task in tasks:
-                record = _task_record(task)
-                if since is not None and record.updated_at and _parse_time(record.updated_at) <= since:
+                record = task_record(task)
+                if since is not None and record.updated_at and parse_time(record.updated_at) <= since:
                     return
                 yield record
             if len(tasks) < page_size:
@@ -310,7 +267,7 @@ class LabelStudioClient:
 
     def get_task(self, task_id: int) -> TaskRecord:
         """One task with its annotations and predictions."""
-        return _task_record(self.request("GET", f"/api/tasks/{int(task_id)}", f"read task {task_id}").json())
+        return task_record(self.request("GET", f"/api/tasks/{int(task_id)}", f"read task {task_id}").json())
 
     def absolute_url(self, value: str) -> str:
         """A task data value as a full URL: ``/data/upload/1/x.png`` -> ``<url>/data/upload/1/x.png``.
@@ -328,30 +285,6 @@ class LabelStudioClient:
             return Origin.of(url) == self.origin
         except GateRefused:
             return False
-
-
-def preload_sdk() -> None:
-    """Import the parts of label-studio-sdk the client uses (over a second of CPU on first use) without any
-    request, for a process that waits for its job (``ml_backend.training.jobs.warm_up``)."""
-    from label_studio_sdk import LabelStudio  # heavy: see LabelStudioClient.sdk
-    from label_studio_sdk.core.api_error import ApiError  # noqa: F401
-
-    _ = LabelStudio(base_url="http://127.0.0.1:9", api_key="preload").projects  # the projects client loads lazily
-
-
-def _task_record(task: Mapping[str, Any]) -> TaskRecord:
-    return TaskRecord(
-        id=int(task["id"]),
-        data=dict(task.get("data") or {}),
-        annotations=[dict(a) for a in task.get("annotations") or []],
-        predictions=[dict(p) for p in task.get("predictions") or []],
-        updated_at=str(task.get("updated_at") or ""),
-    )
-
-
-def _parse_time(iso: str) -> datetime:
-    moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _no_headers() -> Message:

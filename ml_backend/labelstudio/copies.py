@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ml_backend.labelstudio.annotations import parse_annotation
-from ml_backend.labelstudio.client import TaskRecord
 from ml_backend.labelstudio.label_config import LabelConfig
+from ml_backend.labelstudio.tasks import TaskRecord
 from model.atomic import atomic_write_json
 
 __all__ = ["COPY_MAX_LEAD_TIME_S", "CopyKind", "PredictionCopies", "find_copies", "read_remembered",

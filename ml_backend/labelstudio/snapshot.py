@@ -28,7 +28,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.client import LabelStudioClient
+from ml_backend.labelstudio.tasks import TaskRecord
 from model.atomic import atomic_write_json
 
 __all__ = ["FORMAT", "OVERLAP_S", "Pull", "PullKind", "pull_tasks", "read_tasks"]

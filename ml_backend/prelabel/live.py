@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.label_config import LabelConfig
 from ml_backend.labelstudio.results import prediction_result
+from ml_backend.labelstudio.tasks import TaskRecord
 from ml_backend.net.images import ImageFetcher
 from ml_backend.paths import ProjectPaths
 from ml_backend.settings import Settings

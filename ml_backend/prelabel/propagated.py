@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ml_backend.labelstudio.client import TaskRecord
 from ml_backend.labelstudio.label_config import LabelConfig
 from ml_backend.labelstudio.results import prediction_result
+from ml_backend.labelstudio.tasks import TaskRecord
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.live import TaskPredictions
 from ml_backend.training.neighbors import read_task_map

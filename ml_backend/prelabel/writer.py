@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.connections import resolve
 from ml_backend.labelstudio.copies import read_remembered
 from ml_backend.labelstudio.label_config import parse_label_config
@@ -51,6 +51,7 @@ from ml_backend.labelstudio.predictions import (
     task_prediction_versions,
 )
 from ml_backend.labelstudio.snapshot import read_tasks
+from ml_backend.labelstudio.tasks import TaskRecord
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.live import LivePredictions
 from ml_backend.prelabel.order import update_label_next_tab, write_queue

@@ -26,7 +26,7 @@ import redis
 import torch
 from rq import Queue, Worker
 
-from ml_backend.labelstudio.client import preload_sdk
+from ml_backend.labelstudio.sdk import preload_sdk
 from ml_backend.queue.rq_queue import record_lost_run
 from ml_backend.settings import Settings
 from ml_backend.training import jobs

@@ -37,7 +37,7 @@ from typing import Any
 
 from rq import get_current_job
 
-from ml_backend.labelstudio.client import preload_sdk
+from ml_backend.labelstudio.sdk import preload_sdk
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.schedule import after_publish
 from ml_backend.settings import Settings

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ml_backend.labelstudio.client import LabelStudioClient, TaskRecord
+from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.connections import LSConnection, resolve
 from ml_backend.labelstudio.label_config import LabelConfig, parse_label_config
 from ml_backend.labelstudio.snapshot import pull_tasks
+from ml_backend.labelstudio.tasks import TaskRecord
 from ml_backend.paths import ProjectPaths
 from ml_backend.settings import Settings
 from ml_backend.training.records import utc_now
