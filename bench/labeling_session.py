@@ -63,7 +63,7 @@ from PIL import Image  # noqa: E402
 
 from bench.datasets import ANIMAL_TAXONOMY, ANIMAL_TAXONOMY_TREE, load_animal_mnist  # noqa: E402
 from bench.provenance import header, load_line, write_result  # noqa: E402
-from ml_backend.cli_folders import load_encoder  # noqa: E402
+from ml_backend.encoder_dir import load_encoder  # noqa: E402
 from ml_backend.labelstudio import predictions as ls_predictions  # noqa: E402
 from ml_backend.labelstudio.client import LabelStudioClient  # noqa: E402
 from ml_backend.labelstudio.snapshot import pull_tasks  # noqa: E402

@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 
 from bench.datasets import ANIMAL_TAXONOMY, animal_path, load_animal_mnist_arrays  # noqa: E402
 from bench.provenance import header, load_line, write_result  # noqa: E402
-from ml_backend.cli_folders import load_encoder  # noqa: E402
+from ml_backend.encoder_dir import load_encoder  # noqa: E402
 from ml_backend.settings import Settings  # noqa: E402
 from ml_backend.training.encoder import Encoder, initial_encoder  # noqa: E402
 from ml_backend.training.images import ProjectImages  # noqa: E402

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: run from anywhere
 
 from bench.datasets import ANIMAL_TAXONOMY, load_animal_mnist  # noqa: E402
-from ml_backend.cli_folders import load_encoder  # noqa: E402
+from ml_backend.encoder_dir import load_encoder  # noqa: E402
 from model.encoder.backbone import build_backbone  # noqa: E402
 from model.encoder.embedder import Embedder  # noqa: E402
 from model.heads.decode import decode  # noqa: E402

@@ -13,6 +13,8 @@ __all__ = [
     "cli",
     "cli_folders",
     "configs",
+    "encoder_dir",
+    "folder_embeddings",
     "http",
     "labelstudio",
     "net",

@@ -1,9 +1,9 @@
 """The method on folders of images, without Label Studio: what ``taxomoco pretrain|train|evaluate|predict|similar`` run.
 
 A labelled folder tree names taxonomy paths (``IMAGES/wild/Bear/001.png`` → ``("wild", "Bear")``). An encoder
-directory (written by ``pretrain``) holds ``encoder.safetensors`` + ``encoder.json``; a model directory holds
-published versions (``model.bundle``), the embedding cache and ``neighbors/<encoder version>/``, the kNN index of
-the trained (and ``similar --among``) images keyed by absolute path.
+directory (written by ``pretrain``, ``ml_backend.encoder_dir``) holds ``encoder.safetensors`` + ``encoder.json``; a
+model directory holds published versions (``model.bundle``), the embedding cache and ``neighbors/<encoder
+version>/``, the kNN index of the trained (and ``similar --among``) images keyed by absolute path.
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from ml_backend.configs import encoder_config, pretrain_config
+from ml_backend.encoder_dir import load_encoder, save_encoder
+from ml_backend.folder_embeddings import embed_files, file_hashes, folder_features
 from ml_backend.settings import Settings
 from model.bundle import data_fingerprint, load_live, publish
 from model.data import scan_images, scan_labelled_folder
-from model.encoder.backbone import build_backbone, encoder_version
-from model.encoder.cache import EmbeddingCache, embed_through_cache
+from model.encoder.backbone import build_backbone
+from model.encoder.cache import embed_through_cache
 from model.encoder.config import EncoderConfig
-from model.encoder.embedder import Embedder
-from model.errors import BundleError, DataError
+from model.errors import DataError
 from model.evaluation import evaluate
 from model.features.extractor import ENCODER_FEATURES, pixel_features_spec
-from model.features.pixels import PixelFeatures
 from model.heads.candidates import FeatureSource, parse_candidates
 from model.heads.heads import HeadsConfig
 from model.heads.selection import Selection, select_and_fit
@@ -43,53 +42,18 @@ from model.ssl.recipe import summarize_images
 from model.taxonomy import Taxonomy
 
 __all__ = [
-    "ENCODER_META",
-    "ENCODER_WEIGHTS",
-    "embed_files",
     "evaluate_folder",
-    "load_encoder",
     "predict_files",
     "pretrain_folder",
     "run_command",
-    "save_encoder",
     "similar_files",
     "train_folder",
 ]
 
 log = logging.getLogger(__name__)
 
-ENCODER_WEIGHTS = "encoder.safetensors"
-ENCODER_META = "encoder.json"
 NEIGHBORS = "neighbors"
 """Folder of a model directory holding one kNN index per encoder version, keyed by absolute image path."""
-
-
-def save_encoder(out_dir: Path, cfg: EncoderConfig, state: dict) -> str:
-    """Write an encoder directory; returns its version (content hash of the weights)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    version = encoder_version(state)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / ENCODER_WEIGHTS))
-    (out_dir / ENCODER_META).write_text(json.dumps({"config": cfg.to_dict(), "version": version}, indent=2))
-    return version
-
-
-def load_encoder(enc_dir: Path) -> tuple[EncoderConfig, dict, str]:
-    """Read an encoder directory written by :func:`save_encoder` (safetensors only, version checked)."""
-    meta_file, weights = enc_dir / ENCODER_META, enc_dir / ENCODER_WEIGHTS
-    if not meta_file.exists() or not weights.exists():
-        raise BundleError(
-            f"{enc_dir} is not an encoder directory (needs {ENCODER_META} and {ENCODER_WEIGHTS}); "
-            "create one with `taxomoco pretrain IMAGES_DIR --out DIR`."
-        )
-    meta = json.loads(meta_file.read_text())
-    state = load_file(str(weights))
-    if encoder_version(state) != meta["version"]:
-        raise BundleError(f"{weights} does not match the version in {meta_file}: the directory is corrupt; pretrain again.")
-    return EncoderConfig.from_dict(meta["config"]), state, meta["version"]
-
-
-def _file_hashes(files: Sequence[Path]) -> list[str]:
-    return [content_hash(f.read_bytes()) for f in files]
 
 
 def _unlabelled(args: argparse.Namespace) -> list[Path]:
@@ -137,31 +101,6 @@ def pretrain_folder(args: argparse.Namespace, settings: Settings, files: Sequenc
     return out
 
 
-def embed_files(
-    files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path | None, device: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of image files through the cache. Returns ``(N, D)`` float32 and an ``(N,)`` readable mask."""
-    backbone = build_backbone(cfg)
-    backbone.load_state_dict(state)
-    cache = EmbeddingCache(cache_dir, encoder_version(state), backbone.out_dim) if cache_dir else None
-    embedder = Embedder(backbone, cfg, device=device)
-    return embed_through_cache(embedder, cache, list(files), _file_hashes(files), progress=True)
-
-
-def _folder_features(files: Sequence[Path], cfg: EncoderConfig, state: dict, cache_dir: Path, device: str,
-                     pixels: bool) -> tuple[dict[FeatureSource, np.ndarray], np.ndarray]:
-    """Encoder embeddings (and pixel features) of image files through the cache; ``ok (N,)`` where all read."""
-    emb, ok = embed_files(files, cfg, state, cache_dir, device)
-    features = {FeatureSource.ENCODER: emb}
-    if pixels:
-        extractor = PixelFeatures()
-        cache = EmbeddingCache(cache_dir, extractor.version, extractor.out_dim)
-        pix, pix_ok = embed_through_cache(extractor, cache, list(files), _file_hashes(files), progress=True)
-        features[FeatureSource.PIXELS] = pix
-        ok = ok & pix_ok
-    return features, ok
-
-
 def _print_choice(selection: Selection) -> None:
     print(f"model choice: {selection.chosen.name} ({selection.reason})")
     for name, score in selection.scores.items():
@@ -187,7 +126,7 @@ def train_folder(args: argparse.Namespace, settings: Settings) -> str:
     candidates = parse_candidates([c.strip() for c in (args.candidates or "").split(",") if c.strip()]
                                   or list(Settings.model_candidates))
     candidates = [c for c in candidates if c.features is not FeatureSource.PREVIOUS]  # one encoder on folders
-    features, ok = _folder_features(files, cfg, state, args.models / "cache", settings.device,
+    features, ok = folder_features(files, cfg, state, args.models / "cache", settings.device,
                                     pixels=any(c.features is FeatureSource.PIXELS for c in candidates))
     if not ok.all():
         print(f"{int((~ok).sum())} unreadable images skipped")
@@ -198,7 +137,7 @@ def train_folder(args: argparse.Namespace, settings: Settings) -> str:
                                       folds=args.folds or Settings.cv_folds, heads_cfg=HeadsConfig(),
                                       rule=GainRule(settings.model_choice))
     metrics = {**selection.cv.metrics, "model_choice": selection.to_dict()}
-    hashes = _file_hashes([files[i] for i in keep])
+    hashes = file_hashes([files[i] for i in keep])
     fingerprint = data_fingerprint(zip(hashes, kept_paths))
     spec = pixel_features_spec() if selection.chosen.features is FeatureSource.PIXELS else ENCODER_FEATURES
     manifest = publish(
@@ -232,7 +171,7 @@ def evaluate_folder(args: argparse.Namespace, settings: Settings) -> dict:
     labelled = scan_labelled_folder(args.images_dir)
     files = [f for f, _ in labelled]
     predictor = Predictor(bundle, args.models / "cache", device=settings.device)  # the version's own features
-    emb, ok = embed_through_cache(predictor.embedder, predictor.cache, list(files), _file_hashes(files), progress=True)
+    emb, ok = embed_through_cache(predictor.embedder, predictor.cache, list(files), file_hashes(files), progress=True)
     keep = np.flatnonzero(ok)
     targets = bundle.taxonomy.encode_many([labelled[i][1] for i in keep])
     logits = heads_logits(bundle.heads, torch.from_numpy(emb[keep]))
