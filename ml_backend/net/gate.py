@@ -11,7 +11,8 @@ For each request (and again for every redirect hop) the gate
 3. resolves the host name and refuses loopback, private, link-local, multicast, reserved and unspecified addresses
    (IPv4-mapped IPv6 included) unless the operator named that origin explicitly (:attr:`Destination.private_ok`);
 4. connects to the address it checked (the socket is pinned to that IP: no DNS rebinding between check and use),
-   sending the original ``Host`` header and checking TLS certificates against the host name;
+   sending the original ``Host`` header and checking TLS certificates against the host name
+   (``ml_backend.net.pools``);
 5. attaches credentials itself, and only for Label Studio's origin (never over http when Label Studio is https);
    a caller's own ``Authorization`` / ``Cookie`` headers are dropped; a redirect to another origin is followed
    without them;
@@ -27,21 +28,19 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from email.message import Message
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
-import certifi
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.util import Url
 
-from ml_backend.net.deadline import Deadline, GuardedHTTPConnection, GuardedHTTPSConnection, Watchdog, guarding
+from ml_backend.net.deadline import Deadline, Watchdog, guarding
 from ml_backend.net.destination import AuthHeaders, Destination, GateResponse, GateUnreachable
+from ml_backend.net.pools import PinnedPools
 from ml_backend.net.urls import GateRefused, Origin, is_public, parse, port_of, safe_url
 
 __all__ = [
@@ -85,9 +84,7 @@ class OutboundGate:
 
     def __init__(self, resolver: Resolver | None = None, max_pools: int = 32) -> None:
         self._resolve = resolver or _system_resolver
-        self._pools: OrderedDict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = OrderedDict()
-        self._max_pools = max_pools
-        self._lock = threading.Lock()
+        self._pools = PinnedPools(max_pools)
 
     # ----- checks -------------------------------------------------------------------------------------
     def check(self, url: str, dest: Destination) -> tuple[Url, Origin, str]:
@@ -257,7 +254,7 @@ class OutboundGate:
 
     def _send(self, method: str, parsed: Url, origin: Origin, ip: str, headers: dict[str, str], body: bytes | None,
               timeout: float, deadline: Deadline) -> urllib3.BaseHTTPResponse:
-        pool = self._pool(origin, ip)
+        pool = self._pools.get(origin, ip)
         left = deadline.remaining()
         if left <= 0:
             raise GateUnreachable(f"{safe_url(parsed.url)} was not reached in time (redirects took the whole deadline).")
@@ -274,31 +271,7 @@ class OutboundGate:
             raise GateUnreachable(f"{safe_url(parsed.url)} did not answer ({exc.__class__.__name__}); check that the "
                                   "host runs and is reachable from this machine.") from None
 
-    def _pool(self, origin: Origin, ip: str) -> urllib3.HTTPConnectionPool:
-        key = (ip, origin.host, origin.port, origin.scheme)
-        with self._lock:
-            pool = self._pools.get(key)
-            if pool is not None:
-                self._pools.move_to_end(key)
-                return pool
-            if origin.scheme == "https":
-                pool = urllib3.HTTPSConnectionPool(ip, origin.port, maxsize=8, server_hostname=origin.host,
-                                                   assert_hostname=origin.host, cert_reqs="CERT_REQUIRED",
-                                                   ca_certs=certifi.where())
-                pool.ConnectionCls = GuardedHTTPSConnection
-            else:
-                pool = urllib3.HTTPConnectionPool(ip, origin.port, maxsize=8)
-                pool.ConnectionCls = GuardedHTTPConnection
-            self._pools[key] = pool
-            while len(self._pools) > self._max_pools:
-                _, old = self._pools.popitem(last=False)
-                old.close()
-            return pool
-
     def close(self) -> None:
         """Close every pooled connection."""
-        with self._lock:
-            for pool in self._pools.values():
-                pool.close()
-            self._pools.clear()
+        self._pools.close()
 
