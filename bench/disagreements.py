@@ -72,7 +72,7 @@ from bench.datasets import ANIMAL_CLASSES, ANIMAL_TAXONOMY, animal_path, load_an
 from bench.provenance import header, load_line, write_result
 from model.crowd.consensus import consensus
 from model.crowd.types import Annotation, ConsensusPolicy
-from model.neighbors.index import knn_graph
+from model.neighbors.graph import knn_graph
 from model.propagation import PROPAGATION_NEIGHBOURS, held_out
 
 LEVELS = ("group", "animal")

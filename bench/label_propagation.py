@@ -4,7 +4,7 @@ For ``--per-class`` labels per animal (``--seeds`` random draws), on the embeddi
 
 * ``heads``: the product's heads (``model.heads.training.fit``: per-level MLPs, 5-fold out-of-fold calibration),
   best consistent leaf path;
-* ``lp k=K``: label spreading over the exact kNN graph of all 10,000 embeddings (``model.neighbors.index.knn_graph`` +
+* ``lp k=K``: label spreading over the exact kNN graph of all 10,000 embeddings (``model.neighbors.graph.knn_graph`` +
   ``model.propagation``, alpha 0.99, weights cos^3), leaf argmax (the group is the sum over its leaves);
 * ``heads+lp k=K``: the mean of the heads' calibrated leaf-path probabilities and the propagated ones.
 
@@ -50,7 +50,7 @@ from model.heads.candidates import FeatureSource, parse_candidates  # noqa: E402
 from model.heads.decode import decode, full_path_log_probs  # noqa: E402
 from model.heads.selection import select_and_fit  # noqa: E402
 from model.heads.training import fit, heads_logits  # noqa: E402
-from model.neighbors.index import knn_graph  # noqa: E402
+from model.neighbors.graph import knn_graph  # noqa: E402
 from model.paired_gain import GainRule  # noqa: E402
 from model.propagation import PROPAGATION_NEIGHBOURS, leaf_probabilities, propagate, seed_matrix, spread  # noqa: E402
 from model.propagation_choice import BLEND, PROPAGATION, ChoiceRule, blend_probabilities, choose, held_out_scores  # noqa: E402

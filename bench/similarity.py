@@ -50,7 +50,8 @@ if str(ROOT) not in sys.path:  # run as a script from any directory
 from bench.datasets import load_animal_mnist  # noqa: E402
 from bench.ssl_vs_baseline import OUT_DIR, BenchConfig, embed_all, pretrained_backbone  # noqa: E402
 from model.neighbors.duplicates import calibrate_threshold, duplicate_groups, near_pairs  # noqa: E402
-from model.neighbors.index import NeighborIndex, normalise  # noqa: E402
+from model.neighbors.index import NeighborIndex  # noqa: E402
+from model.neighbors.vectors import normalise  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "similarity.txt"
 KINDS = ("exact", "crop", "flip", "jpeg")

@@ -95,7 +95,7 @@ def propagate(idx: IntArray, sim: FloatArray, seeds: IntArray, n_classes: int, a
     """Leaf-class probabilities of every image from the labelled ones (hard labels).
 
     Args:
-        idx: ``(N, k)`` neighbour rows of each row (-1: none), e.g. :func:`model.neighbors.index.knn_graph`.
+        idx: ``(N, k)`` neighbour rows of each row (-1: none), e.g. :func:`model.neighbors.graph.knn_graph`.
         sim: ``(N, k)`` their cosine similarities.
         seeds: ``(N,)`` int leaf class of each labelled row, -1 for unlabelled ones.
         n_classes: number of leaf classes ``C``.

@@ -135,7 +135,7 @@ def held_out_scores(cv: CrossValidation, graph: tuple[IntArray, FloatArray], gra
 
     Args:
         cv: the chosen heads' cross-validation (``Selection.cv``): folds, targets, calibrated out-of-fold logits.
-        graph: ``(idx, sim)`` kNN graph of every image (labelled or not), e.g. ``model.neighbors.index.knn_graph``.
+        graph: ``(idx, sim)`` kNN graph of every image (labelled or not), e.g. ``model.neighbors.graph.knn_graph``.
         graph_rows: ``(N_lab,)`` graph row of each labelled row of ``cv``.
         taxonomy: the label tree.
     """

@@ -31,7 +31,7 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 from model.arrays import BoolArray, FloatArray, IntArray
-from model.neighbors.index import single_threaded
+from model.neighbors.vectors import single_threaded
 
 __all__ = ["Ranked", "Reason", "diverse_uncertain", "is_cold_start", "kmeans", "labeling_order", "least_confidence",
            "typical_cover"]

@@ -273,7 +273,7 @@ def test_a_forked_child_can_search_after_the_parent_did():
 
 
 def test_knn_graph_of_a_plain_matrix_skips_unusable_rows():
-    from model.neighbors.index import knn_graph
+    from model.neighbors.graph import knn_graph
 
     base = rows(200, d=8, seed=12)
     base[5] = np.nan  # an unreadable image

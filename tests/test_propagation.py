@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.neighbors.index import knn_graph
+from model.neighbors.graph import knn_graph
 from model.propagation import leaf_probabilities, level_probs, path_predictions, propagate, seed_matrix, spread
 
 

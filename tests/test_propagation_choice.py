@@ -9,7 +9,7 @@ import torch
 from model.errors import DataError
 from model.heads.candidates import FeatureSource, parse_candidates
 from model.heads.selection import CandidateScore, select
-from model.neighbors.index import knn_graph
+from model.neighbors.graph import knn_graph
 from model.propagation import held_out, seed_matrix
 from model.propagation_choice import BLEND, PROPAGATION, ChoiceRule, blend_probabilities, choose, held_out_scores
 from model.taxonomy import Taxonomy

@@ -9,23 +9,14 @@ the k-nearest-neighbour graph that label propagation and the near-duplicate grou
 Exact search is the default up to at least 1M rows: ``bench/similarity.py`` measured the query latency and
 memory of ``IndexFlatIP`` against brute-force numpy at 10k, 100k and 1M rows (``bench/results/similarity.txt``).
 
-Persistence (:meth:`NeighborIndex.save`, :func:`load_index`), like ``model.bundle``'s ``LIVE`` pointer::
+Persistence (:meth:`NeighborIndex.save`, :func:`load_index`) writes and reads the generations of
+``model.neighbors.generations``: a crash at any point leaves the previous index loadable.
 
-    dir/CURRENT               the name of the complete generation (replaced atomically)
-    dir/gen-<ns>-<hex>/       index.faiss (faiss.write_index), keys.txt (one key a line), meta.json
-
-A save writes a hidden temporary directory, renames it to a new generation and only then replaces
-``CURRENT``; the generation before stays (a reader may be opening it) and older ones are removed. A crash at
-any point leaves the previous index loadable.
+The plain-matrix kNN graph lives in ``model.neighbors.graph``, normalisation in ``model.neighbors.vectors``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,48 +25,14 @@ import faiss
 import numpy as np
 
 from model.arrays import FloatArray, IntArray
-from model.atomic import atomic_write_text, fsync_dir
 from model.errors import ConfigError, DataError
+from model.neighbors.generations import CURRENT, read_generation, write_generation
 from model.neighbors.pairs import pairs_above as similar_pairs
+from model.neighbors.vectors import normalise, single_threaded
 
-__all__ = ["KnnGraph", "NeighborIndex", "knn_graph", "load_index", "normalise", "single_threaded"]
+__all__ = ["KnnGraph", "NeighborIndex", "load_index"]
 
-CURRENT = "CURRENT"
-INDEX_FILE = "index.faiss"
-KEYS_FILE = "keys.txt"
-META_FILE = "meta.json"
-FORMAT = 1
 _SEARCH_BATCH = 4096  # query rows per faiss call in knn(): bounds the (B, N) distance block
-
-
-def single_threaded() -> None:
-    """Keep faiss's OpenMP at one thread (called before every faiss call of this module).
-
-    GNU OpenMP hangs in a forked child once the parent ran a parallel region, and RQ runs every job in a forked
-    work horse: a worker (or a test process) that searched with several threads would deadlock its next job.
-    One thread also suits the queries here (one at a time) and a server whose cores serve requests.
-    """
-    if faiss.omp_get_max_threads() != 1:
-        faiss.omp_set_num_threads(1)
-
-
-def normalise(emb: FloatArray) -> FloatArray:
-    """Unit-length float32 copy of ``emb`` ``(N, D)``.
-
-    Raises:
-        DataError: a row is not finite or has zero length (an unreadable image's NaN row, an all-zero vector).
-    """
-    single_threaded()
-    x = np.array(emb, dtype=np.float32, copy=True, order="C")  # (N, D)
-    if x.ndim != 2:
-        raise DataError(f"embeddings must be a (N, D) array, got shape {x.shape}.")
-    sq = np.einsum("ij,ij->i", x, x)  # (N,) squared lengths; NaN or inf anywhere in a row makes its length so
-    if not np.isfinite(sq).all():
-        raise DataError("embeddings hold NaN or infinite values (an unreadable image); index only rows that embedded.")
-    if x.shape[0] and not (sq > 0).all():
-        raise DataError(f"{int((sq <= 0).sum())} embeddings have zero length; they have no direction to compare.")
-    faiss.normalize_L2(x)
-    return x
 
 
 @dataclass(frozen=True)
@@ -291,29 +248,9 @@ class NeighborIndex:
         Returns:
             The new generation's directory.
         """
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        name = f"gen-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts by creation time
-        tmp = root / f".tmp-{name}"
-        tmp.mkdir()
-        try:
-            faiss.write_index(self._index, str(tmp / INDEX_FILE))
-            (tmp / KEYS_FILE).write_text("".join(k + "\n" for k in self._keys), encoding="utf-8")
-            meta = {"format": FORMAT, "dim": self.dim, "count": len(self), "encoder_version": self.encoder_version,
-                    "metric": "cosine", "faiss": faiss.__version__}
-            (tmp / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-            if durable:
-                for f in (INDEX_FILE, KEYS_FILE, META_FILE):
-                    with open(tmp / f, "rb") as fh:
-                        os.fsync(fh.fileno())
-                fsync_dir(tmp)
-            tmp.rename(root / name)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        atomic_write_text(root / CURRENT, name + "\n", durable=durable)
-        _prune_generations(root, keep={name, _previous(root, name)})
-        return root / name
+        meta = {"dim": self.dim, "count": len(self), "encoder_version": self.encoder_version, "metric": "cosine",
+                "faiss": faiss.__version__}
+        return write_generation(Path(directory), self._index, self._keys, meta, durable)
 
     @classmethod
     def load(cls, directory: Path | str) -> NeighborIndex:
@@ -321,64 +258,9 @@ class NeighborIndex:
         return load_index(directory)
 
 
-def knn_graph(emb: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
-    """The ``k`` most similar other rows of every row of a plain embedding matrix (label propagation's graph).
-
-    Args:
-        emb: ``(N, D)`` embeddings; rows with a NaN (unreadable images) or of zero length get no neighbours and
-            are nobody's.
-        k: neighbours per row (at most the number of other usable rows).
-
-    Returns:
-        ``idx (N, k)`` int64 row indices (-1: none) and ``sim (N, k)`` float32 cosine similarities (0 where none),
-        most similar first, the row itself excluded: :meth:`NeighborIndex.knn` on the usable rows.
-    """
-    x = np.asarray(emb, dtype=np.float32)  # (N, D)
-    n = len(x)
-    idx = np.full((n, int(k)), -1, dtype=np.int64)  # (N, k)
-    sim = np.zeros((n, int(k)), dtype=np.float32)  # (N, k)
-    with np.errstate(invalid="ignore", over="ignore"):
-        usable = np.isfinite(x).all(axis=1) & (np.einsum("ij,ij->i", x, x) > 0)  # (N,)
-    rows = np.flatnonzero(usable)
-    k_eff = min(int(k), len(rows) - 1)
-    if k_eff < 1:
-        return idx, sim
-    graph = NeighborIndex.build([str(r) for r in rows], x[rows]).knn(k_eff)  # rows keyed by their position
-    found = graph.neighbors >= 0  # (M, k_eff)
-    idx[rows, :k_eff] = np.where(found, rows[np.maximum(graph.neighbors, 0)], -1)
-    sim[rows, :k_eff] = np.where(found, graph.similarities, 0.0)
-    return idx, sim
-
-
-def _generations(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("gen-"))
-
-
-def _previous(root: Path, name: str) -> str:
-    older = [g for g in _generations(root) if g < name]
-    return older[-1] if older else ""
-
-
-def _prune_generations(root: Path, keep: set[str]) -> None:
-    for p in root.iterdir():
-        stale_tmp = p.name.startswith(".tmp-") and time.time() - p.stat().st_mtime > 3600
-        if (p.name.startswith("gen-") and p.name not in keep) or stale_tmp:
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def _load_generation(gen: Path) -> NeighborIndex:
     single_threaded()
-    try:
-        meta = json.loads((gen / META_FILE).read_text(encoding="utf-8"))
-        keys = (gen / KEYS_FILE).read_text(encoding="utf-8").splitlines()
-        flat = faiss.read_index(str(gen / INDEX_FILE))
-    except (OSError, ValueError, RuntimeError) as exc:  # faiss raises RuntimeError for a damaged file
-        raise DataError(f"the neighbour index in {gen} cannot be read ({exc.__class__.__name__}); it is rebuilt "
-                        "by the next training (or delete the directory).") from None
-    consistent = meta.get("format") == FORMAT and flat.d == meta.get("dim") and flat.ntotal == len(keys) == meta.get("count")
-    if not isinstance(flat, faiss.IndexFlatIP) or not consistent:
-        raise DataError(f"the neighbour index in {gen} is inconsistent (meta {meta}, {flat.ntotal} vectors, "
-                        f"{len(keys)} keys); it is rebuilt by the next training (or delete the directory).")
+    meta, keys, flat = read_generation(gen)
     index = NeighborIndex(int(meta["dim"]), str(meta.get("encoder_version", "")))
     index._index = flat
     index._keys = keys
