@@ -26,7 +26,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from model.heads.heads import HeadsConfig, train_heads
+from model.heads.heads import HeadsConfig
+from model.heads.mlp_training import train_heads
 from model.heads.training import fit, predict
 from model.taxonomy import Taxonomy
 

@@ -29,7 +29,8 @@ from model.bundle import (
 from model.encoder.backbone import build_backbone, encoder_version
 from model.encoder.config import Arch, EncoderConfig
 from model.errors import BundleError
-from model.heads.heads import HeadsConfig, TaxonomyHeads, train_heads
+from model.heads.heads import HeadsConfig, TaxonomyHeads
+from model.heads.mlp_training import train_heads
 from model.taxonomy import Taxonomy
 
 TAX = Taxonomy.from_nested({"wild": ["bear", "zebra"], "pet": ["cat", "dog"], "bird": None})

@@ -10,9 +10,11 @@ import torch
 
 from model.encoder.backbone import build_backbone
 from model.encoder.config import Arch, EncoderConfig
+from model.encoder.frozen import changed_state, frozen, snapshot_state
 from model.errors import ConfigError, DataError
 from model.heads.decode import decode
-from model.heads.heads import HeadsConfig, Normalization, TaxonomyHeads, changed_state, frozen, snapshot_state, train_heads
+from model.heads.heads import HeadsConfig, Normalization, TaxonomyHeads
+from model.heads.mlp_training import train_heads
 from model.taxonomy import IGNORE, Taxonomy
 
 TAX = Taxonomy.from_nested({"wild": ["bear", "zebra"], "pet": ["cat", "dog", "fish"], "bird": None})

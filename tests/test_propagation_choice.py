@@ -104,7 +104,8 @@ def test_a_version_chosen_as_propagation_serves_its_table_by_content_hash_and_th
     from model.encoder.config import Arch, EncoderConfig
     from model.errors import BundleError
     from model.heads.decode import decode
-    from model.heads.heads import HeadsConfig, train_heads
+    from model.heads.heads import HeadsConfig
+    from model.heads.mlp_training import train_heads
     from model.predictor import Predictor
     from model.propagation_choice import PropagatedTable
 

@@ -6,4 +6,5 @@ __all__ = [
     "config",
     "device",
     "embedder",
+    "frozen",
 ]

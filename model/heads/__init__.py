@@ -4,5 +4,6 @@ __all__ = [
     "calibration",
     "decode",
     "heads",
+    "mlp_training",
     "training",
 ]

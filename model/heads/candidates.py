@@ -26,8 +26,9 @@ from enum import Enum
 
 from model.arrays import FloatArray, IntArray
 from model.errors import ConfigError
-from model.heads.heads import HeadsConfig, TaxonomyHeads, train_heads
+from model.heads.heads import HeadsConfig, TaxonomyHeads
 from model.heads.linear import logistic_heads, prototype_heads
+from model.heads.mlp_training import train_heads
 
 __all__ = ["CANDIDATES", "Candidate", "FeatureSource", "HeadKind", "parse_candidates"]
 
@@ -35,7 +36,7 @@ __all__ = ["CANDIDATES", "Candidate", "FeatureSource", "HeadKind", "parse_candid
 class HeadKind(str, Enum):
     """How a candidate's heads are fitted."""
 
-    MLP = "mlp"  # model.heads.heads.train_heads
+    MLP = "mlp"  # model.heads.mlp_training.train_heads
     PROTOTYPES = "prototypes"  # model.heads.linear.prototype_heads
     LINEAR = "linear"  # model.heads.linear.logistic_heads
 

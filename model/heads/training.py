@@ -24,7 +24,8 @@ from model.errors import DataError
 from model.evaluation import evaluate
 from model.heads.calibration import fit_temperature
 from model.heads.decode import PathPrediction, decode
-from model.heads.heads import HeadsConfig, TaxonomyHeads, train_heads
+from model.heads.heads import HeadsConfig, TaxonomyHeads
+from model.heads.mlp_training import train_heads
 from model.taxonomy import IGNORE, Taxonomy
 
 __all__ = [
@@ -219,7 +220,7 @@ def fit(
         folds: cross-validation folds (clipped to the number of labelled images; stratified by top level).
             With fewer than 2 usable folds the temperature stays 1.0 and ``metrics`` is empty.
         progress: show progress bars.
-        device: where the heads train (see :func:`model.heads.heads.train_heads`).
+        device: where the heads train (see :func:`model.heads.mlp_training.train_heads`).
         temperature: a calibration temperature to reuse (from an earlier :func:`cross_validate` on nearly the
             same labels): no cross-validation runs, only the final heads train; the out-of-fold fields stay
             empty and ``metrics`` holds ``n_labelled`` only.
