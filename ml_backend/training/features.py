@@ -20,7 +20,7 @@ from model.encoder.cache import EmbeddingCache, embed_through_cache
 from model.features.pixels import PixelFeatures
 from model.heads.candidates import FeatureSource, parse_candidates
 
-__all__ = ["Features", "embed_features"]
+__all__ = ["Features", "embed_features", "source_version"]
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +55,13 @@ def embed_features(settings: Settings, paths: ProjectPaths, encoder: Encoder, pr
     log.info("Project %s: features %s for %d images (%d unreadable).", paths.project_id,
              [s.value for s in features], len(ok), int((~ok).sum()))
     return features, ok
+
+
+def source_version(settings: Settings, source: FeatureSource, encoder: Encoder) -> str | None:
+    """The id ``source``'s features are cached under, what a model version's ``features_version`` names (the
+    current encoder's version, or the pixel features' id); None for the previous encoder's features."""
+    if source is FeatureSource.PIXELS:
+        return PixelFeatures(max_pixels=settings.image_max_pixels).version
+    if source is FeatureSource.ENCODER:
+        return encoder.version
+    return None

@@ -13,6 +13,11 @@ cross-validated before publishing (a new temperature; the choice stands): under 
 common case, and the whole comparison cost four to five times as much (the MLP candidate alone 10 of 15 s on
 300 labels, ``bench/results/retrain_latency.txt``).
 
+The final logistic-regression heads start their solver from the live version's heads when these read the same
+features (``live_start``): the penalised problem has one optimum, so the heads are the same to the solver's
+tolerance, in a fraction of the iterations (``bench/linear_warm_start.py``). Cross-validation folds always start from
+zero, so no fold's solver starts from heads that saw its held-out labels.
+
 The folds keep duplicate images together (:func:`duplicate_units`: byte-identical images, and the near-duplicate
 groups of the last neighbour step), so no candidate is scored on an image whose copy it trained on.
 """
@@ -37,20 +42,22 @@ from ml_backend.training.calibration import (
     read_calibration,
 )
 from ml_backend.training.encoder import Encoder
-from ml_backend.training.features import Features
+from ml_backend.training.features import Features, source_version
 from ml_backend.training.images import ProjectImages
 from ml_backend.training.labels import Labels, labels_shortfall
 from ml_backend.training.neighbors import read_duplicates
 from ml_backend.training.pull import ProjectSource
-from model.errors import DataError
-from model.heads.candidates import CANDIDATES, Candidate, parse_candidates
-from model.heads.heads import HeadsConfig
+from model.bundle import live_version, load_live
+from model.errors import BundleError, DataError
+from model.heads.candidates import CANDIDATES, Candidate, HeadKind, parse_candidates
+from model.heads.heads import HeadsConfig, TaxonomyHeads
 from model.heads.selection import cross_validate_candidate, path_folds, select_and_fit
 from model.heads.training import FitResult, labelled_rows
 from model.neighbors.duplicates import duplicate_groups
 from model.paired_gain import GainRule
+from model.taxonomy import Taxonomy
 
-__all__ = ["RESELECT_GROWTH", "Fit", "cross_validate_after_publish", "duplicate_units", "fit_heads"]
+__all__ = ["RESELECT_GROWTH", "Fit", "cross_validate_after_publish", "duplicate_units", "fit_heads", "live_start"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,22 @@ def duplicate_units(paths: ProjectPaths, task_ids: list[int], keys: list[str]) -
     for gid, group in enumerate(duplicate_groups(task_ids, keys, near)):
         unit[[row[t] for t in group.items]] = len(task_ids) + gid
     return unit
+
+
+def live_start(settings: Settings, paths: ProjectPaths, candidate: Candidate, encoder: Encoder,
+               taxonomy: Taxonomy) -> TaxonomyHeads | None:
+    """The live version's heads as the start of ``candidate``'s solver when it fits a logistic regression on the
+    features the live heads read, for the same taxonomy; else None (a cold start)."""
+    if candidate.head is not HeadKind.LINEAR or live_version(paths.models) is None:
+        return None
+    try:
+        bundle = load_live(paths.models)
+    except (BundleError, OSError) as exc:  # the live version is checked where it is served; here it is only a start
+        log.warning("Project %s: the live heads cannot seed the solver (%s); fitting from zero.", paths.project_id, exc)
+        return None
+    same = (bundle.manifest.taxonomy_hash == taxonomy.hash()
+            and bundle.features_version == source_version(settings, candidate.features, encoder))
+    return bundle.heads if same else None
 
 
 @dataclass
@@ -118,7 +141,8 @@ def fit_heads(settings: Settings, paths: ProjectPaths, source: ProjectSource, la
         assert record is not None
         candidate = CANDIDATES[record.candidate]
         x = features[candidate.features][rows]
-        heads = candidate.train(x, encoded, num_classes, HeadsConfig())
+        seed = live_start(settings, paths, candidate, encoder, taxonomy)
+        heads = candidate.train(x, encoded, num_classes, HeadsConfig(), seed)
         choice = dict(record.metrics.get("model_choice") or {"chosen": candidate.name})
         metrics = {**record.metrics, "n_labelled": len(rows), "model_choice": choice,
                    "calibration": {"from_version": record.model_version, "n_labelled": record.n_labelled,
@@ -132,8 +156,8 @@ def fit_heads(settings: Settings, paths: ProjectPaths, source: ProjectSource, la
         assert record is not None
         x = features[kept.features][rows]
         fold_of = path_folds(encoded, min(settings.cv_folds, len(rows)), groups=groups)
+        heads = kept.train(x, encoded, num_classes, HeadsConfig(), live_start(settings, paths, kept, encoder, taxonomy))
         cv = cross_validate_candidate(kept, x, encoded, taxonomy, fold_of, labelled_index, HeadsConfig())
-        heads = kept.train(x, encoded, num_classes, HeadsConfig())
         candidate = kept
         choice = dict(record.metrics.get("model_choice") or {"chosen": kept.name})
         log.info("Project %s: model choice %s kept (made on %s labels, now %d), recalibrated.", paths.project_id,

@@ -60,12 +60,16 @@ class Candidate:
     description: str
 
     def train(self, emb: FloatArray, targets: IntArray, num_classes: list[int],
-              heads_cfg: HeadsConfig | None = None) -> TaxonomyHeads:
-        """Fit this candidate's heads on labelled features ``(N, D)`` and targets ``(N, L)``."""
+              heads_cfg: HeadsConfig | None = None, init: TaxonomyHeads | None = None) -> TaxonomyHeads:
+        """Fit this candidate's heads on labelled features ``(N, D)`` and targets ``(N, L)``.
+
+        ``init``: earlier heads on the same features; the logistic regression starts its solver from them (the same
+        optimum, fewer iterations: ``model.heads.linear``); the other heads ignore it.
+        """
         if self.head is HeadKind.PROTOTYPES:
             return prototype_heads(emb, targets, num_classes)
         if self.head is HeadKind.LINEAR:
-            return logistic_heads(emb, targets, num_classes)
+            return logistic_heads(emb, targets, num_classes, init=init)
         return train_heads(emb, targets, num_classes, heads_cfg or HeadsConfig())
 
     @property
