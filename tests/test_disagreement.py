@@ -21,8 +21,9 @@ from ml_backend.reports.disagreements import run_cli
 from ml_backend.settings import Settings
 from ml_backend.training import disagreements as dis
 from model.crowd.consensus import consensus
+from model.crowd.findings import FlagKind
 from model.crowd.report import result_to_json, review_list
-from model.crowd.types import Annotation, ConsensusPolicy, FlagKind
+from model.crowd.types import Annotation, ConsensusPolicy
 from model.errors import DataError
 from model.taxonomy import Taxonomy
 

@@ -17,7 +17,8 @@ from ml_backend.labelstudio.comments import list_comments, post_comment, support
 from ml_backend.labelstudio.tabs import upsert_task_tab
 from ml_backend.paths import ProjectPaths
 from model.atomic import atomic_write_json
-from model.crowd.types import ConsensusResult, Flag
+from model.crowd.findings import Flag
+from model.crowd.types import ConsensusResult
 
 __all__ = ["MARKER", "TAB_TITLES", "comment_text", "post_flags"]
 

@@ -3,20 +3,29 @@ the credentials the gate attaches for Label Studio's origin alone; and its heavy
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
 if TYPE_CHECKING:
-    from ml_backend.labelstudio.client import LabelStudioClient
+    from ml_backend.net.destination import Destination
+    from ml_backend.net.gate import OutboundGate
 
-__all__ = ["GateTransport", "preload_sdk"]
+__all__ = ["GateTransport", "GatedServer", "preload_sdk"]
+
+
+class GatedServer(Protocol):
+    """What the transport needs of a Label Studio client: its gate, its destination and its timeout."""
+
+    gate: OutboundGate
+    destination: Destination
+    timeout: float
 
 
 class GateTransport(httpx.BaseTransport):
     """An httpx transport that sends label-studio-sdk's requests through the gate (credentials by the gate)."""
 
-    def __init__(self, client: LabelStudioClient) -> None:
+    def __init__(self, client: GatedServer) -> None:
         self._client = client
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:

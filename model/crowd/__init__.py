@@ -3,6 +3,7 @@
 __all__ = [
     "consensus",
     "dawid_skene",
+    "findings",
     "flags",
     "path_decode",
     "report",

@@ -20,7 +20,8 @@ from collections import Counter
 
 import numpy as np
 
-from model.crowd.types import BLOCKING, AnnotatorStats, ConsensusPolicy, ConsensusResult, Flag, FlagKind, ItemConsensus, Source
+from model.crowd.findings import BLOCKING, AnnotatorStats, Flag, FlagKind
+from model.crowd.types import ConsensusPolicy, ConsensusResult, ItemConsensus, Source
 from model.taxonomy import Path, Taxonomy
 
 __all__ = ["annotator_stats", "apply_policy", "find_flags"]

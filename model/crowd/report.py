@@ -6,7 +6,8 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
-from model.crowd.types import ConsensusResult, Flag, ItemConsensus
+from model.crowd.findings import Flag
+from model.crowd.types import ConsensusResult, ItemConsensus
 
 __all__ = ["result_to_json", "review_list"]
 

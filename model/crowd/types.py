@@ -1,4 +1,5 @@
-"""The data of the consensus: annotations in, votes, per-item and per-level consensus, flags and annotator stats out.
+"""The data of the consensus: annotations in, votes, per-item and per-level consensus out (its flags and annotator
+stats: ``model.crowd.findings``).
 
 Shapes: per level, the annotator label matrix is ``(N_items, M_annotators)`` with -1 where an annotator did not
 label; the model's probabilities are ``(K_k,)`` per item and level.
@@ -13,18 +14,15 @@ from typing import Any
 
 from model.arrays import FloatArray
 from model.crowd.dawid_skene import CrowdFit
+from model.crowd.findings import AnnotatorStats, Flag
 from model.crowd.pool import ReviewFit
 from model.errors import ConfigError
 from model.taxonomy import Path  # a taxonomy path: one class name per level
 
 __all__ = [
     "Annotation",
-    "AnnotatorStats",
-    "BLOCKING",
     "ConsensusPolicy",
     "ConsensusResult",
-    "Flag",
-    "FlagKind",
     "GivenLabel",
     "ItemConsensus",
     "Source",
@@ -59,7 +57,7 @@ class ConsensusPolicy:
         min_annotators: annotators with a label an item needs (ground truth / reviewed items excepted).
         min_agreement: fraction of an item's annotators whose label agrees with the consensus path.
         prefer_ground_truth: ground-truth, then reviewed annotations decide their items alone.
-        exclude_flagged: keep items with a blocking flag (see ``model.crowd.flags.BLOCKING``) out of training
+        exclude_flagged: keep items with a blocking flag (see ``model.crowd.findings.BLOCKING``) out of training
             until a ground-truth or reviewed annotation resolves them.
         min_quality: a consensus whose estimated probability of being right is below this is flagged as
             low quality.
@@ -177,8 +175,8 @@ class ConsensusResult:
         labels: item -> consensus path to train on (policy applied).
         excluded: item -> reason it is not trained on.
         items: item -> :class:`ItemConsensus` for every item seen.
-        annotators: annotator -> ``model.crowd.flags.AnnotatorStats``.
-        flags: every ``model.crowd.flags.Flag``, most urgent first.
+        annotators: annotator -> ``model.crowd.findings.AnnotatorStats``.
+        flags: every ``model.crowd.findings.Flag``, most urgent first.
         policy: the policy applied.
         problems: messages about input that could not be used (unknown labels, ...).
         level_fits: per level, the crowd estimation (confusion matrices, posteriors), rows in ``item_order``.
@@ -226,77 +224,3 @@ class Vote:
     paths: tuple[Path, ...]
     ground_truth: bool
     reviewed: bool
-
-
-class FlagKind(str, enum.Enum):
-    """What a flag says about an item."""
-
-    ANNOTATORS_DISAGREE = "annotators_disagree"
-    LABEL_ERROR_CANDIDATE = "label_error_candidate"
-    LOW_QUALITY_CONSENSUS = "low_quality_consensus"
-
-
-BLOCKING: frozenset[FlagKind] = frozenset({FlagKind.LOW_QUALITY_CONSENSUS})
-"""Kinds that keep an item out of training (with ``policy.exclude_flagged``) until it is resolved."""
-
-
-@dataclass(frozen=True)
-class Flag:
-    """One finding about one item.
-
-    Attributes:
-        kind: what was found.
-        item: the item id.
-        level: the taxonomy level concerned (0-based).
-        score: in [0, 1], how likely a label involved is wrong (review priority).
-        message: one line for people, naming labels and annotators.
-        annotator: the annotator concerned (label-error candidates), else None.
-        given: the label concerned (label-error candidates: the annotator's paths), else None.
-        suggested: the consensus path at the time of flagging.
-    """
-
-    kind: FlagKind
-    item: int
-    level: int
-    score: float
-    message: str
-    annotator: str | None = None
-    given: tuple[Path, ...] | None = None
-    suggested: Path | None = None
-
-    @property
-    def key(self) -> str:
-        """Stable identity of the finding (the same finding on a later run has the same key)."""
-        labels = "|".join("/".join(p) for p in self.given or ())
-        return f"{self.kind.value}:{self.item}:{self.level}:{self.annotator or ''}:{labels}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind.value, "item": self.item, "level": self.level, "score": round(self.score, 6),
-            "message": self.message, "annotator": self.annotator,
-            "given": None if self.given is None else [list(p) for p in self.given],
-            "suggested": None if self.suggested is None else list(self.suggested), "key": self.key,
-        }
-
-
-@dataclass(frozen=True)
-class AnnotatorStats:
-    """How one annotator labels.
-
-    Attributes:
-        annotator: the annotator id.
-        quality: mean estimated probability that their labels are right, in [0, 1].
-        level_accuracy: per level, the estimated accuracy from their confusion matrix (None: no labels there).
-        n_labeled: items they labelled.
-        agreement_with_consensus: fraction of their labels compatible with the consensus path.
-        worst_level: the level where they disagree with the consensus most, or None.
-        confusions: their most frequent disagreements at ``worst_level``: ``(given, consensus, count)``.
-    """
-
-    annotator: str
-    quality: float
-    level_accuracy: tuple[float | None, ...]
-    n_labeled: int
-    agreement_with_consensus: float
-    worst_level: int | None
-    confusions: tuple[tuple[str, str, int], ...]

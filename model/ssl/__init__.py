@@ -3,6 +3,7 @@ Lightning driver and its loss log."""
 
 __all__ = [
     "augment",
+    "checkpoint",
     "config",
     "loss_log",
     "moco",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,9 +30,10 @@ from model.data import ImageListDataset, collate_skipping
 from model.encoder.backbone import build_backbone, encoder_version, load_backbone_weights
 from model.encoder.batchnorm import recalibrate_batchnorm
 from model.encoder.config import EncoderConfig
-from model.errors import ConfigError, DataError
+from model.errors import DataError
 from model.images import ImageSource
 from model.ssl.augment import moco_v2_transform
+from model.ssl.checkpoint import LastCheckpoint, check_resume
 from model.ssl.config import PretrainConfig
 from model.ssl.loss_log import _Recorder, _truncate_loss_csv, write_loss_plot
 from model.ssl.moco import MoCoV2
@@ -45,7 +45,6 @@ from model.ssl.runtime import BudgetKeeper, on_gpu, precision, processes, quiet_
 __all__ = ["PretrainResult", "pretrain"]
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -97,45 +96,6 @@ class PretrainResult:
                 "quality_last": last, "learned": self.learned, "skipped_images": len(self.skipped)}
 
 
-
-
-
-def _check_resume(config_path: Path, encoder_cfg: EncoderConfig, cfg: PretrainConfig) -> PretrainPlan | None:
-    """The plan of the run being resumed when it was made for the same pretraining config (a changed config, e.g.
-    a larger epoch cap, is planned again and the schedule continues on the new plan); refuses another encoder
-    config."""
-    if not config_path.exists():
-        return None
-    run = json.loads(config_path.read_text())
-    saved = run["encoder"]
-    now = encoder_cfg.to_dict()
-    diff = {k for k in ("arch", "input_size", "mean", "std") if saved.get(k) != now.get(k)}
-    if diff:
-        raise ConfigError(
-            f"the checkpoint in {config_path.parent} was trained with another encoder config ({sorted(diff)} "
-            "differ); use a new out_dir or resume=False."
-        )
-    if run.get("plan") and run.get("pretrain") == json.loads(json.dumps(cfg.to_dict())):
-        return PretrainPlan.from_dict(run["plan"])
-    return None
-
-
-class _LastCheckpoint(Callback):
-    """Writes ``last.ckpt`` at the end of every training epoch, whole or not at all (written beside it, then renamed),
-    and nothing else: Lightning's ``ModelCheckpoint`` writes a top-k copy beside ``last.ckpt`` (the same ~38 MB twice
-    an epoch), or, with ``save_top_k=0``, only when training ends (nothing to resume from after a crash)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        partial = self.path.with_name(self.path.name + ".partial")
-        trainer.save_checkpoint(partial)  # every rank calls it; the global-zero rank writes
-        if trainer.is_global_zero:
-            os.replace(partial, self.path)
-        trainer.strategy.barrier("last-checkpoint")
-
-
 def pretrain(
     images: Sequence[ImageSource],
     encoder_cfg: EncoderConfig,
@@ -176,7 +136,7 @@ def pretrain(
     csv_path = out_dir / "loss.csv"
     quality_path = out_dir / "quality.csv"
     resuming = resume and last.exists()
-    saved_plan = _check_resume(config_path, encoder_cfg, cfg) if resuming else None
+    saved_plan = check_resume(config_path, encoder_cfg, cfg) if resuming else None
     if not resuming:
         for stale in (csv_path, quality_path, last):
             stale.unlink(missing_ok=True)
@@ -230,7 +190,7 @@ def pretrain(
 
     recorder = _Recorder(csv_path)
     quality = QualityCallback(images, two_views, plan, quality_path, cfg.seed)
-    checkpointing = _LastCheckpoint(last)
+    checkpointing = LastCheckpoint(last)
     limit = time_limit(cfg, plan)
     keeper = BudgetKeeper(limit)
     result_planned = plan.steps
@@ -248,7 +208,7 @@ def pretrain(
             sync_batchnorm="ddp" in cfg.strategy and on_gpu(cfg),
             callbacks=[recorder, quality, keeper, *callbacks, checkpointing],
             logger=False,
-            enable_checkpointing=False,  # no default ModelCheckpoint: _LastCheckpoint writes the one checkpoint
+            enable_checkpointing=False,  # no default ModelCheckpoint: LastCheckpoint writes the one checkpoint
             enable_progress_bar=progress,
             enable_model_summary=False,
             default_root_dir=str(out_dir),
@@ -297,6 +257,3 @@ def pretrain(
                     "be no better than a random one; see %s.", result.quality[0].view_retrieval,
                     result.quality[-1].view_retrieval, out_dir / "loss.png")
     return result
-
-
-
