@@ -10,7 +10,8 @@ so decoding, calibration, bundles and the predictor treat them exactly like the 
 * :func:`logistic_heads`: multinomial logistic regression per level (``sklearn.linear_model.LogisticRegression``,
   L-BFGS) on standardised features: the "pixels + logistic regression" baseline. The L2-penalised problem is
   strictly convex, so its optimum does not depend on where the solver starts: given earlier linear heads of the same
-  features (``init``: the live version's) L-BFGS starts from them (:func:`warm_coefficients`) and reaches the same heads in a fraction of the iterations.
+  features (``init``: the live version's) L-BFGS starts from them (:func:`warm_coefficients`) and reaches the same
+  heads in a fraction of the iterations.
 
 A class without a label at a level gets zero weights and the bias :data:`UNSEEN_BIAS`: it is never predicted
 (exactly what the MLP heads learn for it, only certain).
