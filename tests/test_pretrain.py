@@ -19,6 +19,7 @@ from PIL import Image
 from model.encoder.backbone import build_backbone, encoder_version
 from model.encoder.config import EncoderConfig
 from model.errors import ConfigError, DataError
+from model.ssl.checkpoint import checkpoint_every
 from model.ssl.config import PretrainConfig
 from model.ssl.moco import MoCoV2
 from model.ssl.pretrain import pretrain
@@ -278,3 +279,35 @@ def test_lightning_banners_tips_and_deprecations_stay_out_of_the_console(tmp_pat
     lightning = [r.getMessage() for r in caplog.records if r.name.startswith(("pytorch_lightning", "lightning"))]
     assert lightning == []  # no "GPU available", "💡 Tip: ... litlogger", "`Trainer.fit` stopped"
     assert [str(w.message) for w in recwarn if "pytorch_lightning" in w.filename or "lightning" in w.filename] == []
+
+
+class _CheckpointSeen(pl.Callback):
+    """Records, at each epoch's start, the epoch of the checkpoint on disk (None before the first)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[int | None] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        saved = torch.load(self.path, map_location="cpu", weights_only=False) if self.path.exists() else None
+        self.seen.append(None if saved is None else int(saved["epoch"]))
+
+
+def test_short_epochs_are_checkpointed_about_once_a_minute_and_the_last_one_always(tmp_path: Path) -> None:
+    """A measured plan whose epochs take well under CHECKPOINT_EVERY_S writes no checkpoint at the epochs between,
+    only at the run's end, and the run resumes from it; an unmeasured plan writes one each epoch."""
+    seen = _CheckpointSeen(tmp_path / "timed" / "checkpoints" / "last.ckpt")
+    timed = PretrainConfig(**{**TINY.__dict__, "epochs": 4, "max_minutes": 10.0})  # the probe measures the speed
+    result = pretrain(_images(32), ENC, timed, tmp_path / "timed", progress=False, callbacks=[seen])
+    assert result.plan is not None and result.plan.seconds_per_step and result.epochs_done == 4
+    assert checkpoint_every(result.plan) > 4, result.plan  # 4 steps an epoch on a tiny encoder: far under a minute
+    assert seen.seen == [None, None, None, None]
+    saved = torch.load(tmp_path / "timed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 3 and saved["global_step"] == 16
+    again = pretrain(_images(32), ENC, timed, tmp_path / "timed", progress=False)
+    assert again.resumed_from_epoch == 4 and again.step_losses == []
+
+    every = _CheckpointSeen(tmp_path / "untimed" / "checkpoints" / "last.ckpt")
+    untimed = PretrainConfig(**{**TINY.__dict__, "epochs": 3})
+    pretrain(_images(32), ENC, untimed, tmp_path / "untimed", progress=False, callbacks=[every])
+    assert every.seen == [None, 0, 1]

@@ -33,7 +33,7 @@ from model.encoder.config import EncoderConfig
 from model.errors import DataError
 from model.images import ImageSource
 from model.ssl.augment import moco_v2_transform
-from model.ssl.checkpoint import LastCheckpoint, check_resume
+from model.ssl.checkpoint import LastCheckpoint, check_resume, checkpoint_every
 from model.ssl.config import PretrainConfig
 from model.ssl.loss_log import _Recorder, _truncate_loss_csv, write_loss_plot
 from model.ssl.moco import MoCoV2
@@ -190,7 +190,7 @@ def pretrain(
 
     recorder = _Recorder(csv_path)
     quality = QualityCallback(images, two_views, plan, quality_path, cfg.seed)
-    checkpointing = LastCheckpoint(last)
+    checkpointing = LastCheckpoint(last, checkpoint_every(plan))
     limit = time_limit(cfg, plan)
     keeper = BudgetKeeper(limit)
     result_planned = plan.steps
