@@ -251,6 +251,29 @@ def test_a_crashed_run_resumes_after_its_cursor_without_writing_twice_and_cleans
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
+def test_old_versions_are_deleted_one_prediction_at_a_time_and_the_clean_up_can_stop_and_continue(trained) -> None:
+    client, pid = trained["client"], trained["pid"]
+    targets = sorted(trained["targets"])
+    gone, kept = "20200103T000000-cccccc", "20200104T000000-dddddd"
+    ls_predictions.import_predictions(client, pid, [
+        *({"task": t, "result": [], "score": 0.1, "model_version": gone} for t in targets[:3]),
+        {"task": targets[0], "result": [], "score": 0.1, "model_version": kept}])
+    asked = []
+
+    def after_one() -> bool:  # a newer version waits once one prediction is deleted
+        asked.append(1)
+        return len(asked) > 1
+
+    assert ls_predictions.delete_version_predictions(client, pid, [gone], stop=after_one) == {gone: 1}
+    assert ls_predictions.model_version_counts(client, pid).get(gone) == 2
+    assert ls_predictions.delete_version_predictions(client, pid, [gone]) == {gone: 2}  # a later run finishes
+    counts = ls_predictions.model_version_counts(client, pid)
+    assert gone not in counts and counts.get(kept) == 1  # only the named version's predictions
+    assert ls_predictions.delete_version_predictions(client, pid, [gone]) == {gone: 0}
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
 def test_failure_is_recorded_and_the_next_run_resumes(trained, tmp_path: Path) -> None:
     paths = trained["paths"]
     progress = read_progress(paths)

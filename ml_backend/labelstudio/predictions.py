@@ -7,7 +7,12 @@ Measured on Label Studio 1.23.2 (see ``docs/design.md``, "The labeling loop"):
   Studio does not validate taxonomy paths: the caller builds valid results (``ml_backend.labelstudio.results``).
 * ``GET /api/projects/<id>/model-versions/`` answers ``{version: number of predictions}``;
   ``DELETE`` with ``{"model_version": v}`` deletes every prediction of ``v`` (and clears ``project.model_version``
-  when it named ``v`` or the ML backend's title: pin first, clean up after).
+  when it named ``v`` or the ML backend's title: pin first, clean up after) in one transaction that runs a
+  per-prediction signal (the task's counters and the project summary): 8,000 predictions held SQLite's write lock
+  for about 90 s on a 10,000-task project, and every annotation submitted meanwhile failed with "database is
+  locked" (``bench/retrain_latency.py``, thread dumps of Label Studio). The clean-up therefore deletes one
+  prediction per request (``DELETE /api/predictions/<id>/``, :func:`delete_version_predictions`): each is its own
+  short transaction and Label Studio keeps answering its labelers.
 * ``project.model_version`` decides which predictions the Data Manager's *Prediction score* column averages and
   which ones "Uncertainty sampling" orders by; it holds the ML backend's title once a backend is connected, so
   the column stays empty until it is set to a version whose predictions exist (``PATCH /api/projects/<id>/``).
@@ -16,7 +21,7 @@ Measured on Label Studio 1.23.2 (see ``docs/design.md``, "The labeling loop"):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ml_backend.labelstudio.client import LabelStudioClient
@@ -25,6 +30,7 @@ from ml_backend.labelstudio.errors import LabelStudioError
 __all__ = [
     "IMPORT_CHUNK_MAX",
     "delete_model_version",
+    "delete_version_predictions",
     "import_predictions",
     "model_version_counts",
     "pin_model_version",
@@ -73,6 +79,31 @@ def delete_model_version(client: LabelStudioClient, project_id: int, version: st
                             f"delete the predictions of model version {version} in project {project_id}",
                             json={"model_version": str(version)}).json()
     return int(answer.get("deleted_predictions", 0)) if isinstance(answer, Mapping) else 0
+
+
+def delete_version_predictions(client: LabelStudioClient, project_id: int, versions: Collection[str],
+                               stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
+    """Delete every prediction of ``versions`` in the project, one ``DELETE /api/predictions/<id>/`` each, found on
+    the project's task pages; returns how many were deleted per version.
+
+    ``stop`` is asked before each deletion: when it answers True the clean-up ends there (what is left is found and
+    deleted by a later call).
+    """
+    wanted = {str(v) for v in versions}
+    deleted = {v: 0 for v in sorted(wanted)}
+    if not wanted:
+        return deleted
+    for task in client.iter_tasks(project_id):
+        for prediction in task.predictions:
+            version, pred_id = str(prediction.get("model_version") or ""), prediction.get("id")
+            if version not in wanted or not isinstance(pred_id, int):
+                continue
+            if stop():
+                return deleted
+            client.request("DELETE", f"/api/predictions/{pred_id}/",
+                           f"delete prediction {pred_id} (model version {version}) of project {project_id}")
+            deleted[version] += 1
+    return deleted
 
 
 def project_model_version(client: LabelStudioClient, project_id: int) -> str:

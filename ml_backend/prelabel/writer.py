@@ -22,7 +22,9 @@ version served when it starts:
    before the live one; once a model version (heads) is served, every propagation version counts as older than it
    and is deleted whatever the keep setting. Predictions of other models, and versions newer than the live one,
    are never touched. It runs after the pin, because Label Studio clears ``project.model_version`` when the version
-   it names is deleted.
+   it names is deleted. Predictions are deleted one per request (``delete_version_predictions``: Label Studio's
+   delete of a whole version is one long transaction that locks a SQLite database for minutes at 10,000 tasks),
+   and the clean-up gives way like the writing does; a later run deletes what is left.
 
 Tasks imported after the pull get their predictions from ``/predict`` as before (Label Studio asks for tasks
 that hold none) and from the next version's run.
@@ -43,7 +45,7 @@ from ml_backend.labelstudio.connections import resolve
 from ml_backend.labelstudio.copies import read_remembered
 from ml_backend.labelstudio.label_config import parse_label_config
 from ml_backend.labelstudio.predictions import (
-    delete_model_version,
+    delete_version_predictions,
     import_predictions,
     model_version_counts,
     pin_model_version,
@@ -203,14 +205,17 @@ def _run(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, pro
     if counts.get(version, 0) >= len(targets) and project_model_version(client, pid) != version:
         pin_model_version(client, pid, version)
     progress.pinned = project_model_version(client, pid) == version
-    if progress.pinned:
-        for old in versions_to_delete(counts, version, settings.prelabel_keep_versions):
-            progress.deleted[old] = delete_model_version(client, pid, old)
+    if progress.pinned and (old := versions_to_delete(counts, version, settings.prelabel_keep_versions)):
+        def newer_waits() -> bool:  # the clean-up gives way to the next version; a later run finishes it
+            return served_version(settings, paths) != version or decide_tail(paths).defer
+
+        for old_version, n in delete_version_predictions(client, pid, old, stop=newer_waits).items():
+            progress.deleted[old_version] = progress.deleted.get(old_version, 0) + n
     progress.state = PrelabelState.DONE
     progress.updated_at = progress.finished_at = utc_now()
     write_progress(paths, progress)
-    log.info("Project %s: %d predictions of %s written (%.0f/s), pinned=%s, deleted versions %s.", pid,
-             progress.created, version, progress.rate_per_s, progress.pinned, sorted(progress.deleted))
+    log.info("Project %s: %d predictions of %s written (%.0f/s), pinned=%s, deleted predictions %s.", pid,
+             progress.created, version, progress.rate_per_s, progress.pinned, progress.deleted)
     return {**progress.to_dict(), "status": "done"}
 
 
