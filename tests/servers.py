@@ -606,10 +606,14 @@ class BackendServer:
         workdir: holds ``models/`` (MODEL_DIR) and the server log.
         env: extra environment (settings env vars, e.g. ``REDIS_URL``); :data:`FAST_TRAINING_ENV` is applied
             first.
+        auth: the backend's HTTP Basic credentials (user, password: ``BASIC_AUTH_USER``, ``BASIC_AUTH_PASS``), sent
+            by :meth:`job_status` too; None: no Basic auth.
     """
 
-    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.auth = auth
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_dir = workdir / "models"
@@ -628,6 +632,8 @@ class BackendServer:
         env.update(FAST_TRAINING_ENV)
         env.update({"TAXOMOCO_HOST": "127.0.0.1", "TAXOMOCO_PORT": str(self.port), "MODEL_DIR": str(self.model_dir),
                     "PYTHONUNBUFFERED": "1"})
+        if self.auth is not None:
+            env.update({"BASIC_AUTH_USER": self.auth[0], "BASIC_AUTH_PASS": self.auth[1]})
         env.update(self.extra_env)
         return env
 
@@ -655,6 +661,14 @@ class BackendServer:
             self.stop()
             raise ServerStartError(f"taxomoco serve did not answer {self.url}/health within {timeout_s}s; "
                                    f"log {self.log_path}:\n{log_tail(self.log_path)}")
+
+    def job_status(self, project_id: int) -> dict:
+        """``POST /job_status`` for the project (with the server's Basic auth), which must answer 200."""
+        import requests
+
+        answer = requests.post(f"{self.url}/job_status", json={"project": project_id}, auth=self.auth, timeout=10)
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
 
     def stop(self) -> None:
         """Stop the server (its whole process group, training children included)."""

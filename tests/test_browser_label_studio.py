@@ -44,8 +44,7 @@ def project(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFa
     """21 images, 9 labelled (3 per leaf: past a cold start of 2 per leaf), trained and pre-annotated by the connected backend."""
     backend = BackendServer(tmp_path_factory.mktemp("browser-backend"), env={
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.admin.token,
-        "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1],
-        "COLD_START_LABELS_PER_CLASS": "2"})  # 3 labels per leaf: past the cold start
+        "COLD_START_LABELS_PER_CLASS": "2"}, auth=AUTH)  # 3 labels per leaf: past the cold start
     backend.start()
     try:
         pid = label_studio.create_project(WARM_COLD_CONFIG, title="taxomoco in a browser")
@@ -61,7 +60,7 @@ def project(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFa
         status: dict = {}
 
         def prelabelled() -> bool:  # connecting started a job too (/setup): wait until both are over
-            status.update(http.post(f"{backend.url}/job_status", json={"project": pid}, timeout=10).json())
+            status.update(backend.job_status(pid))
             prelabel, success = status.get("prelabel") or {}, status.get("last_success") or {}
             idle = not status.get("queued") and not status.get("running")
             return idle and prelabel.get("state") == "done" and prelabel.get("version") == success.get("version")

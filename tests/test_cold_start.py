@@ -73,9 +73,6 @@ class Project:
     def client(self) -> LabelStudioClient:
         return LabelStudioClient(self.ls.url, self.ls.admin.token)
 
-    def job_status(self) -> dict:
-        return self.http.post(f"{self.backend.url}/job_status", json={"project": self.pid}, timeout=10).json()
-
     def shown_version(self) -> str:
         """The model version Label Studio shows for the connection (it calls /setup to read it)."""
         return str(self.ls.api("GET", f"/api/ml/{self.ml_id}").json().get("model_version") or "")
@@ -89,7 +86,7 @@ class Project:
         """Wait until nothing waits or runs, the version Label Studio shows passes ``accept`` and, when it is a served
         version, its bulk pre-annotation is done; returns the version and the job status."""
         def done() -> bool:
-            status = self.job_status()
+            status = self.backend.job_status(self.pid)
             self.seen["status"] = status
             if status.get("queued") or status.get("running"):
                 return False
@@ -127,8 +124,8 @@ def _png(rgb: tuple[int, int, int], seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def project(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     env = {"PRETRAIN_MIN_IMAGES": "500", "MIN_LABELS_TO_TRAIN": "4", "LABEL_NEXT_TAB_TASKS": "20",
-           "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1], "WEBHOOK_REQUIRE_AUTH": "false"}
-    backend = BackendServer(tmp_path_factory.mktemp("cold-start-backend"), env=env)
+           "WEBHOOK_REQUIRE_AUTH": "false"}
+    backend = BackendServer(tmp_path_factory.mktemp("cold-start-backend"), env=env, auth=AUTH)
     backend.start()
     try:
         pid = label_studio.create_project(WARM_COLD_CONFIG, title="taxomoco cold start")
@@ -217,7 +214,7 @@ def test_connecting_a_project_without_labels_writes_the_coverage_order_and_the_l
 
 @E2E
 def test_a_second_run_with_nothing_new_is_cheap(project: Project) -> None:
-    before = project.job_status()["counts"]["skipped"]
+    before = project.backend.job_status(project.pid)["counts"]["skipped"]
     project.http.post(f"{project.backend.url}/train", json={"project": project.pid}, timeout=10).raise_for_status()
     _, status = project.settle(lambda v, s: s["counts"]["skipped"] > before, "the second cold-start run")
     result = status["last_skip"]["result"]

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import requests
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -64,8 +63,7 @@ def _split(images: np.ndarray, labels: np.ndarray) -> tuple[list[int], list[int]
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
-    env = {**_defaults_env(), "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]}
-    server = BackendServer(tmp_path_factory.mktemp("e2e-accuracy"), env=env)
+    server = BackendServer(tmp_path_factory.mktemp("e2e-accuracy"), env=_defaults_env(), auth=AUTH)
     server.start()
     try:
         yield server
@@ -89,14 +87,9 @@ def test_served_pre_annotations_beat_pixels_and_logistic_regression(label_studio
 
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)
 
-    def status() -> dict:
-        answer = requests.post(f"{backend.url}/job_status", json={"project": pid}, auth=AUTH, timeout=10)
-        assert answer.status_code == 200, answer.text
-        return dict(answer.json())
-
     def served() -> dict[int, tuple[str, ...]] | None:
         """The pre-annotation of the live version on every held-out task, once each holds one."""
-        st = status()
+        st = backend.job_status(pid)
         if st.get("queued") or st.get("running"):
             return None
         version = (st.get("last_success") or {}).get("version")
@@ -117,7 +110,7 @@ def test_served_pre_annotations_beat_pixels_and_logistic_regression(label_studio
         return seen["p"] is not None
 
     assert wait_until(complete, 600, interval_s=5.0), (
-        f"no complete pre-annotation of the held-out tasks; job status {status()}\n{backend.log()[-5000:]}")
+        f"no complete pre-annotation of the held-out tasks; job status {backend.job_status(pid)}\n{backend.log()[-5000:]}")
     predictions = seen["p"]
     assert predictions is not None
     served_acc = float(np.mean([predictions[t][-1] == held_out[t][-1] for t in held_out]))
@@ -129,7 +122,7 @@ def test_served_pre_annotations_beat_pixels_and_logistic_regression(label_studio
     logreg = LogisticRegression(max_iter=5000).fit(scaler.transform(x_train), labels[train])
     pixel_acc = float(np.mean(logreg.predict(scaler.transform(x_test)) == labels[test]))
 
-    last = status()["last_success"]["result"]
+    last = backend.job_status(pid)["last_success"]["result"]
     print(f"served leaf accuracy {served_acc:.3f} vs pixels+logreg {pixel_acc:.3f}; model: "
           f"{last.get('model_choice') or last.get('pretrain')}")
     assert served_acc >= pixel_acc, (served_acc, pixel_acc, last)

@@ -128,9 +128,6 @@ class Stack:
         """``GET /api/ml/<id>``: Label Studio calls /health and /setup and records the model version."""
         return self.ls.api("GET", f"/api/ml/{self.ml['id']}").json()
 
-    def job_status(self) -> dict:
-        return self.http.post(f"{self.backend.url}/job_status", json={"project": self.pid}, timeout=10).json()
-
     def wait_for_new_version(self, old: str) -> str:
         """Wait until training has caught up with every annotation, then return the version Label Studio sees.
 
@@ -139,11 +136,11 @@ class Stack:
         (which calls /setup) reports a model version other than ``old`` (not a propagation version). A failed
         training fails the wait.
         """
-        failed_before = self.job_status().get("counts", {}).get("failed", 0)
+        failed_before = self.backend.job_status(self.pid).get("counts", {}).get("failed", 0)
         seen: dict = {}
 
         def done() -> bool:
-            status = self.job_status()
+            status = self.backend.job_status(self.pid)
             seen["status"] = status
             idle = not status.get("queued") and not status.get("running")
             if not idle:
@@ -173,9 +170,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(label_studio: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # enough MoCo steps (3 per epoch) for the encoder's BatchNorm statistics to settle
-    env = {"IMAGE_MAX_PIXELS": "4000000", "MIN_LABELS_TO_TRAIN": "4", "PRETRAIN_EPOCHS": "4", "PRETRAIN_BATCH_SIZE": "8",
-           "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]}
-    backend = BackendServer(tmp_path_factory.mktemp("e2e-backend"), env=env)
+    env = {"IMAGE_MAX_PIXELS": "4000000", "MIN_LABELS_TO_TRAIN": "4", "PRETRAIN_EPOCHS": "4", "PRETRAIN_BATCH_SIZE": "8"}
+    backend = BackendServer(tmp_path_factory.mktemp("e2e-backend"), env=env, auth=AUTH)
     backend.start()
     try:
         yield Stack(label_studio, backend)
@@ -218,7 +214,7 @@ def test_annotations_from_several_users_train_a_model(stack: Stack) -> None:
     version = stack.wait_for_new_version("untrained")
     assert version != "untrained"
     stack.ml["version"] = version
-    status = stack.job_status()
+    status = stack.backend.job_status(stack.pid)
     assert status["last_outcome"] == "succeeded" and status["last_success"]["version"] == version, status
     pulled = {(t.id, a["completed_by"]) for t in stack.client().iter_tasks(stack.pid) for a in t.annotations}
     assert len(pulled) == 8 + 4 + 1
@@ -344,8 +340,8 @@ def test_a_backend_configured_with_a_personal_access_token_trains_and_predicts(
     """LABEL_STUDIO_URL + a JWT personal access token instead of what /setup sends: pull, download, predict."""
     pat = stack.ls.personal_access_token()
     env = {"LABEL_STUDIO_URL": stack.ls.url, "LABEL_STUDIO_API_KEY": pat, "MIN_LABELS_TO_TRAIN": "4",
-           "PRETRAIN_EPOCHS": "4", "PRETRAIN_BATCH_SIZE": "8", "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]}
-    other = BackendServer(tmp_path_factory.mktemp("e2e-pat-backend"), env=env)
+           "PRETRAIN_EPOCHS": "4", "PRETRAIN_BATCH_SIZE": "8"}
+    other = BackendServer(tmp_path_factory.mktemp("e2e-pat-backend"), env=env, auth=AUTH)
     other.start()
     try:
         started = stack.http.post(f"{other.url}/train", json={"project": stack.pid}, timeout=10)
@@ -353,7 +349,7 @@ def test_a_backend_configured_with_a_personal_access_token_trains_and_predicts(
         status: dict = {}
 
         def finished() -> bool:
-            status.update(stack.http.post(f"{other.url}/job_status", json={"project": stack.pid}, timeout=10).json())
+            status.update(other.job_status(stack.pid))
             return status.get("last_outcome") in ("succeeded", "failed") and not status.get("running") \
                 and not status.get("queued")
 
@@ -384,11 +380,10 @@ def test_a_failed_training_is_shown_in_label_studio(stack: Stack) -> None:
         ls.annotate(tid, result((leaves[0], leaves[-1])[i % 2]))  # two top-level classes
     stack.http.post(f"{stack.backend.url}/train", json={"project": pid}, timeout=10).raise_for_status()
 
-    def status() -> dict:
-        return stack.http.post(f"{stack.backend.url}/job_status", json={"project": pid}, timeout=10).json()
-
-    assert wait_until(lambda: status().get("last_outcome") == "failed", TRAINING_TIMEOUT_S, interval_s=2.0), status()
-    reason = status()["last_failure"]["reason"]
+    backend = stack.backend
+    assert wait_until(lambda: backend.job_status(pid).get("last_outcome") == "failed", TRAINING_TIMEOUT_S,
+                      interval_s=2.0), backend.job_status(pid)
+    reason = backend.job_status(pid)["last_failure"]["reason"]
     assert "images.example.invalid is not allowed" in reason and "ALLOWED_IMAGE_HOSTS" in reason, reason
     time.sleep(1.2)  # the backend re-reads a project's training state at most once a second
     state = ls.api("GET", f"/api/ml/{ml['id']}").json()  # Label Studio calls /setup and stores the version

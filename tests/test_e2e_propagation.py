@@ -91,9 +91,8 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]
     # the burst of webhooks a training happens to start with (a choice made on N labels stands until 1.5 N)
     # PRETRAIN_MIN_IMAGES back at the product's default (FAST_TRAINING_ENV sets 0): a project this small is not
     # pretrained; one epoch of MoCo with colour jitter on flat colours makes them all alike (near-duplicates)
-    env = {"MIN_LABELS_TO_TRAIN": str(len(LEAVES) * LABELS_PER_LEAF), "PRETRAIN_MIN_IMAGES": str(PRETRAIN_MIN_IMAGES),
-           "BASIC_AUTH_USER": AUTH[0], "BASIC_AUTH_PASS": AUTH[1]}
-    server = BackendServer(tmp_path_factory.mktemp("e2e-propagation"), env=env)
+    env = {"MIN_LABELS_TO_TRAIN": str(len(LEAVES) * LABELS_PER_LEAF), "PRETRAIN_MIN_IMAGES": str(PRETRAIN_MIN_IMAGES)}
+    server = BackendServer(tmp_path_factory.mktemp("e2e-propagation"), env=env, auth=AUTH)
     server.start()
     try:
         yield server
@@ -120,16 +119,11 @@ def test_a_training_serves_propagation_and_label_studio_holds_it(label_studio: L
     http.auth = AUTH
     client = LabelStudioClient(label_studio.url, label_studio.admin.token)
 
-    def status() -> dict:
-        answer = http.post(f"{backend.url}/job_status", json={"project": pid}, timeout=10)
-        assert answer.status_code == 200, answer.text
-        return dict(answer.json())
-
     seen: dict = {}
 
     def served() -> bool:
         """Idle, the live version trained on every label, and Label Studio holds its prediction on every unlabelled task."""
-        st = seen["status"] = status()
+        st = seen["status"] = backend.job_status(pid)
         if st.get("queued") or st.get("running"):
             return False
         last = st.get("last_success") or {}
