@@ -89,6 +89,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     LogisticRegression.fit = _counted_fit  # type: ignore[method-assign]
+    head = header("Logistic-regression heads of a retraining: started from the live heads vs from zero "
+                  "(bench/linear_warm_start.py)")  # date, command, machine and the load at the start
 
     images, paths = load_animal_mnist()
     features = PixelFeatures()
@@ -126,8 +128,7 @@ def main() -> None:
     def spread(values: list[float], fmt: str) -> str:
         return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}"
 
-    lines = header("Logistic-regression heads of a retraining: started from the live heads vs from zero "
-                   "(bench/linear_warm_start.py)") + [
+    lines = head + [
         f"Threads: {args.threads}. Data: animal-mnist, 10,000 images, pixel features (D = {x_all.shape[1]}), "
         f"classes per level {num_classes}; "
         f"the version before on n labels, the retraining on n + new with {args.changed} old labels changed; "
