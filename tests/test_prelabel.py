@@ -271,6 +271,17 @@ def test_old_versions_are_deleted_one_prediction_at_a_time_and_the_clean_up_can_
     assert gone not in counts and counts.get(kept) == 1  # only the named version's predictions
     assert ls_predictions.delete_version_predictions(client, pid, [gone]) == {gone: 0}
 
+    # predictions deleted by someone else between the page read and their turn are skipped, not an error
+    ls_predictions.import_predictions(client, pid, [{"task": t, "result": [], "score": 0.1, "model_version": gone}
+                                                    for t in targets[:2]])
+
+    def someone_deletes_them_first() -> bool:
+        ls_predictions.delete_model_version(client, pid, gone)
+        return False
+
+    assert ls_predictions.delete_version_predictions(client, pid, [gone], stop=someone_deletes_them_first) == {gone: 0}
+    assert gone not in ls_predictions.model_version_counts(client, pid)
+
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ml_backend.labelstudio.client import LabelStudioClient
-from ml_backend.labelstudio.errors import LabelStudioError
+from ml_backend.labelstudio.errors import LabelStudioError, LabelStudioNotFound
 
 __all__ = [
     "IMPORT_CHUNK_MAX",
@@ -87,7 +87,7 @@ def delete_version_predictions(client: LabelStudioClient, project_id: int, versi
     the project's task pages; returns how many were deleted per version.
 
     ``stop`` is asked before each deletion: when it answers True the clean-up ends there (what is left is found and
-    deleted by a later call).
+    deleted by a later call). A prediction already gone when its turn comes (404) is skipped and not counted.
     """
     wanted = {str(v) for v in versions}
     deleted = {v: 0 for v in sorted(wanted)}
@@ -100,8 +100,11 @@ def delete_version_predictions(client: LabelStudioClient, project_id: int, versi
                 continue
             if stop():
                 return deleted
-            client.request("DELETE", f"/api/predictions/{pred_id}/",
-                           f"delete prediction {pred_id} (model version {version}) of project {project_id}")
+            try:
+                client.request("DELETE", f"/api/predictions/{pred_id}/",
+                               f"delete prediction {pred_id} (model version {version}) of project {project_id}")
+            except LabelStudioNotFound:  # deleted meanwhile (by a person, or with its task): nothing left to do
+                continue
             deleted[version] += 1
     return deleted
 
