@@ -302,3 +302,20 @@ def test_run_left_running_by_a_stopped_server_is_closed_as_interrupted(embedded,
     status = embedded.status(14)
     assert status["last_outcome"] == "succeeded" and status["counts"]["failed"] == 1
     assert status["last_failure"]["reason"].startswith("interrupted") and status["last_failure"]["job_id"] == "embedded-14-1"
+
+
+def test_a_spare_whose_scheduler_is_gone_before_it_is_ready_exits_quietly(tmp_path: Path) -> None:
+    """The server stopped while a spare training process was still warming up: the spare's "ready" meets a closed
+    pipe; it exits cleanly (exit code 0, no traceback) instead of dying on BrokenPipeError."""
+    import multiprocessing
+
+    from ml_backend.queue.child import child_main
+
+    parent, child = multiprocessing.Pipe()
+    parent.close()  # the scheduler is gone
+    process = multiprocessing.get_context("spawn").Process(
+        target=child_main, args=(child, JOB, Settings(model_dir=tmp_path)), name="taxomoco-train")
+    process.start()
+    child.close()
+    process.join(120)
+    assert process.exitcode == 0

@@ -59,10 +59,10 @@ def child_main(conn: Any, job_func: str, settings: Settings) -> None:
             except Exception as exc:  # the job imports what it needs itself; only its start is slower
                 logging.getLogger(__name__).warning("Training process warm-up failed: %s: %s",
                                                     type(exc).__name__, exc)
-        conn.send(("ready", None))  # the scheduler's health shows a warm spare
         try:
+            conn.send(("ready", None))  # the scheduler's health shows a warm spare
             project_id, model_dir, force_pretrain = conn.recv()
-        except (EOFError, OSError):  # the scheduler closed before handing out a job
+        except (EOFError, OSError):  # the scheduler closed (or its server stopped) before handing out a job
             return
         if func is None:
             conn.send(("unrecorded-error", import_error))
