@@ -200,6 +200,21 @@ def test_local_files_under_root_only(tmp_path, settings):
         fetcher(Settings(model_dir=tmp_path)).fetch(str(tmp_path / "imgs" / "a.png"))
 
 
+def test_local_non_files_are_refused_without_waiting(tmp_path, settings):
+    """A directory or a FIFO under the root is refused at once (opening a FIFO for reading would wait for a writer
+    and hold the request); a file of exactly IMAGE_MAX_BYTES is read whole."""
+    import os
+
+    (tmp_path / "dir.png").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "exact.png").write_bytes(b"y" * settings.image_max_bytes)
+    f = fetcher(settings)
+    for bad in ("dir.png", "fifo.png"):
+        with pytest.raises(ImageFetchError, match="not a regular file"):
+            f.fetch(bad)
+    assert f.fetch("exact.png") == b"y" * settings.image_max_bytes
+
+
 def test_data_uri(settings):
     uri = "data:image/png;base64," + base64.b64encode(ONE_PIXEL).decode()
     assert fetcher(settings).fetch(uri) == ONE_PIXEL
