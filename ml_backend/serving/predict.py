@@ -109,16 +109,20 @@ class PredictService:
         pid = str(project_id)
         out: list[dict[str, Any]] = []
         for task, image, pred in zip(tasks, images, preds):
-            task_id = task.get("id") if isinstance(task, dict) else None
             if image.error is not None:
                 self.metrics.failed_images.labels(pid, image.reason or "other").inc()
+                task_id = task.get("id") if isinstance(task, dict) else None
                 log.warning("project %s task %s: no prediction: %s", project_id, task_id, image.error)
-            if pred is None:
-                self.metrics.empty_predictions.labels(pid).inc()
-            else:
-                self.metrics.predictions.labels(pid).inc()
             out.append(prediction_result(config, pred, version))
+        self._count(pid, sum(p is not None for p in preds), len(preds))
         return out, version
+
+    def _count(self, pid: str, made: int, asked: int) -> None:
+        """The request's predictions and empty items, one counter step each (not one per task)."""
+        if made:
+            self.metrics.predictions.labels(pid).inc(made)
+        if asked > made:
+            self.metrics.empty_predictions.labels(pid).inc(asked - made)
 
     def _propagated(self, project_id: int, tasks: list[Any], config: LabelConfig) -> tuple[list[dict[str, Any]], str]:
         """The live propagation version's item of each task (empty where it holds none); no predictions without one."""
@@ -126,16 +130,14 @@ class PredictService:
         if propagated is None:
             return [], self.states.label(project_id, self.store.version(project_id))
         version = self.states.label(project_id, propagated.version)
-        pid = str(project_id)
         out: list[dict[str, Any]] = []
+        made = 0
         for task in tasks:
             task_id = task.get("id") if isinstance(task, dict) else None
             found = propagated_path(propagated, task_id, config) if isinstance(task_id, int) else None
-            if found is None:
-                self.metrics.empty_predictions.labels(pid).inc()
-            else:
-                self.metrics.predictions.labels(pid).inc()
+            made += found is not None
             out.append(prediction_result(config, found, version))
+        self._count(str(project_id), made, len(tasks))
         return out, version
 
     def _run(self, model: Predictor, images: list[TaskImage], config: LabelConfig) -> list[Any]:
