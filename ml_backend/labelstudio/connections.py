@@ -21,8 +21,10 @@ Label Studio's 3 s timeout).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -122,7 +124,13 @@ def verify_project(conn: LSConnection, project_id: int, schema: str | None) -> N
 
 
 def _key(settings: Settings, project_id: int) -> tuple[str, int]:
-    return (str(settings.model_dir.resolve()), int(project_id))
+    return (_real_dir(str(settings.model_dir)), int(project_id))
+
+
+@functools.lru_cache(maxsize=64)
+def _real_dir(model_dir: str) -> str:
+    """``MODEL_DIR`` with links resolved, once per directory (every /predict looks its connection up)."""
+    return os.path.realpath(model_dir)
 
 
 def remembered(settings: Settings, project_id: int) -> LSConnection | None:
