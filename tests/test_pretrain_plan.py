@@ -154,6 +154,16 @@ def test_a_slowdown_late_in_a_run_shortens_the_plan_before_the_hard_stop(monkeyp
     assert clock < 10.0 and 8 <= step < 14
 
 
+def test_a_passing_slowdown_does_not_cut_the_rest_of_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 250 steps of 0.1 s planned into 40 s (25 s of SAFETY's 36 s); steps 20-39 take 0.5 s (another process took
+    # the core for 10 s), then the speed is back: the plan was shortened to ~87 steps during the slowdown, grew back
+    # as the speed recovered, and the run finished all 250 planned steps within the limit (33 s; the keeper before
+    # stopped it at the shortened 87)
+    steps = [0.1] * 19 + [0.5] * 20 + [0.1] * 400
+    step, clock = _keep_budget(steps, limit_s=40.0, planned=250, monkeypatch=monkeypatch)
+    assert step == 250 and clock < 36.0
+
+
 def test_a_steady_run_keeps_its_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     step, clock = _keep_budget([0.1] * 100, limit_s=10.0, planned=80, monkeypatch=monkeypatch)
     assert step == 80 and clock == pytest.approx(8.0)

@@ -82,25 +82,30 @@ def quiet_lightning() -> Iterator[None]:
 
 
 class BudgetKeeper(Callback):
-    """Keeps a run's schedule finishing within its time limit when the machine slows down after the speed probe.
+    """Keeps a run's schedule finishing within its time limit when the machine's speed changes after the probe.
 
-    After each step (once ``CHECK_EVERY`` steps give a speed) it projects the run's end at the slower of the
-    run's average speed and that of its last ``CHECK_EVERY`` steps, so a slowdown late in the run counts at once;
-    when the planned steps no longer fit into ``SAFETY`` of the limit, the plan is shortened to what fits (the
-    learning-rate and key-momentum schedules read ``total_steps`` each step, so they finish with it) and the run
-    stops there, instead of being cut by Lightning's hard stop with its learning rate still high.
-    ``shortened_to`` records it.
+    Every ``CHECK_EVERY`` steps it projects the run's end at the slower of the run's average speed and that of its
+    last ``CHECK_EVERY`` steps, so a slowdown late in the run counts at once. When the planned steps no longer fit
+    into ``SAFETY`` of the limit, the plan is shortened to what fits (the learning-rate and key-momentum schedules
+    read ``total_steps`` each step, so they finish with it) and the run stops there, instead of being cut by
+    Lightning's hard stop with its learning rate still high. When the machine speeds up again, the plan grows back,
+    up to the steps first planned: a minute of contention early in a 30-minute run costs that minute's steps, not
+    the rest of the run. ``shortened_to`` records the plan's end when it stayed shorter than planned.
+
+    Under DDP the projection of rank 0 is broadcast, so that every process stops at the same step.
     """
 
     def __init__(self, limit: timedelta | None) -> None:
         self.limit_s = limit.total_seconds() if limit is not None else None
         self.shortened_to: int | None = None
+        self._planned = 0
         self._t0 = 0.0
         self._step0 = 0
         self._recent: deque[float] = deque(maxlen=CHECK_EVERY + 1)  # clock at the last steps' ends
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0, self._step0 = time.monotonic(), trainer.global_step
+        self._planned = int(pl_module.hparams["total_steps"])
         self._recent.clear()
         self._recent.append(self._t0)
 
@@ -112,12 +117,15 @@ class BudgetKeeper(Callback):
         now = time.monotonic()
         self._recent.append(now)
         done = step - self._step0
-        if self.limit_s is None or done < CHECK_EVERY:
+        if self.limit_s is None or done < CHECK_EVERY or done % CHECK_EVERY:
             return
         elapsed = now - self._t0
         recent = (now - self._recent[0]) / (len(self._recent) - 1)
         seconds_per_step = max(elapsed / done, recent)
         fits = step + int((SAFETY * self.limit_s - elapsed) / seconds_per_step)
-        if fits < total:
-            pl_module.hparams["total_steps"] = max(step + 1, fits)
-            self.shortened_to = int(pl_module.hparams["total_steps"])
+        wanted = max(step + 1, min(self._planned, fits))
+        if getattr(trainer, "world_size", 1) > 1:
+            wanted = int(trainer.strategy.broadcast(wanted, src=0))
+        if wanted != total:
+            pl_module.hparams["total_steps"] = wanted
+            self.shortened_to = wanted if wanted < self._planned else None
