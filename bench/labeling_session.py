@@ -89,7 +89,7 @@ from model.ranking import labeling_order  # noqa: E402
 from tests.servers import LabelStudioServer, label_studio_binary  # noqa: E402
 
 ORDERS = ("random", "sequential", "uncertainty", "ours")
-EXTRA_ORDERS = ("coverage", "ours-lc")  # --orders; and ours@K (see order_rule)
+EXTRA_ORDERS = ("coverage", "ours-lc", "ours-flat")  # --orders; and ours@K (see order_rule)
 
 
 def order_rule(order: str, cold_start_per_class: float) -> tuple[float, bool]:
@@ -97,7 +97,9 @@ def order_rule(order: str, cold_start_per_class: float) -> tuple[float, bool]:
 
     ``uncertainty``: plain least confidence from the first model on; ``coverage``: typical coverage at every round
     (the cold-start rule never ends); ``ours``: the product's defaults; ``ours-lc``: the product's switch with plain
-    least confidence after it (no diversity); ``ours@K``: the product's order with COLD_START_LABELS_PER_CLASS=K.
+    least confidence after it (no diversity); ``ours@K``: the product's order with COLD_START_LABELS_PER_CLASS=K;
+    ``ours-flat``: the product's order with its cold-start picks from one clustering (``cover_step=0``, the rule
+    before coverage came in steps of one pick per class).
     """
     if order == "uncertainty":
         return 0.0, False
@@ -222,7 +224,7 @@ class Session:
         top = None if model is None else model[2]
         # The product's k-means seed is 0; each simulated session draws its own, so the spread covers it.
         ranked = labeling_order(emb, self.labelled, top, self.n_leaves, cold, budget=COLD_START_BUDGET,
-                                seed=self.seed, diverse=diverse)
+                                seed=self.seed, diverse=diverse, cover_step=0 if self.order == "ours-flat" else None)
         return np.array([r.index for r in ranked], dtype=np.int64)
 
     def score(self, rows: np.ndarray, pred: np.ndarray) -> tuple[float, float]:

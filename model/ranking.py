@@ -4,11 +4,12 @@ The rule (``docs/design.md``, "The labeling loop"):
 
 1. **Cold start** — no model yet, or fewer than ``cold_start_per_class`` labels per leaf class on average
    (``n_labelled < cold_start_per_class * n_leaves``): *typical coverage* on the self-supervised embeddings, in
-   the spirit of TypiClust (Hacohen et al., 2022). The L2-normalised embeddings of all images are clustered with
-   k-means into ``n_labelled + budget`` clusters; clusters that hold no labelled image come first, the largest
-   first, and each gives its most *typical* image (the highest inverse mean distance to its nearest neighbours in
-   the cluster). The score is the cluster's share of the images. Outliers, which plain k-center picks first,
-   come last.
+   the spirit of TypiClust (Hacohen et al., 2022). In steps of one pick per leaf class, the L2-normalised
+   embeddings of all images are clustered with k-means into (labelled + picked so far + step) clusters; clusters
+   that hold no labelled or picked image give their most *typical* image (the highest inverse mean distance to its
+   nearest neighbours in the cluster), the largest clusters first, until ``budget`` picks. Each prefix of the
+   order is so a cover of its own size, as TypiClust's clustering into labelled + query size is. The score is the
+   cluster's share of the images. Outliers, which plain k-center picks first, come last.
 2. **Uncertainty** — otherwise, and for everything after the cold-start picks: least confidence of the
    calibrated full-path distribution, ``1 - max_path p(path | image)``, highest first; the first ``budget`` of
    them spread over the embedding space (:func:`diverse_uncertain`: the least confident image of each of
@@ -108,40 +109,64 @@ def _normalised(emb: FloatArray) -> FloatArray:
     return unit
 
 
-def typical_cover(emb: FloatArray, labelled: BoolArray, budget: int, seed: int = 0) -> list[tuple[int, float]]:
+def typical_cover(emb: FloatArray, labelled: BoolArray, budget: int, seed: int = 0, step: int = 0
+                  ) -> list[tuple[int, float]]:
     """TypiClust-style picks: the most typical image of each cluster without a label, largest clusters first.
+
+    With ``step`` > 0 the picks come in steps of ``step``, each from its own clustering into (covered rows +
+    ``step``) clusters, the picks so far counting as labelled: every prefix of the order is then a cover of its own
+    size (the first 10 picks are the typical images of 10 clusters, not the 10 largest of ``budget`` clusters, which
+    may split one mode several times). ``step`` = 0: all picks from one clustering into labelled + ``budget``.
 
     Args:
         emb: ``(N, D)`` embeddings of every image (labelled ones included: they cover their clusters).
         labelled: ``(N,)`` bool, images that already have a label.
         budget: how many images to pick at most.
         seed: k-means seed (the order is deterministic for a given seed).
+        step: picks per clustering (0: one clustering for the whole budget).
 
     Returns:
         ``[(row, cluster share of all images)]`` in pick order, rows among the unlabelled ones.
     """
-    n = len(emb)
     labelled = np.asarray(labelled, dtype=bool)
-    free = np.flatnonzero(~labelled)
-    if budget <= 0 or len(free) == 0:
+    budget = min(int(budget), int((~labelled).sum()))
+    if budget <= 0:
         return []
-    rng = np.random.default_rng(seed)
     x = _normalised(emb)  # (N, D)
-    k = int(min(n, int(labelled.sum()) + budget))
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    fit_rows = np.arange(n) if n <= KMEANS_SAMPLE else np.sort(rng.choice(n, KMEANS_SAMPLE, replace=False))
+    taken = labelled.copy()
+    picks: list[tuple[int, float]] = []
+    while len(picks) < budget:
+        want = budget - len(picks) if step <= 0 else min(int(step), budget - len(picks))
+        got = _cover_step(x, fit_rows, taken, want, seed + len(picks), rng)
+        if not got:
+            break
+        for row, _ in got:
+            taken[row] = True
+        picks += got
+    return picks
+
+
+def _cover_step(x: FloatArray, fit_rows: IntArray, taken: BoolArray, want: int, seed: int,
+                rng: np.random.Generator) -> list[tuple[int, float]]:
+    """Up to ``want`` typical images of the largest clusters without a taken image, from one k-means of ``x``
+    into (taken + ``want``) clusters."""
+    n = len(x)
+    k = int(min(n, int(taken.sum()) + want))
     assign: IntArray
     if k <= 1:
         assign = np.zeros(n, dtype=np.int64)
-        centroids = x.mean(axis=0, keepdims=True)
+        sizes = np.array([n])
     else:
-        fit_rows = np.arange(n) if n <= KMEANS_SAMPLE else np.sort(rng.choice(n, KMEANS_SAMPLE, replace=False))
         centroids, assign = kmeans(x[fit_rows], k, seed, assign_to=x)  # (K, D), (N,)
-    sizes = np.bincount(assign, minlength=len(centroids))
-    covered = set(assign[labelled].tolist())
-    order = sorted((c for c in range(len(centroids)) if c not in covered and sizes[c] > 0),
-                   key=lambda c: (-sizes[c], c))
+        sizes = np.bincount(assign, minlength=len(centroids))
+    covered = set(assign[taken].tolist())
+    order = sorted((c for c in range(len(sizes)) if c not in covered and sizes[c] > 0), key=lambda c: (-sizes[c], c))
     picks: list[tuple[int, float]] = []
     for c in order:
-        members = np.flatnonzero((assign == c) & ~labelled)
+        members = np.flatnonzero((assign == c) & ~taken)
         if len(members) == 0:
             continue
         if len(members) > TYPICALITY_SAMPLE:
@@ -155,7 +180,7 @@ def typical_cover(emb: FloatArray, labelled: BoolArray, budget: int, seed: int =
             typicality = 1.0 / (nearest.mean(axis=1) + 1e-12)
             best = int(members[int(np.argmax(typicality))])
         picks.append((best, float(sizes[c]) / n))
-        if len(picks) == budget:
+        if len(picks) == want:
             break
     return picks
 
@@ -190,7 +215,7 @@ def diverse_uncertain(emb: FloatArray, unsure: FloatArray, budget: int, seed: in
 
 def labeling_order(emb: FloatArray | None, labelled: BoolArray, top_prob: FloatArray | None, n_leaves: int,
                    cold_start_per_class: float = 10.0, budget: int = 100, seed: int = 0,
-                   diverse: bool = True) -> list[Ranked]:
+                   diverse: bool = True, cover_step: int | None = None) -> list[Ranked]:
     """The order in which the unlabelled images should be labelled (see the module's rule).
 
     Args:
@@ -204,6 +229,8 @@ def labeling_order(emb: FloatArray | None, labelled: BoolArray, top_prob: FloatA
         seed: k-means seed.
         diverse: the first ``budget`` uncertain picks are spread over the embedding space
             (:func:`diverse_uncertain`); else plain least confidence.
+        cover_step: cold-start picks per clustering (:func:`typical_cover`'s ``step``); None: one per leaf class,
+            so each step of the order can cover as many modes as there are classes; 0: one clustering.
 
     Returns:
         One :class:`Ranked` per unlabelled image.
@@ -216,7 +243,8 @@ def labeling_order(emb: FloatArray | None, labelled: BoolArray, top_prob: FloatA
     taken = labelled.copy()
     if is_cold_start(int(labelled.sum()), n_leaves, top_prob is not None, cold_start_per_class) and has_emb.any():
         rows = np.flatnonzero(has_emb)
-        for row, share in typical_cover(np.asarray(emb)[rows], labelled[rows], budget, seed):
+        step = max(1, n_leaves) if cover_step is None else cover_step
+        for row, share in typical_cover(np.asarray(emb)[rows], labelled[rows], budget, seed, step):
             out.append(Ranked(int(rows[row]), Reason.COVERAGE, share))
             taken[rows[row]] = True
     if top_prob is not None:

@@ -51,6 +51,24 @@ def test_cold_start_picks_one_typical_image_per_uncovered_cluster() -> None:
         assert share == pytest.approx(30 / len(emb), abs=0.02)
 
 
+def test_cold_start_in_steps_covers_every_mode_before_splitting_a_large_one() -> None:
+    # one wide mode of 2,000 images and two tight ones of 100 (on the unit sphere, as the embeddings are compared)
+    rng = np.random.default_rng(0)
+    wide = np.eye(16)[0] * 3 + rng.normal(0, 1.0, (2000, 16))
+    tight = [np.eye(16)[i] * 3 + rng.normal(0, 0.1, (100, 16)) for i in (1, 2)]
+    emb = np.concatenate([wide, *tight]).astype(np.float32)
+    mode = np.array([0] * 2000 + [1] * 100 + [2] * 100)
+    labelled = np.zeros(len(emb), dtype=bool)
+    stepped = typical_cover(emb, labelled, budget=9, step=3)
+    # every prefix of 3 is a cover of its own: the first 3 picks find the three modes
+    assert sorted(mode[[r for r, _ in stepped[:3]]].tolist()) == [0, 1, 2]
+    assert len({r for r, _ in stepped}) == 9
+    # from one clustering into 9, the largest clusters are all pieces of the wide mode: its first 3 picks miss both
+    # tight modes (the rule before the steps)
+    flat = typical_cover(emb, labelled, budget=9, step=0)
+    assert mode[[r for r, _ in flat[:3]]].tolist() == [0, 0, 0]
+
+
 def test_order_covers_first_then_follows_uncertainty_and_puts_unreadable_last() -> None:
     emb, blob = _blobs()
     emb[5] = np.nan  # an unreadable image
