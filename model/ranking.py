@@ -29,7 +29,6 @@ from enum import Enum
 
 import faiss
 import numpy as np
-from scipy.spatial.distance import cdist
 
 from model.arrays import BoolArray, FloatArray, IntArray
 from model.neighbors.vectors import single_threaded
@@ -171,18 +170,23 @@ def _cover_step(x: FloatArray, fit_rows: IntArray, taken: BoolArray, want: int, 
             continue
         if len(members) > TYPICALITY_SAMPLE:
             members = np.sort(rng.choice(members, TYPICALITY_SAMPLE, replace=False))
-        if len(members) == 1:
-            best = int(members[0])
-        else:
-            d = cdist(x[members], x[members])  # (m, m)
-            m = min(TYPICALITY_NEIGHBOURS, len(members) - 1)
-            nearest = np.sort(d, axis=1)[:, 1:m + 1]  # (m, m') without the image itself
-            typicality = 1.0 / (nearest.mean(axis=1) + 1e-12)
-            best = int(members[int(np.argmax(typicality))])
+        best = int(members[int(np.argmax(_typicality(x[members])))]) if len(members) > 1 else int(members[0])
         picks.append((best, float(sizes[c]) / n))
         if len(picks) == want:
             break
     return picks
+
+
+def _typicality(unit: FloatArray) -> FloatArray:
+    """``(m,)`` inverse mean distance of each row of ``unit`` ``(m, D)`` (L2-normalised) to its
+    ``TYPICALITY_NEIGHBOURS`` nearest other rows. Distances from one matrix product (``|a - b|² = 2 - 2 a·b`` on
+    the unit sphere) and a partial sort: at 2,000 members ~10x faster than ``cdist`` and a full sort."""
+    m = min(TYPICALITY_NEIGHBOURS, len(unit) - 1)
+    d = np.sqrt(np.maximum(2.0 - 2.0 * (unit @ unit.T), 0.0))  # (m, m)
+    near = np.partition(d, m, axis=1)[:, :m + 1]  # the row itself (0) and its m nearest, unordered
+    mean = (near.sum(axis=1) - near.min(axis=1)) / m  # without the smallest: the row itself
+    out: FloatArray = 1.0 / (mean + 1e-12)
+    return out
 
 
 def diverse_uncertain(emb: FloatArray, unsure: FloatArray, budget: int, seed: int = 0) -> list[int]:
