@@ -18,11 +18,6 @@ request's downloads.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
-import os
-import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,8 +28,9 @@ from PIL import Image
 
 from ml_backend.labelstudio.client import LabelStudioClient, default_gate
 from ml_backend.net.gate import Destination, GateRefused, GateUnreachable, Origin, OutboundGate, safe_url
+from ml_backend.net.image_sources import ImageFetchError, decode_data_uri, read_local
 from ml_backend.settings import Settings
-from model.errors import ConfigError, DataError
+from model.errors import ConfigError
 from model.images import content_hash, load_image
 
 __all__ = ["CLOUD_SCHEMES", "LS_PREFIXES", "ImageFetchError", "ImageFetcher", "TaskImage", "image_destination",
@@ -47,10 +43,6 @@ CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "azure", "wasb", "wasbs", "abf
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class ImageFetchError(DataError):
-    """An image could not be fetched; the message names the image, the reason and the remedy."""
 
 
 def image_destination(settings: Settings, client: LabelStudioClient | None) -> Destination:
@@ -163,9 +155,9 @@ class ImageFetcher:
         if scheme in ("http", "https"):
             return self._fetch_http(value)
         if scheme == "data":
-            return _decode_data_uri(value, self.settings)
+            return decode_data_uri(value, self.settings)
         if scheme == "file":
-            return _read_local(unquote(value[len("file://"):] if value.startswith("file://") else value[5:]),
+            return read_local(unquote(value[len("file://"):] if value.startswith("file://") else value[5:]),
                                self.settings)
         if scheme in CLOUD_SCHEMES:
             raise ImageFetchError(
@@ -183,7 +175,7 @@ class ImageFetcher:
                     "LABEL_STUDIO_API_KEY, or connect the model in Label Studio so that /setup sends them."
                 )
             return self._fetch_http(urljoin(self.client.url + "/", value.lstrip("/")))
-        return _read_local(value, self.settings)
+        return read_local(value, self.settings)
 
     def fetch_many(self, values: Sequence[str]) -> list[bytes | Exception]:
         """Fetch several images in parallel (up to ``image_fetch_threads`` for this call), keeping the order.
@@ -247,73 +239,3 @@ class ImageFetcher:
         if not answer.body:
             raise ImageFetchError(f"The image {safe_url(answer.url)} is empty (0 bytes).")
         return answer.body
-
-
-# ----- local and inline ------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=16)
-def _resolved_root(root: str) -> str:
-    return os.path.realpath(os.path.expanduser(root))
-
-
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-"""A file opened for reading: never inherited, never through a link put in place after the path was resolved, and
-without waiting (a FIFO under the root would otherwise hold the request until a writer came; it is then refused as
-not a regular file)."""
-
-
-def _read_local(value: str, settings: Settings) -> bytes:
-    """The bytes of a local image under ``LOCAL_FILES_ROOT``: the path resolved (links followed) must stay under the
-    root; type and size are read from the opened file (one ``fstat``), so they describe what is read.
-
-    Costs ~15 µs over a plain read per image (string paths and ``os`` calls; ``pathlib`` took ~50 µs, which a
-    /predict batch of 64 local images paid 64 times)."""
-    root = settings.local_files_root
-    if root is None:
-        raise ImageFetchError(
-            f"The image {value!r} is a local path, and local paths are off: set LOCAL_FILES_ROOT to the directory "
-            "holding the images (or serve them through Label Studio)."
-        )
-    root_real = _resolved_root(str(root))
-    candidate = os.path.expanduser(value) if value.startswith("~") else value
-    real = os.path.realpath(os.path.join(root_real, candidate))  # an absolute candidate replaces the root
-    if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
-        raise ImageFetchError(f"The image path {value!r} lies outside LOCAL_FILES_ROOT={root_real!r}; refused.")
-    limit = settings.image_max_bytes
-    try:
-        fd = os.open(real, _OPEN_FLAGS)
-    except FileNotFoundError:
-        raise ImageFetchError(f"The image file {value!r} does not exist under LOCAL_FILES_ROOT.") from None
-    except OSError as exc:  # ELOOP: a link appeared after resolving; EISDIR, EACCES, ...
-        raise ImageFetchError(f"Cannot read the image file {value!r}: {exc.strerror or exc}.") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-        os.close(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageFetchError(f"The image path {value!r} is not a regular file.")
-        raise ImageFetchError(f"The image {value!r} has {info.st_size} bytes, over IMAGE_MAX_BYTES={limit}.")
-    with os.fdopen(fd, "rb") as fh:
-        try:
-            # sized by the file (a read of IMAGE_MAX_BYTES + 1 allocates that much first); a file that grew since the
-            # fstat is read on, up to the limit
-            data = fh.read(info.st_size + 1)
-            if len(data) > info.st_size:
-                data += fh.read(limit + 1 - len(data))
-        except OSError as exc:
-            raise ImageFetchError(f"Cannot read the image file {value!r}: {exc.strerror or exc}.") from None
-    if len(data) > limit:
-        raise ImageFetchError(f"The image {value!r} grew past IMAGE_MAX_BYTES={limit} while read.")
-    return data
-
-
-def _decode_data_uri(value: str, settings: Settings) -> bytes:
-    header, sep, payload = value.partition(",")
-    if not sep or ";base64" not in header:
-        raise ImageFetchError("A data: image URI must be base64 encoded (data:image/png;base64,...).")
-    if len(payload) * 3 // 4 > settings.image_max_bytes:
-        raise ImageFetchError(f"The inline image is larger than IMAGE_MAX_BYTES={settings.image_max_bytes}.")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageFetchError("The inline data: image is not valid base64.") from None
