@@ -5,12 +5,15 @@
 product's training runs in process on the labels so far, with the product's defaults: the features of the
 enabled candidates (``Settings.model_candidates``: the encoder's embeddings and ``model.features.pixels``; there is
 no "previous" encoder in one session), :func:`model.heads.selection.select_and_fit` with ``Settings.cv_folds`` and
-``HeadsConfig()``, the winner's calibration temperature, and the served decoding (``leafsOnly``: the most probable
-full path, :func:`model.heads.decode.full_path_log_probs`). The encoder is a MoCo v2 encoder pretrained with the
-product's defaults by ``taxomoco pretrain`` on the 10,000 images under a public budget (``--encoder``, made once
-with ``--pretrain-minutes`` and cached under ``bench/out/``). After each training, per order, for the next
-``--next`` tasks of the order and for every unlabelled task: the share of pre-annotations a labeler would accept
-unchanged (the leaf path is exactly the truth), their micro hierarchical F1, and the labels spent.
+``HeadsConfig()``, the winner's calibration temperature, the propagation choice on the same folds
+(``Settings.propagation_choice``, :func:`model.propagation_choice.decide`: label propagation over the kNN graph of
+the encoder's embeddings, or its blend with the heads, serves instead when it wins), and the served decoding
+(``leafsOnly``: the most probable full path, :func:`model.heads.decode.full_path_log_probs`). The encoder is a MoCo
+v2 encoder pretrained with the product's defaults by ``taxomoco pretrain`` on the 10,000 images under a public budget
+(``--encoder``, made once with ``--pretrain-minutes`` and cached under ``bench/out/``). After each training, per
+order, for the next ``--next`` tasks of the order and for every unlabelled task: the share of pre-annotations a
+labeler would accept unchanged (the leaf path is exactly the truth), their micro hierarchical F1, and the labels
+spent.
 
 Orders compared in one run (each on the same seeds):
 
@@ -84,7 +87,10 @@ from model.heads.decode import full_path_log_probs  # noqa: E402
 from model.heads.heads import HeadsConfig, TaxonomyHeads  # noqa: E402
 from model.heads.selection import select_and_fit  # noqa: E402
 from model.heads.training import heads_logits, labelled_rows  # noqa: E402
+from model.neighbors.graph import knn_graph  # noqa: E402
 from model.paired_gain import GainRule  # noqa: E402
+from model.propagation import PROPAGATION_NEIGHBOURS  # noqa: E402
+from model.propagation_choice import BLEND, PROPAGATION, ChoiceRule, decide, spread_table  # noqa: E402
 from model.ranking import labeling_order  # noqa: E402
 from tests.servers import LabelStudioServer, label_studio_binary  # noqa: E402
 
@@ -134,7 +140,7 @@ class RoundRecord:
     order: str
     seed: int
     labels: int
-    chosen: str  # the candidate select_and_fit chose ("" before the first model)
+    chosen: str  # the candidate select_and_fit chose, and the propagation model serving instead ("" before a model)
     next_accept: float  # leaf-exact share among the next tasks of the order (NaN before a model)
     next_hf: float
     all_accept: float  # leaf-exact share among all unlabelled tasks
@@ -178,8 +184,9 @@ class Session:
     """One order's labeling session on one seed: labels, the model of the last training, the order."""
 
     def __init__(self, order: str, seed: int, features: dict[FeatureSource, np.ndarray],
-                 truth: list[tuple[str, ...]], settings: Settings) -> None:
+                 truth: list[tuple[str, ...]], settings: Settings, graph: tuple[np.ndarray, np.ndarray]) -> None:
         self.order, self.seed, self.features, self.truth, self.settings = order, seed, features, truth, settings
+        self.graph = graph  # the kNN graph of the served encoder's embeddings (the product's neighbour index)
         n = len(truth)
         rng = np.random.default_rng(1000 + seed)
         self.permutation = rng.permutation(n)  # random order
@@ -190,7 +197,12 @@ class Session:
         self.n_leaves = len(ANIMAL_TAXONOMY.leaves())
 
     def train(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray] | None:
-        """The product's training on the labels so far: (chosen, path row per image, top path p, its features)."""
+        """The product's training on the labels so far: (chosen, path row per image, top path p, its features).
+
+        As ``ml_backend.training``: the heads' model choice, then the propagation choice on the same folds
+        (``PROPAGATION_CHOICE``); a version chosen as propagation or its blend serves the propagated table for every
+        image (all are indexed here), as ``model.predictor.Predictor.decode_rows`` does.
+        """
         rows = np.flatnonzero(self.labelled)
         given = [self.truth[i] for i in rows]
         if len(rows) < max(2, self.settings.min_labels_to_train) or len({p[-1] for p in given}) < 2:
@@ -203,13 +215,18 @@ class Session:
                                           labelled_index=labelled_index, heads_cfg=HeadsConfig(),
                                           rule=GainRule(self.settings.model_choice))
         x = self.features[selection.chosen.features]
-        return selection.chosen.name, *self._predict(heads, x, selection.cv.temperature), x
-
-    def _predict(self, heads: TaxonomyHeads, x: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+        served = np.exp(full_path_log_probs(heads_logits(heads, torch.from_numpy(np.ascontiguousarray(
+            x, dtype=np.float32))), ANIMAL_TAXONOMY, selection.cv.temperature))  # (N, P_full)
+        name = selection.chosen.name
+        decision = decide(name, selection.cv, self.graph, rows[np.asarray(selection.cv.labelled_index)],
+                          ANIMAL_TAXONOMY, ChoiceRule(self.settings.propagation_choice))
+        if decision.chosen in (PROPAGATION, BLEND):
+            table = spread_table(decision.chosen, self.graph, {int(r): [self.truth[r]] for r in rows}, str,
+                                 ANIMAL_TAXONOMY)
+            served = table.served(served, [str(i) for i in range(len(served))])
+            name = f"{name} / {decision.chosen}"
         # leafsOnly decoding as served: the most probable full path (decode(..., leafs_only=True) top-1).
-        logp = full_path_log_probs(heads_logits(heads, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))),
-                                   ANIMAL_TAXONOMY, temperature)  # (N, P)
-        return logp.argmax(axis=1), np.exp(logp.max(axis=1))
+        return name, served.argmax(axis=1), served.max(axis=1), x
 
     def next_order(self, model: tuple[str, np.ndarray, np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Unlabelled image rows in the order the labelers take them."""
@@ -441,15 +458,16 @@ def simulate(args: argparse.Namespace) -> int:
         pretrain_encoder(encoder, images, args.pretrain_minutes)
     settings = Settings.from_env(env={})
     features = load_features(encoder, images)
-    print(f"features: {', '.join(f'{s.value} {f.shape}' for s, f in features.items())} "
+    graph = knn_graph(features.get(FeatureSource.ENCODER, features[FeatureSource.PIXELS]), PROPAGATION_NEIGHBOURS)
+    print(f"features: {', '.join(f'{s.value} {f.shape}' for s, f in features.items())}, kNN graph "
           f"({time.time() - started:.0f} s)", flush=True)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     records: list[RoundRecord] = []
     for seed in seeds:
         for order in args.orders:
             t0 = time.time()
-            got = Session(order, seed, features, [tuple(p) for p in truth], settings).run(args.rounds, args.batch,
-                                                                                           args.next)
+            got = Session(order, seed, features, [tuple(p) for p in truth], settings, graph).run(
+                args.rounds, args.batch, args.next)
             records += got
             last = got[-1]
             print(f"seed {seed} {order}: {last.labels} labels, accepted all {last.all_accept:.3f}, next "
@@ -464,7 +482,10 @@ def simulate(args: argparse.Namespace) -> int:
         f"seeds {seeds}; next tasks = the first {args.next} of the order after each training. Product defaults: "
         f"candidates {', '.join(c.name for c in parse_candidates(settings.model_candidates) if c.features in features)} "
         f"(the enabled ones with features in one session), CV_FOLDS "
-        f"{settings.cv_folds}, COLD_START_LABELS_PER_CLASS {settings.cold_start_per_class:g}, cold-start budget "
+        f"{settings.cv_folds}, PROPAGATION_CHOICE {settings.propagation_choice} (label propagation over the kNN graph "
+        f"of the encoder's embeddings, k={PROPAGATION_NEIGHBOURS}, or its blend with the heads, when it wins on the "
+        f"heads' folds; 'model chosen' names it after the heads), "
+        f"COLD_START_LABELS_PER_CLASS {settings.cold_start_per_class:g}, cold-start budget "
         f"{COLD_START_BUDGET}, MIN_LABELS_TO_TRAIN {settings.min_labels_to_train}.",
         encoder_line,
         "Cells: mean ± std over the seeds, in percent. 'accepted' = the pre-annotation's leaf path is exactly the "

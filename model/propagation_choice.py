@@ -22,7 +22,7 @@ images against the heads alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -36,11 +36,11 @@ from model.heads.decode import full_path_log_probs
 from model.heads.selection import CandidateScore
 from model.heads.training import CrossValidation
 from model.paired_gain import GainRule, paired_gain, required_gain
-from model.propagation import held_out, path_predictions, seed_matrix
+from model.propagation import held_out, leaf_probabilities, path_predictions, seed_matrix, spread
 from model.taxonomy import Taxonomy
 
 __all__ = ["BLEND", "PROPAGATION", "ChoiceRule", "PropagationChoice", "PropagatedTable", "blend_probabilities",
-           "choose", "fold_scores", "held_out_scores"]
+           "choose", "decide", "fold_scores", "held_out_scores", "spread_table"]
 
 PROPAGATION = "propagation"
 BLEND = "heads+propagation"
@@ -179,3 +179,34 @@ def choose(heads: CandidateScore, others: dict[str, CandidateScore], rule: Choic
     best = max(winners, key=lambda n: gain[n])
     return PropagationChoice(best, f"{best} gains {gain[best]:+.3f} hF over {heads.name} on the same {k} "
                              f"folds, above {need[best]:.3f} (rule {rule.value})", rule, scores)
+
+
+def decide(heads_name: str, cv: CrossValidation, graph: tuple[IntArray, FloatArray], graph_rows: IntArray,
+           taxonomy: Taxonomy, rule: ChoiceRule) -> PropagationChoice:
+    """A training's propagation choice: the chosen heads ``heads_name``, cross-validated as ``cv``, against
+    :data:`PROPAGATION` and :data:`BLEND` on the same folds (:func:`held_out_scores`; arguments as there)."""
+    heads = fold_scores(heads_name, [tuple(p.path) for p in cv.oof_predictions], cv, taxonomy)
+    if rule is ChoiceRule.HEADS:
+        return choose(heads, {}, rule)
+    return choose(heads, held_out_scores(cv, graph, graph_rows, taxonomy), rule)
+
+
+def spread_table(kind: str, graph: tuple[IntArray, FloatArray], seeds: dict[int, list[tuple[str, ...]]],
+                 key: Callable[[int], str], taxonomy: Taxonomy) -> PropagatedTable:
+    """The table a version chosen as ``kind`` serves: every training label spread over the graph.
+
+    Args:
+        kind: :data:`PROPAGATION` or :data:`BLEND` (what :func:`decide` chose).
+        graph: ``(idx, sim)`` kNN graph of every image.
+        seeds: graph row -> the leaf paths given to that image.
+        key: the content hash of a graph row (the table's key).
+        taxonomy: the label tree.
+
+    Returns:
+        The rows some label reached, with their ``(M, P_full)`` leaf probabilities.
+    """
+    idx, sim = graph
+    leaf_paths = taxonomy.candidate_paths(leafs_only=True)[0]
+    probs, reached = leaf_probabilities(spread(idx, sim, seed_matrix(len(idx), seeds, leaf_paths)))
+    keep = np.flatnonzero(reached)
+    return PropagatedTable(kind, [key(int(i)) for i in keep], probs[keep])

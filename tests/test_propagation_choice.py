@@ -11,7 +11,16 @@ from model.heads.candidates import FeatureSource, parse_candidates
 from model.heads.selection import CandidateScore, select
 from model.neighbors.graph import knn_graph
 from model.propagation import held_out, seed_matrix
-from model.propagation_choice import BLEND, PROPAGATION, ChoiceRule, blend_probabilities, choose, held_out_scores
+from model.propagation_choice import (
+    BLEND,
+    PROPAGATION,
+    ChoiceRule,
+    blend_probabilities,
+    choose,
+    decide,
+    held_out_scores,
+    spread_table,
+)
 from model.taxonomy import Taxonomy
 
 TAX = Taxonomy.from_nested({"A": ["left", "right"], "B": ["left", "right"]})
@@ -70,6 +79,23 @@ def test_propagation_is_scored_on_the_heads_folds_and_wins_where_neighbours_know
     assert choose(heads, scores, ChoiceRule.HEADS).chosen == "heads"
     with pytest.raises(DataError, match="graph rows"):
         held_out_scores(selection.cv, knn_graph(emb, k=4), labelled[:-1], TAX)
+
+
+def test_decide_scores_the_chosen_heads_on_their_folds_and_the_table_keys_every_row_a_label_reached() -> None:
+    emb, leaf = chains()
+    emb = np.concatenate([emb, np.zeros((2, emb.shape[1]), dtype=np.float32)])  # two rows without an embedding
+    labelled = np.arange(0, len(leaf), 3)
+    targets = TAX.encode_many([LEAVES[leaf[i]] for i in labelled])
+    selection = select({FeatureSource.ENCODER: emb[labelled]}, parse_candidates(["encoder+prototypes"]), targets, TAX,
+                       folds=3, labelled_index=np.arange(len(labelled)))
+    graph = knn_graph(emb, k=4)
+    decision = decide("encoder+prototypes", selection.cv, graph, labelled, TAX, ChoiceRule.ONE_SE)
+    assert decision.chosen in (PROPAGATION, BLEND), decision.reason
+    assert decision.scores["encoder+prototypes"].fold_hf == pytest.approx(selection.scores["encoder+prototypes"].fold_hf)
+    assert decide("encoder+prototypes", selection.cv, graph, labelled, TAX, ChoiceRule.HEADS).chosen == "heads"
+    table = spread_table(PROPAGATION, graph, {int(r): [LEAVES[leaf[r]]] for r in labelled}, lambda r: f"h{r}", TAX)
+    assert table.hashes == [f"h{r}" for r in range(len(leaf))]  # the rows without an embedding are not in the table
+    assert (table.probs.argmax(axis=1) == leaf).mean() > 0.9  # the labels spread along each chain
 
 
 def score(name: str, folds: list[float]) -> CandidateScore:

@@ -28,8 +28,8 @@ from ml_backend.training.propagation import kept_knn_graph
 from model.errors import DataError
 from model.heads.training import CrossValidation
 from model.neighbors.index import load_index
-from model.propagation import PROPAGATION_NEIGHBOURS, leaf_probabilities, seed_matrix, spread
-from model.propagation_choice import BLEND, PROPAGATION, ChoiceRule, PropagatedTable, choose, fold_scores, held_out_scores
+from model.propagation import PROPAGATION_NEIGHBOURS
+from model.propagation_choice import BLEND, PROPAGATION, ChoiceRule, PropagatedTable, decide, spread_table
 from model.taxonomy import Taxonomy
 
 __all__ = ["choose_propagation"]
@@ -64,8 +64,7 @@ def choose_propagation(settings: Settings, paths: ProjectPaths, fit: Fit, taxono
         r = fit.result
         cv = CrossValidation(r.temperature, r.oof_level_probs, r.oof_level_logits, r.oof_predictions, r.metrics,
                              r.labelled_index, r.targets, r.fold_of)
-        heads = fold_scores(fit.candidate.name, [tuple(p.path) for p in cv.oof_predictions], cv, taxonomy)
-        decision = choose(heads, held_out_scores(cv, (graph.neighbors, graph.similarities), rows, taxonomy),
+        decision = decide(fit.candidate.name, cv, (graph.neighbors, graph.similarities), rows, taxonomy,
                           rule).to_dict()
         log.info("Project %s: served model %s (%s).", paths.project_id, decision["chosen"], decision["reason"])
     else:  # the last model choice stands (kept or reused calibration): so does its propagation decision
@@ -76,11 +75,7 @@ def choose_propagation(settings: Settings, paths: ProjectPaths, fit: Fit, taxono
         fit.result.metrics["model_choice"]["propagation"] = decision
     if decision["chosen"] not in (PROPAGATION, BLEND):
         return None
-    leaf_paths = taxonomy.candidate_paths(leafs_only=True)[0]
     seeds: dict[int, list[tuple[str, ...]]] = {}
     for row, p in zip(rows, positions):
         seeds.setdefault(int(row), []).append(tuple(fit.pairs[int(p)][1]))
-    probs, reached = leaf_probabilities(spread(graph.neighbors, graph.similarities,
-                                               seed_matrix(len(index), seeds, leaf_paths)))
-    keep = np.flatnonzero(reached)
-    return PropagatedTable(str(decision["chosen"]), [index.key(int(i)) for i in keep], probs[keep])
+    return spread_table(str(decision["chosen"]), (graph.neighbors, graph.similarities), seeds, index.key, taxonomy)
