@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,10 +123,11 @@ def test_ddp_processes_each_see_their_share_of_an_epoch() -> None:
     assert plan_run(-(-1000 // 2), 128, 10, None, None, 4096).steps_per_epoch == 3
 
 
-def _keep_budget(step_seconds: list[float], limit_s: float, planned: int,
-                 monkeypatch: pytest.MonkeyPatch) -> tuple[int, float]:
+def _keep_budget(step_seconds: list[float], limit_s: float, planned: int, monkeypatch: pytest.MonkeyPatch,
+                 rank0: Callable[[int], int] | None = None) -> tuple[int, float]:
     """Runs :class:`BudgetKeeper` over steps of the given durations (a fake clock); returns the step the run
-    stopped at and the clock there."""
+    stopped at and the clock there. ``rank0``: this process is one of 2 under DDP, and ``rank0(own projection)``
+    is what rank 0 broadcasts."""
     import types
     from datetime import timedelta
 
@@ -135,6 +137,11 @@ def _keep_budget(step_seconds: list[float], limit_s: float, planned: int,
     monkeypatch.setattr(runtime, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     keeper = runtime.BudgetKeeper(timedelta(seconds=limit_s))
     trainer = types.SimpleNamespace(global_step=0, should_stop=False)
+    if rank0 is not None:
+        def broadcast(obj: int, src: int = 0) -> int:
+            assert src == 0
+            return rank0(obj)
+        trainer.world_size, trainer.strategy = 2, types.SimpleNamespace(broadcast=broadcast)
     module = types.SimpleNamespace(hparams={"total_steps": planned})
     keeper.on_train_start(trainer, module)  # type: ignore[arg-type]
     for seconds in step_seconds:
@@ -162,6 +169,22 @@ def test_a_passing_slowdown_does_not_cut_the_rest_of_the_run(monkeypatch: pytest
     steps = [0.1] * 19 + [0.5] * 20 + [0.1] * 400
     step, clock = _keep_budget(steps, limit_s=40.0, planned=250, monkeypatch=monkeypatch)
     assert step == 250 and clock < 36.0
+
+
+def test_under_ddp_every_process_follows_rank_0_s_projection(monkeypatch: pytest.MonkeyPatch) -> None:
+    # this process's own clock says the plan no longer fits (80 steps of 1.2 s: 96 s, over the 90 s SAFETY leaves of
+    # 100 s), rank 0's says it does: the plan follows rank 0, so no process stops at a step of its own while the
+    # others wait for it in their all-reduce
+    seen: list[int] = []
+
+    def rank0(own: int) -> int:
+        seen.append(own)
+        return 80
+    step, clock = _keep_budget([1.2] * 100, limit_s=100.0, planned=80, monkeypatch=monkeypatch, rank0=rank0)
+    assert step == 80 and clock < 100 and len(seen) == 15 and max(seen) < 80  # asked every 5th step; its own plan: shorter
+    # and when rank 0 shortens the plan, this process stops there too, though its own clock would go on
+    step, _ = _keep_budget([0.1] * 100, limit_s=100.0, planned=80, monkeypatch=monkeypatch, rank0=lambda own: 23)
+    assert step == 23
 
 
 def test_a_steady_run_keeps_its_plan(monkeypatch: pytest.MonkeyPatch) -> None:
