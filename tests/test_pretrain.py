@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -222,6 +223,24 @@ def test_a_run_that_slows_down_is_refitted_to_its_budget_and_can_continue(
     assert second.epochs_done == first.epochs_done + 1
     steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "loss.csv").open())]
     assert steps == list(range(1, len(steps) + 1))  # no step twice, none missing
+
+
+@pytest.mark.parametrize("n_images, epochs", [(32, 20), (200, 2)])
+def test_a_run_faster_than_its_probe_grows_its_plan_to_the_epoch_cap(
+        n_images: int, epochs: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.ssl import pretrain as pretrain_module
+
+    # the probe measured 1 s a step (a busy minute): 27 steps fit into SAFETY of the 30 s budget, whole epochs
+    # for 32 images (6 epochs of 4 steps), 27 steps for 200 images (25 a step, under WHOLE_EPOCHS_FROM epochs);
+    # the real steps take milliseconds, so the plan grows to the epoch cap and Lightning's stop moves with it
+    monkeypatch.setattr(pretrain_module, "probe_seconds_per_step", lambda *a, **k: 1.0)
+    cfg = PretrainConfig(**{**TINY.__dict__, "epochs": epochs, "max_minutes": 0.5})
+    result = pretrain(_images(n_images), ENC, cfg, tmp_path, progress=False)
+    per_epoch = n_images // 8
+    assert result.plan is not None and result.plan.limited_by == "budget (re-fitted during the run)"
+    assert result.plan.steps == epochs * per_epoch == result.steps_done and result.finished_plan
+    assert result.epochs_done == epochs
+    assert json.loads((tmp_path / "pretrain_config.json").read_text())["plan"]["steps"] == epochs * per_epoch
 
 
 def test_backbone_weights_from_a_whole_moco_state_dict() -> None:

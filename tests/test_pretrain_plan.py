@@ -124,7 +124,8 @@ def test_ddp_processes_each_see_their_share_of_an_epoch() -> None:
 
 
 def _keep_budget(step_seconds: list[float], limit_s: float, planned: int, monkeypatch: pytest.MonkeyPatch,
-                 rank0: Callable[[int], int] | None = None) -> tuple[int, float]:
+                 rank0: Callable[[int], int] | None = None, ceiling: int | None = None, grow_by: int = 1,
+                 loop: object = None) -> tuple[int, float]:
     """Runs :class:`BudgetKeeper` over steps of the given durations (a fake clock); returns the step the run
     stopped at and the clock there. ``rank0``: this process is one of 2 under DDP, and ``rank0(own projection)``
     is what rank 0 broadcasts."""
@@ -135,8 +136,10 @@ def _keep_budget(step_seconds: list[float], limit_s: float, planned: int, monkey
 
     clock = [0.0]
     monkeypatch.setattr(runtime, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    keeper = runtime.BudgetKeeper(timedelta(seconds=limit_s))
+    keeper = runtime.BudgetKeeper(timedelta(seconds=limit_s), ceiling=ceiling, grow_by=grow_by)
     trainer = types.SimpleNamespace(global_step=0, should_stop=False)
+    if loop is not None:
+        trainer.fit_loop = loop
     if rank0 is not None:
         def broadcast(obj: int, src: int = 0) -> int:
             assert src == 0
@@ -190,3 +193,35 @@ def test_under_ddp_every_process_follows_rank_0_s_projection(monkeypatch: pytest
 def test_a_steady_run_keeps_its_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     step, clock = _keep_budget([0.1] * 100, limit_s=10.0, planned=80, monkeypatch=monkeypatch)
     assert step == 80 and clock == pytest.approx(8.0)
+
+
+def test_steps_faster_than_the_probe_grow_the_plan_in_whole_epochs_early_in_the_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    # the probe measured 0.2 s a step: 40 steps (4 epochs of 10) planned into 9 s of a 10 s budget; the steps take
+    # 0.125 s: at the first projection 72 fit, so the plan grows by 3 whole epochs, and Lightning's epoch stop with it
+    loop = types.SimpleNamespace(max_epochs=4, epoch_loop=types.SimpleNamespace(max_steps=-1))
+    step, clock = _keep_budget([0.125] * 200, limit_s=10.0, planned=40, monkeypatch=monkeypatch, ceiling=500,
+                               grow_by=10, loop=loop)
+    assert step == 70 and clock == 8.75 and loop.max_epochs == 7
+    # not past the epoch cap
+    loop = types.SimpleNamespace(max_epochs=4, epoch_loop=types.SimpleNamespace(max_steps=-1))
+    step, _ = _keep_budget([0.125] * 200, limit_s=10.0, planned=40, monkeypatch=monkeypatch, ceiling=60, grow_by=10,
+                           loop=loop)
+    assert step == 60 and loop.max_epochs == 6
+    # a plan that the epoch cap limited (no ceiling) keeps its steps
+    step, _ = _keep_budget([0.125] * 200, limit_s=10.0, planned=40, monkeypatch=monkeypatch)
+    assert step == 40
+    # steps that get faster only in the second half of the plan do not stretch it (the learning rate is low by then)
+    step, _ = _keep_budget([0.2] * 25 + [0.05] * 200, limit_s=10.0, planned=40, monkeypatch=monkeypatch,
+                           ceiling=500, grow_by=10)
+    assert step == 40
+
+
+def test_a_grown_plan_is_shortened_again_when_the_machine_slows_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    # grown from 40 to 70 steps at step 5 (0.125 s steps), then the steps take 0.3 s from step 30 on: the plan is
+    # cut to what fits and ends before the hard stop
+    step, clock = _keep_budget([0.125] * 30 + [0.3] * 200, limit_s=10.0, planned=40, monkeypatch=monkeypatch,
+                               ceiling=500, grow_by=10)
+    assert 40 <= step < 70 and clock < 10.0

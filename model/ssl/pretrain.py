@@ -192,7 +192,9 @@ def pretrain(
     quality = QualityCallback(images, two_views, plan, quality_path, cfg.seed)
     checkpointing = LastCheckpoint(last, checkpoint_every(plan))
     limit = time_limit(cfg, plan)
-    keeper = BudgetKeeper(limit)
+    # a plan the budget limited may grow to the epoch cap if the steps run faster than the probe measured
+    keeper = BudgetKeeper(limit, ceiling=cfg.epochs * plan.steps_per_epoch if plan.limited_by.startswith("budget")
+                          else None, grow_by=plan.steps_per_epoch if plan.whole_epochs else 1)
     result_planned = plan.steps
     with quiet_lightning():
         trainer = pl.Trainer(
@@ -229,10 +231,11 @@ def pretrain(
     trained = module.backbone
     recalibrate_batchnorm(trained, images, encoder_cfg, cfg.bn_recalibration_images, cfg.batch_size)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trained.state_dict().items()}
-    if keeper.shortened_to is not None:  # the machine slowed down: the plan was re-fitted to the time limit
-        plan = replace(plan, steps=keeper.shortened_to, limited_by="budget (re-fitted during the run)")
-        log.info("Pretraining re-fitted to its time limit: %d steps instead of %d (steps got slower after the "
-                 "probe).", plan.steps, result_planned)
+    if keeper.refitted_to is not None:  # the steps ran slower or faster than the probe measured
+        plan = replace(plan, steps=keeper.refitted_to, limited_by="budget (re-fitted during the run)")
+        log.info("Pretraining re-fitted to its time limit: %d steps instead of the probe's %d (the steps ran %s than "
+                 "the probe measured).", plan.steps, result_planned,
+                 "slower" if plan.steps < result_planned else "faster")
         write_run_config(plan)
     result = PretrainResult(
         backbone_state=state,

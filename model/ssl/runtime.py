@@ -82,7 +82,7 @@ def quiet_lightning() -> Iterator[None]:
 
 
 class BudgetKeeper(Callback):
-    """Keeps a run's schedule finishing within its time limit when the machine's speed changes after the probe.
+    """Keeps a run's schedule finishing within its time limit when the machine's speed differs from the probe's.
 
     Every ``CHECK_EVERY`` steps it projects the run's end at the slower of the run's average speed and that of its
     last ``CHECK_EVERY`` steps, so a slowdown late in the run counts at once. When the planned steps no longer fit
@@ -90,14 +90,23 @@ class BudgetKeeper(Callback):
     read ``total_steps`` each step, so they finish with it) and the run stops there, instead of being cut by
     Lightning's hard stop with its learning rate still high. When the machine speeds up again, the plan grows back,
     up to the steps first planned: a minute of contention early in a 30-minute run costs that minute's steps, not
-    the rest of the run. ``shortened_to`` records the plan's end when it stayed shorter than planned.
+    the rest of the run.
+
+    A plan limited by the budget may also grow past the probe's plan, up to ``ceiling`` steps (the epoch cap), when
+    the steps run faster than the probe measured (the probe's first steps pay for warming up the data loader and the
+    allocator): in whole ``grow_by`` steps (an epoch, for whole-epoch plans) and only in the first half of the
+    first plan, so the cosine is stretched while the learning rate is still high, not raised again near its end.
+    Lightning's own stop (``max_epochs`` / ``max_steps``) moves with the plan. ``refitted_to`` records the plan's
+    end when it differs from the first plan.
 
     Under DDP the projection of rank 0 is broadcast, so that every process stops at the same step.
     """
 
-    def __init__(self, limit: timedelta | None) -> None:
+    def __init__(self, limit: timedelta | None, ceiling: int | None = None, grow_by: int = 1) -> None:
         self.limit_s = limit.total_seconds() if limit is not None else None
-        self.shortened_to: int | None = None
+        self.ceiling = ceiling
+        self.grow_by = max(1, int(grow_by))
+        self.refitted_to: int | None = None
         self._planned = 0
         self._t0 = 0.0
         self._step0 = 0
@@ -124,8 +133,27 @@ class BudgetKeeper(Callback):
         seconds_per_step = max(elapsed / done, recent)
         fits = step + int((SAFETY * self.limit_s - elapsed) / seconds_per_step)
         wanted = max(step + 1, min(self._planned, fits))
+        if self.ceiling is not None and fits > self._planned and step < self._planned // 2:
+            grown = self._planned + (min(self.ceiling, fits) - self._planned) // self.grow_by * self.grow_by
+            wanted = max(wanted, grown)
+        elif total > self._planned:
+            wanted = max(wanted, min(total, fits))  # a grown plan is kept (shortened only if it no longer fits)
         if getattr(trainer, "world_size", 1) > 1:
             wanted = int(trainer.strategy.broadcast(wanted, src=0))
         if wanted != total:
             pl_module.hparams["total_steps"] = wanted
-            self.shortened_to = wanted if wanted < self._planned else None
+            self.refitted_to = wanted if wanted != self._planned else None
+            if wanted > total:
+                _extend_lightning_stop(trainer, wanted, self.grow_by)
+
+
+def _extend_lightning_stop(trainer: pl.Trainer, steps: int, steps_per_epoch: int) -> None:
+    """Moves Lightning's stop to a grown plan's end: ``max_epochs`` of a run that stops on whole epochs, else
+    ``max_steps``."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None:
+        return
+    if loop.max_epochs is not None and loop.max_epochs > 0:
+        loop.max_epochs = max(loop.max_epochs, -(-steps // steps_per_epoch))
+    if loop.epoch_loop.max_steps is not None and loop.epoch_loop.max_steps > 0:
+        loop.epoch_loop.max_steps = max(loop.epoch_loop.max_steps, steps)
