@@ -20,6 +20,7 @@ from ml_backend.labelstudio import predictions as ls_predictions
 from ml_backend.labelstudio import tabs as ls_tabs
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.errors import LabelStudioUnreachable
+from ml_backend.labelstudio.snapshot import read_tasks
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.order import LABEL_NEXT_TAB, read_queue
 from ml_backend.prelabel.progress import PrelabelState, Progress, read_progress, write_progress
@@ -239,7 +240,8 @@ def test_label_next_tab_and_queue_follow_the_rank_and_label_studio_samples_the_s
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_a_crashed_run_resumes_after_its_cursor_without_writing_twice_and_cleans_up_old_versions(trained) -> None:
+def test_a_crashed_run_resumes_after_its_cursor_without_writing_twice_and_cleans_up_old_versions(
+        trained, label_studio) -> None:
     client, pid, version, paths = trained["client"], trained["pid"], trained["version"], trained["paths"]
     targets = sorted(trained["targets"])
     # start over for this version: its predictions gone (Label Studio then clears the pinned version too)
@@ -256,6 +258,7 @@ def test_a_crashed_run_resumes_after_its_cursor_without_writing_twice_and_cleans
     ls_predictions.import_predictions(client, pid, [{"task": t, **item} for t in targets[:6]])
     write_progress(paths, Progress(version=version, state=PrelabelState.RUNNING, total=len(targets), done=4,
                                    after_task=targets[3], in_flight=targets[4:6], created=4))
+    touched_at = label_studio.task(targets[0])["updated_at"]
     out = run_prelabel(trained["settings"], paths)
     assert out["status"] == "done" and out["done"] == len(targets) and out["created"] == len(targets)
     per_task = _versions_per_task(client, targets)
@@ -265,6 +268,13 @@ def test_a_crashed_run_resumes_after_its_cursor_without_writing_twice_and_cleans
     assert old[0] not in counts and counts.get(old[1]) == 1  # the live version and the one before it stay
     assert counts.get("someone-elses-model") == 1  # other models' predictions are never touched
     assert out["deleted"] == {old[0]: 1}
+    # deleting the old prediction moved its task's updated_at; the run read the task again after its clean-up, so
+    # the next training's incremental pull does not
+    now_at = label_studio.task(targets[0])["updated_at"]
+    assert now_at != touched_at
+    snapshot = {t.id: t for t in read_tasks(paths.tasks_snapshot) or []}
+    assert snapshot[targets[0]].updated_at == now_at
+    assert out["repulled"] >= 1 and out["repull_s"] > 0
 
 
 @pytest.mark.e2e

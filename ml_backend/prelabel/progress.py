@@ -47,6 +47,9 @@ class Progress:
         dropped: predictions sent that Label Studio did not create (it drops invalid items silently).
         pinned: the project's ``model_version`` was set to ``version``.
         deleted: older model versions whose predictions were deleted, with how many.
+        repulled: tasks the run read again after its clean-up (the incremental pull that a clean-up makes long,
+            taken here instead of by the next training); 0 when it deleted nothing or a training waited.
+        repull_s: seconds that pull took.
         rate_per_s: predictions written per second over this run.
         job_id: the job that wrote the record.
         error: why the run failed (``failed`` only).
@@ -62,6 +65,8 @@ class Progress:
     dropped: int = 0
     pinned: bool = False
     deleted: dict[str, int] = field(default_factory=dict)
+    repulled: int = 0
+    repull_s: float = 0.0
     rate_per_s: float = 0.0
     started_at: str = ""
     updated_at: str = ""

@@ -24,7 +24,11 @@ version served when it starts:
    are never touched. It runs after the pin, because Label Studio clears ``project.model_version`` when the version
    it names is deleted. Predictions are deleted one per request (``delete_version_predictions``: Label Studio's
    delete of a whole version is one long transaction that locks a SQLite database for minutes at 10,000 tasks),
-   and the clean-up gives way like the writing does; a later run deletes what is left.
+   and the clean-up gives way like the writing does; a later run deletes what is left;
+6. after a clean-up that deleted predictions, and unless a training waits, the task snapshot is brought up to date
+   (``ml_backend.labelstudio.snapshot.pull_tasks``): deleting a prediction moves its task's ``updated_at``, so
+   the next incremental pull would read every touched task again (16.5 s for 8,000 at 10,000 tasks, measured),
+   inside the next annotation's wait for its version. Read here, the next training reads only what changed after.
 
 Tasks imported after the pull get their predictions from ``/predict`` as before (Label Studio asks for tasks
 that hold none) and from the next version's run.
@@ -52,7 +56,7 @@ from ml_backend.labelstudio.predictions import (
     project_model_version,
     task_prediction_versions,
 )
-from ml_backend.labelstudio.snapshot import read_tasks
+from ml_backend.labelstudio.snapshot import pull_tasks, read_tasks
 from ml_backend.labelstudio.tasks import TaskRecord
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.live import LivePredictions
@@ -154,7 +158,8 @@ def _run(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, pro
     if tasks is None:
         raise DataError(f"Project {pid} has no readable task snapshot ({paths.tasks_snapshot}); the next training "
                         "run writes one (POST /train).")
-    config = parse_label_config(client.get_project(pid).label_config)
+    label_config = client.get_project(pid).label_config
+    config = parse_label_config(label_config)
     if is_propagation_version(version):
         live: LivePredictions | PropagatedPredictions = PropagatedPredictions(paths, config, version)
     else:
@@ -209,13 +214,19 @@ def _run(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, pro
         def newer_waits() -> bool:  # the clean-up gives way to the next version; a later run finishes it
             return served_version(settings, paths) != version or decide_tail(paths).defer
 
-        for old_version, n in delete_version_predictions(client, pid, old, stop=newer_waits).items():
+        deleted = delete_version_predictions(client, pid, old, stop=newer_waits)
+        for old_version, n in deleted.items():
             progress.deleted[old_version] = progress.deleted.get(old_version, 0) + n
+        if sum(deleted.values()) and not newer_waits():  # the touched tasks read now, not by the next training
+            started = time.monotonic()
+            pull = pull_tasks(client, pid, paths.tasks_snapshot, label_config, settings.tasks_full_pull_every_s)
+            progress.repulled, progress.repull_s = pull.read, round(time.monotonic() - started, 2)
     progress.state = PrelabelState.DONE
     progress.updated_at = progress.finished_at = utc_now()
     write_progress(paths, progress)
-    log.info("Project %s: %d predictions of %s written (%.0f/s), pinned=%s, deleted predictions %s.", pid,
-             progress.created, version, progress.rate_per_s, progress.pinned, progress.deleted)
+    log.info("Project %s: %d predictions of %s written (%.0f/s), pinned=%s, deleted predictions %s, %d tasks read "
+             "again after the clean-up (%.1f s).", pid, progress.created, version, progress.rate_per_s,
+             progress.pinned, progress.deleted, progress.repulled, progress.repull_s)
     return {**progress.to_dict(), "status": "done"}
 
 
