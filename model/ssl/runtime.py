@@ -93,8 +93,8 @@ class BudgetKeeper(Callback):
     the rest of the run.
 
     A plan limited by the budget may also grow past the probe's plan, up to ``ceiling`` steps (the epoch cap), when
-    the steps run faster than the probe measured (the probe's first steps pay for warming up the data loader and the
-    allocator): in whole ``grow_by`` steps (an epoch, for whole-epoch plans) and only in the first half of the
+    the steps run faster than the probe measured (a probe taken while another process had the cores): in whole
+    ``grow_by`` steps (an epoch, for whole-epoch plans) and only in the first half of the
     first plan, so the cosine is stretched while the learning rate is still high, not raised again near its end.
     Lightning's own stop (``max_epochs`` / ``max_steps``) moves with the plan. ``refitted_to`` records the plan's
     end when it differs from the first plan.
