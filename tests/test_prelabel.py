@@ -22,6 +22,7 @@ from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.errors import LabelStudioUnreachable
 from ml_backend.labelstudio.snapshot import read_tasks
 from ml_backend.paths import ProjectPaths
+from ml_backend.prelabel import writer
 from ml_backend.prelabel.order import LABEL_NEXT_TAB, read_queue
 from ml_backend.prelabel.progress import PrelabelState, Progress, read_progress, write_progress
 from ml_backend.prelabel.writer import run_prelabel, versions_to_delete
@@ -241,7 +242,7 @@ def test_label_next_tab_and_queue_follow_the_rank_and_label_studio_samples_the_s
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_a_crashed_run_resumes_after_its_cursor_without_writing_twice_and_cleans_up_old_versions(
-        trained, label_studio) -> None:
+        trained, label_studio, monkeypatch: pytest.MonkeyPatch) -> None:
     client, pid, version, paths = trained["client"], trained["pid"], trained["version"], trained["paths"]
     targets = sorted(trained["targets"])
     # start over for this version: its predictions gone (Label Studio then clears the pinned version too)
@@ -250,7 +251,7 @@ def test_a_crashed_run_resumes_after_its_cursor_without_writing_twice_and_cleans
     # older versions of this backend and another model's predictions
     old = ["20200101T000000-aaaaaa", "20200102T000000-bbbbbb"]
     ls_predictions.import_predictions(client, pid, [
-        {"task": targets[0], "result": [], "score": 0.1, "model_version": old[0]},
+        *({"task": t, "result": [], "score": 0.1, "model_version": old[0]} for t in targets[:3]),
         {"task": targets[0], "result": [], "score": 0.1, "model_version": old[1]},
         {"task": targets[1], "result": [], "score": 0.1, "model_version": "someone-elses-model"}])
     # a run that died during its third chunk: chunks 1-2 written, chunk 3 reached Label Studio, then the crash
@@ -259,6 +260,10 @@ def test_a_crashed_run_resumes_after_its_cursor_without_writing_twice_and_cleans
     write_progress(paths, Progress(version=version, state=PrelabelState.RUNNING, total=len(targets), done=4,
                                    after_task=targets[3], in_flight=targets[4:6], created=4))
     touched_at = label_studio.task(targets[0])["updated_at"]
+    saved: list[dict] = []  # every record the run saves, as /job_status would show it at that moment
+    monkeypatch.setattr(writer, "RECORD_EVERY_S", 0.0)
+    monkeypatch.setattr(writer, "write_progress", lambda p, progress: (saved.append(progress.to_dict()),
+                                                                       write_progress(p, progress)))
     out = run_prelabel(trained["settings"], paths)
     assert out["status"] == "done" and out["done"] == len(targets) and out["created"] == len(targets)
     per_task = _versions_per_task(client, targets)
@@ -267,7 +272,13 @@ def test_a_crashed_run_resumes_after_its_cursor_without_writing_twice_and_cleans
     counts = ls_predictions.model_version_counts(client, pid)
     assert old[0] not in counts and counts.get(old[1]) == 1  # the live version and the one before it stay
     assert counts.get("someone-elses-model") == 1  # other models' predictions are never touched
-    assert out["deleted"] == {old[0]: 1}
+    assert out["deleted"] == {old[0]: 3}
+    # the clean-up's progress was saved while it deleted, then the re-read was announced
+    cleaning = [(r["cleanup_done"], r["cleanup_total"]) for r in saved
+                if r["state"] == "running" and r["phase"] == "cleaning"]
+    assert cleaning == [(0, 3), (1, 3), (2, 3), (3, 3)], cleaning
+    assert [r["phase"] for r in saved if r["state"] == "running"][-1] == "rereading"
+    assert (out["phase"], out["cleanup_done"], out["cleanup_total"]) == ("rereading", 3, 3)
     # deleting the old prediction moved its task's updated_at; the run read the task again after its clean-up, so
     # the next training's incremental pull does not
     now_at = label_studio.task(targets[0])["updated_at"]

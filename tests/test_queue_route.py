@@ -12,7 +12,7 @@ from ml_backend.http.app import create_app
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.live import TaskPredictions
 from ml_backend.prelabel.order import write_queue
-from ml_backend.prelabel.progress import PrelabelState, Progress, write_progress
+from ml_backend.prelabel.progress import PrelabelPhase, PrelabelState, Progress, write_progress
 from ml_backend.prelabel.schedule import JOB_FUNC, enqueue_prelabel, prelabel_job_id
 from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.store import ModelStore
@@ -82,14 +82,17 @@ def test_job_status_and_metrics_show_the_pre_annotation_progress(app_client) -> 
     r = client.post("/job_status", json={"project": 7}, headers=AUTH)
     assert r.status_code == 200 and r.get_json()["prelabel"] is None
     write_progress(paths, Progress(version="20260101T000000-abcdef", state=PrelabelState.RUNNING, total=1000,
-                                   done=250, after_task=400, rate_per_s=120.5))
+                                   done=1000, after_task=400, rate_per_s=120.5, phase=PrelabelPhase.CLEANING,
+                                   cleanup_total=800, cleanup_done=300))
     status = client.post("/job_status", json={"project": 7}, headers=AUTH).get_json()["prelabel"]
-    assert status["state"] == "running" and status["done"] == 250 and status["total"] == 1000
+    assert status["state"] == "running" and status["done"] == 1000 and status["total"] == 1000
+    assert status["phase"] == "cleaning" and (status["cleanup_done"], status["cleanup_total"]) == (300, 800)
     text = client.get("/metrics", headers=AUTH).get_data(as_text=True)
     values = metric_values(text)
     labels = 'project="7",version="20260101T000000-abcdef"'
     assert values[f"taxomoco_prelabel_tasks{{{labels}}}"] == 1000
-    assert values[f"taxomoco_prelabel_written_tasks{{{labels}}}"] == 250
+    assert values[f"taxomoco_prelabel_written_tasks{{{labels}}}"] == 1000
+    assert values[f"taxomoco_prelabel_cleanup_left{{{labels}}}"] == 500
     assert values['taxomoco_prelabel_state{project="7",state="running",version="20260101T000000-abcdef"}'] == 1
     assert "# TYPE taxomoco_prelabel_rate_per_second gauge" in text
 

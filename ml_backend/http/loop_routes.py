@@ -33,6 +33,8 @@ PRELABEL_FAMILIES = (
     ("taxomoco_prelabel_tasks", "Unlabelled tasks the running or last bulk pre-annotation writes."),
     ("taxomoco_prelabel_written_tasks", "Tasks the running or last bulk pre-annotation has written."),
     ("taxomoco_prelabel_rate_per_second", "Predictions written per second by the last bulk pre-annotation."),
+    ("taxomoco_prelabel_cleanup_left", "Predictions of older versions the running or last clean-up has still to "
+                                       "delete."),
     ("taxomoco_prelabel_state", "1 for the state of the project's last bulk pre-annotation "
                                 "(running, done, failed, superseded)."),
 )
@@ -55,12 +57,13 @@ class PrelabelCollector(Collector):
         return []  # computed at scrape time only
 
     def collect(self) -> Iterator[Metric]:
-        (tasks_name, tasks_help), (written_name, written_help), (rate_name, rate_help), (state_name, state_help) = \
-            PRELABEL_FAMILIES
+        (tasks_name, tasks_help), (written_name, written_help), (rate_name, rate_help), (left_name, left_help), \
+            (state_name, state_help) = PRELABEL_FAMILIES
         base = ("project", "version")
         tasks = GaugeMetricFamily(tasks_name, tasks_help, labels=base)
         written = GaugeMetricFamily(written_name, written_help, labels=base)
         rate = GaugeMetricFamily(rate_name, rate_help, labels=base)
+        left = GaugeMetricFamily(left_name, left_help, labels=base)
         states = GaugeMetricFamily(state_name, state_help, labels=(*base, "state"))
         for pid in self.projects():
             progress = read_progress(self.settings.project(pid))
@@ -70,9 +73,10 @@ class PrelabelCollector(Collector):
             tasks.add_metric(labels, float(progress.total))
             written.add_metric(labels, float(progress.done))
             rate.add_metric(labels, float(progress.rate_per_s))
+            left.add_metric(labels, float(max(progress.cleanup_total - progress.cleanup_done, 0)))
             for state in PrelabelState:
                 states.add_metric([*labels, state.value], float(progress.state is state))
-        yield from (tasks, written, rate, states)
+        yield from (tasks, written, rate, left, states)
 
 
 def prelabel_collector(settings: Settings, projects: Callable[[], Iterable[int]]) -> Collector:

@@ -82,12 +82,14 @@ def delete_model_version(client: LabelStudioClient, project_id: int, version: st
 
 
 def delete_version_predictions(client: LabelStudioClient, project_id: int, versions: Collection[str],
-                               stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
+                               stop: Callable[[], bool] = lambda: False,
+                               on_deleted: Callable[[str], None] = lambda version: None) -> dict[str, int]:
     """Delete every prediction of ``versions`` in the project, one ``DELETE /api/predictions/<id>/`` each, found on
     the project's task pages; returns how many were deleted per version.
 
     ``stop`` is asked before each deletion: when it answers True the clean-up ends there (what is left is found and
-    deleted by a later call). A prediction already gone when its turn comes (404) is skipped and not counted.
+    deleted by a later call). ``on_deleted`` is told the version of each prediction deleted (progress). A prediction
+    already gone when its turn comes (404) is skipped and not counted.
     """
     wanted = {str(v) for v in versions}
     deleted = {v: 0 for v in sorted(wanted)}
@@ -106,6 +108,7 @@ def delete_version_predictions(client: LabelStudioClient, project_id: int, versi
             except LabelStudioNotFound:  # deleted meanwhile (by a person, or with its task): nothing left to do
                 continue
             deleted[version] += 1
+            on_deleted(version)
     return deleted
 
 

@@ -18,9 +18,17 @@ from typing import Any
 from ml_backend.paths import ProjectPaths
 from model.atomic import atomic_write_json
 
-__all__ = ["PrelabelState", "Progress", "read_progress", "write_progress"]
+__all__ = ["PrelabelPhase", "PrelabelState", "Progress", "read_progress", "write_progress"]
 
 log = logging.getLogger(__name__)
+
+
+class PrelabelPhase(str, Enum):
+    """What a running pre-annotation run is doing (the last phase it reached, once it stopped)."""
+
+    WRITING = "writing"  # importing the version's predictions, chunk by chunk
+    CLEANING = "cleaning"  # deleting older versions' predictions, one per request (``cleanup_done`` of ``_total``)
+    REREADING = "rereading"  # reading the tasks the clean-up touched (``repulled``)
 
 
 class PrelabelState(str, Enum):
@@ -46,7 +54,11 @@ class Progress:
         created: predictions Label Studio reported created by this version's runs.
         dropped: predictions sent that Label Studio did not create (it drops invalid items silently).
         pinned: the project's ``model_version`` was set to ``version``.
-        deleted: older model versions whose predictions were deleted, with how many.
+        phase: see :class:`PrelabelPhase`.
+        deleted: older model versions whose predictions were deleted, with how many (kept up to date while the
+            clean-up runs).
+        cleanup_total: predictions of older versions the run's clean-up set out to delete (counted at its start).
+        cleanup_done: of these, deleted so far (the record is saved every few seconds while it deletes).
         repulled: tasks the run read again after its clean-up (the incremental pull that a clean-up makes long,
             taken here instead of by the next training); 0 when it deleted nothing or a training waited.
         repull_s: seconds that pull took.
@@ -64,7 +76,10 @@ class Progress:
     created: int = 0
     dropped: int = 0
     pinned: bool = False
+    phase: PrelabelPhase = PrelabelPhase.WRITING
     deleted: dict[str, int] = field(default_factory=dict)
+    cleanup_total: int = 0
+    cleanup_done: int = 0
     repulled: int = 0
     repull_s: float = 0.0
     rate_per_s: float = 0.0
@@ -76,7 +91,7 @@ class Progress:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["state"] = self.state.value
+        out["state"], out["phase"] = self.state.value, self.phase.value
         return out
 
     @classmethod
@@ -84,6 +99,7 @@ class Progress:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["state"] = PrelabelState(values.get("state", PrelabelState.RUNNING.value))
+        values["phase"] = PrelabelPhase(values.get("phase", PrelabelPhase.WRITING.value))
         return cls(**values)
 
 

@@ -24,7 +24,8 @@ version served when it starts:
    are never touched. It runs after the pin, because Label Studio clears ``project.model_version`` when the version
    it names is deleted. Predictions are deleted one per request (``delete_version_predictions``: Label Studio's
    delete of a whole version is one long transaction that locks a SQLite database for minutes at 10,000 tasks),
-   and the clean-up gives way like the writing does; a later run deletes what is left;
+   and the clean-up gives way like the writing does; a later run deletes what is left. The record shows the
+   clean-up's progress while it runs (``phase`` ``cleaning``, ``cleanup_done`` of ``cleanup_total``);
 6. after a clean-up that deleted predictions, and unless a training waits, the task snapshot is brought up to date
    (``ml_backend.labelstudio.snapshot.pull_tasks``): deleting a prediction moves its task's ``updated_at``, so
    the next incremental pull would read every touched task again (16.5 s for 8,000 at 10,000 tasks, measured),
@@ -61,7 +62,7 @@ from ml_backend.labelstudio.tasks import TaskRecord
 from ml_backend.paths import ProjectPaths
 from ml_backend.prelabel.live import LivePredictions
 from ml_backend.prelabel.order import update_label_next_tab, write_queue
-from ml_backend.prelabel.progress import PrelabelState, Progress, read_progress, write_progress
+from ml_backend.prelabel.progress import PrelabelPhase, PrelabelState, Progress, read_progress, write_progress
 from ml_backend.prelabel.propagated import PropagatedPredictions
 from ml_backend.settings import Settings
 from ml_backend.training.propagation import is_propagation_version, live_propagation, version_stamp
@@ -76,6 +77,8 @@ log = logging.getLogger(__name__)
 
 OUR_VERSION = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{6}$")
 """This backend's model version names (``model.bundle``); only these are ever cleaned up."""
+RECORD_EVERY_S = 2.0
+"""While the clean-up deletes (one request per prediction, minutes at 10,000 tasks), the record is saved this often."""
 
 
 def has_human_label(task: TaskRecord, copies: AbstractSet[int] = frozenset()) -> bool:
@@ -134,6 +137,7 @@ def run_prelabel(settings: Settings, paths: ProjectPaths, job_id: str | None = N
     progress = previous if resume else Progress(version=version)
     assert progress is not None
     progress.state, progress.job_id, progress.error, progress.finished_at = PrelabelState.RUNNING, job_id, None, None
+    progress.phase = PrelabelPhase.WRITING
     progress.started_at = progress.started_at or utc_now()
     client = None
     try:
@@ -211,16 +215,7 @@ def _run(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, pro
         pin_model_version(client, pid, version)
     progress.pinned = project_model_version(client, pid) == version
     if progress.pinned and (old := versions_to_delete(counts, version, settings.prelabel_keep_versions)):
-        def newer_waits() -> bool:  # the clean-up gives way to the next version; a later run finishes it
-            return served_version(settings, paths) != version or decide_tail(paths).defer
-
-        deleted = delete_version_predictions(client, pid, old, stop=newer_waits)
-        for old_version, n in deleted.items():
-            progress.deleted[old_version] = progress.deleted.get(old_version, 0) + n
-        if sum(deleted.values()) and not newer_waits():  # the touched tasks read now, not by the next training
-            started = time.monotonic()
-            pull = pull_tasks(client, pid, paths.tasks_snapshot, label_config, settings.tasks_full_pull_every_s)
-            progress.repulled, progress.repull_s = pull.read, round(time.monotonic() - started, 2)
+        _clean_up(settings, paths, client, progress, old, {v: counts.get(v, 0) for v in old}, label_config)
     progress.state = PrelabelState.DONE
     progress.updated_at = progress.finished_at = utc_now()
     write_progress(paths, progress)
@@ -228,6 +223,39 @@ def _run(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, pro
              "again after the clean-up (%.1f s).", pid, progress.created, version, progress.rate_per_s,
              progress.pinned, progress.deleted, progress.repulled, progress.repull_s)
     return {**progress.to_dict(), "status": "done"}
+
+
+def _clean_up(settings: Settings, paths: ProjectPaths, client: LabelStudioClient, progress: Progress,
+              old: list[str], counts: dict[str, int], label_config: str) -> None:
+    """Steps 5 and 6: delete the older versions' predictions (the record saved every ``RECORD_EVERY_S`` meanwhile,
+    so ``/job_status`` shows how far it got), then read the touched tasks again."""
+    pid, version = paths.project_id, progress.version
+    before = dict(progress.deleted)
+    progress.phase, progress.cleanup_total, progress.cleanup_done = PrelabelPhase.CLEANING, sum(counts.values()), 0
+    progress.updated_at = utc_now()
+    write_progress(paths, progress)
+    saved = time.monotonic()
+
+    def newer_waits() -> bool:  # the clean-up gives way to the next version; a later run finishes it
+        return served_version(settings, paths) != version or decide_tail(paths).defer
+
+    def one_deleted(old_version: str) -> None:
+        nonlocal saved
+        progress.cleanup_done += 1
+        progress.deleted[old_version] = progress.deleted.get(old_version, 0) + 1
+        if time.monotonic() - saved >= RECORD_EVERY_S:
+            progress.updated_at = utc_now()
+            write_progress(paths, progress)
+            saved = time.monotonic()
+
+    deleted = delete_version_predictions(client, pid, old, stop=newer_waits, on_deleted=one_deleted)
+    progress.deleted = {v: before.get(v, 0) + deleted.get(v, 0) for v in {*before, *deleted}}
+    if sum(deleted.values()) and not newer_waits():  # the touched tasks read now, not by the next training
+        progress.phase, progress.updated_at = PrelabelPhase.REREADING, utc_now()
+        write_progress(paths, progress)
+        started = time.monotonic()
+        pull = pull_tasks(client, pid, paths.tasks_snapshot, label_config, settings.tasks_full_pull_every_s)
+        progress.repulled, progress.repull_s = pull.read, round(time.monotonic() - started, 2)
 
 
 def _superseded(paths: ProjectPaths, progress: Progress) -> dict[str, Any]:
