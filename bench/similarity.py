@@ -9,7 +9,8 @@ thread each (faiss OpenMP and numpy's BLAS), as on a shared 2-core machine. The 
 Gaussian clusters (like embeddings of a few classes), not uniform noise.
 
 Part 2 (near-duplicates, animal-mnist): 10,000 real images embedded by a MoCo v2 encoder pretrained on them
-(``bench.ssl_vs_baseline``'s recipe, resnet18-half at 32 px, a few CPU-minutes, cached under bench/out/), with
+(``taxomoco pretrain`` on the product's defaults under ``--pretrain-minutes``, kept in ``--encoder``; an existing
+encoder there is reused), with
 500 injected copies of each kind — exact, 1-2 px crop resized back, horizontal flip, JPEG quality 75 — of
 random originals. The threshold is calibrated on half of the originals (copies of those as positives, each
 image's most similar distinct image as negatives, at most 0.5 % of negatives above it:
@@ -35,7 +36,6 @@ import io  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import faiss  # noqa: E402
@@ -48,12 +48,16 @@ if str(ROOT) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(ROOT))
 
 from bench.datasets import load_animal_mnist  # noqa: E402
-from bench.ssl_vs_baseline import OUT_DIR, BenchConfig, embed_all, pretrained_backbone  # noqa: E402
+from bench.labeling_session import pretrain_encoder  # noqa: E402
+from ml_backend.encoder_dir import load_encoder  # noqa: E402
+from model.encoder.backbone import build_backbone  # noqa: E402
+from model.encoder.embedder import Embedder  # noqa: E402
 from model.neighbors.duplicates import calibrate_threshold, duplicate_groups, near_pairs  # noqa: E402
 from model.neighbors.index import NeighborIndex  # noqa: E402
 from model.neighbors.vectors import normalise  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "similarity.txt"
+ENCODER = ROOT / "bench" / "out" / "similarity-encoder"
 KINDS = ("exact", "crop", "flip", "jpeg")
 MAX_FALSE_POSITIVE_RATE = 0.005
 SWEEP = (0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
@@ -227,7 +231,7 @@ def score(groups: list, keys: list[str], origin: np.ndarray, kind: list[str], he
             "groups": len(groups), "largest": max((len(g.items) for g in groups), default=0)}
 
 
-def duplicates_part(copies_per_kind: int, seed: int) -> dict:
+def duplicates_part(copies_per_kind: int, seed: int, encoder: Path, pretrain_minutes: float) -> dict:
     images, _ = load_animal_mnist()  # (10000, 28, 28) uint8
     n = len(images)
     rng = np.random.default_rng(seed)
@@ -239,12 +243,20 @@ def duplicates_part(copies_per_kind: int, seed: int) -> dict:
             kind.append(kd)
     everything = np.concatenate([images, np.stack(extra)])  # (N + 4C, 28, 28)
     keys = [content_key(im) for im in everything]
-    cfg = replace(BenchConfig(), pretrain_cpu_minutes=6.0, max_wall_minutes=12.0)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    backbone, info = pretrained_backbone(images, cfg, OUT_DIR, retrain=False)
+    if not (encoder / "encoder.safetensors").is_file():
+        pretrain_encoder(encoder, images, pretrain_minutes)
+    cfg, state, version = load_encoder(encoder)
+    backbone = build_backbone(cfg)
+    backbone.load_state_dict(state)
     backbone.eval()
-    tag = hashlib.sha256(f"{info['encoder_version']}-{copies_per_kind}-{seed}".encode()).hexdigest()[:10]
-    emb = embed_all(backbone, everything, cfg.encoder, cache=OUT_DIR / f"similarity-emb-{tag}.npy")  # (M, D)
+    tag = hashlib.sha256(f"{version}-{copies_per_kind}-{seed}".encode()).hexdigest()[:10]
+    cache = encoder / f"similarity-emb-{tag}.npy"
+    if cache.is_file():
+        emb = np.load(cache)
+    else:
+        emb = Embedder(backbone, cfg, device="cpu", batch_size=256).embed(list(everything))
+        np.save(cache, emb)  # (M, D)
+    info = {"version": version, "input_size": cfg.input_size, "encoder": str(encoder)}
     pixels = everything.reshape(len(everything), -1).astype(np.float32)  # (M, 784)
     pixels[np.linalg.norm(pixels, axis=1) == 0] += 1e-3  # an all-black image still has a direction
     order = rng.permutation(n)
@@ -287,8 +299,8 @@ def report(speed: list[dict], pairs: list[dict], dup: dict | None, args: argpars
         lines += ["", f"## near-duplicates: animal-mnist, {dup['n']:,} images (10,000 + {args.copies} copies of each "
                       f"kind), {dup['dim']}-d MoCo v2 embeddings",
                   "",
-                  f"encoder: resnet18-half at 32 px, MoCo v2 {enc['epochs_done']} epochs ({enc['cpu_seconds']:.0f} "
-                  f"CPU-s, cached: {enc['cached']}); threshold calibrated on half of the originals at <= "
+                  f"encoder: {enc['version']} in {enc['encoder']} (`taxomoco pretrain` on the 10,000 originals, the "
+                  f"product's defaults, {enc['input_size']} px); threshold calibrated on half of the originals at <= "
                   f"{MAX_FALSE_POSITIVE_RATE:.1%} of nearest-distinct similarities; recall on the other half",
                   "",
                   "| method | threshold | calib. FP rate | pair precision | recall exact | recall crop | recall flip "
@@ -330,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="single queries timed per size (fewer at 1M: each scans 2 GB)")
     parser.add_argument("--copies", type=int, default=500, help="injected copies per kind (part 2)")
     parser.add_argument("--skip-duplicates", action="store_true", help="only part 1")
+    parser.add_argument("--encoder", type=Path, default=ENCODER,
+                        help="part 2's encoder directory (`taxomoco pretrain --out`); made there when absent")
+    parser.add_argument("--pretrain-minutes", type=float, default=6.0,
+                        help="PRETRAIN_MAX_MINUTES of the pretraining that makes a missing --encoder")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(1)
@@ -342,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         speed.append(row)
     pairs = pair_search_rows(args.dim)
     print(pairs, flush=True)
-    dup = None if args.skip_duplicates else duplicates_part(args.copies, seed=0)
+    dup = None if args.skip_duplicates else duplicates_part(args.copies, 0, args.encoder, args.pretrain_minutes)
     text = report(speed, pairs, dup, args, time.perf_counter() - t0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
