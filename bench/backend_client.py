@@ -10,6 +10,7 @@ asks one project's state the way Label Studio and an operator do: ``/setup`` (th
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime
 from typing import Any
 
@@ -88,6 +89,24 @@ class BackendClient:
         """No job runs or waits and no pre-annotation is being written."""
         s = self.job_status()
         return not s.get("running") and not s.get("queued") and (s.get("prelabel") or {}).get("state") != "running"
+
+    def wait_idle(self, stall_s: float, poll_s: float = 0.5) -> None:
+        """Wait until :meth:`idle`, for as long as the backend makes progress: a clean-up of 8,000 predictions takes
+        minutes, and its record (``prelabel``: ``cleanup_done``, ``updated_at``) moves every few seconds meanwhile.
+
+        Raises:
+            RuntimeError: nothing in /job_status changed for ``stall_s`` seconds while the backend was busy.
+        """
+        last, moved = None, time.monotonic()
+        while True:
+            s = self.job_status()
+            if not s.get("running") and not s.get("queued") and (s.get("prelabel") or {}).get("state") != "running":
+                return
+            if s != last:
+                last, moved = s, time.monotonic()
+            elif time.monotonic() - moved > stall_s:
+                raise RuntimeError(f"the backend stayed busy with no progress in /job_status for {stall_s:g} s")
+            time.sleep(poll_s)
 
     def wait_first_model(self, timeout_s: float) -> None:
         """Wait until a first version is live and the backend is idle again (its pre-annotation written).
