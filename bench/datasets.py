@@ -31,7 +31,7 @@ from PIL import Image
 
 from model.errors import DataError
 from model.neighbors import NEAR_DUPLICATE_THRESHOLD
-from model.neighbors.duplicates import duplicate_groups, near_pairs
+from model.neighbors.duplicates import auto_threshold, duplicate_groups, near_pairs
 from model.neighbors.index import NeighborIndex
 from model.taxonomy import Path, Taxonomy
 
@@ -162,7 +162,8 @@ def duplicate_ids(images: np.ndarray, vectors: np.ndarray | None = None,
         images: ``(N, ...)`` array of images; byte-identical ones share an id.
         vectors: ``(N, D)`` embeddings (or pixels) of the images; with them, near-duplicates (cosine similarity at
             least ``threshold``, grouped like the product does: ``model.neighbors.duplicates``) share an id too.
-        threshold: the near-duplicate threshold for ``vectors``.
+        threshold: the near-duplicate threshold for ``vectors``; 0 (the product's default) calibrates it on them
+            (``model.neighbors.duplicates.auto_threshold``).
 
     Returns:
         int64 ``(N,)``, ids numbered by first appearance.
@@ -171,7 +172,8 @@ def duplicate_ids(images: np.ndarray, vectors: np.ndarray | None = None,
     keys = [str(int(g)) for g in exact]
     pairs: list[tuple[str, str, float]] = []
     if vectors is not None:
-        pairs = near_pairs(NeighborIndex.build(keys, np.asarray(vectors)), threshold)
+        index = NeighborIndex.build(keys, np.asarray(vectors))
+        pairs = near_pairs(index, threshold or auto_threshold(index).value)
     out = exact.copy()
     for group in duplicate_groups(list(range(len(keys))), keys, pairs):
         out[list(group.items)] = exact[group.items[0]]

@@ -113,7 +113,7 @@ class Settings:
     min_agreement: float = field(default=0.0, metadata={"env": "CONSENSUS_MIN_AGREEMENT", "help": "Fraction of annotators agreeing needed to train on a task."})
     post_flags_to_label_studio: bool = field(default=True, metadata={"env": "POST_FLAGS_TO_LABEL_STUDIO", "help": "Show disagreement flags in Label Studio: Data Manager tabs per flag kind (every edition) and task comments where the edition has a comment API."})
     label_error_neighbours: bool = field(default=True, metadata={"env": "LABEL_ERROR_NEIGHBOURS", "help": "Label-error flags also weigh the neighbours' verdict: each trained task's label distribution propagated over the kNN graph of the embeddings from the other folds' labels (its own removed); a given label they contradict scores higher, one they confirm lower (bench/disagreements.py --propagation: label-error R-precision and AUROC up on validation and test seeds)."})
-    near_duplicate_threshold: float = field(default=NEAR_DUPLICATE_THRESHOLD, metadata={"env": "NEAR_DUPLICATE_THRESHOLD", "help": "Cosine similarity of two images' embeddings from which they count as near-duplicates (calibrated on animal-mnist, see docs/design.md); 1 = byte-identical images only."})
+    near_duplicate_threshold: float = field(default=NEAR_DUPLICATE_THRESHOLD, metadata={"env": "NEAR_DUPLICATE_THRESHOLD", "help": "Cosine similarity of two images' embeddings from which they count as near-duplicates; 0 = calibrated for each encoder on the project's images (the similarity at most 0.5 % of them reach with their most similar other image, at most 0.9996; see docs/design.md); 1 = byte-identical images only."})
 
     # --- queue ----------------------------------------------------------------------------------------
     redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL", "help": "Redis for the RQ training queue; unset = embedded trainer inside the server."})
@@ -180,9 +180,9 @@ class Settings:
             raise ConfigError(f"PRETRAIN_DEVICES={self.pretrain_devices!r}: use a number of devices or `all`.")
         if not 0.0 <= self.prefix_threshold <= 1.0:
             raise ConfigError("PREFIX_THRESHOLD must lie in [0, 1].")
-        if not 0.0 < self.near_duplicate_threshold <= 1.0:
-            raise ConfigError(f"NEAR_DUPLICATE_THRESHOLD={self.near_duplicate_threshold} must lie in (0, 1]: it is a cosine "
-                              "similarity (1 = byte-identical images only).")
+        if not 0.0 <= self.near_duplicate_threshold <= 1.0:
+            raise ConfigError(f"NEAR_DUPLICATE_THRESHOLD={self.near_duplicate_threshold} must lie in [0, 1]: it is a cosine "
+                              "similarity (0 = calibrated for each encoder, 1 = byte-identical images only).")
         if self.tasks_full_pull_every_s < 0:
             raise ConfigError(f"TASKS_FULL_PULL_EVERY_S={self.tasks_full_pull_every_s} must be >= 0 (0 = always read "
                               "every task).")

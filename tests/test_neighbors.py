@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from model.errors import DataError
+from model.neighbors import AUTO_THRESHOLD_CAP
 from model.neighbors.duplicates import (
     DuplicateKind,
+    auto_threshold,
     calibrate_threshold,
     conflicting_groups,
     duplicate_groups,
@@ -180,6 +182,47 @@ def test_calibrate_threshold_bounds_false_positives():
     assert t.recall == pytest.approx(2 / 3)
     strict = calibrate_threshold(positives, negatives, max_false_positive_rate=0.0)
     assert strict.false_positive_rate == 0.0 and strict.value > 0.9
+
+
+def _cosine_nearest(base: np.ndarray) -> np.ndarray:
+    """Each row's cosine similarity to its most similar other row (numpy reference)."""
+    x = base / np.linalg.norm(base, axis=1, keepdims=True)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return sims.max(axis=1)  # (N,)
+
+
+def test_the_automatic_threshold_follows_the_encoders_scale_and_finds_rare_copies():
+    # two "encoders" of the same 2,000 distinct images: one spreads them, one packs them into a narrow cone
+    spread = rows(2000, d=16, seed=3)
+    packed = spread * 0.1 + rows(1, d=16, seed=4)[0] * 1.0
+    for base in (spread, packed):
+        t = auto_threshold(NeighborIndex.build(keys(2000), base), cap=1.0)
+        nearest = _cosine_nearest(base)
+        # at most 0.5 % of the images reach it with their nearest other image, and it is no higher than needed
+        # (1e-5: faiss and numpy round float32 products differently)
+        assert (nearest >= t.value + 1e-5).mean() <= 0.005 and (nearest >= t.value - 1e-5).mean() >= 0.004
+        assert np.isnan(t.recall)
+    low = auto_threshold(NeighborIndex.build(keys(2000), spread)).value
+    high = auto_threshold(NeighborIndex.build(keys(2000), packed), cap=1.0).value
+    assert low < 0.99 < high < 0.9996
+    # the cap: a quantile above it (many images with copies, or a tightly packed encoder) is cut to it
+    assert auto_threshold(NeighborIndex.build(keys(2000), packed), cap=0.98).value == 0.98
+    assert auto_threshold(NeighborIndex.build(keys(2000), spread)).value == low  # below the default cap: kept
+    # 5 near copies among 2,005 images (0.25 %): found at the automatic threshold, with few distinct pairs
+    copies = spread[:5] + 1e-3 * rows(5, d=16, seed=5)
+    index = NeighborIndex.build(keys(2005), np.vstack([spread, copies]))
+    found = {(a, b) for a, b, _ in near_pairs(index, auto_threshold(index).value)}
+    assert {(keys(2005)[i], keys(2005)[2000 + i]) for i in range(5)} <= found and len(found) <= 5 + 10
+
+
+def test_the_automatic_threshold_samples_a_large_index_and_handles_tiny_ones():
+    base = rows(3000, d=8, seed=8)
+    index = NeighborIndex.build(keys(3000), base)
+    sampled = auto_threshold(index, sample=1000)
+    assert abs(sampled.value - auto_threshold(index).value) < 0.02
+    assert auto_threshold(NeighborIndex.build(keys(1), base[:1])).value == AUTO_THRESHOLD_CAP
+    assert auto_threshold(NeighborIndex(8)).value == AUTO_THRESHOLD_CAP
 
 
 def test_incremental_pairs_equal_a_full_pass():

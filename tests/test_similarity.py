@@ -30,6 +30,7 @@ from ml_backend.training.images import ProjectImages
 from ml_backend.training.neighbors import index_neighbors, read_duplicates, read_task_map
 from model.bundle import load_live
 from model.images import content_hash, load_image
+from model.neighbors.duplicates import auto_threshold
 from model.neighbors.index import load_index
 from model.predictor import Predictor
 from tests.test_store import publish_tiny_bundle
@@ -105,7 +106,7 @@ class Project:
 def _settings(tmp_path: Path, **over: object) -> Settings:
     return Settings(model_dir=tmp_path, basic_auth_user=AUTH[0], basic_auth_pass=AUTH[1], device="cpu",
                     label_studio_url="http://ls.example:8080", label_studio_api_key="operator-key",
-                    near_duplicate_threshold=0.99, **over)  # type: ignore[arg-type]
+                    **{"near_duplicate_threshold": 0.99, **over})  # type: ignore[arg-type]
 
 
 def test_the_training_step_builds_then_adds_and_groups_duplicates(tmp_path):
@@ -138,6 +139,34 @@ def test_the_training_step_builds_then_adds_and_groups_duplicates(tmp_path):
     current = (project.paths.neighbor_index(encoder) / "CURRENT").read_text()
     assert project.index(settings, all_tasks)["added"] == 0
     assert (project.paths.neighbor_index(encoder) / "CURRENT").read_text() == current
+
+
+def test_by_default_the_threshold_is_calibrated_for_the_encoder_and_kept_while_the_index_grows_little(tmp_path):
+    project = Project(tmp_path)
+    project.publish()
+    settings = _settings(tmp_path, near_duplicate_threshold=0.0)  # the default
+    assert Settings().near_duplicate_threshold == 0.0
+    project.index(settings, [100, 101, 102, 103, 104, 105, 106, 107, 108, 109])
+    saved = json.loads(project.paths.duplicates.read_text())
+    encoder = load_live(project.paths.models).manifest.encoder_version
+    index = load_index(project.paths.neighbor_index(encoder))
+    assert saved["threshold_rule"] == "auto" and saved["threshold_calibrated_on"] == 10
+    assert saved["threshold"] == auto_threshold(index).value < 1.0
+    # 10 images: 0.5 % of 10 is none, so the quantile is the highest similarity (and at most the cap)
+    assert read_duplicates(project.paths)["threshold_rule"] == "auto"
+    # one image more (10 %): the threshold is kept, so the saved pairs stay valid and only the new row is searched
+    project.index(settings, [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 111])
+    again = json.loads(project.paths.duplicates.read_text())
+    assert (again["threshold"], again["threshold_calibrated_on"]) == (saved["threshold"], 10)
+    # a fixed setting wins and says so
+    project.index(_settings(tmp_path), [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 111])
+    fixed = json.loads(project.paths.duplicates.read_text())
+    assert (fixed["threshold"], fixed["threshold_rule"], fixed["threshold_calibrated_on"]) == (0.99, "setting", 0)
+    # back to automatic after the index grew by more than 20 %: calibrated again on all 13 rows
+    project.images[112], project.images[113] = picture((10, 200, 10), seed=12), picture((200, 10, 200), seed=13)
+    project.index(settings, [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 111, 112, 113])
+    later = json.loads(project.paths.duplicates.read_text())
+    assert later["threshold_rule"] == "auto" and later["threshold_calibrated_on"] == 13
 
 
 def test_a_new_encoder_gets_a_new_index_and_unused_ones_are_removed(tmp_path):

@@ -26,13 +26,22 @@ from model.atomic import atomic_write_json
 from model.bundle import MANIFEST, VERSIONS, list_versions
 from model.crowd.types import ConsensusResult
 from model.errors import DataError
-from model.neighbors.duplicates import DuplicateGroup, conflicting_groups, duplicate_groups, near_pairs
+from model.neighbors.duplicates import (
+    DuplicateGroup,
+    auto_threshold,
+    conflicting_groups,
+    duplicate_groups,
+    near_pairs,
+)
 from model.neighbors.index import NeighborIndex, load_index
 
 __all__ = ["IndexedTask", "duplicate_conflicts", "index_neighbors", "read_duplicates", "read_task_map",
            "update_neighbors"]
 
 log = logging.getLogger(__name__)
+
+RECALIBRATE_GROWTH = 0.2
+"""The automatic near-duplicate threshold is calibrated again once the index has grown by this share."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ def index_neighbors(settings: Settings, paths: ProjectPaths, source: ProjectSour
     """Update the encoder's kNN index with the embedded images, then the task map and the duplicate groups.
 
     Args:
-        settings: ``near_duplicate_threshold``.
+        settings: ``near_duplicate_threshold`` (0: calibrated for the encoder, see :func:`_threshold`).
         paths: the project's files.
         source: the pulled project (its tasks' image values).
         images: the project's images (task ids and content hashes aligned with ``emb``).
@@ -81,10 +90,13 @@ def index_neighbors(settings: Settings, paths: ProjectPaths, source: ProjectSour
     atomic_write_json(paths.neighbor_tasks, {"encoder_version": encoder_version,
                                              "tasks": [[t.task_id, t.key, t.image] for t in tasks],
                                              "unusable": {str(t): why for t, why in images.failed.items()}})
-    pairs = _near_pairs(paths, index, encoder_version, before, settings.near_duplicate_threshold)
+    threshold, calibrated_on = _threshold(paths, index, encoder_version, settings.near_duplicate_threshold)
+    pairs = _near_pairs(paths, index, encoder_version, before, threshold)
     groups = duplicate_groups([t.task_id for t in tasks], [t.key for t in tasks], pairs)
     atomic_write_json(paths.duplicates, {"encoder_version": encoder_version, "indexed": len(index),
-                                         "threshold": settings.near_duplicate_threshold,
+                                         "threshold": threshold,
+                                         "threshold_rule": "setting" if settings.near_duplicate_threshold else "auto",
+                                         "threshold_calibrated_on": calibrated_on,
                                          "near_pairs": [[a, b, round(s, 5)] for a, b, s in pairs],
                                          "groups": [g.to_dict() for g in groups]})
     _prune_indexes(paths, keep=encoder_version)
@@ -103,6 +115,26 @@ def update_neighbors(settings: Settings, paths: ProjectPaths, source: ProjectSou
         log.error("Project %s: the neighbour index was not updated: %s", paths.project_id, exc,
                   exc_info=not isinstance(exc, DataError))
         return {"indexed": -1}
+
+
+def _threshold(paths: ProjectPaths, index: NeighborIndex, encoder_version: str, setting: float
+               ) -> tuple[float, int]:
+    """The near-duplicate threshold and how many indexed images it was calibrated on (0: the setting's value).
+
+    ``NEAR_DUPLICATE_THRESHOLD`` = 0: :func:`~model.neighbors.duplicates.auto_threshold` for this encoder, kept while
+    the index has grown by less than :data:`RECALIBRATE_GROWTH` since (a kept threshold keeps the saved pairs valid,
+    so a run searches only the new rows)."""
+    if setting > 0:
+        return setting, 0
+    try:
+        saved = json.loads(paths.duplicates.read_text(encoding="utf-8"))
+        rows = int(saved.get("threshold_calibrated_on", 0))
+        if saved.get("encoder_version") == encoder_version and saved.get("threshold_rule") == "auto" and \
+                0 < rows and len(index) <= rows * (1 + RECALIBRATE_GROWTH):
+            return float(saved["threshold"]), rows
+    except (FileNotFoundError, ValueError, TypeError, KeyError):
+        pass
+    return auto_threshold(index).value, len(index)
 
 
 def _near_pairs(paths: ProjectPaths, index: NeighborIndex, encoder_version: str, before: int, threshold: float
@@ -155,7 +187,8 @@ def read_task_map(paths: ProjectPaths) -> tuple[dict[int, IndexedTask], dict[int
 
 
 def read_duplicates(paths: ProjectPaths) -> dict[str, Any]:
-    """The duplicate groups of the last training (``{"encoder_version", "threshold", "groups"}``).
+    """The duplicate groups of the last training (``{"encoder_version", "threshold", "threshold_rule",
+    "threshold_calibrated_on", "groups"}``).
 
     Raises:
         DataError: none yet (no training has finished since similarity search exists), naming the remedy.

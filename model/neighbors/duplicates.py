@@ -5,20 +5,24 @@ embeddings' cosine similarity reaches a threshold (*near*: re-encoded, resized, 
 copies). Groups are the connected components of that relation (single linkage, ``scipy.sparse.csgraph``),
 built from the index's range search (:func:`near_pairs`, incremental: only rows added since the last call).
 
-How :data:`NEAR_DUPLICATE_THRESHOLD` was chosen (``bench/similarity.py``, ``bench/results/similarity.txt``):
-animal-mnist (10,000 28 px silhouettes, 284 of them repeated byte for byte) embedded by a MoCo v2 encoder
-pretrained on it (resnet18-half at 32 px, 6 CPU-minutes, 30 epochs; the README's folder example), with 500
-injected copies of each kind — exact, a 1 px crop of two sides resized back, a horizontal flip, JPEG at quality
-75. Positives: the copies of half of the originals; negatives: for each of those originals, its similarity to the
-most similar image of other content (its hardest distinct pair). The threshold is the smallest value that at
-most 0.5 % of the negatives reach (:func:`calibrate_threshold`): precision first, because a false pair sends
-unrelated tasks to review and, grouped by single linkage, chains groups together. It came out at 0.9996; on the
-whole set the grouping then has pair precision 0.95, finds every exact copy and 80 % of the JPEG copies, and
-almost none of the crops and flips: this encoder puts 1 px crops and flips of a 28 px silhouette (median
-similarity to the original 0.996 / 0.992) about as close as two different silhouettes (median similarity of an
-image to its most similar distinct one 0.995); lower thresholds chain thousands of images into one group. So
-near-duplicates here means re-encoded or re-saved copies; a project whose encoder separates images better
-(larger images, longer pretraining) can lower ``NEAR_DUPLICATE_THRESHOLD`` after checking ``GET /duplicates``.
+The threshold (:func:`auto_threshold`, the default): the similarity that at most 0.5 % of the project's images
+reach with their most similar other image (a sample of up to :data:`AUTO_SAMPLE` rows of the index), calibrated again
+for each encoder, and never above :data:`~model.neighbors.AUTO_THRESHOLD_CAP` (0.9996). The rule is
+``bench/similarity.py``'s calibration without its knowledge of which images are copies: there (animal-mnist, 10,000
+28 px silhouettes with injected exact, 1 px crop, flip and JPEG-75 copies) the negatives are each original's most
+similar image of other content and the threshold the smallest value that at most 0.5 % of them reach
+(:func:`calibrate_threshold`): precision first, because a false pair sends unrelated tasks to review and, grouped by
+single linkage, chains groups together. A threshold is a property of the encoder: that calibration gives 0.9996 for
+an encoder of the product's default 20-minute budget (median nearest-distinct similarity 0.994) and 0.9785 for one
+of 1 minute (median 0.888), where a fixed 0.9996 finds no JPEG copy at all. In a project the nearest other image of
+a real near-duplicate is its copy: copies fewer than 0.5 % of the images do not move the quantile; many more push it
+up among the copies themselves (2,000 copies in 12,000 images: 7.7 % of the images reach 0.9996), which the cap stops. Measured
+(``bench/results/similarity*.txt``): the automatic threshold equals the calibration with known copies for the
+default encoder at 25 copies per kind, keeps 0.9996 at 500 per kind (JPEG recall 0.80, precision 0.98), and for the
+1-minute encoder finds 86 % of the JPEG copies at precision 0.98 where 0.9996 finds none (but 6 % with 500 copies
+per kind: many copies and a weak encoder together still defeat it). Near-duplicates found are
+re-encoded or re-saved copies: every encoder measured puts 1 px crops and flips of a 28 px silhouette about as close
+as two different silhouettes. ``NEAR_DUPLICATE_THRESHOLD`` set above 0 fixes the value instead.
 """
 
 from __future__ import annotations
@@ -34,14 +38,18 @@ from scipy.sparse.csgraph import connected_components
 
 from model.arrays import FloatArray
 from model.errors import ConfigError
-from model.neighbors import NEAR_DUPLICATE_THRESHOLD
+from model.neighbors import AUTO_THRESHOLD_CAP, NEAR_DUPLICATE_THRESHOLD
 from model.neighbors.index import NeighborIndex
 
 __all__ = [
+    "AUTO_FALSE_POSITIVE_RATE",
+    "AUTO_THRESHOLD_CAP",
+    "AUTO_SAMPLE",
     "NEAR_DUPLICATE_THRESHOLD",
     "DuplicateGroup",
     "DuplicateKind",
     "Threshold",
+    "auto_threshold",
     "calibrate_threshold",
     "conflicting_groups",
     "duplicate_groups",
@@ -83,8 +91,13 @@ class DuplicateGroup:
                    tuple(str(k) for k in data.get("keys", ())))
 
 
-def near_pairs(index: NeighborIndex, threshold: float = NEAR_DUPLICATE_THRESHOLD, start: int = 0
-               ) -> list[tuple[str, str, float]]:
+AUTO_FALSE_POSITIVE_RATE = 0.005
+"""Share of the images whose most similar other image may reach the automatic threshold."""
+AUTO_SAMPLE = 5000
+"""Rows of the index whose nearest other row the automatic threshold reads (all of a smaller index)."""
+
+
+def near_pairs(index: NeighborIndex, threshold: float, start: int = 0) -> list[tuple[str, str, float]]:
     """Pairs of indexed keys whose embeddings' cosine similarity reaches ``threshold``.
 
     Args:
@@ -174,6 +187,27 @@ class Threshold:
     value: float
     false_positive_rate: float  # share of the negatives at or above the value
     recall: float  # share of the positives at or above the value
+
+
+def auto_threshold(index: NeighborIndex, max_false_positive_rate: float = AUTO_FALSE_POSITIVE_RATE,
+                   sample: int = AUTO_SAMPLE, seed: int = 0, cap: float = AUTO_THRESHOLD_CAP) -> Threshold:
+    """The near-duplicate threshold for this index's encoder: the smallest similarity at most
+    ``max_false_positive_rate`` of the (sampled) rows reach with their most similar other row, and at most ``cap``
+    (see the module).
+
+    ``recall`` is NaN (no known copies). An index of fewer than two rows gives ``cap``.
+    """
+    n = len(index)
+    if n < 2:
+        return Threshold(value=cap, false_positive_rate=0.0, recall=float("nan"))
+    rows = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    keys = index.keys
+    sims, found = index.search(index.vectors([keys[int(r)] for r in rows]), 2)  # (S, 2), (S, 2)
+    nearest = np.where(found[:, 0] == rows, sims[:, 1], sims[:, 0])  # (S,) the most similar *other* row
+    # an identical vector stored under another key may come first: then row 0 is that other row, as wanted
+    nearest = nearest[np.isfinite(nearest)]
+    value = min(calibrate_threshold(np.empty(0), nearest, max_false_positive_rate).value, cap)
+    return Threshold(value=value, false_positive_rate=float((nearest >= value).mean()), recall=float("nan"))
 
 
 def calibrate_threshold(positives: FloatArray, negatives: FloatArray, max_false_positive_rate: float = 0.005
