@@ -37,7 +37,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -53,6 +52,7 @@ if str(ROOT) not in sys.path:  # run as a script from any directory
 
 from bench.datasets import load_animal_mnist  # noqa: E402
 from bench.labeling_session import pretrain_encoder  # noqa: E402
+from bench.provenance import header, load_line  # noqa: E402
 from ml_backend.encoder_dir import load_encoder  # noqa: E402
 from ml_backend.settings import Settings  # noqa: E402
 from model.encoder.backbone import build_backbone  # noqa: E402
@@ -283,13 +283,11 @@ def duplicates_part(copies_per_kind: int, seed: int, encoder: Path, pretrain_min
 
 
 def report(speed: list[dict], pairs: list[dict], dup: dict | None, args: argparse.Namespace, wall_s: float) -> str:
-    load = os.getloadavg()
+    head = header("similarity: exact kNN index (faiss IndexFlatIP) vs brute-force numpy; near-duplicates on "
+                  "animal-mnist")
     lines = [
-        "# similarity: exact kNN index (faiss IndexFlatIP) vs brute-force numpy; near-duplicates on animal-mnist",
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, faiss {faiss.__version__}, numpy {np.__version__}, "
-        f"1 thread (faiss and BLAS), load average at the end {load[0]:.1f} (shared machine)",
-        f"command: python bench/similarity.py {' '.join(sys.argv[1:])}".rstrip(),
-        f"total wall time {wall_s:.0f} s",
+        *head[:-2], load_line("at the end"),
+        f"faiss {faiss.__version__}, numpy {np.__version__}, 1 thread (faiss and BLAS); total wall time {wall_s:.0f} s",
         "",
         f"## search, {args.dim}-d synthetic clustered vectors, k = 10, single queries",
         "",
