@@ -26,6 +26,7 @@ from ml_backend.queue.factory import make_scheduler
 from ml_backend.serving.store import ModelStore
 from ml_backend.settings import Settings
 from ml_backend.training import jobs
+from ml_backend.training import neighbors as neighbors_step
 from ml_backend.training.images import ProjectImages
 from ml_backend.training.neighbors import index_neighbors, read_duplicates, read_task_map
 from model.bundle import load_live
@@ -141,7 +142,8 @@ def test_the_training_step_builds_then_adds_and_groups_duplicates(tmp_path):
     assert (project.paths.neighbor_index(encoder) / "CURRENT").read_text() == current
 
 
-def test_by_default_the_threshold_is_calibrated_for_the_encoder_and_kept_while_the_index_grows_little(tmp_path):
+def test_by_default_the_threshold_is_calibrated_for_the_encoder_and_kept_while_the_index_grows_little(
+        tmp_path, monkeypatch: pytest.MonkeyPatch):
     project = Project(tmp_path)
     project.publish()
     settings = _settings(tmp_path, near_duplicate_threshold=0.0)  # the default
@@ -167,6 +169,13 @@ def test_by_default_the_threshold_is_calibrated_for_the_encoder_and_kept_while_t
     project.index(settings, [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 111, 112, 113])
     later = json.loads(project.paths.duplicates.read_text())
     assert later["threshold_rule"] == "auto" and later["threshold_calibrated_on"] == 13
+    # calibrated on enough images, it is kept for the encoder however much the index grows (no full pair search)
+    monkeypatch.setattr(neighbors_step, "RECALIBRATE_BELOW", 13)
+    project.images[114], project.images[115] = picture((90, 90, 10), seed=14), picture((10, 90, 90), seed=15)
+    project.images[116] = picture((150, 60, 60), seed=16)
+    project.index(settings, [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 111, 112, 113, 114, 115, 116])
+    kept = json.loads(project.paths.duplicates.read_text())
+    assert (kept["threshold"], kept["threshold_calibrated_on"]) == (later["threshold"], 13)
 
 
 def test_a_new_encoder_gets_a_new_index_and_unused_ones_are_removed(tmp_path):

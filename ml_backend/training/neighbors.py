@@ -41,7 +41,12 @@ __all__ = ["IndexedTask", "duplicate_conflicts", "index_neighbors", "read_duplic
 log = logging.getLogger(__name__)
 
 RECALIBRATE_GROWTH = 0.2
-"""The automatic near-duplicate threshold is calibrated again once the index has grown by this share."""
+"""The automatic near-duplicate threshold is calibrated again once the index has grown by this share..."""
+RECALIBRATE_BELOW = 20_000
+"""...while it was calibrated on fewer images than this. From there on it is kept for the encoder: its sample of
+``AUTO_SAMPLE`` images is representative, and a new threshold costs a full pair search (the whole neighbour step of
+a training: 5.3 s at 100k images in ``bench/results/scale.txt``, growing faster than linearly) instead of searching
+only the new rows."""
 
 
 @dataclass(frozen=True)
@@ -122,15 +127,16 @@ def _threshold(paths: ProjectPaths, index: NeighborIndex, encoder_version: str, 
     """The near-duplicate threshold and how many indexed images it was calibrated on (0: the setting's value).
 
     ``NEAR_DUPLICATE_THRESHOLD`` = 0: :func:`~model.neighbors.duplicates.auto_threshold` for this encoder, kept while
-    the index has grown by less than :data:`RECALIBRATE_GROWTH` since (a kept threshold keeps the saved pairs valid,
-    so a run searches only the new rows)."""
+    the index has grown by less than :data:`RECALIBRATE_GROWTH` since, and for good once it was calibrated on
+    :data:`RECALIBRATE_BELOW` images (a kept threshold keeps the saved pairs valid, so a run searches only the new
+    rows)."""
     if setting > 0:
         return setting, 0
     try:
         saved = json.loads(paths.duplicates.read_text(encoding="utf-8"))
         rows = int(saved.get("threshold_calibrated_on", 0))
         if saved.get("encoder_version") == encoder_version and saved.get("threshold_rule") == "auto" and \
-                0 < rows and len(index) <= rows * (1 + RECALIBRATE_GROWTH):
+                0 < rows and (rows >= RECALIBRATE_BELOW or len(index) <= rows * (1 + RECALIBRATE_GROWTH)):
             return float(saved["threshold"]), rows
     except (FileNotFoundError, ValueError, TypeError, KeyError):
         pass

@@ -1,8 +1,8 @@
 """All pairs of indexed rows whose cosine similarity reaches a threshold: the near-duplicate self-join, exact.
 
 Comparing every row with every other costs ``N² · D`` products: 2.8 CPU-s for 10,000 256-d rows and 37 CPU-s for
-40,000 on a 2-core EPYC, so about 6 CPU-hours for 1M rows. Near-duplicate thresholds are high (0.9996 by
-default): the two rows of a pair lie within ``r = sqrt(2 - 2·t)`` of each other (0.028), much less than the
+40,000 on a 2-core EPYC, so about 6 CPU-hours for 1M rows. Near-duplicate thresholds are high (at most 0.9996
+by default): the two rows of a pair lie within ``r = sqrt(2 - 2·t)`` of each other (0.028), much less than the
 spread of a k-means cell. So the join partitions the rows into ``CELLS_PER_SQRT_N · √N`` k-means cells and
 compares each query row only with the rows of the cells where it can have a partner, which the triangle
 inequality bounds exactly. For a row ``y`` of cell ``j`` (its nearest centroid ``c_j``), a query ``x`` whose
