@@ -87,8 +87,7 @@ class BackendClient:
 
     def idle(self) -> bool:
         """No job runs or waits and no pre-annotation is being written."""
-        s = self.job_status()
-        return not s.get("running") and not s.get("queued") and (s.get("prelabel") or {}).get("state") != "running"
+        return _idle(self.job_status())
 
     def wait_idle(self, stall_s: float, poll_s: float = 0.5) -> None:
         """Wait until :meth:`idle`, for as long as the backend makes progress: a clean-up of 8,000 predictions takes
@@ -100,7 +99,7 @@ class BackendClient:
         last, moved = None, time.monotonic()
         while True:
             s = self.job_status()
-            if not s.get("running") and not s.get("queued") and (s.get("prelabel") or {}).get("state") != "running":
+            if _idle(s):
                 return
             if s != last:
                 last, moved = s, time.monotonic()
@@ -118,3 +117,9 @@ class BackendClient:
             raise RuntimeError(f"the first training did not publish within {timeout_s:g} s")
         if not wait_until(self.idle, timeout_s, 1.0):
             raise RuntimeError(f"the backend stayed busy {timeout_s:g} s after the first training")
+
+
+def _idle(status: dict[str, Any]) -> bool:
+    """Whether a /job_status record shows no job running or waiting and no pre-annotation being written."""
+    return not status.get("running") and not status.get("queued") and \
+        (status.get("prelabel") or {}).get("state") != "running"
